@@ -1,0 +1,84 @@
+"""The shared benchmark table: workload, ours, anchor, ratio and device, printed and written as JSON."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+@dataclass
+class Row:
+    workload: str
+    ours: float
+    anchor: float | None
+    unit: str
+    higher_is_better: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        """How many times better ours is than the anchor (>1 means kiln wins)."""
+        if self.anchor is None or self.anchor == 0 or self.ours == 0:
+            return None
+        return self.ours / self.anchor if self.higher_is_better else self.anchor / self.ours
+
+
+@dataclass
+class Table:
+    title: str
+    ours_name: str = "kiln"
+    anchor_name: str = "anchor"
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, *args, **kwargs) -> Row:
+        row = Row(*args, **kwargs)
+        self.rows.append(row)
+        return row
+
+    def render(self) -> str:
+        dev = device_name()
+        w = max([len("workload")] + [len(r.workload) for r in self.rows]) + 2
+        lines = [f"{self.title}  [{dev}]",
+                 f"{'workload':<{w}}{self.ours_name:>14}{self.anchor_name:>14}{'ratio':>9}  unit"]
+        for r in self.rows:
+            anchor = f"{r.anchor:14.4g}" if r.anchor is not None else f"{'-':>14}"
+            ratio = f"{r.ratio:8.2f}x" if r.ratio is not None else f"{'-':>9}"
+            lines.append(f"{r.workload:<{w}}{r.ours:14.4g}{anchor}{ratio}  {r.unit}")
+        return "\n".join(lines)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        payload = {"title": self.title, "device": device_name(), "torch": torch.__version__,
+                   "date": time.strftime("%Y-%m-%d %H:%M:%S"), "ours": self.ours_name, "anchor": self.anchor_name,
+                   "rows": [dict(asdict(r), ratio=r.ratio) for r in self.rows]}
+        path.write_text(json.dumps(payload, indent=2))
+        return path
+
+
+def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in seconds, synchronising CUDA around each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -1,0 +1,73 @@
+"""Backend choice and argument checks shared by every op.
+
+An op dispatches to its Triton kernel when the tensors live on CUDA and Triton imports; otherwise it runs the
+PyTorch reference in the same file. ``KILN_OPS=ref`` forces the reference (debugging, parity checks);
+``KILN_OPS=triton`` forces the kernel, which on a CPU-only machine needs ``TRITON_INTERPRET=1`` (the CI tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install that fails while importing
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_for(*tensors: torch.Tensor) -> str:
+    """'triton' or 'ref' for an op whose inputs are ``tensors``."""
+    mode = os.environ.get("KILN_OPS", "auto").lower()
+    if mode not in ("auto", "ref", "triton"):
+        raise ValueError(f"KILN_OPS must be 'auto', 'ref' or 'triton', got {mode!r}")
+    if mode == "ref" or not triton_available():
+        return "ref"
+    if mode == "triton":
+        return "triton"
+    on_cuda = all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
+    return "triton" if on_cuda else "ref"
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | Iterable[int] | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Raise ValueError naming ``name`` when ``t`` is not a tensor of the expected rank, dtype or device."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise ValueError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+    return t
+
+
+def check_same(name: str, value: object, expected_name: str, expected: object) -> None:
+    if value != expected:
+        raise ValueError(f"{name} ({value}) must match {expected_name} ({expected})")

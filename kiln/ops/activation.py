@@ -1,0 +1,51 @@
+"""Gated activations: SiLU-and-mul for SwiGLU MLPs (gate and up projections fused into one GEMM)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor
+from ._triton import triton, tl
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [..., 2*I] laid out as [gate | up]; returns silu(gate) * up, [..., I], in x's dtype (math in fp32)."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1 or x.shape[-1] % 2:
+        raise ValueError(f"x's last dim must be even ([gate | up]), got shape {tuple(x.shape)}")
+    if backend_for(x) == "triton":
+        return _silu_and_mul_triton(x)
+    return silu_and_mul_ref(x)
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x.dtype)
+
+
+@triton.jit
+def _silu_and_mul_kernel(X, Y, stride_x, stride_y, I, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(X + row * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
+    y = g / (1.0 + tl.exp(-g)) * u
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def _silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
+    two_i = x.shape[-1]
+    inner = two_i // 2
+    x2 = x.reshape(-1, two_i)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(*x.shape[:-1], inner, dtype=x.dtype, device=x.device)
+    y2 = y.view(-1, inner)
+    n = x2.shape[0]
+    if n and inner:
+        block = min(triton.next_power_of_2(inner), 1024)
+        _silu_and_mul_kernel[(n, triton.cdiv(inner, block))](x2, y2, x2.stride(0), y2.stride(0), inner,
+                                                             BLOCK=block, num_warps=4)
+    return y
