@@ -1,0 +1,379 @@
+"""Sparse-convolution GEMMs over a rulebook: gather-GEMM-scatter and the fused masked implicit GEMM.
+
+A rulebook relates input rows to output rows per kernel offset ``k`` (``K`` offsets). Two encodings:
+
+* pair lists, sorted by offset: ``in_idx[p]``, ``out_idx[p]`` (int64 [P]) with ``counts[k]`` pairs for offset
+  ``k`` (``offsets = [0, cumsum(counts)]``);
+* a pair map ``pair_map[r, k]`` (int32 [R, K]): the row feeding output row ``r`` through offset ``k``, or -1.
+  The forward map (rows = outputs, entries = inputs) drives the forward pass; the backward map (rows = inputs,
+  entries = outputs) drives the input gradient with the transposed weight. Each row's offset mask is the bitset
+  of its valid entries; rows are processed in mask order (``order``) so a tile skips offsets none of its rows use.
+
+``weight`` is [K, Cin, Cout] (any strides: a view of spconv's KRSC [Cout, *k, Cin] weight works uncopied).
+Everything accumulates in fp32 and returns the input dtype. Each output row is written by exactly one program
+(implicit GEMM) and the weight gradient is split over pair chunks whose fp32 partials are summed in a fixed order,
+so the Triton paths use no atomics and are deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting
+from ._triton import tl, triton
+
+# rows per chunk when the reference materialises gathered inputs ([rows, K * Cin])
+_REF_CHUNK_ELEMS = 1 << 24
+
+
+def _check_common(x, weight):
+    check_tensor("features", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, ndim=3, dtypes=(x.dtype,), device=x.device)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight has {weight.shape[1]} input channels but features has {x.shape[1]}")
+
+
+def _accumulate_fp32(x: torch.Tensor) -> bool:
+    """CPU matmuls in half precision are slow and round per product: compute in fp32 there."""
+    return x.device.type == "cpu" and x.dtype != torch.float32
+
+
+# ------------------------------------------------------------------------------------ gather-GEMM-scatter
+
+
+def gather_gemm_scatter(x: torch.Tensor, weight: torch.Tensor, in_idx: torch.Tensor, out_idx: torch.Tensor,
+                        counts: list[int], n_out: int, identity_offset: int = -1) -> torch.Tensor:
+    """``y[out_idx[p]] += x[in_idx[p]] @ weight[k(p)]``, one GEMM per kernel offset; returns y [n_out, Cout].
+
+    x: [N, Cin]; weight: [K, Cin, Cout]; in_idx/out_idx: int64 [P] sorted by offset with ``counts`` (host ints,
+    length K). ``identity_offset`` names an offset whose pairs are exactly (i, i) for every row (the centre of a
+    submanifold kernel): it becomes a plain GEMM with no gather or scatter.
+    """
+    _check_common(x, weight)
+    if len(counts) != weight.shape[0]:
+        raise ValueError(f"counts has {len(counts)} offsets but weight has {weight.shape[0]}")
+    fp32 = _accumulate_fp32(x)
+    xc = x.float() if fp32 else x
+    wc = weight.float() if fp32 else weight
+    acc_dtype = torch.float32
+    if identity_offset >= 0:
+        y = torch.mm(xc, wc[identity_offset]).to(acc_dtype)
+    else:
+        y = torch.zeros(n_out, weight.shape[2], dtype=acc_dtype, device=x.device)
+    start = 0
+    for k, c in enumerate(counts):
+        if c and k != identity_offset:
+            ii = in_idx[start:start + c]
+            yk = torch.mm(xc.index_select(0, ii), wc[k])
+            y.index_add_(0, out_idx[start:start + c], yk if yk.dtype == acc_dtype else yk.float())
+        start += c
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------- implicit GEMM
+
+
+def offset_masks(pair_map: torch.Tensor) -> torch.Tensor:
+    """int64 [R]: bit k set where ``pair_map[r, k] >= 0`` (kernel volumes up to 63; larger ones give -1)."""
+    K = pair_map.shape[1]
+    if K > 63:
+        return torch.full((pair_map.shape[0],), -1, dtype=torch.int64, device=pair_map.device)
+    bits = torch.ones(K, dtype=torch.int64, device=pair_map.device) << torch.arange(K, device=pair_map.device)
+    return ((pair_map >= 0).long() * bits).sum(1)
+
+
+def mask_order(masks: torch.Tensor) -> torch.Tensor:
+    """Row processing order: rows grouped by offset mask (stable), so tiles see few distinct offsets."""
+    return torch.sort(masks, stable=True).indices.to(torch.int32)
+
+
+def implicit_gemm(x: torch.Tensor, weight: torch.Tensor, pair_map: torch.Tensor, order: torch.Tensor | None = None,
+                  masks: torch.Tensor | None = None) -> torch.Tensor:
+    """``y[r] = sum_k x[pair_map[r, k]] @ weight[k]`` over valid entries; returns y [R, Cout] in x's dtype.
+
+    x: [N, Cin]; weight: [K, Cin, Cout]; pair_map: int32 [R, K] with -1 for no pair. ``order`` (int32 [R], a
+    permutation) and ``masks`` (int64 [R], from ``offset_masks``) only change the Triton kernel's schedule.
+    """
+    _check_common(x, weight)
+    check_tensor("pair_map", pair_map, ndim=2, dtypes=(torch.int32,), device=x.device)
+    if pair_map.shape[1] != weight.shape[0]:
+        raise ValueError(f"pair_map has {pair_map.shape[1]} offsets but weight has {weight.shape[0]}")
+    if backend_for(x, weight, pair_map) == "triton":
+        return _implicit_gemm_triton(x, weight, pair_map, order, masks)
+    return implicit_gemm_ref(x, weight, pair_map)
+
+
+def implicit_gemm_ref(x, weight, pair_map):
+    R, K = pair_map.shape
+    cin, cout = weight.shape[1], weight.shape[2]
+    fp32 = _accumulate_fp32(x)
+    xc = x.float() if fp32 else x
+    wc = (weight.float() if fp32 else weight).reshape(K * cin, cout)
+    x_pad = torch.cat([xc, xc.new_zeros(1, cin)])
+    pm = pair_map.long()
+    pm = torch.where(pm < 0, torch.full_like(pm, x.shape[0]), pm)
+    y = torch.empty(R, cout, dtype=xc.dtype, device=x.device)
+    step = max(1, _REF_CHUNK_ELEMS // max(1, K * cin))
+    for s in range(0, R, step):
+        y[s:s + step] = x_pad[pm[s:s + step]].reshape(-1, K * cin) @ wc
+    return y.to(x.dtype)
+
+
+def weight_grad(x: torch.Tensor, dy: torch.Tensor, in_idx: torch.Tensor, out_idx: torch.Tensor,
+                counts: list[int]) -> torch.Tensor:
+    """``dW[k] = sum_{p in k} x[in_idx[p]]^T dy[out_idx[p]]``: [K, Cin, Cout] in x's dtype (fp32 accumulation)."""
+    check_tensor("features", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("grad_out", dy, ndim=2, dtypes=(x.dtype,), device=x.device)
+    if backend_for(x, dy) == "triton":
+        return _weight_grad_triton(x, dy, in_idx, out_idx, counts)
+    return weight_grad_ref(x, dy, in_idx, out_idx, counts)
+
+
+def weight_grad_ref(x, dy, in_idx, out_idx, counts):
+    fp32 = _accumulate_fp32(x)
+    xc = x.float() if fp32 else x
+    dc = dy.float() if fp32 else dy
+    dw = torch.zeros(len(counts), x.shape[1], dy.shape[1], dtype=torch.float32, device=x.device)
+    start = 0
+    for k, c in enumerate(counts):
+        if c:
+            a = xc.index_select(0, in_idx[start:start + c])
+            b = dc.index_select(0, out_idx[start:start + c])
+            dw[k] = torch.mm(a.t(), b).float()
+        start += c
+    return dw.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------- Triton
+
+
+@triton.jit
+def _or_combine(a, b):
+    return a | b
+
+
+@triton.jit
+def _implicit_gemm_kernel(X, W, Y, PairMap, Order, Masks, R, CIN: tl.constexpr, COUT: tl.constexpr, K: tl.constexpr,
+                          stride_xm, stride_wk, stride_wc, stride_wn, stride_ym, stride_pm,
+                          HAS_ORDER: tl.constexpr, HAS_MASKS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rm < R
+    if HAS_ORDER:
+        rows = tl.load(Order + rm, mask=row_ok, other=0).to(tl.int64)
+    else:
+        rows = rm.to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < COUT
+    if HAS_MASKS:
+        m = tl.load(Masks + rows, mask=row_ok, other=0)
+        tile_mask = tl.reduce(m, 0, _or_combine)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # K and CIN are constexpr: static loops pipeline on the GPU, and Triton's interpreter (under numpy 2.x)
+    # cannot iterate a range with runtime bounds
+    for k in range(K):
+        use = True
+        if HAS_MASKS:
+            use = ((tile_mask >> k) & 1) != 0
+        if use:
+            idx = tl.load(PairMap + rows * stride_pm + k, mask=row_ok, other=-1)
+            valid = idx >= 0
+            src = tl.where(valid, idx, 0).to(tl.int64)
+            for c0 in range(0, CIN, BLOCK_K):
+                rc = c0 + tl.arange(0, BLOCK_K)
+                c_ok = rc < CIN
+                a = tl.load(X + src[:, None] * stride_xm + rc[None, :], mask=valid[:, None] & c_ok[None, :],
+                            other=0.0)
+                b = tl.load(W + k * stride_wk + rc[:, None] * stride_wc + rn[None, :] * stride_wn,
+                            mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                if IEEE:
+                    acc += tl.dot(a, b, input_precision="ieee")
+                else:
+                    acc += tl.dot(a, b)
+    tl.store(Y + rows[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
+             mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _weight_grad_kernel(X, DY, P, InIdx, OutIdx, Offsets, CIN: tl.constexpr, COUT: tl.constexpr, N_SPLIT,
+                        CHUNK: tl.constexpr,
+                        stride_xm, stride_dm, stride_pp,
+                        IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    k = pid // N_SPLIT
+    s = pid % N_SPLIT
+    start = tl.load(Offsets + k)
+    end = tl.load(Offsets + k + 1)
+    p0 = start + s * CHUNK
+    p1 = tl.minimum(p0 + CHUNK, end)
+    rc = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = rc < CIN
+    n_ok = rn < COUT
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for i in range(0, CHUNK, BLOCK_K):
+        rp = p0 + i + tl.arange(0, BLOCK_K)
+        ok = rp < p1
+        ii = tl.load(InIdx + rp, mask=ok, other=0)
+        oo = tl.load(OutIdx + rp, mask=ok, other=0)
+        a = tl.load(X + ii[None, :] * stride_xm + rc[:, None], mask=ok[None, :] & c_ok[:, None], other=0.0)
+        b = tl.load(DY + oo[:, None] * stride_dm + rn[None, :], mask=ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc += tl.dot(a, b, input_precision="ieee")
+        else:
+            acc += tl.dot(a, b)
+    tl.store(P + pid.to(tl.int64) * stride_pp + rc[:, None] * COUT + rn[None, :], acc,
+             mask=c_ok[:, None] & n_ok[None, :])
+
+
+def _configs():
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
+                                     (128, 128, 32, 8, 3), (32, 64, 32, 4, 2), (128, 64, 64, 8, 3),
+                                     (64, 32, 32, 4, 3), (128, 32, 32, 4, 4)]]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    cin, cout = named_args["CIN"], named_args["COUT"]
+    keep = [c for c in configs if c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(cout))
+            and c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(cin))]
+    return keep or configs[:1]
+
+
+_implicit_gemm_tuned = None
+_weight_grad_tuned = None
+
+
+def _tuned():
+    global _implicit_gemm_tuned, _weight_grad_tuned
+    if _implicit_gemm_tuned is None:
+        _implicit_gemm_tuned = triton.autotune(
+            configs=_configs(), key=["CIN", "COUT", "K", "HAS_MASKS", "IEEE"],
+            prune_configs_by={"early_config_prune": _prune_fwd})(_implicit_gemm_kernel)
+        wg = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+              for bm, bn, bk, w, s in [(32, 32, 64, 4, 3), (64, 64, 32, 4, 3), (64, 64, 64, 4, 3),
+                                       (16, 16, 64, 2, 3), (32, 64, 64, 4, 3), (64, 32, 64, 4, 3),
+                                       (128, 128, 32, 8, 3)]]
+        _weight_grad_tuned = triton.autotune(configs=wg, key=["CIN", "COUT", "CHUNK"])(_weight_grad_kernel)
+    return _implicit_gemm_tuned, _weight_grad_tuned
+
+
+def _block(n: int, lo: int = 16, hi: int = 64) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def _ieee(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def _upcast(x: torch.Tensor) -> bool:
+    """Triton's interpreter multiplies bf16 dot operands wrongly (numpy has no bf16): widen them there."""
+    return x.dtype == torch.bfloat16 and interpreting()
+
+
+def _implicit_gemm_triton(x, weight, pair_map, order, masks):
+    R, K = pair_map.shape
+    cin, cout = weight.shape[1], weight.shape[2]
+    x = x if x.stride(1) == 1 else x.contiguous()
+    pair_map = pair_map if pair_map.stride(1) == 1 else pair_map.contiguous()
+    y = torch.empty(R, cout, dtype=x.dtype, device=x.device)
+    if R == 0:
+        return y
+    if x.shape[0] == 0:
+        return y.zero_()
+    has_masks = masks is not None and K <= 63
+    args = (x, weight, y, pair_map, order if order is not None else pair_map, masks if has_masks else pair_map,
+            R, cin, cout, K, x.stride(0), weight.stride(0), weight.stride(1), weight.stride(2), y.stride(0),
+            pair_map.stride(0))
+    flags = dict(HAS_ORDER=order is not None, HAS_MASKS=has_masks, IEEE=_ieee(x), UPCAST=_upcast(x))
+    if interpreting():
+        bm, bn, bk = 16, _block(cout, hi=32), _block(cin, hi=32)
+        grid = (triton.cdiv(R, bm), triton.cdiv(cout, bn))
+        _implicit_gemm_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    else:
+        kern, _ = _tuned()
+        grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
+        kern[grid](*args, **flags)
+    return y
+
+
+def _weight_grad_triton(x, dy, in_idx, out_idx, counts):
+    K = len(counts)
+    cin, cout = x.shape[1], dy.shape[1]
+    x = x if x.stride(1) == 1 else x.contiguous()
+    dy = dy if dy.stride(1) == 1 else dy.contiguous()
+    max_count = max(counts) if counts else 0
+    if max_count == 0:
+        return torch.zeros(K, cin, cout, dtype=x.dtype, device=x.device)
+    # enough chunks to fill the GPU, each a multiple of 64 pairs; unused chunk slots write zeros
+    # a fixed chunk (a compile-time loop bound): more chunks for offsets with more pairs
+    chunk = 64 if interpreting() else 2048
+    n_split = triton.cdiv(max_count, chunk)
+    offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(x.device)
+    partial = torch.empty(K * n_split, cin, cout, dtype=torch.float32, device=x.device)
+    args = (x, dy, partial, in_idx, out_idx, offsets, cin, cout, n_split, chunk, x.stride(0), dy.stride(0),
+            partial.stride(0))
+    if interpreting():
+        bm, bn, bk = _block(cin, hi=32), _block(cout, hi=32), 16
+        grid = (K * n_split, triton.cdiv(cin, bm), triton.cdiv(cout, bn))
+        _weight_grad_kernel[grid](*args, IEEE=_ieee(x), UPCAST=_upcast(x), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    else:
+        _, kern = _tuned()
+        grid = lambda meta: (K * n_split, triton.cdiv(cin, meta["BLOCK_M"]),  # noqa: E731
+                             triton.cdiv(cout, meta["BLOCK_N"]))
+        kern[grid](*args, IEEE=_ieee(x), UPCAST=False)
+    return partial.view(K, n_split, cin, cout).sum(1).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------- doctor check
+
+
+def _random_rulebook(n_in, n_out, K, device, g):
+    """Random pair map with at most one input per (output, offset) and at most one output per (input, offset)."""
+    pm = torch.full((n_out, K), -1, dtype=torch.int32, device=device)
+    for k in range(K):
+        m = min(n_in, n_out)
+        rows = torch.randperm(n_out, device=device, generator=g)[: m // 2 + 1]
+        srcs = torch.randperm(n_in, device=device, generator=g)[: rows.numel()]
+        pm[rows, k] = srcs.int()
+    return pm
+
+
+def pairs_from_map(pair_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(in_idx, out_idx, counts) sorted by offset, from a forward pair map [R, K]."""
+    t = pair_map.t()
+    k_idx, rows = torch.nonzero(t >= 0, as_tuple=True)
+    counts = torch.bincount(k_idx, minlength=pair_map.shape[1]).tolist()
+    return t[k_idx, rows].long(), rows, counts
+
+
+def _check_sparse_gemm(device, dtype, g):
+    n_in, n_out, K, cin, cout = 301, 257, 27, 24, 40
+    x = torch.randn(n_in, cin, device=device, dtype=dtype, generator=g)
+    w = torch.randn(K, cin, cout, device=device, dtype=dtype, generator=g) / 8
+    pm = _random_rulebook(n_in, n_out, K, device, g)
+    in_idx, out_idx, counts = pairs_from_map(pm)
+    masks = offset_masks(pm)
+    # reference in fp32 so the check measures the kernel's rounding, not the reference's
+    ref = implicit_gemm_ref(x.float(), w.float(), pm)
+    got = implicit_gemm(x, w, pm, mask_order(masks), masks)
+    got2 = gather_gemm_scatter(x, w, in_idx, out_idx, counts, n_out)
+    dy = torch.randn(n_out, cout, device=device, dtype=dtype, generator=g)
+    dw_ref = weight_grad_ref(x.float(), dy.float(), in_idx, out_idx, counts)
+    dw = weight_grad(x, dy, in_idx, out_idx, counts)
+
+    def err(a, b):
+        return ((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+    # one output element sums up to K*Cin products: allow for the final rounding only (relative to the max)
+    return max(err(got, ref), err(got2, ref), err(dw, dw_ref)), backend_for(x)
+
+
+DOCTOR_CHECKS = {"sparse_conv_gemm": _check_sparse_gemm}
