@@ -1,0 +1,115 @@
+"""Checkpoint -> engine. ``load_model`` gives a ready model from a Hugging Face checkpoint or an engine directory;
+``build_engine`` writes an engine directory (TensorRT-LLM's "build" step): config, fused weights with any LoRA
+adapters merged in, and the tokenizer files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+import kiln
+
+from .config import ModelConfig, dtype_name, parse_dtype
+from .loader import checkpoint_files, iter_safetensors, load_weights, num_tensors
+from .lora import LoraAdapter, LoraMerger
+from .models import CausalLM, model_class
+from .models.base import ParamTarget
+from .tokenizer import TOKENIZER_FILES
+
+logger = logging.getLogger(__name__)
+ENGINE_KEY = "kiln_engine"
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    config: ModelConfig
+    source: Path
+    is_engine: bool
+    build_info: dict
+
+
+def read_config(path: str | Path) -> tuple[dict, bool]:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path} has no config.json (not a Hugging Face checkpoint or kiln engine)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"corrupt config.json in {path}: {exc}") from exc
+    return cfg, ENGINE_KEY in cfg
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto",
+               loras: list[tuple[str, float]] | None = None, show_progress: bool = False) -> LoadedModel:
+    """Instantiate the model on ``device`` without initialising it, then stream the weights in."""
+    path = Path(path)
+    device = torch.device(device)
+    hf_cfg, is_engine = read_config(path)
+    config = ModelConfig.from_hf(hf_cfg)
+    torch_dtype = parse_dtype(dtype, device)
+    if is_engine and loras:
+        raise ValueError(f"{path} is a built engine; merge LoRA adapters when building it (kiln build --lora)")
+    files = checkpoint_files(path)
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    model = model.to(dtype=torch_dtype).to_empty(device=device)
+    model.tie_weights()
+    model.init_buffers(device)
+    merger = LoraMerger([LoraAdapter.load(p, w) for p, w in loras]) if loras else None
+    name_map = (lambda name: ParamTarget(name)) if is_engine else model.map_hf_name
+    bar = tqdm(total=num_tensors(files), desc="loading weights", unit="tensor", disable=not show_progress)
+    with bar:
+        load_weights(model, iter_safetensors(files), name_map, transform=merger, progress=bar)
+    if merger is not None:
+        merger.check_all_applied()
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, config, path, is_engine, hf_cfg.get(ENGINE_KEY, {}))
+
+
+def build_engine(checkpoint: str | Path, output_dir: str | Path, dtype: str = "auto",
+                 loras: list[tuple[str, float]] | None = None, show_progress: bool = True) -> Path:
+    """Write an engine directory: config.json (model config + build options + kiln version), model.safetensors
+    in the engine's fused layout, tokenizer files."""
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    hf_cfg, is_engine = read_config(checkpoint)
+    if is_engine:
+        raise ValueError(f"{checkpoint} is already a kiln engine")
+    if dtype == "auto":
+        dtype = hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32"
+    torch_dtype = parse_dtype(dtype, torch.device("cpu"))
+    t0 = time.time()
+    loaded = load_model(checkpoint, "cpu", torch_dtype, loras, show_progress=show_progress)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in loaded.model.engine_state_dict().items()}
+    save_file(state, str(output_dir / "model.safetensors"))
+    for name in TOKENIZER_FILES:
+        if (checkpoint / name).exists():
+            shutil.copy2(checkpoint / name, output_dir / name)
+    for extra in checkpoint.glob("*.model"):  # sentencepiece models some tokenizers keep beside tokenizer.json
+        shutil.copy2(extra, output_dir / extra.name)
+    cfg = dict(hf_cfg)
+    cfg["torch_dtype"] = dtype_name(torch_dtype)
+    cfg[ENGINE_KEY] = {
+        "kiln_version": kiln.__version__,
+        "source": str(checkpoint.resolve()),
+        "dtype": dtype_name(torch_dtype),
+        "layout": {"fused_qkv": True, "fused_gate_up": loaded.config.family != "gpt2"},
+        "loras": [{"path": str(Path(p).resolve()), "weight": w} for p, w in (loras or [])],
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "build_seconds": round(time.time() - t0, 3),
+    }
+    (output_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    logger.info("built engine %s from %s in %.1fs", output_dir, checkpoint, time.time() - t0)
+    return output_dir

@@ -1,0 +1,395 @@
+"""LLMEngine (add_request / step / abort: the server drives it) and LLM (generate / stream / chat)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from .build import load_model
+from .config import EngineConfig, parse_dtype
+from .kv_cache import BlockManager
+from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from .runner import ModelRunner
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledBatch, Scheduler
+from .sequence import Sequence, Status
+from .tokenizer import Tokenizer, detokenize_incrementally
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int] | dict
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+    finished: bool = False
+    touched: bool = False
+    deltas: dict[int, tuple[str, list[int]]] = field(default_factory=dict)
+
+
+def default_model_path() -> Path:
+    from kiln.models import default_model_path as _default
+
+    return _default()
+
+
+class LLMEngine:
+    def __init__(self, model: str | Path | None = None, tokenizer: str | Path | None = None,
+                 loras: list[tuple[str, float]] | None = None, **engine_kwargs):
+        self.config = EngineConfig(**engine_kwargs)
+        self.config.validate()
+        path = Path(model) if model is not None else default_model_path()
+        device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = device
+        self.dtype = parse_dtype(self.config.dtype, device)
+        loaded = load_model(path, device, self.dtype, loras)
+        self.model, self.model_config, self.model_path = loaded.model, loaded.config, path
+        self.build_info = loaded.build_info
+        tok_path = Path(tokenizer) if tokenizer is not None else path
+        self.tokenizer = Tokenizer(tok_path) if (tok_path / "tokenizer.json").exists() else None
+        mcfg = self.model_config
+        limit = mcfg.max_context
+        max_len = self.config.max_model_len or limit
+        if max_len > limit:
+            raise ValueError(f"max_model_len ({max_len}) exceeds the model's context ({limit})")
+        self.max_model_len = max_len
+        if not self.config.enable_chunked_prefill and self.config.max_num_batched_tokens < max_len:
+            raise ValueError(f"with chunked prefill off, max_num_batched_tokens ({self.config.max_num_batched_tokens}) "
+                             f"must be >= max_model_len ({max_len})")
+        self.runner = ModelRunner(self.model, mcfg, self.config, device, self.dtype, max_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, self.block_manager)
+        self.sampler = Sampler(device, self.config.seed)
+        self.requests: dict[str, Request] = {}
+        self.eos_token_ids = set(mcfg.eos_token_id)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self._ids = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "finished_requests": 0}
+
+    # --------------------------------------------------------------------------------------- requests
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.model_path} has no tokenizer; pass prompt_token_ids instead of text")
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self.tokenize_prompt(prompt["prompt"])
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, (list, tuple)):
+            return None, self._check_ids(prompt)
+        raise TypeError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def _check_ids(self, ids) -> list[int]:
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError("prompt_token_ids must be a list of ints")
+        ids = list(ids)
+        if not ids:
+            raise ValueError("prompt is empty (no prompt tokens)")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        return ids
+
+    def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Validate and queue a request; raises ValueError/TypeError (naming the problem) and queues nothing."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize_prompt(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens, which leaves no room to generate within "
+                             f"max_model_len={self.max_model_len}")
+        longest = min(self.max_model_len, len(ids) + (params.max_tokens or self.max_model_len))
+        if self.block_manager.blocks_needed(longest) > self.block_manager.num_blocks:
+            raise ValueError(f"a sequence of {longest} tokens needs {self.block_manager.blocks_needed(longest)} KV "
+                             f"blocks but the cache has only {self.block_manager.num_blocks}; lower max_tokens or "
+                             "give the KV cache more memory")
+        if params.max_tokens is not None and params.min_tokens > self.max_model_len - len(ids):
+            raise ValueError(f"min_tokens ({params.min_tokens}) cannot fit in the context after a "
+                             f"{len(ids)}-token prompt (max_model_len={self.max_model_len})")
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            seqs.append(Sequence(request_id, i, list(ids), len(ids), params, gen))
+        req = Request(request_id, text, ids, params, seqs, RequestMetrics(arrival_time or time.time()))
+        self.requests[request_id] = req
+        for s in seqs:
+            self.scheduler.add(s)
+        self.stats["prompt_tokens"] += len(ids)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its KV blocks; False if it is unknown or already finished."""
+        req = self.requests.pop(str(request_id), None)
+        if req is None:
+            return False
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        req.finished = True
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_stats(self) -> dict:
+        bm = self.block_manager
+        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "kv_blocks_used": bm.num_used_blocks, "kv_blocks_total": bm.num_blocks,
+                "num_preemptions": self.scheduler.num_preemptions,
+                "prefix_cache_hit_tokens": bm.prefix_hits, **self.stats}
+
+    # --------------------------------------------------------------------------------------- the step
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, and return outputs of every request that progressed."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        result = self.runner.execute(batch)
+        self.stats["steps"] += 1
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+        if result.sample_rows:
+            seqs = [batch.seqs[r] for r in result.sample_rows]
+            banned = [self._banned(s) for s in seqs]
+            sampled = self.sampler(result.logits, [s.params for s in seqs],
+                                   [s.token_ids[:s.num_prompt_tokens] for s in seqs],
+                                   [s.output_token_ids for s in seqs], [s.generator for s in seqs], banned)
+            now = time.time()
+            for j, seq in enumerate(seqs):
+                self._append_token(seq, sampled, j, now)
+        return self._collect_outputs(batch)
+
+    def _banned(self, seq: Sequence) -> list[int]:
+        if seq.num_output_tokens >= seq.params.min_tokens:
+            return []
+        ids = [] if seq.params.ignore_eos else list(self.eos_token_ids)
+        return ids + list(seq.params.stop_token_ids or [])
+
+    def _append_token(self, seq: Sequence, sampled, j: int, now: float) -> None:
+        token = sampled.token_ids[j]
+        req = self.requests[seq.request_id]
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        seq.token_ids.append(token)
+        self.stats["generation_tokens"] += 1
+        if sampled.logprobs is not None and seq.logprobs is not None:
+            seq.cumulative_logprob += sampled.logprobs[j]
+            top_ids, top_vals, rank = sampled.top_logprobs[j]
+            entry = {t: Logprob(v, r + 1, self._token_text(t)) for r, (t, v) in enumerate(zip(top_ids, top_vals))}
+            entry.setdefault(token, Logprob(sampled.logprobs[j], rank, self._token_text(token)))
+            seq.logprobs.append(entry)
+        p = seq.params
+        prev_len = len(seq.output_text)
+        if self.tokenizer is not None:
+            delta, seq.prefix_offset, seq.read_offset = detokenize_incrementally(
+                self.tokenizer, seq.token_ids, seq.prefix_offset, seq.read_offset, p.skip_special_tokens)
+            seq.output_text += delta
+        # stop conditions, in vLLM's order
+        if seq.num_output_tokens >= p.min_tokens:
+            if token in self.eos_token_ids and not p.ignore_eos:
+                self._finish(seq, "stop", None)
+            elif p.stop_token_ids and token in p.stop_token_ids:
+                self._finish(seq, "stop", token)
+            elif p.stop_strings:
+                self._check_stop_strings(seq, prev_len)
+        if seq.finish_reason is None:
+            if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+                self._finish(seq, "length", None)
+            elif seq.num_tokens >= self.max_model_len:
+                self._finish(seq, "length", None)
+        if seq.finish_reason is not None and self.tokenizer is not None and seq.read_offset < seq.num_tokens:
+            # flush any bytes held back as an incomplete character
+            tail = self.tokenizer.decode(seq.token_ids[seq.prefix_offset:], p.skip_special_tokens)
+            head = self.tokenizer.decode(seq.token_ids[seq.prefix_offset:seq.read_offset], p.skip_special_tokens)
+            if seq.stop_reason is None or not isinstance(seq.stop_reason, str):
+                seq.output_text += tail[len(head):]
+
+    def _token_text(self, token: int) -> str | None:
+        return self.tokenizer.decode([token], skip_special_tokens=False) if self.tokenizer is not None else None
+
+    def _check_stop_strings(self, seq: Sequence, prev_len: int) -> None:
+        p = seq.params
+        longest = max(len(s) for s in p.stop_strings)
+        start = max(0, prev_len - longest + 1)
+        best = None
+        for s in p.stop_strings:
+            idx = seq.output_text.find(s, start)
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, s)
+        if best is not None:
+            idx, s = best
+            seq.output_text = seq.output_text[: idx + (len(s) if p.include_stop_str_in_output else 0)]
+            self._finish(seq, "stop", s)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+
+    def _collect_outputs(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        touched: dict[str, Request] = {}
+        for seq in batch.seqs:
+            req = self.requests.get(seq.request_id)
+            if req is not None:
+                touched[req.request_id] = req
+        outputs = []
+        for req in touched.values():
+            completions = []
+            for seq in req.seqs:
+                holdback = 0
+                if seq.finish_reason is None and seq.params.stop_strings:
+                    holdback = max(len(s) for s in seq.params.stop_strings) - 1
+                visible = max(seq.visible_len, len(seq.output_text) - holdback)
+                if seq.finish_reason is not None:
+                    visible = len(seq.output_text)
+                delta = seq.output_text[seq.visible_len:visible]
+                seq.visible_len = visible
+                completions.append(CompletionOutput(
+                    index=seq.index, text=seq.output_text[:visible], token_ids=list(seq.output_token_ids),
+                    cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                    logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                    finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, delta_text=delta))
+            finished = all(s.finish_reason is not None for s in req.seqs)
+            req.metrics.num_preemptions = sum(s.num_preemptions for s in req.seqs)
+            if finished:
+                req.finished = True
+                req.metrics.finished_time = time.time()
+                self.requests.pop(req.request_id, None)
+                self.stats["finished_requests"] += 1
+            outputs.append(RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished,
+                                         num_cached_tokens=max(s.num_cached_tokens for s in req.seqs),
+                                         metrics=req.metrics))
+        return outputs
+
+    # --------------------------------------------------------------------------------------- scoring
+    def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """Logits at every position of each prompt, computed through the paged-KV path in one packed batch."""
+        seqs = [Sequence(f"score-{i}", 0, self._check_ids(p), len(p), SamplingParams(max_tokens=1))
+                for i, p in enumerate(prompts)]
+        bm = self.block_manager
+        try:
+            for s in seqs:
+                if not bm.ensure_capacity(s, s.num_tokens):
+                    raise ValueError("not enough free KV blocks to score these prompts at once")
+            batch = ScheduledBatch(seqs, [s.num_tokens for s in seqs])
+            logits = self.runner.all_logits(batch)
+        finally:
+            for s in seqs:
+                bm.free_sequence(s)
+        return list(logits.split([s.num_tokens for s in seqs]))
+
+
+class LLM:
+    """vLLM-style offline API: ``LLM(model).generate(prompts, SamplingParams(...))``.
+
+    ``model`` is a Hugging Face checkpoint directory (built in memory), a kiln engine directory, or None for the
+    bundled default model. Engine options (block_size, max_num_seqs, gpu_memory_utilization, ...) are keywords.
+    """
+
+    def __init__(self, model: str | Path | None = None, tokenizer: str | Path | None = None, dtype: str = "auto",
+                 device: str | None = None, seed: int = 0, **engine_kwargs):
+        self.engine = LLMEngine(model, tokenizer, dtype=dtype, device=device, seed=seed, **engine_kwargs)
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.engine.tokenizer
+
+    def _prompts(self, prompts) -> list:
+        if isinstance(prompts, (str, dict)):
+            return [prompts]
+        if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+            return [prompts]
+        return list(prompts)
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        prompts = self._prompts(prompts)
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
+            params = sampling_params
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        ids = []
+        try:
+            for p, sp in zip(prompts, params):
+                ids.append(self.engine.add_request(None, p, sp))
+        except (ValueError, TypeError):
+            for rid in ids:  # a rejected prompt rejects the call, leaving the engine as it was
+                self.engine.abort(rid)
+            raise
+        done: dict[str, RequestOutput] = {}
+        pending = set(ids)
+        bar = tqdm(total=len(ids), desc="generating", disable=not use_tqdm)
+        with bar:
+            while pending:
+                for out in self.engine.step():
+                    if out.finished and out.request_id in pending:
+                        done[out.request_id] = out
+                        pending.discard(out.request_id)
+                        bar.update(1)
+        return [done[r] for r in ids]
+
+    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas of one completion as they are decoded (stop strings never leak into a delta)."""
+        params = sampling_params or SamplingParams()
+        if params.n != 1:
+            raise ValueError("stream() produces one completion; use n=1")
+        rid = self.engine.add_request(None, prompt, params)
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id != rid:
+                        continue
+                    if out.outputs[0].delta_text:
+                        yield out.outputs[0].delta_text
+                    if out.finished:
+                        return
+        finally:
+            self.engine.abort(rid)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             add_generation_prompt: bool = True, chat_template: str | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Render each conversation with the checkpoint's chat template, then generate."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it cannot render a chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conv in conversations:
+            text = self.tokenizer.apply_chat_template(conv, add_generation_prompt, chat_template)
+            prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def prompt_logits(self, prompts: Iterable[list[int]]) -> list[torch.Tensor]:
+        return self.engine.prompt_logits([list(p) for p in prompts])

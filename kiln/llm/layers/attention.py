@@ -1,0 +1,30 @@
+"""Paged attention layer: store this step's K/V into the layer's cache view, then attend through it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.llm.context import get_context
+from kiln.ops import store_kv
+from kiln.ops.attention import paged_attention
+
+
+class PagedAttention(nn.Module):
+    """Holds views of this layer's K and V in the shared pool (set by the runner; not part of state_dict)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]."""
+        ctx = get_context()
+        if self.k_cache is None:
+            raise RuntimeError("PagedAttention has no KV cache: the runner must allocate it before a forward")
+        store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        o = paged_attention(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.seqlens_k, ctx.block_tables,
+                            self.scale)
+        return o.reshape(q.shape[0], -1)

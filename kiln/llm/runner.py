@@ -1,0 +1,158 @@
+"""Model runner: owns the KV pool, packs a scheduled batch into flat tensors, runs the model, returns logits."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .config import EngineConfig, ModelConfig
+from .context import AttentionContext, set_context
+from .models import CausalLM
+from .scheduler import ScheduledBatch
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 512 * 2**20
+
+
+@dataclass
+class StepResult:
+    logits: torch.Tensor           # [S, V] for the sequences that sample this step
+    sample_rows: list[int]         # index into batch.seqs of each logits row
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, model_config: ModelConfig, engine_config: EngineConfig,
+                 device: torch.device, dtype: torch.dtype, max_model_len: int):
+        self.model, self.mcfg, self.ecfg = model, model_config, engine_config
+        self.device, self.dtype = device, dtype
+        self.block_size = engine_config.block_size
+        self.max_model_len = max_model_len
+        self.num_blocks = self._num_kv_blocks()
+        c = model_config
+        # One pool for every layer's K and V; each attention layer gets views, never its own allocation.
+        self.kv_pool = torch.zeros(2, c.num_layers, self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim,
+                                   dtype=dtype, device=device)
+        for i, attn in enumerate(model.attention_layers()):
+            attn.k_cache, attn.v_cache = self.kv_pool[0, i], self.kv_pool[1, i]
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
+                    self.kv_pool.numel() * self.kv_pool.element_size() / 2**20)
+
+    # ------------------------------------------------------------------------------------------ sizing
+    def bytes_per_block(self) -> int:
+        c = self.mcfg
+        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def _num_kv_blocks(self) -> int:
+        e = self.ecfg
+        if e.num_kv_blocks is not None:
+            return e.num_kv_blocks
+        per_block = self.bytes_per_block()
+        if e.kv_cache_memory_bytes is not None:
+            budget = e.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            budget = self._profile_cuda_budget()
+        else:
+            need = e.max_num_seqs * -(-self.max_model_len // self.block_size) * per_block
+            budget = min(CPU_DEFAULT_KV_BYTES, need)
+        blocks = int(budget // per_block)
+        if blocks < 1:
+            raise ValueError(f"the KV-cache budget ({budget} bytes) holds no block of {per_block} bytes; raise "
+                             "gpu_memory_utilization or kv_cache_memory_bytes")
+        return blocks
+
+    def _profile_cuda_budget(self) -> int:
+        """Peak activation memory of a forward at the full token budget, subtracted from the allowed total."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        tokens = min(self.ecfg.max_num_batched_tokens, self.ecfg.max_num_seqs * self.max_model_len)
+        seq_len = min(self.max_model_len, tokens)
+        n_seqs = max(1, tokens // seq_len)
+        blocks_per_seq = -(-seq_len // self.block_size)
+        c = self.mcfg
+        tmp = torch.zeros(2, n_seqs * blocks_per_seq, self.block_size, c.num_kv_heads, c.head_dim,
+                          dtype=self.dtype, device=self.device)
+        layers = self.model.attention_layers()
+        for attn in layers:  # every layer shares one scratch cache for the profile run
+            attn.k_cache, attn.v_cache = tmp[0], tmp[1]
+        ids = torch.zeros(n_seqs * seq_len, dtype=torch.long, device=self.device)
+        pos = torch.arange(seq_len, device=self.device).repeat(n_seqs)
+        tables = torch.arange(n_seqs * blocks_per_seq, device=self.device, dtype=torch.int32).view(n_seqs, -1)
+        slots = (tables[:, :, None] * self.block_size
+                 + torch.arange(self.block_size, device=self.device, dtype=torch.int32)).view(n_seqs, -1)
+        ctx = AttentionContext(slot_mapping=slots[:, :seq_len].reshape(-1),
+                               cu_seqlens_q=torch.arange(0, n_seqs + 1, device=self.device, dtype=torch.int32) * seq_len,
+                               seqlens_k=torch.full((n_seqs,), seq_len, device=self.device, dtype=torch.int32),
+                               block_tables=tables, max_seqlen_q=seq_len, max_seqlen_k=seq_len)
+        set_context(ctx)
+        try:
+            with torch.inference_mode():
+                hidden = self.model(ids, pos)
+                self.model.compute_logits(hidden[-n_seqs:])
+        finally:
+            set_context(None)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del tmp, hidden
+        for attn in layers:
+            attn.k_cache = attn.v_cache = None
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        return int(total * self.ecfg.gpu_memory_utilization - peak - used_by_others)
+
+    # ------------------------------------------------------------------------------------------ steps
+    def prepare(self, batch: ScheduledBatch, all_logits: bool = False):
+        bs = self.block_size
+        input_ids, positions, slots, cu, lens, sample_rows, sample_idx = [], [], [], [0], [], [], []
+        max_blocks = 1
+        for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start = seq.num_computed_tokens
+            end = start + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            cu.append(cu[-1] + n)
+            lens.append(end)
+            max_blocks = max(max_blocks, len(table))
+            if end == seq.num_tokens:  # this step completes the sequence's known tokens: it samples
+                sample_rows.append(row)
+                sample_idx.append(cu[-1] - 1)
+        tables = [s.block_table + [-1] * (max_blocks - len(s.block_table)) for s in batch.seqs]
+        dev = self.device
+        ctx = AttentionContext(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            seqlens_k=torch.tensor(lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            max_seqlen_q=max(batch.num_new_tokens), max_seqlen_k=max(lens),
+            is_decode=all(n == 1 for n in batch.num_new_tokens))
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        return ids, pos, ctx, sample_rows, sample_idx
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        ids, pos, ctx, sample_rows, sample_idx = self.prepare(batch)
+        set_context(ctx)
+        try:
+            hidden = self.model(ids, pos)
+        finally:
+            set_context(None)
+        if not sample_rows:
+            return StepResult(hidden.new_empty(0, self.mcfg.vocab_size), [])
+        idx = torch.tensor(sample_idx, dtype=torch.long, device=self.device)
+        return StepResult(self.model.compute_logits(hidden[idx]), sample_rows)
+
+    @torch.inference_mode()
+    def all_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits at every new token of the batch, [T, V] (parity checks, prompt scoring)."""
+        ids, pos, ctx, _, _ = self.prepare(batch)
+        set_context(ctx)
+        try:
+            return self.model.compute_logits(self.model(ids, pos))
+        finally:
+            set_context(None)

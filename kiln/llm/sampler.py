@@ -1,0 +1,137 @@
+"""Turn the step's logits into tokens: penalties, temperature, top-k, top-p, min-p, seeded sampling, logprobs.
+
+Everything runs on the logits' device in batched tensor ops; per-request seeds use per-request generators, so a
+seeded request samples the same tokens whatever else shares its batch. Sampling uses the exponential-race trick
+(argmax of p / E with E ~ Exp(1)), which draws exactly from p without a host round trip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor, output_counts: torch.Tensor,
+                    repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """logits [B, V]; prompt_mask [B, V] bool (token occurs in the prompt); output_counts [B, V] (occurrences in
+    the output); per-row penalties [B].
+
+    repetition (CTRL / HF): for tokens seen in prompt or output, divide positive logits by r, multiply negative
+    ones by r. presence / frequency (OpenAI): subtract ``presence * [count > 0] + frequency * count`` over output
+    tokens.
+    """
+    seen = prompt_mask | (output_counts > 0)
+    r = repetition[:, None]
+    penalised = torch.where(logits > 0, logits / r, logits * r)
+    logits = torch.where(seen, penalised, logits)
+    counts = output_counts.to(logits.dtype)
+    return logits - presence[:, None] * (counts > 0).to(logits.dtype) - frequency[:, None] * counts
+
+
+def apply_top_k(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's k largest logits (k [B]; k <= 0 or >= V keeps all); ties at the threshold are kept."""
+    V = logits.shape[-1]
+    k = torch.where((k <= 0) | (k > V), torch.full_like(k, V), k)
+    sorted_desc = logits.sort(dim=-1, descending=True).values
+    kth = sorted_desc.gather(-1, (k - 1).long()[:, None])
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Nucleus: keep the smallest set of most likely tokens whose probability sums to >= p (p [B])."""
+    sorted_logits, idx = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs     # probability of strictly more likely tokens
+    remove_sorted = mass_before >= p[:, None]
+    remove_sorted[:, 0] = False                    # always keep the most likely token
+    remove = torch.zeros_like(remove_sorted).scatter(-1, idx, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below ``min_p`` times the most likely token's (min_p [B])."""
+    probs = logits.softmax(dim=-1)
+    threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float] | None            # log p(sampled token) under the raw model distribution
+    top_logprobs: list[tuple[list[int], list[float], int]] | None  # (top ids, their logprobs, sampled rank)
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0):
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
+                 output_ids: list[list[int]], generators: list[torch.Generator | None],
+                 banned: list[list[int]]) -> SampleResult:
+        """logits [B, V] (any float dtype); one entry per row in the lists. ``banned`` token ids get -inf
+        (EOS and stop ids before ``min_tokens``)."""
+        logits = logits.float()
+        B, V = logits.shape
+        dev = logits.device
+        raw_logprobs = None
+        want_lp = any(p.logprobs is not None for p in params)
+        if want_lp:
+            raw_logprobs = logits.log_softmax(dim=-1)
+
+        pen_rows = [i for i, p in enumerate(params) if p.needs_penalties()]
+        if pen_rows:
+            rows = torch.tensor(pen_rows, device=dev)
+            prompt_mask = torch.zeros(len(pen_rows), V, dtype=torch.bool, device=dev)
+            counts = torch.zeros(len(pen_rows), V, dtype=torch.int32, device=dev)
+            for j, i in enumerate(pen_rows):
+                if prompt_ids[i]:
+                    prompt_mask[j, torch.tensor(prompt_ids[i], device=dev)] = True
+                if output_ids[i]:
+                    counts[j] = torch.bincount(torch.tensor(output_ids[i], device=dev), minlength=V)[:V].int()
+            pr = [params[i] for i in pen_rows]
+            logits[rows] = apply_penalties(
+                logits[rows], prompt_mask, counts,
+                torch.tensor([p.repetition_penalty for p in pr], device=dev),
+                torch.tensor([p.presence_penalty for p in pr], device=dev),
+                torch.tensor([p.frequency_penalty for p in pr], device=dev))
+        for i, ids in enumerate(banned):
+            if ids:
+                logits[i, torch.tensor(ids, device=dev)] = float("-inf")
+
+        greedy = torch.tensor([p.greedy for p in params], device=dev)
+        tokens = logits.argmax(dim=-1)
+        if not bool(all(p.greedy for p in params)):
+            temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
+            x = logits / temps[:, None]
+            if any(p.top_k > 0 for p in params):
+                x = apply_top_k(x, torch.tensor([p.top_k for p in params], device=dev))
+            if any(p.top_p < 1.0 for p in params):
+                x = apply_top_p(x, torch.tensor([p.top_p for p in params], device=dev))
+            if any(p.min_p > 0.0 for p in params):
+                x = apply_min_p(x, torch.tensor([p.min_p for p in params], device=dev))
+            probs = x.softmax(dim=-1)
+            noise = torch.empty_like(probs).exponential_(generator=self.generator)
+            for i, g in enumerate(generators):
+                if g is not None and not params[i].greedy:
+                    noise[i].exponential_(generator=g)
+            sampled = (probs / noise).argmax(dim=-1)
+            tokens = torch.where(greedy, tokens, sampled)
+
+        token_list = tokens.tolist()
+        if not want_lp:
+            return SampleResult(token_list, None, None)
+        chosen = raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+        ranks = (raw_logprobs > chosen[:, None]).sum(-1) + 1
+        k = max(p.logprobs or 0 for p in params)
+        top_vals, top_ids = raw_logprobs.topk(k, dim=-1) if k else (None, None)
+        top = []
+        for i, p in enumerate(params):
+            kk = p.logprobs or 0
+            top.append((top_ids[i, :kk].tolist() if kk else [], top_vals[i, :kk].tolist() if kk else [],
+                        int(ranks[i])))
+        return SampleResult(token_list, chosen.tolist(), top)
