@@ -1,0 +1,95 @@
+"""Autograd functions for sparse convolution and pooling over a rulebook.
+
+The compute goes through ``kiln.ops.sparse_gemm``. ``algo``:
+
+* ``"implicit"`` — the fused masked implicit GEMM over pair maps (forward: outputs gather inputs; input gradient:
+  inputs gather output gradients through the backward pair map and the transposed weight), weight gradient from
+  the pair lists in fixed-order chunks. No atomics anywhere: the default on CUDA and always in deterministic mode.
+* ``"gather"`` — gather-GEMM-scatter, one GEMM per kernel offset (the default on the CPU, where it is fastest).
+* ``"auto"`` — the above choice.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.ops import sparse_gemm
+from kiln.ops._dispatch import backend_for
+
+from .rulebook import Rulebook, is_deterministic
+
+ALGOS = ("auto", "implicit", "gather")
+
+
+def resolve_algo(algo: str, x: torch.Tensor) -> str:
+    if algo not in ALGOS:
+        raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
+    if algo != "auto":
+        if algo == "gather" and is_deterministic() and x.is_cuda:
+            return "implicit"  # CUDA's index_add_ accumulates with atomics
+        return algo
+    if is_deterministic() and x.is_cuda:
+        return "implicit"
+    return "implicit" if backend_for(x) == "triton" else "gather"
+
+
+def _apply(x: torch.Tensor, w: torch.Tensor, rb: Rulebook, algo: str) -> torch.Tensor:
+    if algo == "implicit":
+        order, masks = rb.fwd_schedule()
+        return sparse_gemm.implicit_gemm(x, w, rb.pair_fwd(), order, masks)
+    return sparse_gemm.gather_gemm_scatter(x, w, rb.in_idx, rb.out_idx, rb.counts, rb.n_out, rb.identity_offset)
+
+
+class SparseConvFunction(torch.autograd.Function):
+    """y = conv(x, w) over ``rb``: x [n_in, Cin], w [K, Cin, Cout] -> y [n_out, Cout]."""
+
+    @staticmethod
+    def forward(ctx, x, w, rb: Rulebook, algo: str):
+        ctx.rb = rb
+        ctx.algo = algo
+        ctx.save_for_backward(x, w)
+        return _apply(x, w, rb, algo)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        rb = ctx.rb
+        dx = dw = None
+        dy = dy.contiguous()
+        if ctx.needs_input_grad[0]:
+            dx = _apply(dy, w.transpose(1, 2), rb.swapped(), ctx.algo)
+        if ctx.needs_input_grad[1]:
+            dw = sparse_gemm.weight_grad(x, dy, rb.in_idx, rb.out_idx, rb.counts)
+        return dx, dw, None, None
+
+
+def sparse_conv(x: torch.Tensor, w: torch.Tensor, rb: Rulebook, algo: str = "auto") -> torch.Tensor:
+    """Sparse convolution of features ``x`` [n_in, Cin] with ``w`` [K, Cin, Cout] (any strides) over ``rb``."""
+    if x.shape[0] != rb.n_in:
+        raise ValueError(f"features has {x.shape[0]} rows but the rulebook expects {rb.n_in}")
+    if w.shape[0] != rb.kernel_volume:
+        raise ValueError(f"weight has {w.shape[0]} kernel offsets but the rulebook has {rb.kernel_volume}")
+    if w.dtype != x.dtype:
+        raise ValueError(f"features dtype {x.dtype} differs from weight dtype {w.dtype}")
+    return SparseConvFunction.apply(x, w, rb, resolve_algo(algo, x))
+
+
+def sparse_max_pool(x: torch.Tensor, rb: Rulebook) -> torch.Tensor:
+    """Per output voxel, the channel-wise max over the active inputs its window covers (empty sites ignored)."""
+    c = x.shape[1]
+    out = x.new_full((rb.n_out, c), float("-inf"))
+    if rb.in_idx.numel():
+        vals = x.index_select(0, rb.in_idx)
+        out = out.scatter_reduce(0, rb.out_idx.unsqueeze(1).expand(-1, c), vals, "amax", include_self=True)
+    return out
+
+
+def sparse_avg_pool(x: torch.Tensor, rb: Rulebook) -> torch.Tensor:
+    """Per output voxel, the mean over the active inputs its window covers (spconv's avg pool)."""
+    c = x.shape[1]
+    acc = torch.zeros(rb.n_out, c, dtype=torch.float32, device=x.device)
+    cnt = torch.zeros(rb.n_out, dtype=torch.float32, device=x.device)
+    if rb.in_idx.numel():
+        acc = acc.index_add(0, rb.out_idx, x.index_select(0, rb.in_idx).float())
+        cnt = cnt.index_add(0, rb.out_idx, torch.ones_like(rb.out_idx, dtype=torch.float32))
+    return (acc / cnt.clamp_min(1).unsqueeze(1)).to(x.dtype)

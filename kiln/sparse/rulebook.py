@@ -1,0 +1,226 @@
+"""Rulebooks: which input voxel feeds which output voxel through which kernel offset.
+
+Coordinates are encoded as one int64 key per voxel, ``((b * D0 + z) * D1 + y) * D2 + x`` (row-major over the
+batch and the spatial shape). Kernel offsets are enumerated row-major over the kernel's dims, the order of
+spconv's KRSC weight ``[Cout, kD, kH, kW, Cin]``.
+
+* submanifold: outputs = inputs; output ``o`` reads input ``o + (k - ksize // 2) * dilation`` (hash lookup).
+* regular: output ``o`` reads input ``o * stride - padding + k * dilation``; outputs are every position some input
+  reaches, deduplicated through the hash table (sorted, i.e. stable, in deterministic mode and on the CPU).
+* transposed: output ``o = i * stride - padding + k * dilation`` for each input ``i``.
+* inverse: the rulebook of a regular convolution with inputs and outputs swapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from kiln.ops import hashing
+from kiln.ops.sparse_gemm import mask_order, offset_masks
+
+_state = threading.local()
+
+
+def is_deterministic() -> bool:
+    """Deterministic mode: sorted (stable) output coordinates, and no atomics in any GEMM (see ``functional``)."""
+    return getattr(_state, "deterministic", False)
+
+
+def set_deterministic(enabled: bool) -> None:
+    _state.deterministic = bool(enabled)
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool = True):
+    """``with kiln.sparse.deterministic(): ...`` — bit-reproducible rulebooks, outputs and gradients."""
+    before = is_deterministic()
+    set_deterministic(enabled)
+    try:
+        yield
+    finally:
+        set_deterministic(before)
+
+
+@dataclass
+class Rulebook:
+    """Pairs sorted by kernel offset (``in_idx``, ``out_idx``: int64 [P]; ``counts``: host ints per offset)."""
+
+    in_idx: torch.Tensor
+    out_idx: torch.Tensor
+    counts: list[int]
+    n_in: int
+    n_out: int
+    identity_offset: int = -1  # an offset whose pairs are (i, i) for every row (submanifold centre)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def kernel_volume(self) -> int:
+        return len(self.counts)
+
+    def swapped(self) -> "Rulebook":
+        """The rulebook with inputs and outputs exchanged (input gradients; inverse convolution)."""
+        key = "swapped"
+        if key not in self._cache:
+            sw = Rulebook(self.out_idx, self.in_idx, self.counts, self.n_out, self.n_in, self.identity_offset)
+            for a, b in (("pair_fwd", "pair_bwd"), ("pair_bwd", "pair_fwd")):
+                if a in self._cache:
+                    sw._cache[b] = self._cache[a]
+            sw._cache["swapped"] = self
+            self._cache[key] = sw
+        return self._cache[key]
+
+    def _pair_map(self, rows_idx, vals_idx, n_rows):
+        K = self.kernel_volume
+        pm = torch.full((n_rows, K), -1, dtype=torch.int32, device=self.in_idx.device)
+        if self.in_idx.numel():
+            k_of = torch.repeat_interleave(torch.arange(K, device=self.in_idx.device),
+                                           torch.tensor(self.counts, device=self.in_idx.device))
+            pm[rows_idx, k_of] = vals_idx.to(torch.int32)
+        return pm
+
+    def pair_fwd(self) -> torch.Tensor:
+        """int32 [n_out, K]: input row per (output, offset), -1 where none."""
+        if "pair_fwd" not in self._cache:
+            self._cache["pair_fwd"] = self._pair_map(self.out_idx, self.in_idx, self.n_out)
+        return self._cache["pair_fwd"]
+
+    def pair_bwd(self) -> torch.Tensor:
+        """int32 [n_in, K]: output row per (input, offset), -1 where none."""
+        if "pair_bwd" not in self._cache:
+            self._cache["pair_bwd"] = self._pair_map(self.in_idx, self.out_idx, self.n_in)
+        return self._cache["pair_bwd"]
+
+    def fwd_schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order, masks) for the forward implicit GEMM: per-row offset masks and rows sorted by them."""
+        if "fwd_sched" not in self._cache:
+            m = offset_masks(self.pair_fwd())
+            self._cache["fwd_sched"] = (mask_order(m), m)
+        return self._cache["fwd_sched"]
+
+    def bwd_schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if "bwd_sched" not in self._cache:
+            m = offset_masks(self.pair_bwd())
+            self._cache["bwd_sched"] = (mask_order(m), m)
+        return self._cache["bwd_sched"]
+
+    def indice_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """spconv's layout: ``indice_pairs`` int32 [2, K, max_count] (-1 padded) and ``indice_pair_num`` [K]."""
+        K = self.kernel_volume
+        width = max(self.counts) if self.counts else 0
+        pairs = torch.full((2, K, width), -1, dtype=torch.int32, device=self.in_idx.device)
+        start = 0
+        for k, c in enumerate(self.counts):
+            pairs[0, k, :c] = self.in_idx[start:start + c].int()
+            pairs[1, k, :c] = self.out_idx[start:start + c].int()
+            start += c
+        return pairs, torch.tensor(self.counts, dtype=torch.int32, device=self.in_idx.device)
+
+
+def kernel_offsets(ksize, device) -> torch.Tensor:
+    """int64 [K, ndim] kernel positions, row-major (KRSC order)."""
+    pos = list(itertools.product(*[range(k) for k in ksize]))
+    return torch.tensor(pos, dtype=torch.int64, device=device).view(len(pos), len(ksize))
+
+
+def conv_output_size(spatial_shape, ksize, stride, padding, dilation):
+    out = [(s + 2 * p - d * (k - 1) - 1) // st + 1
+           for s, k, st, p, d in zip(spatial_shape, ksize, stride, padding, dilation)]
+    if any(o <= 0 for o in out):
+        raise ValueError(f"spatial_shape {list(spatial_shape)} is too small for kernel_size {list(ksize)}, "
+                         f"stride {list(stride)}, padding {list(padding)}, dilation {list(dilation)}")
+    return out
+
+
+def deconv_output_size(spatial_shape, ksize, stride, padding, dilation, output_padding):
+    # spconv's formula (kernel size, not the dilated extent)
+    out = [(s - 1) * st - 2 * p + k + op
+           for s, k, st, p, op in zip(spatial_shape, ksize, stride, padding, output_padding)]
+    if any(o <= 0 for o in out):
+        raise ValueError(f"transposed convolution output shape {out} is empty")
+    return out
+
+
+def encode(coords: torch.Tensor, batch: torch.Tensor, shape) -> torch.Tensor:
+    """int64 keys of coordinates [..., ndim] with batch index [...] in the given spatial shape."""
+    key = batch.long()
+    for d, s in enumerate(shape):
+        key = key * s + coords[..., d]
+    return key
+
+
+def decode(keys: torch.Tensor, shape) -> torch.Tensor:
+    """int32 [N, ndim + 1] batch-first indices from keys."""
+    cols = []
+    rest = keys
+    for s in reversed(shape):
+        cols.append(rest % s)
+        rest = rest // s
+    cols.append(rest)
+    return torch.stack(cols[::-1], 1).int()
+
+
+def _unique(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return hashing.unique_keys(keys, sort=is_deterministic())
+
+
+def build_subm(indices: torch.Tensor, spatial_shape, ksize, dilation) -> Rulebook:
+    """Submanifold rulebook: every input is an output; pairs through the hash table of input coordinates."""
+    n = indices.shape[0]
+    dev = indices.device
+    shape = list(spatial_shape)
+    coords = indices[:, 1:].long()
+    keys = encode(coords, indices[:, 0], shape)
+    table = hashing.hash_build(keys)
+    offs = kernel_offsets(ksize, dev)
+    centre = torch.tensor([k // 2 for k in ksize], device=dev)
+    delta = (offs - centre) * torch.tensor(dilation, device=dev)  # [K, D]
+    nb = coords.unsqueeze(0) + delta.unsqueeze(1)  # [K, N, D]
+    inside = ((nb >= 0) & (nb < torch.tensor(shape, device=dev))).all(-1)
+    nb_keys = torch.where(inside, encode(nb, indices[:, 0].unsqueeze(0).expand(len(offs), n), shape),
+                          torch.full_like(inside, -1, dtype=torch.int64))
+    src = hashing.hash_lookup(table, nb_keys)  # [K, N] input row or -1
+    k_idx, out_idx = torch.nonzero(src >= 0, as_tuple=True)
+    in_idx = src[k_idx, out_idx].long()
+    counts = torch.bincount(k_idx, minlength=len(offs)).tolist()
+    centre_k = int(sum(c * math.prod(ksize[d + 1:]) for d, c in enumerate(centre.tolist())))
+    ident = centre_k if counts[centre_k] == n else -1
+    return Rulebook(in_idx, out_idx, counts, n, n, ident)
+
+
+def build_conv(indices: torch.Tensor, spatial_shape, ksize, stride, padding, dilation,
+               transposed: bool = False, output_padding=None) -> tuple[torch.Tensor, list[int], Rulebook]:
+    """Regular or transposed convolution: (out_indices int32 [M, ndim+1], out_spatial_shape, rulebook)."""
+    dev = indices.device
+    ndim = len(ksize)
+    shape = list(spatial_shape)
+    if transposed:
+        out_shape = deconv_output_size(shape, ksize, stride, padding, dilation, output_padding or [0] * ndim)
+    else:
+        out_shape = conv_output_size(shape, ksize, stride, padding, dilation)
+    n = indices.shape[0]
+    offs = kernel_offsets(ksize, dev)  # [K, D]
+    K = offs.shape[0]
+    coords = indices[:, 1:].long().unsqueeze(0)  # [1, N, D]
+    st = torch.tensor(stride, device=dev)
+    pd = torch.tensor(padding, device=dev)
+    dl = torch.tensor(dilation, device=dev)
+    if transposed:
+        cand = coords * st - pd + (offs * dl).unsqueeze(1)  # [K, N, D]
+        ok = torch.ones(cand.shape[:2], dtype=torch.bool, device=dev)
+    else:
+        num = coords + pd - (offs * dl).unsqueeze(1)
+        ok = (num % st == 0).all(-1)
+        cand = torch.div(num, st, rounding_mode="floor")
+    ok &= ((cand >= 0) & (cand < torch.tensor(out_shape, device=dev))).all(-1)
+    k_idx, in_idx = torch.nonzero(ok, as_tuple=True)  # sorted by offset, then input row
+    cand_keys = encode(cand[k_idx, in_idx], indices[in_idx, 0], out_shape)
+    uniq, out_idx = _unique(cand_keys)
+    counts = torch.bincount(k_idx, minlength=K).tolist()
+    out_indices = decode(uniq, out_shape)
+    return out_indices, out_shape, Rulebook(in_idx, out_idx, counts, n, uniq.numel())
