@@ -291,6 +291,26 @@ class LLMEngine:
                                          metrics=req.metrics))
         return outputs
 
+    # --------------------------------------------------------------------------------------- weights
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new weights in memory (Hugging Face names, e.g. a training model's ``named_parameters()``).
+
+        Used by RL to sync the policy into the rollout engine every iteration without a disk round trip. Every
+        parameter must be covered. Cached prefixes were computed with the old weights, so the prefix cache is
+        dropped; requests in flight keep their (stale) KV and should not span an update.
+        """
+        from .loader import load_weights
+
+        load_weights(self.model, ((n, t.detach()) for n, t in named_tensors), self.model.map_hf_name)
+        self.reset_prefix_cache()
+
+    def reset_prefix_cache(self) -> None:
+        bm = self.block_manager
+        for block in bm.blocks:
+            if block.ref_count == 0:
+                block.hash, block.token_ids = None, ()
+        bm.hash_to_block = {h: b for h, b in bm.hash_to_block.items() if bm.blocks[b].hash == h}
+
     # --------------------------------------------------------------------------------------- scoring
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """Logits at every position of each prompt, computed through the paged-KV path in one packed batch."""
@@ -393,3 +413,6 @@ class LLM:
 
     def prompt_logits(self, prompts: Iterable[list[int]]) -> list[torch.Tensor]:
         return self.engine.prompt_logits([list(p) for p in prompts])
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.engine.update_weights(named_tensors)
