@@ -144,7 +144,7 @@ class HistogramCalibrator:
             p[i - 1] += hist[i:].sum()  # outliers clipped into the last bin
             nonzero = hist[:i] != 0
             # merge i bins into nlev levels, spread each level's mass uniformly over its non-empty bins
-            bounds = np.linspace(0, i, nlev + 1).astype(np.int64)
+            bounds = np.ceil(np.linspace(0, i, nlev + 1)).astype(np.int64)
             idx = np.repeat(np.arange(nlev), np.diff(bounds))
             lvl_sum = np.bincount(idx, weights=hist[:i], minlength=nlev)
             lvl_cnt = np.bincount(idx, weights=nonzero.astype(np.float64), minlength=nlev)

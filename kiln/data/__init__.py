@@ -1,0 +1,1 @@
+"""Data sets shared by subsystems (calibration sets, small training sets)."""
