@@ -1,0 +1,123 @@
+"""``kiln build | generate | chat`` (and ``serve`` from kiln.llm.server); model arguments default to the bundled
+model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF checkpoint or kiln engine directory (default: bundled model)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--max-model-len", type=int, default=None)
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _params(args):
+    from kiln.llm import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=args.stop)
+
+
+def _llm(args):
+    from kiln.llm import LLM
+
+    kwargs = {"max_model_len": args.max_model_len} if args.max_model_len else {}
+    return LLM(args.model, dtype=args.dtype, device=args.device, **kwargs)
+
+
+def _build(args) -> int:
+    from kiln.llm.build import build_engine
+    from kiln.llm.engine import default_model_path
+    from kiln.llm.lora import parse_lora_arg
+
+    checkpoint = args.checkpoint or str(default_model_path())
+    loras = [parse_lora_arg(s) for s in args.lora or []]
+    out = build_engine(checkpoint, args.output, dtype=args.dtype, loras=loras)
+    print(f"engine written to {out}")
+    return 0
+
+
+def _generate(args) -> int:
+    params = _params(args)
+    llm = _llm(args)
+    if args.no_stream:
+        print(args.prompt + llm.generate(args.prompt, params)[0].outputs[0].text)
+        return 0
+    sys.stdout.write(args.prompt)
+    for delta in llm.stream(args.prompt, params):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _chat(args) -> int:
+    params = _params(args)
+    llm = _llm(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("kiln chat — empty line or Ctrl-D to quit")
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        if not line.strip():
+            return 0
+        messages.append({"role": "user", "content": line})
+        text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = {"prompt": text, "prompt_token_ids": llm.tokenizer.encode(text, add_special_tokens=False)}
+        sys.stdout.write("bot> ")
+        reply = []
+        for delta in llm.stream(prompt, params):
+            reply.append(delta)
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply).strip()})
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("build", help="build an engine directory from a Hugging Face checkpoint (LoRA merged in)")
+    p.add_argument("checkpoint", nargs="?", default=None, help="HF checkpoint directory (default: bundled model)")
+    p.add_argument("-o", "--output", required=True, help="engine directory to write")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's) | float32 | float16 | bfloat16")
+    p.add_argument("--lora", action="append", metavar="ADAPTER[:WEIGHT]",
+                   help="peft LoRA adapter directory to merge, optionally weighted (repeatable)")
+    p.set_defaults(func=_build)
+
+    p = sub.add_parser("generate", help="complete a prompt (streams to stdout)")
+    p.add_argument("prompt", nargs="?", default="ROMEO:")
+    _model_args(p)
+    _sampling_args(p)
+    p.add_argument("--no-stream", action="store_true", help="print the whole completion at the end")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("chat", help="interactive streaming chat with the model's chat template")
+    _model_args(p)
+    _sampling_args(p)
+    p.add_argument("--system", default=None, help="system message")
+    p.set_defaults(func=_chat)
+
+    try:
+        from kiln.llm.server.cli import add_parsers as add_server_parsers
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("kiln.llm.server", "kiln.llm.server.cli"):
+            raise
+    else:
+        add_server_parsers(sub)
