@@ -70,6 +70,7 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
                  output_ids: list[list[int]], generators: list[torch.Generator | None],
                  banned: list[list[int]]) -> SampleResult:
