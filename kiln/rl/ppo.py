@@ -1,0 +1,714 @@
+"""PPO for language models, TRL's algorithm (``trl.experimental.ppo``, 1.12.0) with kiln.llm rollouts.
+
+One iteration (``PPOTrainer.step``):
+
+1. sync the policy's current weights into the kiln.llm engine in memory and sample ``response_length`` tokens for
+   a batch of prompts;
+2. recompute, in the training model, the policy log-probabilities and values and the reference log-probabilities
+   of the sampled tokens (logits divided by ``temperature``);
+3. score each (prompt, response) with the reward function or model; ``missing_eos_penalty`` if no stop token;
+4. per-token rewards ``-kl_coef * kl`` with the score added at the last response token (``compute_rewards``),
+   optional whitening, GAE advantages and returns (``compute_advantages``);
+5. ``num_ppo_epochs`` passes over shuffled mini-batches (``num_mini_batches``), each accumulated over micro-batches
+   of ``per_device_train_batch_size`` rows: clipped policy loss + ``vf_coef`` x clipped value loss.
+
+Masks: a response's tokens (the stop token included) are True, the padding after it False. TRL 1.12 places the
+score one position past the last token and trains that position's value too (its ``padding_mask_p1``); kiln places
+it on the last token, as TRL's earlier ``compute_rewards`` and the issue's spec do. GAE over the masked tokens is the
+same telescoped sum either way.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import shutil
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from tqdm.auto import tqdm
+
+from .config import PPOConfig
+from .kl import AdaptiveKLController, FixedKLController
+from .rewards import check_scores, compute_rewards, masked_mean, masked_whiten, model_scores
+from .value_head import PolicyAndValue
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PPOTrainer", "compute_advantages", "policy_loss", "value_loss", "logprobs_from_logits",
+           "entropy_from_logits", "plot_stats"]
+
+
+# ----------------------------------------------------------------------------------------------- the formulas
+def compute_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
+                       whiten: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE: ``delta_t = r_t + gamma * V_{t+1} - V_t``, ``A_t = delta_t + gamma * lam * A_{t+1}`` (V and A are 0
+    past the response), ``returns = A + V``; then A is whitened over the mask (``whiten``) and zeroed outside it.
+    Returns ``(advantages, returns)``, both ``[B, T]``."""
+    mask = mask.bool()
+    values = values.masked_fill(~mask, 0.0)
+    rewards = rewards.masked_fill(~mask, 0.0)
+    steps = rewards.shape[1]
+    last = torch.zeros_like(rewards[:, 0])
+    reversed_adv = []
+    for t in reversed(range(steps)):
+        next_values = values[:, t + 1] if t < steps - 1 else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last = delta + gamma * lam * last
+        reversed_adv.append(last)
+    advantages = torch.stack(reversed_adv[::-1], dim=1)
+    returns = advantages + values
+    if whiten:
+        advantages = masked_whiten(advantages, mask)
+    return advantages.masked_fill(~mask, 0.0), returns.masked_fill(~mask, 0.0)
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate: ``mean_mask(max(-A * ratio, -A * clip(ratio, 1 - c, 1 + c)))``, ``ratio = exp(lp - lp_old)``.
+
+    Stats: ``clipfrac`` (share of tokens where the clipped term is larger), ``approxkl`` (``0.5 * mean(diff**2)``),
+    ``ratio`` (mean)."""
+    mask = mask.bool()
+    diff = (logprobs - old_logprobs).masked_fill(~mask, 0.0)
+    ratio = torch.exp(diff)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((pg_losses2 > pg_losses).float(), mask),
+                 "approxkl": 0.5 * masked_mean(diff.square(), mask),
+                 "ratio": masked_mean(ratio, mask)}
+    return loss, stats
+
+
+def value_loss(vpred: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped critic loss: ``0.5 * mean_mask(max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2))``."""
+    mask = mask.bool()
+    vclipped = torch.clamp(vpred, old_values - cliprange_value, old_values + cliprange_value)
+    losses1 = (vpred - returns).square()
+    losses2 = (vclipped - returns).square()
+    loss = 0.5 * masked_mean(torch.max(losses1, losses2), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((losses2 > losses1).float(), mask)}
+    return loss, stats
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)[..., token]`` in fp32: ``[B, T, V], [B, T] -> [B, T]``."""
+    logits = logits.float()
+    return torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    p = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def _vocab(tokenizer) -> dict | None:
+    if tokenizer is None:
+        return None
+    if hasattr(tokenizer, "get_vocab"):
+        return tokenizer.get_vocab()
+    inner = getattr(tokenizer, "tok", None)  # kiln.llm.Tokenizer
+    return inner.get_vocab(with_added_tokens=True) if inner is not None else None
+
+
+def _model_dir(model: nn.Module) -> Path | None:
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return Path(name) if name and Path(name).is_dir() else None
+
+
+def _load_tokenizer_at(path: Path | None):
+    if path is None or not (path / "tokenizer.json").exists():
+        return None
+    from kiln.llm.tokenizer import Tokenizer
+
+    return Tokenizer(path)
+
+
+# ----------------------------------------------------------------------------------------------- rollouts
+class Rollout:
+    """One batch of sampled responses and everything PPO needs about them (tensors on the training device)."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+    query_responses: torch.Tensor   # [B, C + T] prompt (left-padded to C) then response (right-padded to T)
+    attention_mask: torch.Tensor    # [B, C + T]
+    position_ids: torch.Tensor      # [B, C + T]
+    context_length: int             # C
+    responses: torch.Tensor         # [B, T]
+    mask: torch.Tensor              # [B, T] bool, True on response tokens
+    prompts: list[str]
+    texts: list[str]
+    finish_reasons: list[str]
+
+
+class PPOTrainer:
+    """Train a causal LM with PPO against a reward; rollouts by kiln.llm, updates in torch.
+
+    Args mirror TRL's ``PPOTrainer`` where they overlap:
+        args: ``PPOConfig``.
+        model: a Hugging Face causal LM, or a checkpoint directory to load one from (fp32). Its directory (or
+            ``model_path``) also builds the kiln.llm rollout engine, unless ``llm`` is given.
+        reward_model: a Python function ``fn(prompts: list[str], responses: list[str]) -> list[float]`` or a
+            ``torch.nn.Module`` scoring token ids (TRL's reward-model layout or any model with ``logits``).
+        train_dataset: map-style or iterable prompts (see ``kiln.data.prompts``).
+        ref_model: frozen reference; default a copy of the policy, or the adapter-disabled policy with peft.
+        value_model: a separate critic (HF causal LM or sequence classifier); default a zero-initialised value head
+            on the policy's last hidden state.
+        processing_class: the tokenizer; default the engine's (kiln.llm.Tokenizer).
+        value_processing_class: the value model's tokenizer, checked against the policy's (else read from the value
+            model's directory when it has one).
+        peft_config: a ``peft.LoraConfig`` to train LoRA adapters; the reference is then the policy with adapters
+            disabled and the engine receives merged weights.
+        engine_kwargs: extra ``kiln.llm.LLM`` options (block_size, max_num_seqs, num_kv_blocks, ...).
+        callbacks: functions ``cb(trainer, stats)`` called after every iteration.
+    """
+
+    def __init__(self, args: PPOConfig | None = None, *, model: nn.Module | str | Path,
+                 reward_model: Callable | nn.Module, train_dataset: Dataset,
+                 ref_model: nn.Module | None = None, value_model: nn.Module | None = None,
+                 processing_class=None, value_processing_class=None, eval_dataset: Dataset | None = None,
+                 peft_config=None, llm=None, model_path: str | Path | None = None, device: str | None = None,
+                 engine_kwargs: dict | None = None, optimizers=(None, None),
+                 callbacks: list[Callable[["PPOTrainer", dict], Any]] | None = None):
+        self.args = args = args if args is not None else PPOConfig()
+        if not isinstance(args, PPOConfig):
+            raise TypeError(f"args must be a PPOConfig, got {type(args).__name__}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.manual_seed(args.seed)
+        np.random.seed(args.seed)
+
+        # ---- policy
+        if isinstance(model, (str, Path)):
+            model_path = Path(model)
+            if not (model_path / "config.json").exists():
+                raise FileNotFoundError(f"{model_path} is not a Hugging Face checkpoint directory (no config.json)")
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch module or a checkpoint directory, got {type(model).__name__}")
+        if ref_model is not None and ref_model is model:
+            raise ValueError("model and ref_model are the same object; pass a copy, or None to let the trainer copy "
+                             "it (or to use the adapter-disabled policy with peft)")
+        self.model_path = Path(model_path) if model_path is not None else _model_dir(model)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        self.is_peft_model = _is_peft(model)
+        _disable_dropout(model)
+        model.to(self.device)
+        if args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable()
+
+        # ---- reference
+        if ref_model is None and not self.is_peft_model:
+            ref_model = copy.deepcopy(model)
+        if ref_model is not None:
+            ref_model = ref_model.to(self.device).eval()
+            ref_model.requires_grad_(False)
+            _disable_dropout(ref_model)
+        self.ref_model = ref_model
+
+        # ---- rollout engine and tokenizer
+        if llm is None:
+            if self.model_path is None:
+                raise ValueError("cannot build the rollout engine: pass the model as a checkpoint directory, or "
+                                 "model_path=, or llm=kiln.llm.LLM(...)")
+            llm = self._build_engine(engine_kwargs or {})
+        self.llm = llm
+        self.tokenizer = processing_class if processing_class is not None else llm.tokenizer
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_path} has no tokenizer.json; pass processing_class")
+        self.max_model_len = llm.engine.max_model_len
+        self.stop_token_id = self._resolve_stop_token()
+        policy_vocab = _config_vocab(model)
+
+        # ---- value function
+        if value_model is not None:
+            if _config_vocab(value_model) not in (None, policy_vocab):
+                raise ValueError(f"value model vocabulary ({_config_vocab(value_model)} tokens) differs from the "
+                                 f"policy's ({policy_vocab}); the value model must use the policy's tokenizer")
+            vtok = value_processing_class if value_processing_class is not None else _load_tokenizer_at(
+                _model_dir(value_model))
+            if vtok is not None and _vocab(vtok) != _vocab(self.tokenizer):
+                raise ValueError("the value model's tokenizer differs from the policy's (different vocabulary); "
+                                 "PPO feeds both the same token ids, so they must share one tokenizer")
+            _disable_dropout(value_model)
+        self.model = PolicyAndValue(model, value_model).to(self.device)
+        self.model.train()
+
+        # ---- reward
+        if isinstance(reward_model, nn.Module):
+            if _config_vocab(reward_model) not in (None, policy_vocab):
+                raise ValueError(f"reward model vocabulary ({_config_vocab(reward_model)} tokens) differs from the "
+                                 f"policy's ({policy_vocab}); score with a Python function of texts instead")
+            reward_model.to(self.device).eval().requires_grad_(False)
+        elif not callable(reward_model):
+            raise TypeError("reward_model must be a torch module or a function (prompts, responses) -> scores")
+        self.reward_model = reward_model
+
+        # ---- data
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        is_stream = isinstance(train_dataset, IterableDataset)
+        if is_stream and args.total_episodes is None:
+            raise ValueError("a streamed (iterable) train_dataset needs args.total_episodes")
+        args.resolve(None if is_stream else len(train_dataset))
+        if args.num_total_batches < 1:
+            raise ValueError("nothing to train: total_episodes / batch_size gives 0 iterations")
+        if not is_stream:
+            if len(train_dataset) < args.local_batch_size:
+                raise ValueError(f"train_dataset has {len(train_dataset)} prompts, fewer than one batch "
+                                 f"({args.local_batch_size} = per_device_train_batch_size x "
+                                 "gradient_accumulation_steps)")
+            for i in range(len(train_dataset)):  # every prompt fits the context, before any training
+                self._encode(train_dataset[i], f"train_dataset[{i}]")
+        gen = torch.Generator().manual_seed(args.seed)
+        self.dataloader = DataLoader(train_dataset, batch_size=args.local_batch_size, shuffle=not is_stream,
+                                     drop_last=True, collate_fn=list, generator=None if is_stream else gen)
+
+        # ---- optimisation
+        self.optimizer, self.lr_scheduler = optimizers
+        if self.optimizer is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                               eps=args.adam_epsilon, weight_decay=args.weight_decay)
+        if self.lr_scheduler is None:
+            total = args.num_total_batches
+            factor = ((lambda i: 1.0 - i / total) if args.lr_scheduler_type == "linear" else (lambda i: 1.0))
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.kl_ctl = (AdaptiveKLController(args.init_kl_coef if args.init_kl_coef is not None else args.kl_coef,
+                                            args.target, args.horizon)
+                       if args.adap_kl_ctrl else FixedKLController(args.kl_coef))
+        self.callbacks = list(callbacks or [])
+        self.history: list[dict] = []
+        self.samples: list[dict] = []
+        self.iteration = 0
+        self.episode = 0
+        self._np_rng = np.random.default_rng(args.seed)
+        self._data_iter: Iterator | None = None
+        self._rollout_seed = args.seed * 1_000_003
+
+    # ------------------------------------------------------------------------------------------- setup helpers
+    def _build_engine(self, engine_kwargs: dict):
+        from kiln.llm import LLM
+        from kiln.llm.config import ModelConfig
+
+        cfg = ModelConfig.from_file(self.model_path / "config.json")
+        kw = dict(engine_kwargs)
+        block = kw.get("block_size", 16)
+        if not any(k in kw for k in ("num_kv_blocks", "kv_cache_memory_bytes", "gpu_memory_utilization")):
+            # enough KV for a whole batch at full length, and no more: the trainer shares the device with it
+            ctx = min(kw.get("max_model_len") or cfg.max_context, cfg.max_context)
+            kw["num_kv_blocks"] = self.args.local_batch_size * -(-ctx // block) + 1
+        kw.setdefault("max_num_seqs", max(self.args.local_batch_size, 1))
+        return LLM(self.model_path, device=str(self.device), seed=self.args.seed, **kw)
+
+    def _resolve_stop_token(self) -> int | None:
+        a = self.args
+        if a.stop_token == "eos":
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            if eos is None:
+                raise ValueError("stop_token='eos' but the tokenizer has no eos token; set stop_token_id")
+            return int(eos)
+        return a.stop_token_id
+
+    def _encode(self, item, where: str) -> tuple[str, list[int]]:
+        from kiln.data.prompts import normalize_prompt
+
+        item = normalize_prompt(item, where)
+        if "prompt_token_ids" in item:
+            ids = list(item["prompt_token_ids"])
+            text = item.get("prompt") or self.tokenizer.decode(ids)
+        elif "messages" in item:
+            text = self.llm.tokenizer.apply_chat_template(item["messages"], True)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            text = item["prompt"]
+            ids = self.tokenizer.encode(text)
+        if not ids:
+            raise ValueError(f"{where}: the prompt tokenizes to nothing")
+        if len(ids) + self.args.response_length > self.max_model_len:
+            raise ValueError(f"{where}: prompt has {len(ids)} tokens; with response_length="
+                             f"{self.args.response_length} that exceeds the model's context ({self.max_model_len})")
+        return text, ids
+
+    def _next_batch(self) -> list:
+        if self._data_iter is None:
+            self._data_iter = self._repeat()
+        return next(self._data_iter)
+
+    def _repeat(self):
+        while True:
+            empty = True
+            for batch in self.dataloader:
+                empty = False
+                yield batch
+            if empty:
+                raise ValueError("the train dataset yielded no full batch")
+
+    # ------------------------------------------------------------------------------------------- weights
+    def engine_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The policy's parameters under Hugging Face names (LoRA merged in when training adapters)."""
+        policy = self.model.policy
+        if not self.is_peft_model:
+            yield from policy.named_parameters()
+            return
+        base = policy.get_base_model()
+        for name, p in base.named_parameters():
+            if "lora_" in name or ".original_module." in name:
+                continue
+            yield name.replace(".base_layer.", ".").replace(".modules_to_save.default.", "."), p
+
+    def sync_weights(self) -> None:
+        """Copy the policy's current weights into the rollout engine (in memory)."""
+        with torch.no_grad(), (self._merged() if self.is_peft_model else nullcontext()):
+            self.llm.update_weights(self.engine_weights())
+
+    @contextmanager
+    def _merged(self):
+        self.model.policy.merge_adapter()
+        try:
+            yield
+        finally:
+            self.model.policy.unmerge_adapter()
+
+    @contextmanager
+    def _reference(self):
+        if self.ref_model is not None:
+            yield self.ref_model
+        else:
+            with self.model.policy.disable_adapter():
+                yield self.model.policy
+
+    def _autocast(self):
+        if not self.args.bf16:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    # ------------------------------------------------------------------------------------------- rollout
+    def generate(self, batch: list, temperature: float | None = None, seed: int | None = None) -> Rollout:
+        """Sample one response per prompt with the engine (weights must be synced) and pack the tensors."""
+        from kiln.llm import SamplingParams
+
+        a = self.args
+        encoded = [self._encode(item, f"prompt {i} of the batch") for i, item in enumerate(batch)]
+        texts_in, prompt_ids = zip(*encoded)
+        base_seed = self._rollout_seed if seed is None else seed
+        stop = self.stop_token_id
+        params = [SamplingParams(temperature=a.temperature if temperature is None else temperature,
+                                 max_tokens=a.response_length, seed=base_seed + i,
+                                 stop_token_ids=[stop] if stop is not None else None,
+                                 ignore_eos=a.stop_token != "eos") for i in range(len(batch))]
+        outs = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], params)
+        responses = [list(o.outputs[0].token_ids) for o in outs]
+        ctx = max(len(p) for p in prompt_ids)
+        T = max(len(r) for r in responses)
+        B = len(batch)
+        qr = torch.zeros(B, ctx + T, dtype=torch.long)
+        attn = torch.zeros(B, ctx + T, dtype=torch.long)
+        resp = torch.zeros(B, T, dtype=torch.long)
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        for i, (p, r) in enumerate(zip(prompt_ids, responses)):
+            qr[i, ctx - len(p):ctx] = torch.tensor(p)
+            qr[i, ctx:ctx + len(r)] = torch.tensor(r)
+            attn[i, ctx - len(p):ctx + len(r)] = 1
+            resp[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = True
+        pos = (attn.cumsum(1) - 1).clamp(min=0)
+        dev = self.device
+        return Rollout(query_responses=qr.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
+                       context_length=ctx, responses=resp.to(dev), mask=mask.to(dev), prompts=list(texts_in),
+                       texts=[o.outputs[0].text for o in outs],
+                       finish_reasons=[o.outputs[0].finish_reason for o in outs])
+
+    def score(self, ro: Rollout) -> torch.Tensor:
+        """Scores ``[B]`` (validated: right count, finite) from the reward function or model."""
+        if isinstance(self.reward_model, nn.Module):
+            last = ro.context_length + ro.mask.sum(1) - 1
+            scores = model_scores(self.reward_model, ro.query_responses, ro.attention_mask, last)
+            return check_scores(scores, len(ro.texts), "reward model").to(self.device)
+        raw = self.reward_model(list(ro.prompts), list(ro.texts))
+        return check_scores(raw, len(ro.texts), f"reward function {getattr(self.reward_model, '__name__', '')}"
+                            .rstrip()).to(self.device)
+
+    def _forward(self, module, ro: Rollout, rows, with_values: bool):
+        ctx = ro.context_length
+        ids, attn, pos = ro.query_responses[rows], ro.attention_mask[rows], ro.position_ids[rows]
+        if with_values:
+            logits, values = module(ids, attn, pos)
+            values = values[:, ctx - 1:-1]
+        else:
+            logits = module(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
+            values = None
+        logits = logits[:, ctx - 1:-1].float() / self.args.temperature
+        return logits, values
+
+    @torch.no_grad()
+    def _score_rollout(self, ro: Rollout) -> dict[str, torch.Tensor]:
+        a = self.args
+        n = ro.responses.shape[0]
+        logprobs, ref_logprobs, values = [], [], []
+        for s in range(0, n, a.local_rollout_forward_batch_size):
+            rows = slice(s, s + a.local_rollout_forward_batch_size)
+            with self._autocast():
+                logits, v = self._forward(self.model, ro, rows, True)
+            logprobs.append(logprobs_from_logits(logits, ro.responses[rows]))
+            values.append(v.float())
+            del logits
+            with self._reference() as ref, self._autocast():
+                ref_logits, _ = self._forward(ref, ro, rows, False)
+            ref_logprobs.append(logprobs_from_logits(ref_logits, ro.responses[rows]))
+            del ref_logits
+        return {"logprobs": torch.cat(logprobs), "ref_logprobs": torch.cat(ref_logprobs), "values": torch.cat(values)}
+
+    # ------------------------------------------------------------------------------------------- one iteration
+    def step(self, batch: list | None = None) -> dict[str, float]:
+        """One PPO iteration (rollout, scoring, advantages, updates); returns the TRL-named stats."""
+        a = self.args
+        t0 = time.perf_counter()
+        batch = self._next_batch() if batch is None else batch
+        if len(batch) != a.local_batch_size:
+            raise ValueError(f"a batch must hold {a.local_batch_size} prompts, got {len(batch)}")
+        self.model.eval()
+        self.sync_weights()
+        t_gen = time.perf_counter()
+        ro = self.generate(batch)
+        t_gen = time.perf_counter() - t_gen
+        self._rollout_seed += len(batch)
+        scores = self.score(ro)
+        fwd = self._score_rollout(ro)
+        mask = ro.mask
+        logprobs = fwd["logprobs"].masked_fill(~mask, 0.0)
+        ref_logprobs = fwd["ref_logprobs"].masked_fill(~mask, 0.0)
+        values = fwd["values"].masked_fill(~mask, 0.0)
+
+        lengths = mask.sum(1)
+        stop_id = self.stop_token_id if self.stop_token_id is not None else getattr(self.tokenizer, "eos_token_id", None)
+        has_stop = (torch.zeros_like(lengths, dtype=torch.bool) if stop_id is None
+                    else ((ro.responses == stop_id) & mask).any(1))
+        if a.missing_eos_penalty is not None:
+            scores = scores - a.missing_eos_penalty * (~has_stop).float()
+
+        kl_coef = self.kl_ctl.value
+        with torch.no_grad():
+            rewards, non_score_reward, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef,
+                                                            a.kl_estimator)
+            if a.whiten_rewards:
+                rewards = masked_whiten(rewards, mask, shift_mean=False).masked_fill(~mask, 0.0)
+            advantages, returns = compute_advantages(rewards, values, mask, a.gamma, a.lam)
+
+        # ---- PPO epochs x mini-batches x micro-batches
+        self.model.train()
+        shape = (a.num_ppo_epochs, a.num_mini_batches)
+        stat_names = ("approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")
+        acc = {k: torch.zeros(shape) for k in stat_names}
+        micro = a.train_micro_batch_size
+        B = len(batch)
+        for epoch in range(a.num_ppo_epochs):
+            perm = torch.from_numpy(self._np_rng.permutation(B)).to(self.device)
+            for mb_idx, mb_start in enumerate(range(0, B, a.local_mini_batch_size)):
+                mb = perm[mb_start:mb_start + a.local_mini_batch_size]
+                chunks = [mb[i:i + micro] for i in range(0, len(mb), micro)]
+                sums = {k: 0.0 for k in stat_names}
+                for idx in chunks:
+                    with self._autocast():
+                        logits, vpred = self._forward(self.model, ro, idx, True)
+                    m = mask[idx]
+                    new_logprobs = logprobs_from_logits(logits, ro.responses[idx])
+                    pg, pg_stats = policy_loss(new_logprobs, logprobs[idx], advantages[idx], m, a.cliprange)
+                    vf, vf_stats = value_loss(vpred.float(), values[idx], returns[idx], m, a.cliprange_value)
+                    loss = pg + a.vf_coef * vf
+                    (loss / len(chunks)).backward()
+                    with torch.no_grad():
+                        ent = masked_mean(entropy_from_logits(logits), m)
+                    for k, v in (("approxkl", pg_stats["approxkl"]), ("pg_clipfrac", pg_stats["clipfrac"]),
+                                 ("pg_loss", pg), ("vf_loss", vf), ("vf_clipfrac", vf_stats["clipfrac"]),
+                                 ("entropy", ent), ("ratio", pg_stats["ratio"])):
+                        sums[k] += float(v.detach()) / len(chunks)
+                if a.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                for k in stat_names:
+                    acc[k][epoch, mb_idx] = sums[k]
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.lr_scheduler.step()
+
+        # ---- stats (TRL's names)
+        self.iteration += 1
+        self.episode += B
+        mean_kl = kl.sum(1).mean().item()
+        n_tokens = int(lengths.sum())
+        elapsed = time.perf_counter() - t0
+        stats = {
+            "objective/kl": mean_kl,
+            "objective/entropy": (-logprobs * mask).sum(1).mean().item(),
+            "objective/non_score_reward": non_score_reward.sum(1).mean().item(),
+            "objective/rlhf_reward": non_score_reward.sum(1).mean().item() + scores.mean().item(),
+            "objective/scores": scores.mean().item(),
+            "objective/kl_coef": kl_coef,
+            "policy/approxkl_avg": acc["approxkl"].mean().item(),
+            "policy/clipfrac_avg": acc["pg_clipfrac"].mean().item(),
+            "loss/policy_avg": acc["pg_loss"].mean().item(),
+            "loss/value_avg": acc["vf_loss"].mean().item(),
+            "val/clipfrac_avg": acc["vf_clipfrac"].mean().item(),
+            "policy/entropy_avg": acc["entropy"].mean().item(),
+            "val/ratio": acc["ratio"].mean().item(),
+            "val/ratio_var": acc["ratio"].var().item() if acc["ratio"].numel() > 1 else 0.0,
+            "val/num_eos_tokens": int(has_stop.sum()),
+            "lr": lr,
+            "eps": B / elapsed,
+            "episode": self.episode,
+            "iteration": self.iteration,
+            "rollout/response_length": lengths.float().mean().item(),
+            "rollout/tokens_per_s": n_tokens / max(t_gen, 1e-9),
+            "time/rollout_s": t_gen,
+            "time/iteration_s": elapsed,
+        }
+        self.kl_ctl.update(mean_kl, B)
+        self.history.append(stats)
+        freq = max(1, a.num_total_batches // a.num_sample_generations) if a.num_sample_generations > 0 else 0
+        if freq and (self.iteration - 1) % freq == 0:
+            self.samples.append({"iteration": self.iteration, "prompt": ro.prompts[0], "response": ro.texts[0],
+                                 "score": scores[0].item()})
+            logger.info("iteration %d sample (score %.3f): %r -> %r", self.iteration, scores[0].item(),
+                        ro.prompts[0], ro.texts[0])
+        if a.logging_steps and self.iteration % a.logging_steps == 0:
+            logger.info("iteration %d: %s", self.iteration, {k: round(v, 4) for k, v in stats.items()})
+        for cb in self.callbacks:
+            cb(self, stats)
+        return stats
+
+    def train(self, progress: bool = True) -> list[dict]:
+        """Run ``num_total_batches`` iterations with a progress bar; checkpoint and plot into ``output_dir``."""
+        a = self.args
+        bar = tqdm(range(self.iteration, a.num_total_batches), desc="ppo", disable=not progress)
+        for _ in bar:
+            stats = self.step()
+            bar.set_postfix(score=f"{stats['objective/scores']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+            if a.output_dir and a.save_steps and self.iteration % a.save_steps == 0:
+                self.save_model(Path(a.output_dir) / f"checkpoint-{self.iteration}")
+        if a.output_dir:
+            self.save_model(a.output_dir)
+            if a.report_plot and self.history:
+                plot_stats(self.history, Path(a.output_dir) / "ppo_curves.png")
+        return self.history
+
+    # ------------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, dataset: Dataset | None = None, temperature: float | None = None, seed: int = 12345,
+                 batch_size: int | None = None) -> dict[str, float]:
+        """Mean score of responses to ``dataset`` (default eval_dataset) with the current policy."""
+        dataset = dataset if dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs a dataset (or eval_dataset at construction)")
+        self.sync_weights()
+        items = [dataset[i] for i in range(len(dataset))]
+        bs = batch_size or max(self.args.local_batch_size, 1)
+        scores, lengths = [], []
+        for s in range(0, len(items), bs):
+            ro = self.generate(items[s:s + bs], temperature=temperature, seed=seed + s)
+            scores.append(self.score(ro))
+            lengths.append(ro.mask.sum(1).float())
+        scores_t, lengths_t = torch.cat(scores), torch.cat(lengths)
+        return {"eval/scores": scores_t.mean().item(), "eval/scores_std": scores_t.std().item() if len(scores_t) > 1
+                else 0.0, "eval/response_length": lengths_t.mean().item(), "eval/num_prompts": len(items)}
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def save_model(self, output_dir: str | Path) -> Path:
+        """Write the policy (HF format; LoRA adapters with peft), the value head or value model, the tokenizer
+        files, the config and the stats history."""
+        from safetensors.torch import save_file
+
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.policy.save_pretrained(out, safe_serialization=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.model.value_state_dict().items()}
+        save_file(state, str(out / ("value_head.safetensors" if self.model.value_head is not None
+                                    else "value_model.safetensors")))
+        if self.model_path is not None:
+            from kiln.llm.tokenizer import TOKENIZER_FILES
+
+            for name in TOKENIZER_FILES:
+                src = self.model_path / name
+                if src.exists() and not (out / name).exists():
+                    shutil.copy(src, out / name)
+        (out / "trainer_state.json").write_text(json.dumps({
+            "iteration": self.iteration, "episode": self.episode, "kl_coef": self.kl_ctl.value,
+            "config": self.args.to_dict(), "history": self.history, "samples": self.samples}, indent=1))
+        return out
+
+    def load_value_head(self, path: str | Path) -> None:
+        """Load a value head (or value model) saved by ``save_model``."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        name = "value_head.safetensors" if self.model.value_head is not None else "value_model.safetensors"
+        target = self.model.value_head or self.model.value_model
+        target.load_state_dict(load_file(str(path / name if path.is_dir() else path), device=str(self.device)))
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _config_vocab(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    v = getattr(cfg, "vocab_size", None)
+    return int(v) if isinstance(v, int) else None
+
+
+def plot_stats(history: list[dict], path: str | Path, title: str = "kiln PPO") -> Path:
+    """Reward (``objective/scores``) and KL (``objective/kl``) per iteration, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        raise ValueError("no stats to plot")
+    it = [h.get("iteration", i + 1) for i, h in enumerate(history)]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(it, [h["objective/scores"] for h in history], label="objective/scores")
+    if any("eval/scores" in h for h in history):
+        pts = [(h.get("iteration", i + 1), h["eval/scores"]) for i, h in enumerate(history) if "eval/scores" in h]
+        ax1.plot(*zip(*pts), "o-", label="eval/scores")
+    ax1.set_xlabel("iteration")
+    ax1.set_ylabel("reward")
+    ax1.legend()
+    ax2.plot(it, [h["objective/kl"] for h in history], color="tab:red", label="objective/kl")
+    ax2.set_xlabel("iteration")
+    ax2.set_ylabel("KL(policy || reference), nats / response")
+    ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
