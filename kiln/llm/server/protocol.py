@@ -227,7 +227,10 @@ def completion_logprobs(c: CompletionOutput, start: int, k: int, text_offset: in
         s = _token_str(lp, tid)
         tokens.append(s)
         token_logprobs.append(lp.logprob if lp is not None else None)
-        top_logprobs.append({_token_str(t, 0): t.logprob for t in _top(entry, k)})
+        top: dict[str, float] = {}
+        for t in _top(entry, k):  # two ids can decode to one string (partial bytes): keep the likelier
+            top.setdefault(_token_str(t, 0), t.logprob)
+        top_logprobs.append(top)
         offsets.append(text_offset)
         text_offset += len(s)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
