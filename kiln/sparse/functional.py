@@ -78,10 +78,8 @@ def sparse_max_pool(x: torch.Tensor, rb: Rulebook) -> torch.Tensor:
     """Per output voxel, the channel-wise max over the active inputs its window covers (empty sites ignored)."""
     c = x.shape[1]
     out = x.new_full((rb.n_out, c), float("-inf"))
-    if rb.in_idx.numel():
-        vals = x.index_select(0, rb.in_idx)
-        out = out.scatter_reduce(0, rb.out_idx.unsqueeze(1).expand(-1, c), vals, "amax", include_self=True)
-    return out
+    vals = x.index_select(0, rb.in_idx)  # stays in the autograd graph even with no pairs
+    return out.scatter_reduce(0, rb.out_idx.unsqueeze(1).expand(-1, c), vals, "amax", include_self=True)
 
 
 def sparse_avg_pool(x: torch.Tensor, rb: Rulebook) -> torch.Tensor:
@@ -89,7 +87,6 @@ def sparse_avg_pool(x: torch.Tensor, rb: Rulebook) -> torch.Tensor:
     c = x.shape[1]
     acc = torch.zeros(rb.n_out, c, dtype=torch.float32, device=x.device)
     cnt = torch.zeros(rb.n_out, dtype=torch.float32, device=x.device)
-    if rb.in_idx.numel():
-        acc = acc.index_add(0, rb.out_idx, x.index_select(0, rb.in_idx).float())
-        cnt = cnt.index_add(0, rb.out_idx, torch.ones_like(rb.out_idx, dtype=torch.float32))
+    acc = acc.index_add(0, rb.out_idx, x.index_select(0, rb.in_idx).float())
+    cnt = cnt.index_add(0, rb.out_idx, torch.ones_like(rb.out_idx, dtype=torch.float32))
     return (acc / cnt.clamp_min(1).unsqueeze(1)).to(x.dtype)

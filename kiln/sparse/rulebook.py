@@ -169,27 +169,69 @@ def _unique(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hashing.unique_keys(keys, sort=is_deterministic())
 
 
+def _per_dim_product(parts, n):
+    """AND / gather over the kernel's row-major offset product: parts[d] is [k_d, N] -> [K, N]."""
+    out = None
+    nd = len(parts)
+    for d, t in enumerate(parts):
+        shape = [1] * nd + [n]
+        shape[d] = t.shape[0]
+        t = t.view(shape)
+        out = t if out is None else out & t
+    return out.reshape(-1, n)
+
+
+def _linear_strides(shape):
+    strides, acc = [], 1
+    for s_ in reversed(shape):
+        strides.append(acc)
+        acc *= s_
+    return strides[::-1]
+
+
 def build_subm(indices: torch.Tensor, spatial_shape, ksize, dilation) -> Rulebook:
-    """Submanifold rulebook: every input is an output; pairs through the hash table of input coordinates."""
+    """Submanifold rulebook: every input is an output; pairs through the hash table of input coordinates.
+
+    Offsets are separable, so validity is computed per dimension ([k_d, N]) and combined; a neighbour's key is
+    the voxel's key plus a constant per offset. For odd kernels only the offsets before the centre are looked
+    up: a pair (o <- i) at offset k is the pair (i <- o) at the mirrored offset K-1-k.
+    """
     n = indices.shape[0]
     dev = indices.device
     shape = list(spatial_shape)
-    coords = indices[:, 1:].long()
-    keys = encode(coords, indices[:, 0], shape)
+    K = math.prod(ksize)
+    coords = indices[:, 1:]
+    keys = encode(coords.long(), indices[:, 0], shape)
     table = hashing.hash_build(keys)
-    offs = kernel_offsets(ksize, dev)
-    centre = torch.tensor([k // 2 for k in ksize], device=dev)
-    delta = (offs - centre) * torch.tensor(dilation, device=dev)  # [K, D]
-    nb = coords.unsqueeze(0) + delta.unsqueeze(1)  # [K, N, D]
-    inside = ((nb >= 0) & (nb < torch.tensor(shape, device=dev))).all(-1)
-    nb_keys = torch.where(inside, encode(nb, indices[:, 0].unsqueeze(0).expand(len(offs), n), shape),
-                          torch.full_like(inside, -1, dtype=torch.int64))
-    src = hashing.hash_lookup(table, nb_keys)  # [K, N] input row or -1
-    k_idx, out_idx = torch.nonzero(src >= 0, as_tuple=True)
-    in_idx = src[k_idx, out_idx].long()
-    counts = torch.bincount(k_idx, minlength=len(offs)).tolist()
-    centre_k = int(sum(c * math.prod(ksize[d + 1:]) for d, c in enumerate(centre.tolist())))
-    ident = centre_k if counts[centre_k] == n else -1
+    lin = _linear_strides(shape)
+    oks, deltas = [], []
+    for d, (k, dl) in enumerate(zip(ksize, dilation)):
+        rel = (torch.arange(k, device=dev) - k // 2) * dl  # [k_d]
+        c = coords[:, d].unsqueeze(0) + rel.unsqueeze(1).to(coords.dtype)  # [k_d, N]
+        oks.append((c >= 0) & (c < shape[d]))
+        deltas.append(rel * lin[d])
+    delta = deltas[0]
+    for dd in deltas[1:]:
+        delta = (delta.unsqueeze(-1) + dd).reshape(-1)
+    centre_k = sum((k // 2) * math.prod(ksize[d + 1:]) for d, k in enumerate(ksize))
+    symmetric = all(k % 2 == 1 for k in ksize)
+    ok = _per_dim_product(oks, n)  # [K, N]
+    look = range(centre_k) if symmetric else range(K)
+    look_t = torch.tensor(list(look), dtype=torch.long, device=dev)
+    q = keys.unsqueeze(0) + delta[look_t].unsqueeze(1)
+    q = torch.where(ok[look_t], q, torch.full_like(q, -1))
+    src = hashing.hash_lookup(table, q)  # [len(look), N]
+    kk, oo = torch.nonzero(src >= 0, as_tuple=True)
+    ii = src[kk, oo].long()
+    ks = look_t[kk]
+    if symmetric:
+        ar = torch.arange(n, device=dev)
+        ks = torch.cat([ks, torch.full((n,), centre_k, device=dev, dtype=torch.long), K - 1 - ks])
+        ii, oo = torch.cat([ii, ar, oo]), torch.cat([oo, ar, ii])
+    order = torch.sort(ks, stable=True).indices
+    ks, in_idx, out_idx = ks[order], ii[order], oo[order]
+    counts = torch.bincount(ks, minlength=K).tolist()
+    ident = centre_k if counts[centre_k] == n and (symmetric or n == 0) else -1
     return Rulebook(in_idx, out_idx, counts, n, n, ident)
 
 
@@ -204,22 +246,32 @@ def build_conv(indices: torch.Tensor, spatial_shape, ksize, stride, padding, dil
     else:
         out_shape = conv_output_size(shape, ksize, stride, padding, dilation)
     n = indices.shape[0]
-    offs = kernel_offsets(ksize, dev)  # [K, D]
-    K = offs.shape[0]
-    coords = indices[:, 1:].long().unsqueeze(0)  # [1, N, D]
-    st = torch.tensor(stride, device=dev)
-    pd = torch.tensor(padding, device=dev)
-    dl = torch.tensor(dilation, device=dev)
-    if transposed:
-        cand = coords * st - pd + (offs * dl).unsqueeze(1)  # [K, N, D]
-        ok = torch.ones(cand.shape[:2], dtype=torch.bool, device=dev)
-    else:
-        num = coords + pd - (offs * dl).unsqueeze(1)
-        ok = (num % st == 0).all(-1)
-        cand = torch.div(num, st, rounding_mode="floor")
-    ok &= ((cand >= 0) & (cand < torch.tensor(out_shape, device=dev))).all(-1)
+    K = math.prod(ksize)
+    lin = _linear_strides(out_shape)
+    oks, outs = [], []
+    for d in range(ndim):
+        c = indices[:, 1 + d].long().unsqueeze(0)  # [1, N]
+        j = (torch.arange(ksize[d], device=dev) * dilation[d]).unsqueeze(1)  # [k_d, 1]
+        if transposed:
+            o = c * stride[d] - padding[d] + j
+            ok = torch.ones_like(o, dtype=torch.bool)
+        else:
+            num = c + padding[d] - j
+            ok = num % stride[d] == 0
+            o = torch.div(num, stride[d], rounding_mode="floor")
+        oks.append(ok & (o >= 0) & (o < out_shape[d]))
+        outs.append(o * lin[d])  # [k_d, N] partial linear key
+    ok = _per_dim_product(oks, n)
     k_idx, in_idx = torch.nonzero(ok, as_tuple=True)  # sorted by offset, then input row
-    cand_keys = encode(cand[k_idx, in_idx], indices[in_idx, 0], out_shape)
+    kpos = []
+    rem = k_idx
+    for d in reversed(range(ndim)):
+        kpos.append(rem % ksize[d])
+        rem = rem // ksize[d]
+    kpos = kpos[::-1]
+    cand_keys = indices[in_idx, 0].long() * math.prod(out_shape)
+    for d in range(ndim):
+        cand_keys = cand_keys + outs[d][kpos[d], in_idx]
     uniq, out_idx = _unique(cand_keys)
     counts = torch.bincount(k_idx, minlength=K).tolist()
     out_indices = decode(uniq, out_shape)
