@@ -71,6 +71,9 @@ def _doctor(args) -> int:
     for r in results:
         print(f"{r.op:<28}{r.dtype:<10}{r.backend:<9}{r.max_err:>13.3e}{r.tol:>10.1e}  {'PASS' if r.passed else 'FAIL'}")
     failed = [r for r in results if not r.passed]
+    for r in failed:
+        if r.error:
+            print(f"  {r.op} [{r.dtype}]: {r.error}")
     print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 

@@ -25,6 +25,7 @@ class CheckResult:
     backend: str
     max_err: float
     tol: float
+    error: str = ""
 
     @property
     def passed(self) -> bool:
@@ -119,8 +120,8 @@ def run_all(device: torch.device | str, dtypes=(torch.float32, torch.float16, to
             try:
                 err, backend = fn(device, dtype, g)
             except Exception as exc:  # a broken install shows up as an exception: report it as a FAIL
-                results.append(CheckResult(f"{name} ({type(exc).__name__}: {exc})"[:120], str(dtype)[6:], "?",
-                                           float("inf"), _tol(dtype)))
+                results.append(CheckResult(name, str(dtype)[6:], "?", float("inf"), _tol(dtype),
+                                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
                 continue
             results.append(CheckResult(name, str(dtype)[6:], backend, err, _tol(dtype)))
     return results

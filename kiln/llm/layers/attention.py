@@ -26,5 +26,5 @@ class PagedAttention(nn.Module):
             raise RuntimeError("PagedAttention has no KV cache: the runner must allocate it before a forward")
         store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         o = paged_attention(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.seqlens_k, ctx.block_tables,
-                            self.scale)
+                            self.scale, max_seqlen_q=ctx.max_seqlen_q, is_decode=ctx.is_decode)
         return o.reshape(q.shape[0], -1)
