@@ -189,6 +189,35 @@ def _linear_strides(shape):
     return strides[::-1]
 
 
+def _sorted_window_lookup(table, q: torch.Tensor, kx: int) -> torch.Tensor:
+    """``hash_lookup`` for the sorted-array table, exploiting that consecutive offsets along the last dim query
+    consecutive keys: one binary search per run of ``kx`` offsets, then the next ``kx`` sorted slots are checked
+    (unique integer keys: key + t can only sit within t slots of the first key >= key)."""
+    L, n = q.shape
+    out = torch.full((L, n), -1, dtype=torch.int32, device=q.device)
+    sk, vals = table.keys, table.values
+    if sk.numel() == 0:
+        return out
+    last = sk.numel() - 1
+    for r0 in range(0, L, kx):
+        rows = q[r0:r0 + kx]
+        valid = rows >= 0
+        # the run's smallest key; rows of a run differ by 1 (where in bounds)
+        base = torch.zeros_like(rows[0])
+        for t in reversed(range(rows.shape[0])):
+            base = torch.where(valid[t], rows[t] - t, base)
+        pos = torch.searchsorted(sk, base)
+        cand = [sk[(pos + m).clamp_(max=last)] for m in range(rows.shape[0])]
+        for t in range(rows.shape[0]):
+            target = rows[t]
+            res = torch.full((n,), -1, dtype=torch.int32, device=q.device)
+            for m in range(t + 1):
+                hit = cand[m] == target
+                res = torch.where(hit, vals[(pos + m).clamp(max=last)], res)
+            out[r0 + t] = torch.where(valid[t], res, torch.full_like(res, -1))
+    return out
+
+
 def build_subm(indices: torch.Tensor, spatial_shape, ksize, dilation) -> Rulebook:
     """Submanifold rulebook: every input is an output; pairs through the hash table of input coordinates.
 
@@ -220,7 +249,10 @@ def build_subm(indices: torch.Tensor, spatial_shape, ksize, dilation) -> Ruleboo
     look_t = torch.tensor(list(look), dtype=torch.long, device=dev)
     q = keys.unsqueeze(0) + delta[look_t].unsqueeze(1)
     q = torch.where(ok[look_t], q, torch.full_like(q, -1))
-    src = hashing.hash_lookup(table, q)  # [len(look), N]
+    if table.backend == "ref" and dilation[-1] == 1 and ksize[-1] > 1:
+        src = _sorted_window_lookup(table, q, ksize[-1])
+    else:
+        src = hashing.hash_lookup(table, q)  # [len(look), N]
     kk, oo = torch.nonzero(src >= 0, as_tuple=True)
     ii = src[kk, oo].long()
     ks = look_t[kk]
