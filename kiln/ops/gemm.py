@@ -12,9 +12,12 @@ On CUDA a Triton kernel (autotuned over a few tile shapes, keyed on M/N/K, 128x2
 CPU the reference computes the product exactly: int8 x int8 products summed in float64 are exact integers as
 long as ``K * 128 * 128 < 2**53``, which every K allowed here satisfies. K is limited to 131071 so the int32
 accumulator cannot overflow. K is zero-padded to a multiple of 16 for the kernel's vector loads.
+``KILN_GEMM_TUNE=0`` skips autotuning and uses a fixed tile shape chosen by M (quicker first calls).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -231,9 +234,22 @@ def _int8_gemm_triton(a, b, a_scale, b_scale, bias, out_dtype):
         cfg = INTERPRET_CONFIG
         _int8_gemm_kernel_interp[grid](*args, **flags, EVEN_K=K % cfg["BLOCK_K"] == 0,
                                 K_ITERS=triton.cdiv(K, cfg["BLOCK_K"]), **cfg)
+    elif os.environ.get("KILN_GEMM_TUNE", "1") == "0":  # fixed tiles: no autotuning (quick GPU test runs)
+        cfg = fixed_config(M)
+        _int8_gemm_kernel[grid](*args, **flags, EVEN_K=K % cfg.kwargs["BLOCK_K"] == 0, **cfg.kwargs,
+                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         _int8_gemm_tuned[grid](*args, **flags)
     return c
+
+
+def fixed_config(M: int):
+    """The tile shape used without autotuning (``KILN_GEMM_TUNE=0``): by M, from GPU_CONFIGS."""
+    if M <= 16:
+        return GPU_CONFIGS[7]
+    if M <= 64:
+        return GPU_CONFIGS[4]
+    return GPU_CONFIGS[0]
 
 
 # ------------------------------------------------------------------------------------------------ doctor
