@@ -1,0 +1,186 @@
+"""PPOTrainer end to end on tiny checkpoints: KL at the start, weights moving, engine sync, LoRA, bad input, saving."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from kiln.data.prompts import JsonlPromptStream, PromptDataset
+from kiln.rl import PPOConfig, PPOTrainer, WordListReward
+
+from .conftest import PROMPTS, e_share, make_policy_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+
+def small_config(**kw) -> PPOConfig:
+    base = dict(response_length=6, per_device_train_batch_size=4, num_mini_batches=2, num_ppo_epochs=1,
+                learning_rate=1e-3, temperature=1.0, total_episodes=8, num_sample_generations=0, seed=0)
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before: dict, module: torch.nn.Module) -> list[str]:
+    return [k for k, v in module.state_dict().items() if not torch.equal(before[k], v)]
+
+
+def test_kl_is_zero_when_policy_equals_reference(tiny_policy):
+    tr = PPOTrainer(small_config(), model=str(tiny_policy), reward_model=e_share,
+                    train_dataset=PromptDataset(PROMPTS))
+    ro = tr.generate(PROMPTS[:4])
+    fwd = tr._score_rollout(ro)
+    assert torch.equal(fwd["logprobs"][ro.mask], fwd["ref_logprobs"][ro.mask])
+    stats = tr.step()  # the first iteration samples from the unchanged policy
+    assert stats["objective/kl"] == 0.0
+    assert stats["objective/non_score_reward"] == 0.0
+    assert stats["objective/rlhf_reward"] == pytest.approx(stats["objective/scores"])
+    assert torch.all(fwd["values"][ro.mask] == 0)  # zero-initialised value head
+
+
+def test_one_step_changes_policy_and_value_head_and_resyncs_the_engine(tiny_policy):
+    tr = PPOTrainer(small_config(), model=str(tiny_policy), reward_model=e_share,
+                    train_dataset=PromptDataset(PROMPTS))
+    pol, val, ref = snapshot(tr.model.policy), snapshot(tr.model.value_head), snapshot(tr.ref_model)
+    stats = tr.step()
+    assert len(changed(pol, tr.model.policy)) == len(pol)  # every policy tensor moved
+    assert changed(val, tr.model.value_head) == ["summary.weight", "summary.bias"]
+    assert changed(ref, tr.ref_model) == []
+    for name in ("objective/kl", "objective/entropy", "objective/scores", "policy/clipfrac_avg",
+                 "policy/approxkl_avg", "val/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio"):
+        assert math.isfinite(stats[name]), name
+    # the engine receives the updated weights in memory: its logits match the trained HF policy's
+    tr.sync_weights()
+    ids = tr.tokenizer.encode(PROMPTS[0])
+    engine_logits = tr.llm.prompt_logits([ids])[0]
+    with torch.no_grad():
+        hf_logits = tr.model.policy(torch.tensor([ids])).logits[0]
+    assert torch.allclose(engine_logits.float(), hf_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_separate_value_model_trains(tiny_policy, tmp_path):
+    critic_dir = make_policy_checkpoint(tmp_path / "critic", seed=3, hidden=32)
+    critic = transformers.AutoModelForCausalLM.from_pretrained(critic_dir)
+    tr = PPOTrainer(small_config(), model=str(tiny_policy), reward_model=e_share, value_model=critic,
+                    train_dataset=PromptDataset(PROMPTS))
+    pol, crit = snapshot(tr.model.policy), snapshot(tr.model.value_model)
+    tr.step()
+    assert changed(pol, tr.model.policy) and "head.summary.weight" in changed(crit, tr.model.value_model)
+    assert len(changed(crit, tr.model.value_model)) == len(crit)
+
+
+def test_lora_policy_uses_adapter_disabled_reference_and_merged_engine_weights(tiny_policy):
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                          init_lora_weights=True)
+    tr = PPOTrainer(small_config(learning_rate=1e-2), model=str(tiny_policy), reward_model=e_share,
+                    train_dataset=PromptDataset(PROMPTS), peft_config=cfg)
+    assert tr.ref_model is None and tr.is_peft_model
+    base = {k: v.clone() for k, v in tr.model.policy.named_parameters() if "lora_" not in k}
+    lora = {k: v.clone() for k, v in tr.model.policy.named_parameters() if "lora_B" in k}
+    tr.step()
+    now = dict(tr.model.policy.named_parameters())
+    assert all(torch.equal(base[k], now[k]) for k in base)          # the base stays frozen
+    assert all(not torch.equal(lora[k], now[k]) for k in lora)      # the adapters learn
+    ro = tr.generate(PROMPTS[:4])
+    fwd = tr._score_rollout(ro)
+    assert not torch.allclose(fwd["logprobs"][ro.mask], fwd["ref_logprobs"][ro.mask])
+    tr.sync_weights()
+    ids = tr.tokenizer.encode(PROMPTS[1])
+    with torch.no_grad():
+        hf_logits = tr.model.policy(input_ids=torch.tensor([ids])).logits[0]
+    assert torch.allclose(tr.llm.prompt_logits([ids])[0].float(), hf_logits, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("reward, message", [
+    (lambda p, r: [float("nan")] + [0.0] * (len(r) - 1), "non-finite"),
+    (lambda p, r: [1.0] * (len(r) - 1), "3 scores for 4 responses"),
+    (lambda p, r: ["high"] * len(r), "sequence of 4 numbers"),
+])
+def test_bad_reward_raises_before_any_update(tiny_policy, reward, message):
+    tr = PPOTrainer(small_config(), model=str(tiny_policy), reward_model=reward,
+                    train_dataset=PromptDataset(PROMPTS))
+    before = snapshot(tr.model)
+    with pytest.raises(ValueError, match=message):
+        tr.step()
+    assert changed(before, tr.model) == []
+
+
+def test_prompt_longer_than_context_raises_at_construction(tiny_policy):
+    long_prompt = " ".join(["troubles"] * 200)
+    with pytest.raises(ValueError, match=r"train_dataset\[8\].*exceeds the model's context \(128\)"):
+        PPOTrainer(small_config(), model=str(tiny_policy), reward_model=e_share,
+                   train_dataset=PromptDataset(PROMPTS + [long_prompt]))
+    with pytest.raises(ValueError, match="exceeds the model's context"):  # room for the response counts too
+        PPOTrainer(small_config(response_length=125), model=str(tiny_policy), reward_model=e_share,
+                   train_dataset=PromptDataset(PROMPTS))
+
+
+def test_value_model_with_a_different_tokenizer_raises(tiny_policy, tmp_path):
+    other_vocab = make_policy_checkpoint(tmp_path / "v1", hidden=32, vocab=300)
+    with pytest.raises(ValueError, match="value model vocabulary"):
+        PPOTrainer(small_config(), model=str(tiny_policy), reward_model=e_share, train_dataset=PromptDataset(PROMPTS),
+                   value_model=transformers.AutoModelForCausalLM.from_pretrained(other_vocab))
+    # same vocabulary size, different tokenizer (read from the value model's directory)
+    same_size = make_policy_checkpoint(tmp_path / "v2", hidden=32)
+    tok = json.loads((same_size / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (same_size / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        PPOTrainer(small_config(), model=str(tiny_policy), reward_model=e_share, train_dataset=PromptDataset(PROMPTS),
+                   value_model=transformers.AutoModelForCausalLM.from_pretrained(same_size))
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="kl_estimator"):
+        PPOConfig(kl_estimator="k2")
+    with pytest.raises(ValueError, match="num_mini_batches"):
+        PPOConfig(per_device_train_batch_size=6, num_mini_batches=4)
+    with pytest.raises(ValueError, match="stop_token or stop_token_id"):
+        PPOConfig(stop_token="eos", stop_token_id=3)
+    defaults = PPOConfig()
+    assert (defaults.learning_rate, defaults.kl_coef, defaults.cliprange, defaults.vf_coef, defaults.gamma,
+            defaults.lam, defaults.num_ppo_epochs, defaults.response_length, defaults.temperature) == (
+        3e-6, 0.05, 0.2, 0.1, 1.0, 0.95, 4, 53, 0.7)
+
+
+# ------------------------------------------------------------------------------------------------ data, saving
+def test_stream_needs_total_episodes_and_trains(tiny_policy, tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS))
+    with pytest.raises(ValueError, match="total_episodes"):
+        PPOTrainer(small_config(total_episodes=None), model=str(tiny_policy), reward_model=e_share,
+                   train_dataset=JsonlPromptStream(path))
+    tr = PPOTrainer(small_config(total_episodes=12, stop_token="eos", missing_eos_penalty=1.0),
+                    model=str(tiny_policy), reward_model=WordListReward(["the", "sea"]),
+                    train_dataset=JsonlPromptStream(path, repeat=True))
+    history = tr.train(progress=False)
+    assert len(history) == 3 and history[-1]["episode"] == 12
+
+
+def test_save_model_and_plot(tiny_policy, tmp_path):
+    out = tmp_path / "run"
+    tr = PPOTrainer(small_config(output_dir=str(out)), model=str(tiny_policy), reward_model=e_share,
+                    train_dataset=PromptDataset(PROMPTS))
+    tr.train(progress=False)
+    for name in ("model.safetensors", "config.json", "value_head.safetensors", "tokenizer.json",
+                 "trainer_state.json", "ppo_curves.png"):
+        assert (out / name).exists(), name
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert len(state["history"]) == 2 and "objective/kl" in state["history"][0]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    for (n, a), (_, b) in zip(reloaded.named_parameters(), tr.model.policy.named_parameters()):
+        assert torch.equal(a, b), n
+    head = tr.model.value_head.summary.weight.detach().clone()
+    tr.model.value_head.summary.weight.data.zero_()
+    tr.load_value_head(out)
+    assert torch.equal(tr.model.value_head.summary.weight, head) and head.abs().sum() > 0
