@@ -52,8 +52,15 @@ def read_config(path: str | Path) -> tuple[dict, bool]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto",
-               loras: list[tuple[str, float]] | None = None, show_progress: bool = False) -> LoadedModel:
-    """Instantiate the model on ``device`` without initialising it, then stream the weights in."""
+               loras: list[tuple[str, float]] | None = None, show_progress: bool = False,
+               load_format: str = "auto") -> LoadedModel:
+    """Instantiate the model on ``device`` without initialising it, then stream the weights in.
+
+    ``load_format="dummy"`` (as in vLLM) fills the weights with seeded random values instead of reading any
+    weight file: benchmarks of a model's shape need only its config.json.
+    """
+    if load_format not in ("auto", "dummy"):
+        raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     path = Path(path)
     device = torch.device(device)
     hf_cfg, is_engine = read_config(path)
@@ -61,12 +68,24 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
     torch_dtype = parse_dtype(dtype, device)
     if is_engine and loras:
         raise ValueError(f"{path} is a built engine; merge LoRA adapters when building it (kiln build --lora)")
-    files = checkpoint_files(path)
     with torch.device("meta"):
         model = model_class(config)(config)
     model = model.to(dtype=torch_dtype).to_empty(device=device)
     model.tie_weights()
     model.init_buffers(device)
+    if load_format == "dummy":
+        if loras:
+            raise ValueError("LoRA adapters need real weights (load_format='auto')")
+        gen = torch.Generator(device=device).manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight") or name.endswith("layernorm.weight") or ".ln_" in name:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=gen)
+        model.eval().requires_grad_(False)
+        return LoadedModel(model, config, path, is_engine, hf_cfg.get(ENGINE_KEY, {}))
+    files = checkpoint_files(path)
     merger = LoraMerger([LoraAdapter.load(p, w) for p, w in loras]) if loras else None
     name_map = (lambda name: ParamTarget(name)) if is_engine else model.map_hf_name
     bar = tqdm(total=num_tensors(files), desc="loading weights", unit="tensor", disable=not show_progress)

@@ -49,14 +49,14 @@ def default_model_path() -> Path:
 
 class LLMEngine:
     def __init__(self, model: str | Path | None = None, tokenizer: str | Path | None = None,
-                 loras: list[tuple[str, float]] | None = None, **engine_kwargs):
+                 loras: list[tuple[str, float]] | None = None, load_format: str = "auto", **engine_kwargs):
         self.config = EngineConfig(**engine_kwargs)
         self.config.validate()
         path = Path(model) if model is not None else default_model_path()
         device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = device
         self.dtype = parse_dtype(self.config.dtype, device)
-        loaded = load_model(path, device, self.dtype, loras)
+        loaded = load_model(path, device, self.dtype, loras, load_format=load_format)
         self.model, self.model_config, self.model_path = loaded.model, loaded.config, path
         self.build_info = loaded.build_info
         tok_path = Path(tokenizer) if tokenizer is not None else path
@@ -211,7 +211,7 @@ class LLMEngine:
             seq.logprobs.append(entry)
         p = seq.params
         prev_len = len(seq.output_text)
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and p.detokenize:
             delta, seq.prefix_offset, seq.read_offset = detokenize_incrementally(
                 self.tokenizer, seq.token_ids, seq.prefix_offset, seq.read_offset, p.skip_special_tokens)
             seq.output_text += delta
@@ -228,7 +228,8 @@ class LLMEngine:
                 self._finish(seq, "length", None)
             elif seq.num_tokens >= self.max_model_len:
                 self._finish(seq, "length", None)
-        if seq.finish_reason is not None and self.tokenizer is not None and seq.read_offset < seq.num_tokens:
+        if (seq.finish_reason is not None and self.tokenizer is not None and p.detokenize
+                and seq.read_offset < seq.num_tokens):
             # flush any bytes held back as an incomplete character
             tail = self.tokenizer.decode(seq.token_ids[seq.prefix_offset:], p.skip_special_tokens)
             head = self.tokenizer.decode(seq.token_ids[seq.prefix_offset:seq.read_offset], p.skip_special_tokens)

@@ -39,6 +39,9 @@ class ModelRunner:
             attn.k_cache, attn.v_cache = self.kv_pool[0, i], self.kv_pool[1, i]
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                     self.kv_pool.numel() * self.kv_pool.element_size() / 2**20)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if device.type == "cuda" and not engine_config.enforce_eager:
+            self.capture_decode_graphs()
 
     # ------------------------------------------------------------------------------------------ sizing
     def bytes_per_block(self) -> int:
@@ -134,8 +137,70 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         return ids, pos, ctx, sample_rows, sample_idx
 
+    # ------------------------------------------------------------------------------------------ CUDA graphs
+    def graph_batch_sizes(self) -> list[int]:
+        m = self.ecfg.max_num_seqs
+        sizes = [b for b in (1, 2, 4, 8) if b < m] + list(range(16, m, 16)) + [m]
+        return sorted(set(sizes))
+
+    @torch.inference_mode()
+    def capture_decode_graphs(self) -> None:
+        """One graph per decode batch size, largest first, all in one memory pool; replays pad to a bucket."""
+        sizes = self.graph_batch_sizes()
+        bmax = sizes[-1]
+        max_blocks = -(-self.max_model_len // self.block_size)
+        dev = self.device
+        self.g_ids = torch.zeros(bmax, dtype=torch.long, device=dev)
+        self.g_pos = torch.zeros(bmax, dtype=torch.long, device=dev)
+        self.g_slots = torch.full((bmax,), -1, dtype=torch.int64, device=dev)
+        self.g_lens = torch.ones(bmax, dtype=torch.int32, device=dev)
+        self.g_tables = torch.zeros(bmax, max_blocks, dtype=torch.int32, device=dev)
+        self.g_cu = torch.arange(bmax + 1, dtype=torch.int32, device=dev)
+        self.g_out = torch.empty(bmax, self.mcfg.hidden_size, dtype=self.dtype, device=dev)
+        pool = torch.cuda.graph_pool_handle()
+        for b in reversed(sizes):
+            ctx = AttentionContext(slot_mapping=self.g_slots[:b], cu_seqlens_q=self.g_cu[:b + 1],
+                                   seqlens_k=self.g_lens[:b], block_tables=self.g_tables[:b], max_seqlen_q=1,
+                                   max_seqlen_k=self.max_model_len, is_decode=True)
+            set_context(ctx)
+            try:
+                self.g_out[:b] = self.model(self.g_ids[:b], self.g_pos[:b])  # warm-up: compiles kernels
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.g_out[:b] = self.model(self.g_ids[:b], self.g_pos[:b])
+            finally:
+                set_context(None)
+            self.graphs[b] = graph
+        torch.cuda.synchronize(dev)
+        logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(sizes), sizes)
+
+    def _run_graph(self, batch: ScheduledBatch) -> torch.Tensor:
+        n = len(batch.seqs)
+        b = next(s for s in sorted(self.graphs) if s >= n)
+        bs = self.block_size
+        ids, pos, slots, lens = [], [], [], []
+        tables = torch.zeros(b, self.g_tables.shape[1], dtype=torch.int32)
+        for i, seq in enumerate(batch.seqs):
+            p = seq.num_computed_tokens
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        pad = b - n
+        self.g_ids[:b].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
+        self.g_pos[:b].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
+        self.g_slots[:b].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
+        self.g_lens[:b].copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        self.g_tables[:b].copy_(tables, non_blocking=True)
+        self.graphs[b].replay()
+        return self.g_out[:n]
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
+        if self.graphs and len(batch.seqs) <= max(self.graphs) and all(n == 1 for n in batch.num_new_tokens):
+            hidden = self._run_graph(batch)
+            return StepResult(self.model.compute_logits(hidden), list(range(len(batch.seqs))))
         ids, pos, ctx, sample_rows, sample_idx = self.prepare(batch)
         set_context(ctx)
         try:

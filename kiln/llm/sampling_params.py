@@ -26,6 +26,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None      # top-k log-probabilities per generated token (plus the sampled one)
     skip_special_tokens: bool = True
+    detokenize: bool = True          # False: token ids only (benchmarks, RL rollouts); stop strings need text
     stop_strings: list[str] = field(init=False, default_factory=list, repr=False)
 
     def __post_init__(self):
@@ -77,6 +78,8 @@ class SamplingParams:
             raise TypeError(f"stop must be a string or a list of strings, got {type(self.stop).__name__}"
                             + (f" containing {type(next(s for s in self.stop if not isinstance(s, str))).__name__}"
                                if isinstance(self.stop, (list, tuple)) else ""))
+        if self.stop_strings and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True")
         if any(s == "" for s in self.stop_strings):
             raise ValueError("stop strings must be non-empty")
         if self.stop_token_ids is not None:
