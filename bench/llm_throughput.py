@@ -1,0 +1,241 @@
+"""kiln.llm vs Hugging Face ``generate`` on random bf16 checkpoints with real model shapes.
+
+Workloads (pre-tokenized prompts, ignore_eos, fixed output lengths; warm-up and graph capture untimed):
+  (a) 256 requests, input and output lengths uniform in [100, 1024] (nano-vllm's benchmark)
+  (b) batch-1 decode, 128 in / 512 out, with the fraction of the memory roofline
+  (c) 512 requests of 1000 in / 1000 out
+HF runs the same prompts with sdpa in bf16; for (a) on one sorted batch of ``--hf-batch`` requests (its rate is
+what is compared: padding waste is not charged to it). Also prints the per-GEMV bandwidth of the decode linears.
+
+  python bench/llm_throughput.py --models llama-1b qwen3-0.6b --workloads a b
+  python bench/llm_throughput.py --models llama-8b --workloads b c --no-hf c
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import Table, device_name  # noqa: E402
+
+SHAPES = {
+    "llama-1b": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+                 "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "max_position_embeddings": 131072,
+                 "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True, "hidden_act": "silu",
+                 "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                 "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16"},
+    "qwen3-0.6b": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024,
+                   "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+                   "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+                   "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                   "tie_word_embeddings": True, "hidden_act": "silu", "bos_token_id": 151643,
+                   "eos_token_id": 151645, "torch_dtype": "bfloat16"},
+    "llama-8b": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+                 "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
+                 "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+                 "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                 "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16"},
+}
+
+
+def make_workload(name: str, vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    if name == "a":
+        n = 256
+        ins = torch.randint(100, 1025, (n,), generator=g).tolist()
+        outs = torch.randint(100, 1025, (n,), generator=g).tolist()
+    elif name == "b":
+        ins, outs = [128], [512]
+    elif name == "c":
+        ins, outs = [1000] * 512, [1000] * 512
+    else:
+        raise ValueError(f"unknown workload {name!r}")
+    prompts = [torch.randint(10, vocab - 10, (L,), generator=g).tolist() for L in ins]
+    return prompts, outs
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (the roofline's bandwidth)."""
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        y.copy_(x)
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del x, y
+    return 2 * 2**30 / statistics.median(times)
+
+
+def gemv_bandwidth(cfg: dict, bw: float) -> list[tuple[str, float, float]]:
+    """Per-linear batch-1 bandwidth, rotating weight copies so L2 cannot serve them."""
+    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    qkv = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * hd
+    shapes = {"qkv_proj": (qkv, h), "o_proj": (h, cfg["num_attention_heads"] * hd), "gate_up_proj": (2 * inter, h),
+              "down_proj": (h, inter), "lm_head": (v, h)}
+    rows = []
+    for name, (n, k) in shapes.items():
+        copies = max(2, int(4 * 2**30 // (n * k * 2)))
+        copies = min(copies, 16)
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        for w in ws:
+            torch.nn.functional.linear(x, w)
+        torch.cuda.synchronize()
+        reps = 5
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(reps):
+            for w in ws:
+                torch.nn.functional.linear(x, w)
+        e.record()
+        torch.cuda.synchronize()
+        t = s.elapsed_time(e) / 1e3 / (reps * copies)
+        rows.append((name, t * 1e6, n * k * 2 / t / bw))
+        del ws
+    torch.cuda.empty_cache()
+    return rows
+
+
+def run_kiln(model_dir: Path, prompts, outs, repeat: int, max_num_seqs: int, tag: str):
+    from kiln.llm import LLM, SamplingParams
+
+    llm = LLM(str(model_dir), dtype="bfloat16", load_format="dummy", max_num_seqs=max_num_seqs,
+              max_num_batched_tokens=8192, max_model_len=4096, gpu_memory_utilization=0.85)
+    params = [SamplingParams(temperature=0.6, max_tokens=o, ignore_eos=True, detokenize=False) for o in outs]
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    llm.generate(inputs[: min(4, len(inputs))], params[: min(4, len(inputs))])  # warm-up (graphs already captured)
+    walls, last = [], None
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        last = llm.generate(inputs, params)
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0)
+    wall = statistics.median(walls)
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in last)
+    assert out_tokens == sum(outs), "every request must produce exactly its output length"
+    in_tokens = sum(len(p) for p in prompts)
+    ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in last]
+    tpot = [(o.metrics.finished_time - o.metrics.first_token_time) / max(1, len(o.outputs[0].token_ids) - 1)
+            for o in last]
+    weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters())
+    stats = {"wall_s": walls, "out_tok_s": out_tokens / wall, "total_tok_s": (in_tokens + out_tokens) / wall,
+             "ttft_p50_ms": 1e3 * statistics.median(ttft), "tpot_p50_ms": 1e3 * statistics.median(tpot),
+             "weight_bytes": weight_bytes, "preemptions": llm.engine.scheduler.num_preemptions}
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return stats
+
+
+def run_hf(cfg: dict, prompts, outs, batch: int, repeat: int):
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("architectures",)})
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
+                                                          attn_implementation="sdpa").cuda().eval()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))[:batch]
+    sel = [prompts[i] for i in order]
+    want = [outs[i] for i in order]
+    L = max(len(p) for p in sel)
+    ids = torch.full((len(sel), L), 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(sel):  # left padding, as generate expects for decoder-only models
+        ids[i, L - len(p):] = torch.tensor(p)
+        mask[i, L - len(p):] = 1
+    ids, mask = ids.cuda(), mask.cuda()
+    n_new = max(want)
+    with torch.no_grad():
+        model.generate(ids[:, :32], attention_mask=mask[:, :32], max_new_tokens=4, do_sample=False,
+                       pad_token_id=0)
+        walls = []
+        for _ in range(repeat):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=True,
+                           temperature=0.6, top_k=0, pad_token_id=0)
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t0)
+    wall = statistics.median(walls)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"wall_s": walls, "out_tok_s": sum(want) / wall, "batch": len(sel), "decode_steps": n_new}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["llama-1b", "qwen3-0.6b"], choices=list(SHAPES))
+    ap.add_argument("--workloads", nargs="+", default=["a", "b"], choices=["a", "b", "c"])
+    ap.add_argument("--no-hf", nargs="*", default=[], help="workloads to run without the HF anchor")
+    ap.add_argument("--hf-batch", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--json", default="bench/llm_throughput.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("llm_throughput needs a CUDA device")
+        return 2
+    bw = copy_bandwidth()
+    print(f"{device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s")
+    table = Table("kiln.llm vs HF generate (bf16, sdpa)", anchor_name="hf")
+    details = {"copy_bw": bw, "runs": {}}
+    for model in args.models:
+        cfg = SHAPES[model]
+        tmp = Path(tempfile.mkdtemp())
+        (tmp / "config.json").write_text(json.dumps(cfg))
+        print(f"\n== {model}: GEMV bandwidth at batch 1 (fraction of copy bandwidth)")
+        for name, us, frac in gemv_bandwidth(cfg, bw):
+            print(f"   {name:<14}{us:9.1f} us   {frac * 100:5.1f}%")
+        for w in args.workloads:
+            prompts, outs = make_workload(w, cfg["vocab_size"])
+            ours = run_kiln(tmp, prompts, outs, args.repeat, args.max_num_seqs if w != "b" else 8, f"{model}/{w}")
+            hf = None
+            if w not in args.no_hf:
+                hf = run_hf(cfg, prompts, outs, 1 if w == "b" else args.hf_batch, args.repeat if w == "b" else 1)
+            details["runs"][f"{model}/{w}"] = {"kiln": ours, "hf": hf}
+            row = table.add(f"{model} ({w}) output tok/s", ours["out_tok_s"], hf["out_tok_s"] if hf else None,
+                            "tok/s")
+            row.extra = {"total_tok_s": ours["total_tok_s"], "ttft_p50_ms": ours["ttft_p50_ms"],
+                         "tpot_p50_ms": ours["tpot_p50_ms"]}
+            print(f"   {model} ({w}): kiln {ours['out_tok_s']:.0f} out tok/s, {ours['total_tok_s']:.0f} total tok/s, "
+                  f"TTFT p50 {ours['ttft_p50_ms']:.1f} ms, TPOT p50 {ours['tpot_p50_ms']:.2f} ms"
+                  + (f"; HF {hf['out_tok_s']:.0f} tok/s (batch {hf['batch']})" if hf else ""))
+            if w == "b":
+                roofline = bw / ours["weight_bytes"]
+                decode = 1e3 / ours["tpot_p50_ms"]
+                frac = decode / roofline
+                details["runs"][f"{model}/{w}"]["roofline_fraction"] = frac
+                table.add(f"{model} (b) decode % of roofline", 100 * frac, None, "%")
+                print(f"   batch-1 decode {decode:.0f} tok/s; roofline {roofline:.0f} tok/s "
+                      f"({ours['weight_bytes'] / 1e9:.2f} GB weights) -> {100 * frac:.1f}%")
+    print()
+    print(table.render())
+    table.save(args.json)
+    Path(args.json).with_suffix(".details.json").write_text(json.dumps(details, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
