@@ -222,15 +222,15 @@ class _QuantConvNd(_QuantMixin):
 
 
 class QuantConv1d(_QuantConvNd, nn.Conv1d):
-    pass
+    """nn.Conv1d with fake-quantized input (per tensor) and weight (per output channel)."""
 
 
 class QuantConv2d(_QuantConvNd, nn.Conv2d):
-    pass
+    """nn.Conv2d with fake-quantized input (per tensor) and weight (per output channel)."""
 
 
 class QuantConv3d(_QuantConvNd, nn.Conv3d):
-    pass
+    """nn.Conv3d with fake-quantized input (per tensor) and weight (per output channel)."""
 
 
 class QuantConvTranspose2d(_QuantMixin, nn.ConvTranspose2d):
