@@ -84,6 +84,11 @@ def paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tabl
 
 
 # ------------------------------------------------------------------------------------------------ Triton kernels
+def _precision(q: torch.Tensor) -> str:
+    """fp32 inputs get true fp32 products (not TF32), so an fp32 engine matches fp32 references."""
+    return "ieee" if q.dtype == torch.float32 or _upcast(q) else "tf32"
+
+
 def _upcast(q: torch.Tensor) -> bool:
     """Triton's interpreter multiplies bf16 tiles as raw integers in tl.dot; it gets fp32 tiles instead."""
     return interpreting() and q.dtype == torch.bfloat16
@@ -97,7 +102,8 @@ def _upcast(q: torch.Tensor) -> bool:
 def _prefill_kernel(Q, K, V, O, CU_Q, LENS_K, BT, scale_log2e,
                     sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_t, so_h, bt_stride, block_size,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                    PRECISION: tl.constexpr):
     m_blk = tl.program_id(0)
     seq = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -130,7 +136,7 @@ def _prefill_kernel(Q, K, V, O, CU_Q, LENS_K, BT, scale_log2e,
             k = tl.load(K + k_off[None, :] + d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
-            s = tl.dot(q, k) * scale_log2e
+            s = tl.dot(q, k, input_precision=PRECISION) * scale_log2e
             s = tl.where((n[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
@@ -140,7 +146,7 @@ def _prefill_kernel(Q, K, V, O, CU_Q, LENS_K, BT, scale_log2e,
             v = tl.load(V + v_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             if UPCAST:
                 v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         out = acc / l_i[:, None]
         o_ptr = O + (q_start + tok).to(tl.int64)[:, None] * so_t + head[:, None] * so_h + d[None, :]
@@ -162,7 +168,7 @@ def varlen_prefill_triton(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_ta
     _prefill_kernel[grid](q, k_cache, v_cache, out, cu_seqlens_q, seqlens_k, block_tables, scale * 1.4426950408889634,
                           q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0),
                           out.stride(1), block_tables.stride(0), k_cache.shape[1], GROUP=group, HEAD_DIM=D,
-                          BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=_upcast(q),
+                          BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=_upcast(q), PRECISION=_precision(q),
                           num_warps=4 if block_d <= 64 else 8, num_stages=2)
     return out
 
@@ -172,7 +178,8 @@ def _decode_split_kernel(Q, K, V, MID_O, MID_LSE, LENS_K, BT, scale_log2e,
                          sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, bt_stride, block_size,
                          smo_b, smo_h, smo_s, sml_b, sml_h,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, UPCAST: tl.constexpr):
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, UPCAST: tl.constexpr,
+                         PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -201,7 +208,7 @@ def _decode_split_kernel(Q, K, V, MID_O, MID_LSE, LENS_K, BT, scale_log2e,
                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
-        s = tl.dot(q, k) * scale_log2e
+        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2e
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -211,7 +218,7 @@ def _decode_split_kernel(Q, K, V, MID_O, MID_LSE, LENS_K, BT, scale_log2e,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -268,7 +275,7 @@ def paged_decode_triton(q, k_cache, v_cache, seqlens_k, block_tables, scale, num
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         k_cache.shape[1], mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n,
-        SPLITS=splits, UPCAST=_upcast(q), num_warps=4, num_stages=2)
+        SPLITS=splits, UPCAST=_upcast(q), PRECISION=_precision(q), num_warps=4, num_stages=2)
     _decode_reduce_kernel[(B, Hq)](mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
                                    mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1), HEAD_DIM=D,
                                    BLOCK_D=block_d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),

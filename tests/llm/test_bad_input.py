@@ -8,7 +8,7 @@ from kiln.llm import LLM, SamplingParams
 @pytest.fixture(scope="module")
 def llm(checkpoints):
     path, _ = checkpoints["qwen3"]
-    return LLM(str(path), max_num_seqs=8, block_size=8, max_model_len=64)
+    return LLM(str(path), dtype="float32", max_num_seqs=8, block_size=8, max_model_len=64)
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
@@ -74,11 +74,11 @@ def test_abort_frees_blocks_and_other_requests_finish(llm):
 def test_engine_config_errors(checkpoints):
     path, _ = checkpoints["qwen3"]
     with pytest.raises(ValueError, match="max_model_len \\(100000\\) exceeds the model's context"):
-        LLM(str(path), max_model_len=100000)
+        LLM(str(path), dtype="float32", max_model_len=100000)
     with pytest.raises(ValueError, match="block_size must be a power of two"):
-        LLM(str(path), block_size=12)
+        LLM(str(path), dtype="float32", block_size=12)
     with pytest.raises(ValueError, match="unknown dtype"):
-        LLM(str(path), dtype="float7")
-    small = LLM(str(path), num_kv_blocks=2, block_size=4)
+        LLM(str(path), dtype="float32", dtype="float7")
+    small = LLM(str(path), dtype="float32", num_kv_blocks=2, block_size=4)
     with pytest.raises(ValueError, match="needs .* KV blocks but the cache has only 2"):
         small.generate([[0, 1, 2]], SamplingParams(max_tokens=40))

@@ -51,7 +51,7 @@ def test_lora_merge_at_build_matches_peft_merge_and_unload(checkpoints, tmp_path
             key = "base_model.model." + name.replace(".weight", "")
             if key + ".lora_A.weight" in sd2:
                 p += scale2 * sd2[key + ".lora_B.weight"] @ sd2[key + ".lora_A.weight"]
-    llm = LLM(str(engine))
+    llm = LLM(str(engine), dtype="float32")
     prompts = [[0, 5, 9, 33, 100], list(range(1, 40))]
     for prompt, got in zip(prompts, llm.prompt_logits(prompts)):
         with torch.no_grad():
@@ -64,7 +64,7 @@ def test_gpt2_lora_with_conv1d_layout(checkpoints, tmp_path):
     adapter = make_adapter(hf, tmp_path / "g", ["c_attn", "c_proj", "c_fc"], r=4, alpha=16, fan_in_fan_out=True)
     merged = adapter.merge_and_unload()
     engine = build_engine(path, tmp_path / "engine", loras=[(str(tmp_path / "g"), 1.0)], show_progress=False)
-    got = LLM(str(engine)).prompt_logits([[0, 4, 8, 15, 16, 23, 42]])[0]
+    got = LLM(str(engine), dtype="float32").prompt_logits([[0, 4, 8, 15, 16, 23, 42]])[0]
     with torch.no_grad():
         ref = merged(torch.tensor([[0, 4, 8, 15, 16, 23, 42]])).logits[0]
     assert rel(got, ref) <= 1e-5
@@ -74,8 +74,8 @@ def test_engine_directory_and_hf_checkpoint_give_same_outputs(checkpoints, tmp_p
     path, _ = checkpoints["qwen2"]
     engine = build_engine(path, tmp_path / "e", show_progress=False)
     assert (engine / "tokenizer.json").exists()
-    a = LLM(str(path)).prompt_logits([[0, 1, 2, 3]])[0]
-    b = LLM(str(engine)).prompt_logits([[0, 1, 2, 3]])[0]
+    a = LLM(str(path), dtype="float32").prompt_logits([[0, 1, 2, 3]])[0]
+    b = LLM(str(engine), dtype="float32").prompt_logits([[0, 1, 2, 3]])[0]
     assert torch.equal(a, b)
 
 
@@ -83,7 +83,7 @@ def test_sharded_checkpoint_loads(tmp_path):
     path = tmp_path / "sharded"
     hf = make_checkpoint(path, "llama", shard_size="60KB")
     assert (path / "model.safetensors.index.json").exists()
-    got = LLM(str(path)).prompt_logits([[0, 9, 8, 7]])[0]
+    got = LLM(str(path), dtype="float32").prompt_logits([[0, 9, 8, 7]])[0]
     with torch.no_grad():
         ref = hf(torch.tensor([[0, 9, 8, 7]])).logits[0]
     assert rel(got, ref) <= 1e-4
@@ -115,7 +115,7 @@ def test_loader_names_every_missing_unexpected_and_misshaped_tensor(checkpoints,
     (bad / "config.json").write_text((path / "config.json").read_text())
     save_file(sd, str(bad / "model.safetensors"))
     with pytest.raises(ValueError) as err:
-        LLM(str(bad))
+        LLM(str(bad), dtype="float32")
     msg = str(err.value)
     assert "missing tensors: model.layers.0.self_attn.qkv_proj.weight (shard 'k')" in msg
     assert "unexpected tensors: model.layers.0.self_attn.extra.weight" in msg
@@ -128,15 +128,15 @@ def test_missing_and_corrupt_weight_files(checkpoints, tmp_path):
     d.mkdir()
     (d / "config.json").write_text((path / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        LLM(str(d))
+        LLM(str(d), dtype="float32")
     (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(ValueError, match="corrupt weight file"):
-        LLM(str(d))
+        LLM(str(d), dtype="float32")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        LLM(str(tmp_path / "nowhere"))
+        LLM(str(tmp_path / "nowhere"), dtype="float32")
 
 
 def test_unknown_architecture_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
     with pytest.raises(ValueError, match="unsupported architecture.*LlamaForCausalLM.*Qwen3ForCausalLM"):
-        LLM(str(tmp_path))
+        LLM(str(tmp_path), dtype="float32")

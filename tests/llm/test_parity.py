@@ -19,7 +19,7 @@ def hf_greedy(hf, prompt, n):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_prompt_logits_match_transformers(checkpoints, family):
     path, hf = checkpoints[family]
-    llm = LLM(str(path), max_num_seqs=8, block_size=8)
+    llm = LLM(str(path), dtype="float32", max_num_seqs=8, block_size=8)
     for prompt, got in zip(PROMPTS, llm.prompt_logits(PROMPTS)):
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0]
@@ -37,7 +37,7 @@ def test_greedy_generation_matches_transformers_with_chunking_prefix_cache_and_p
     params = SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True)
 
     # (1) roomy pool, chunked prefill with a tiny token budget, prefix caching on
-    llm = LLM(str(path), block_size=4, max_num_batched_tokens=16, max_num_seqs=4)
+    llm = LLM(str(path), dtype="float32", block_size=4, max_num_batched_tokens=16, max_num_seqs=4)
     first = llm.generate(prompts[:1], params)  # warms the prefix cache
     outs = llm.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in first + outs] == expected[:1] + expected
@@ -46,7 +46,7 @@ def test_greedy_generation_matches_transformers_with_chunking_prefix_cache_and_p
     assert llm.engine.get_stats()["kv_blocks_used"] == 0
 
     # (2) a pool so small that sequences must be preempted and recomputed
-    small = LLM(str(path), block_size=4, num_kv_blocks=40, max_num_batched_tokens=64, max_num_seqs=4)
+    small = LLM(str(path), dtype="float32", block_size=4, num_kv_blocks=40, max_num_batched_tokens=64, max_num_seqs=4)
     outs = small.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert small.engine.scheduler.num_preemptions > 0, "the test must actually preempt"

@@ -59,7 +59,7 @@ def test_penalties_follow_their_formulas():
 @pytest.fixture(scope="module")
 def llm(checkpoints):
     path, _ = checkpoints["llama"]
-    return LLM(str(path), max_num_seqs=16, block_size=8)
+    return LLM(str(path), dtype="float32", max_num_seqs=16, block_size=8)
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
