@@ -83,7 +83,11 @@ def serve(args) -> int:
     print(f"kiln serve: {config.model_name!r} ({engine.device}, {engine.dtype}, max_model_len "
           f"{engine.max_model_len}, {engine.get_stats()['kv_blocks_total']} KV blocks) on "
           f"http://{args.host}:{args.port}/v1", flush=True)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, after a graceful shutdown
+        pass
+    print("kiln serve: shut down", flush=True)
     return 0
 
 
