@@ -351,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     hang_up = disconnecting(n, args.disconnect_frac)
 
     print(f"reference: LLM.generate of {n} prompts x {args.max_tokens} tokens ({device}, {dtype})", flush=True)
-    llm = LLM(model_path, device=device, dtype=dtype)
+    # on a GPU the reference keeps a small KV pool and is freed before the server process claims its memory
+    llm = LLM(model_path, device=device, dtype=dtype, **({"kv_cache_memory_bytes": 2**31} if device == "cuda" else {}))
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4))
     t0 = time.perf_counter()
@@ -361,10 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     offline_tps = sum(len(o.outputs[0].token_ids) for o in ref) / offline_wall
     tok = llm.tokenizer
     longest = max(len(tok.encode(p)) for p in prompts) + args.max_tokens
-    del llm
+    del llm, ref
     if device == "cuda":
+        import gc
+
         import torch
 
+        gc.collect()
         torch.cuda.empty_cache()
 
     common = ["--device", device, "--dtype", dtype, "--max-num-seqs", str(max(256, n)), "--max-queue", str(n)]
