@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from tests.llm.conftest import make_checkpoint
@@ -97,7 +95,3 @@ def greedy(reference, prompts, **params):
 
     outs = reference.generate(prompts, SamplingParams(temperature=0, **params))
     return [o.outputs[0].text for o in outs]
-
-
-def words(message: str) -> set[str]:
-    return set(re.findall(r"\w+", message))

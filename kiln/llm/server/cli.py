@@ -7,6 +7,7 @@ kiln.llm.server.cli serve ...`` runs the same thing without the top-level ``kiln
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -83,10 +84,8 @@ def serve(args) -> int:
     print(f"kiln serve: {config.model_name!r} ({engine.device}, {engine.dtype}, max_model_len "
           f"{engine.max_model_len}, {engine.get_stats()['kv_blocks_total']} KV blocks) on "
           f"http://{args.host}:{args.port}/v1", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it handled, after shutting down
         server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, after a graceful shutdown
-        pass
     print("kiln serve: shut down", flush=True)
     return 0
 
