@@ -10,8 +10,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
-SERVER_PKGS="fastapi starlette pydantic pydantic_core annotated_types typing_inspection typing_extensions anyio
-sniffio idna uvicorn click h11 prometheus_client httpx httpcore certifi"
+SERVER_PKGS="fastapi starlette pydantic pydantic_core annotated_types annotated_doc opentelemetry_api
+typing_inspection typing_extensions anyio sniffio idna uvicorn click h11 prometheus_client httpx httpcore certifi"
 
 if [ "${1:-}" = "fetch" ]; then
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
