@@ -42,6 +42,9 @@ export PYTHONDONTWRITEBYTECODE=1
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$OUT/env.txt"
 
+python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" \
+  || { echo "no CUDA device visible to torch: run this on the GPU machine" | tee -a "$OUT/env.txt" >&2; exit 2; }
+
 missing=""
 for mod in fastapi uvicorn prometheus_client httpx; do
   python3 -c "import $mod" 2>/dev/null || missing="$missing $mod"
