@@ -78,7 +78,7 @@ def test_engine_config_errors(checkpoints):
     with pytest.raises(ValueError, match="block_size must be a power of two"):
         LLM(str(path), dtype="float32", block_size=12)
     with pytest.raises(ValueError, match="unknown dtype"):
-        LLM(str(path), dtype="float32", dtype="float7")
+        LLM(str(path), dtype="float7")
     small = LLM(str(path), dtype="float32", num_kv_blocks=2, block_size=4)
     with pytest.raises(ValueError, match="needs .* KV blocks but the cache has only 2"):
         small.generate([[0, 1, 2]], SamplingParams(max_tokens=40))
