@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# kiln.rl on one GPU: a larger `kiln ppo --demo` run (reward/KL plot) and bench/ppo_vs_trl.py.
+#
+#   bash scripts/gpu/ppo.sh            # from the repository root; results go to $OUT (default ./out/ppo)
+#
+# TRL is the anchor of the bench (trl==1.12.0, the last release with PPOTrainer). If a wheel folder .whl/ exists
+# (trl-1.12.0 and its dependencies: datasets, pyarrow, pandas, dill, multiprocess, xxhash, accelerate, ...), TRL is
+# installed from it offline; otherwise the bench runs the kiln side only. torch/transformers are never touched:
+# --no-index keeps pip to .whl/, and the installed torch satisfies TRL's requirement.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-$PWD/out/ppo}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+exec > >(tee "$OUT/ppo.log") 2>&1
+
+echo "== environment"
+$PY - <<'PY'
+import torch, transformers
+print("torch", torch.__version__, "transformers", transformers.__version__,
+      "cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))
+PY
+$PY -c "import matplotlib" 2>/dev/null || { [ -d .whl ] && $PY -m pip install -q --no-index --find-links .whl matplotlib || echo "matplotlib missing: no plot"; }
+
+HAVE_TRL=0
+if $PY -c "import trl.experimental.ppo" 2>/dev/null; then
+  HAVE_TRL=1
+elif [ -d .whl ] && ls .whl/trl-1.12.0-*.whl >/dev/null 2>&1; then
+  echo "== installing trl==1.12.0 from .whl/ (offline)"
+  before=$($PY -c "import torch, transformers; print(torch.__version__, transformers.__version__)")
+  if $PY -m pip install -q --no-index --find-links .whl "trl==1.12.0"; then
+    after=$($PY -c "import torch, transformers; print(torch.__version__, transformers.__version__)")
+    [ "$before" = "$after" ] || echo "WARNING: torch/transformers changed: $before -> $after"
+    $PY -c "import trl.experimental.ppo" && HAVE_TRL=1
+  else
+    echo "trl install from .whl/ failed: kiln side only"
+  fi
+else
+  echo "no trl and no .whl/ folder: the bench runs the kiln side only"
+fi
+
+echo "== kiln ppo --demo (bundled Shakespeare model, word-list reward), larger run"
+$PY -m kiln.cli ppo --demo --device cuda --iterations 150 --batch-size 64 --num-mini-batches 4 \
+    --response-length 48 --learning-rate 3e-5 --kl-coef 0.02 --eval-size 64 --seed 0 --no-progress \
+    --output-dir "$OUT/demo"
+cp "$OUT/demo/ppo_curves.png" "$OUT/ppo_curves.png" 2>/dev/null || true
+
+echo "== kiln ppo --demo, LoRA (peft) variant"
+if $PY -c "import peft" 2>/dev/null; then
+  $PY -m kiln.cli ppo --demo --device cuda --iterations 60 --batch-size 64 --num-mini-batches 4 \
+      --response-length 48 --learning-rate 3e-4 --lora-r 16 --eval-size 64 --seed 0 --no-progress \
+      --output-dir "$OUT/demo_lora" || echo "LoRA demo failed (see above)"
+else
+  echo "peft not installed: LoRA variant skipped"
+fi
+
+echo "== bench/ppo_vs_trl.py"
+for BS in 16 64; do
+  if [ "$HAVE_TRL" = 1 ]; then
+    $PY bench/ppo_vs_trl.py --device cuda --iterations 10 --batch-size $BS --response-length 48 \
+        --json "$OUT/ppo_vs_trl_b$BS.json"
+  else
+    $PY bench/ppo_vs_trl.py --device cuda --iterations 10 --batch-size $BS --response-length 48 --skip-trl \
+        --json "$OUT/ppo_vs_trl_b$BS.json"
+  fi
+done
+echo "== done: $OUT"
+ls -la "$OUT"
