@@ -64,7 +64,6 @@ class TextRewardModel(torch.nn.Module):
 
         def forward(self, input_ids, attention_mask, **_):
             o = self.outer[0]
-            scores = []
             prompts, responses = [], []
             for ids, m in zip(input_ids.tolist(), attention_mask.tolist()):
                 real = [t for t, keep in zip(ids, m) if keep]
@@ -222,8 +221,9 @@ def main(argv=None) -> int:
         try:
             import trl
 
-            has_trl = trl.__version__ == "1.12.0" or print(f"note: trl {trl.__version__} is not the pinned 1.12.0")
             has_trl = True
+            if trl.__version__ != "1.12.0":
+                print(f"note: trl {trl.__version__} is not the pinned 1.12.0")
         except ImportError:
             print("trl is not installed: kiln side only (pip install trl==1.12.0 for the anchor)")
     if has_trl:

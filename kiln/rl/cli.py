@@ -2,20 +2,19 @@
 
 The demo: the bundled Shakespeare model is asked for speeches (prompts are speaker cues such as ``"ROMEO.\\n"``
 and opening words), and is rewarded for the share of its words that come from a word list (default: words of
-affection). Mean reward on held-out prompts is measured before and after; the KL to the reference is reported and
-plotted.
+affection and the intimate thee/thy/thou). Mean reward on held-out prompts is measured before and after; the KL
+to the reference is reported and plotted.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import time
 from pathlib import Path
 
 DEMO_WORDS = ("love", "sweet", "heart", "dear", "gentle", "fair", "kind", "joy", "good", "grace", "friend", "happy",
-              "hope", "smile", "peace", "bless")
+              "hope", "smile", "peace", "bless", "thee", "thy", "thou")
 DEMO_SPEAKERS = ("ROMEO", "JULIET", "HAMLET", "OPHELIA", "MACBETH", "LADY MACBETH", "KING LEAR", "CORDELIA",
                  "OTHELLO", "DESDEMONA", "PORTIA", "BRUTUS", "CASSIUS", "PROSPERO", "MIRANDA", "ROSALIND",
                  "ORLANDO", "VIOLA", "BENEDICK", "BEATRICE", "FALSTAFF", "KING HENRY", "QUEEN MARGARET",
@@ -50,18 +49,18 @@ def add_parsers(sub) -> None:
     p.add_argument("--demo", action="store_true", help="built-in example: the model learns to use a word list more")
     p.add_argument("--model", default=None, help="Hugging Face checkpoint directory (default: the bundled model)")
     p.add_argument("--prompts", default=None, help="JSONL prompts ({'prompt': ...} per line); the demo has its own")
-    p.add_argument("--reward", default=None, help="a Python reward fn(prompts, responses) -> scores, as module:function")
+    p.add_argument("--reward", default=None, help="Python reward fn(prompts, responses) -> scores, as module:function")
     p.add_argument("--words", default=None, help=f"comma-separated word list reward (default: {','.join(DEMO_WORDS)})")
     p.add_argument("--iterations", type=int, default=None, help="PPO iterations (sets total_episodes)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per iteration (per_device_train_batch_size)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per iteration (per_device_train_batch_size)")
     p.add_argument("--num-mini-batches", type=int, default=2)
     p.add_argument("--num-ppo-epochs", type=int, default=4)
     p.add_argument("--response-length", type=int, default=24)
-    p.add_argument("--learning-rate", type=float, default=3e-5)
+    p.add_argument("--learning-rate", type=float, default=5e-5)
     p.add_argument("--kl-coef", type=float, default=0.02)
     p.add_argument("--kl-estimator", choices=("k1", "k3"), default="k1")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank (peft) instead of all weights")
+    p.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank (peft)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--eval-size", type=int, default=32, help="held-out prompts for the before/after reward")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
@@ -504,7 +503,9 @@ class PPOTrainer:
         values = fwd["values"].masked_fill(~mask, 0.0)
 
         lengths = mask.sum(1)
-        stop_id = self.stop_token_id if self.stop_token_id is not None else getattr(self.tokenizer, "eos_token_id", None)
+        stop_id = self.stop_token_id
+        if stop_id is None:
+            stop_id = getattr(self.tokenizer, "eos_token_id", None)
         has_stop = (torch.zeros_like(lengths, dtype=torch.bool) if stop_id is None
                     else ((ro.responses == stop_id) & mask).any(1))
         if a.missing_eos_penalty is not None:
