@@ -59,6 +59,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--learning-rate", type=float, default=5e-5)
     p.add_argument("--kl-coef", type=float, default=0.02)
     p.add_argument("--kl-estimator", choices=("k1", "k3"), default="k1")
+    p.add_argument("--adaptive-kl", type=float, default=None, metavar="TARGET",
+                   help="adapt kl_coef towards this KL (nats/response), starting from --kl-coef")
+    p.add_argument("--kl-horizon", type=int, default=10000, help="adaptive KL horizon in episodes")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank (peft)")
     p.add_argument("--seed", type=int, default=0)
@@ -92,7 +95,9 @@ def run(args) -> int:
     cfg = PPOConfig(per_device_train_batch_size=args.batch_size, num_mini_batches=args.num_mini_batches,
                     num_ppo_epochs=args.num_ppo_epochs, response_length=args.response_length,
                     learning_rate=args.learning_rate, kl_coef=args.kl_coef, kl_estimator=args.kl_estimator,
-                    temperature=args.temperature, seed=args.seed, total_episodes=iterations * args.batch_size,
+                    temperature=args.temperature, seed=args.seed, adap_kl_ctrl=args.adaptive_kl is not None,
+                    target=args.adaptive_kl or 6.0, horizon=args.kl_horizon,
+                    total_episodes=iterations * args.batch_size,
                     output_dir=args.output_dir, num_sample_generations=5)
     peft_config = None
     if args.lora_r:

@@ -42,8 +42,8 @@ fi
 
 echo "== kiln ppo --demo (bundled Shakespeare model, word-list reward), larger run"
 $PY -m kiln.cli ppo --demo --device cuda --iterations 150 --batch-size 64 --num-mini-batches 4 \
-    --response-length 48 --learning-rate 3e-5 --kl-coef 0.02 --eval-size 64 --seed 0 --no-progress \
-    --output-dir "$OUT/demo"
+    --response-length 48 --learning-rate 3e-5 --kl-coef 0.02 --adaptive-kl 4 --kl-horizon 2000 --eval-size 64 \
+    --seed 0 --no-progress --output-dir "$OUT/demo"
 cp "$OUT/demo/ppo_curves.png" "$OUT/ppo_curves.png" 2>/dev/null || true
 
 echo "== kiln ppo --demo, LoRA (peft) variant"

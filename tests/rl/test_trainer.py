@@ -169,14 +169,16 @@ def test_stream_needs_total_episodes_and_trains(tiny_policy, tmp_path):
 
 def test_save_model_and_plot(tiny_policy, tmp_path):
     out = tmp_path / "run"
-    tr = PPOTrainer(small_config(output_dir=str(out)), model=str(tiny_policy), reward_model=e_share,
-                    train_dataset=PromptDataset(PROMPTS))
+    tr = PPOTrainer(small_config(output_dir=str(out), adap_kl_ctrl=True, target=6.0, horizon=10),
+                    model=str(tiny_policy), reward_model=e_share, train_dataset=PromptDataset(PROMPTS))
     tr.train(progress=False)
     for name in ("model.safetensors", "config.json", "value_head.safetensors", "tokenizer.json",
                  "trainer_state.json", "ppo_curves.png"):
         assert (out / name).exists(), name
     state = json.loads((out / "trainer_state.json").read_text())
     assert len(state["history"]) == 2 and "objective/kl" in state["history"][0]
+    # adaptive KL: iteration 1 has KL 0 (< target), so the coefficient shrinks by 1 - 0.2 * 4 / 10
+    assert state["history"][1]["objective/kl_coef"] == pytest.approx(0.05 * (1 - 0.2 * 4 / 10))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     for (n, a), (_, b) in zip(reloaded.named_parameters(), tr.model.policy.named_parameters()):
         assert torch.equal(a, b), n
