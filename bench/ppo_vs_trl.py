@@ -4,8 +4,9 @@ Both sides get the same model (policy, frozen reference, a separate value model:
 ``AutoModelForSequenceClassification`` with a zero ``score`` head), the same rule-based reward (``WordListReward``;
 on TRL's side wrapped as a module whose backbone returns the score as its hidden state and whose ``score`` head is
 the identity, TRL's reward-model layout), the same prompts and the same hyper-parameters (fixed-length responses,
-fp32, no gradient checkpointing on either side). TRL runs twice: as shipped, and with ``gc.freeze()`` before
-training (TRL calls ``gc.collect()`` twice per iteration, which walks every live object unless frozen).
+fp32 unless --bf16 (then bf16 autocast on both sides), no gradient checkpointing on either side). TRL runs twice:
+as shipped, and with ``gc.freeze()`` before training (TRL calls ``gc.collect()`` twice per iteration, which walks
+every live object unless frozen).
 
 Measured: wall time per PPO iteration (median over the iterations after the first), rollout tokens/s (the sampling
 step alone), and the final policy's mean reward on held-out prompts (sampled by one engine for all policies, with
@@ -106,7 +107,7 @@ def run_kiln(a, model_dir, device, train_texts, reward):
                     num_ppo_epochs=a.num_ppo_epochs, response_length=a.response_length,
                     learning_rate=a.learning_rate, kl_coef=a.kl_coef, temperature=a.temperature, seed=a.seed,
                     total_episodes=a.iterations * a.batch_size, num_sample_generations=0,
-                    local_rollout_forward_batch_size=a.batch_size)
+                    local_rollout_forward_batch_size=a.batch_size, bf16=a.bf16)
     tr = PPOTrainer(cfg, model=policy, model_path=model_dir, reward_model=reward, value_model=value,
                     train_dataset=PromptDataset(train_texts), device=device)
     iter_s, tok_s, scores = [], [], []
@@ -139,7 +140,7 @@ def run_trl(a, model_dir, device, train_texts, reward, freeze: bool):
                     num_mini_batches=a.num_mini_batches, num_ppo_epochs=a.num_ppo_epochs,
                     response_length=a.response_length, learning_rate=a.learning_rate, kl_coef=a.kl_coef,
                     temperature=a.temperature, seed=a.seed, total_episodes=a.iterations * a.batch_size,
-                    num_sample_generations=0, local_rollout_forward_batch_size=a.batch_size, bf16=False,
+                    num_sample_generations=0, local_rollout_forward_batch_size=a.batch_size, bf16=a.bf16,
                     gradient_checkpointing=False, report_to=[], logging_steps=1, save_strategy="no",
                     use_cpu=device == "cpu", disable_tqdm=True, stop_token=None)
     stamps, scores, gen = [], [], {"s": 0.0}
@@ -203,6 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--kl-coef", type=float, default=0.02)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for training forwards on both sides")
     p.add_argument("--device", default=None)
     p.add_argument("--skip-trl", action="store_true", help="kiln only (e.g. where trl is not installed)")
     p.add_argument("--json", default=None, help="where to write the JSON (default: bench/ppo_vs_trl.json)")
@@ -211,7 +213,7 @@ def main(argv=None) -> int:
     model_dir = Path(a.model) if a.model else default_model_path()
     reward = WordListReward(DEMO_WORDS)
     texts = demo_prompts()
-    train_texts, eval_texts = texts[16:], texts[:16]
+    train_texts, eval_texts = texts[32:], texts[:32]
 
     results = {"kiln": run_kiln(a, model_dir, device, train_texts, reward)}
     engine = results["kiln"]["engine"]

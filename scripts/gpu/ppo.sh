@@ -55,15 +55,15 @@ else
   echo "peft not installed: LoRA variant skipped"
 fi
 
-echo "== bench/ppo_vs_trl.py"
-for BS in 16 64; do
-  if [ "$HAVE_TRL" = 1 ]; then
-    $PY bench/ppo_vs_trl.py --device cuda --iterations 10 --batch-size $BS --response-length 48 \
-        --json "$OUT/ppo_vs_trl_b$BS.json"
-  else
-    $PY bench/ppo_vs_trl.py --device cuda --iterations 10 --batch-size $BS --response-length 48 --skip-trl \
-        --json "$OUT/ppo_vs_trl_b$BS.json"
-  fi
+echo "== bench/ppo_vs_trl.py (same model, reward, prompts, hyper-parameters; TRL as shipped and + gc.freeze())"
+TRL_FLAG=""
+[ "$HAVE_TRL" = 1 ] || TRL_FLAG="--skip-trl"
+for CFG in "16 fp32" "64 fp32" "64 bf16"; do
+  set -- $CFG
+  EXTRA=""
+  [ "$2" = bf16 ] && EXTRA="--bf16"
+  $PY bench/ppo_vs_trl.py --device cuda --iterations 10 --batch-size "$1" --response-length 48 $EXTRA $TRL_FLAG \
+      --json "$OUT/ppo_vs_trl_b$1_$2.json"
 done
 echo "== done: $OUT"
 ls -la "$OUT"
