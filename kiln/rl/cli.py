@@ -73,8 +73,6 @@ def add_parsers(sub) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from kiln.data.prompts import PromptDataset, mix, train_eval_split
     from kiln.models import default_model_path
     from kiln.rl import PPOConfig, PPOTrainer, plot_stats
@@ -126,7 +124,10 @@ def run(args) -> int:
         out = Path(args.output_dir)
         trainer.history[0]["eval/scores"] = before["eval/scores"]
         trainer.history[-1]["eval/scores"] = after["eval/scores"]
-        plot_stats(trainer.history, out / "ppo_curves.png", title=f"kiln ppo on {torch.device(trainer.device)}")
+        try:
+            plot_stats(trainer.history, out / "ppo_curves.png", title=f"kiln ppo on {trainer.device}")
+        except ImportError:
+            print("matplotlib is not installed: no plot")
         (out / "demo_result.json").write_text(json.dumps({
             "model": str(model), "before": before, "after": after, "wall_s": wall, "config": cfg.to_dict(),
             "final_kl": last["objective/kl"], "history": trainer.history}, indent=1))

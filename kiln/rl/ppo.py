@@ -613,7 +613,10 @@ class PPOTrainer:
         if a.output_dir:
             self.save_model(a.output_dir)
             if a.report_plot and self.history:
-                plot_stats(self.history, Path(a.output_dir) / "ppo_curves.png")
+                try:
+                    plot_stats(self.history, Path(a.output_dir) / "ppo_curves.png")
+                except ImportError:
+                    logger.warning("matplotlib is not installed: no ppo_curves.png")
         return self.history
 
     # ------------------------------------------------------------------------------------------- evaluation

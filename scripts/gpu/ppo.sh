@@ -2,6 +2,7 @@
 # kiln.rl on one GPU: a larger `kiln ppo --demo` run (reward/KL plot) and bench/ppo_vs_trl.py.
 #
 #   bash scripts/gpu/ppo.sh            # from the repository root; results go to $OUT (default ./out/ppo)
+#   DEVICE=cpu DEMO_ITERS=2 LORA_ITERS=2 BENCH_ITERS=2 bash scripts/gpu/ppo.sh   # a dry run of every step
 #
 # TRL is the anchor of the bench (trl==1.12.0, the last release with PPOTrainer). If a wheel folder .whl/ exists
 # (trl-1.12.0 and its dependencies: datasets, pyarrow, pandas, dill, multiprocess, xxhash, accelerate, ...), TRL is
@@ -12,6 +13,10 @@ cd "$(dirname "$0")/../.."
 OUT="${OUT:-$PWD/out/ppo}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
+DEVICE="${DEVICE:-cuda}"
+DEMO_ITERS="${DEMO_ITERS:-150}"
+LORA_ITERS="${LORA_ITERS:-60}"
+BENCH_ITERS="${BENCH_ITERS:-10}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 exec > >(tee "$OUT/ppo.log") 2>&1
 
@@ -21,7 +26,9 @@ import torch, transformers
 print("torch", torch.__version__, "transformers", transformers.__version__,
       "cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))
 PY
-$PY -c "import matplotlib" 2>/dev/null || { [ -d .whl ] && $PY -m pip install -q --no-index --find-links .whl matplotlib || echo "matplotlib missing: no plot"; }
+if ! $PY -c "import matplotlib" 2>/dev/null; then
+  { [ -d .whl ] && $PY -m pip install -q --no-index --find-links .whl matplotlib; } || echo "no matplotlib: no plot"
+fi
 
 HAVE_TRL=0
 if $PY -c "import trl.experimental.ppo" 2>/dev/null; then
@@ -41,14 +48,14 @@ else
 fi
 
 echo "== kiln ppo --demo (bundled Shakespeare model, word-list reward), larger run"
-$PY -m kiln.cli ppo --demo --device cuda --iterations 150 --batch-size 64 --num-mini-batches 4 \
+$PY -m kiln.cli ppo --demo --device "$DEVICE" --iterations "$DEMO_ITERS" --batch-size 64 --num-mini-batches 4 \
     --response-length 48 --learning-rate 3e-5 --kl-coef 0.02 --adaptive-kl 4 --kl-horizon 2000 --eval-size 64 \
     --seed 0 --no-progress --output-dir "$OUT/demo"
 cp "$OUT/demo/ppo_curves.png" "$OUT/ppo_curves.png" 2>/dev/null || true
 
 echo "== kiln ppo --demo, LoRA (peft) variant"
 if $PY -c "import peft" 2>/dev/null; then
-  $PY -m kiln.cli ppo --demo --device cuda --iterations 60 --batch-size 64 --num-mini-batches 4 \
+  $PY -m kiln.cli ppo --demo --device "$DEVICE" --iterations "$LORA_ITERS" --batch-size 64 --num-mini-batches 4 \
       --response-length 48 --learning-rate 3e-4 --lora-r 16 --eval-size 64 --seed 0 --no-progress \
       --output-dir "$OUT/demo_lora" || echo "LoRA demo failed (see above)"
 else
@@ -62,8 +69,8 @@ for CFG in "16 fp32" "64 fp32" "64 bf16"; do
   set -- $CFG
   EXTRA=""
   [ "$2" = bf16 ] && EXTRA="--bf16"
-  $PY bench/ppo_vs_trl.py --device cuda --iterations 10 --batch-size "$1" --response-length 48 $EXTRA $TRL_FLAG \
-      --json "$OUT/ppo_vs_trl_b$1_$2.json"
+  $PY bench/ppo_vs_trl.py --device "$DEVICE" --iterations "$BENCH_ITERS" --batch-size "$1" --response-length 48 \
+      $EXTRA $TRL_FLAG --json "$OUT/ppo_vs_trl_b$1_$2.json"
 done
 echo "== done: $OUT"
 ls -la "$OUT"
