@@ -20,8 +20,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) is rounded to x's dtype before the product, as ``act(gate_proj(x)) * up_proj(x)`` does in HF."""
     gate, up = x.float().chunk(2, dim=-1)
-    return (F.silu(gate) * up).to(x.dtype)
+    return (F.silu(gate).to(x.dtype).float() * up).to(x.dtype)
 
 
 @triton.jit
@@ -31,7 +32,7 @@ def _silu_and_mul_kernel(X, Y, stride_x, stride_y, I, BLOCK: tl.constexpr):
     mask = cols < I
     g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(X + row * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
-    y = g / (1.0 + tl.exp(-g)) * u
+    y = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty).to(tl.float32) * u
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 

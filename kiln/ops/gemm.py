@@ -108,9 +108,11 @@ def _int8_gemm_body(A, B, C, SA, SB, BIAS, M, N, K, n_iter,
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # wrap rows/cols past the edge onto valid ones (their results are masked at the store): no load masks
-    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
-    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    # wrap rows/cols past the edge onto valid ones (their results are masked at the store): no load masks.
+    # No multiple_of/max_contiguous hints: wrapped offsets are not contiguous, and with an odd K the rows are
+    # not 16-byte aligned, so such hints made the GPU issue misaligned vector loads.
+    rm = offs_m % M
+    rn = offs_n % N
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = A + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
     b_ptrs = B + rn[None, :].to(tl.int64) * stride_bn + rk[:, None] * stride_bk

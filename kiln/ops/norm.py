@@ -16,6 +16,9 @@ def rms_norm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``y = x / rms(x) * weight`` over the last dim, computed in fp32.
 
+    Rounding follows Hugging Face's LlamaRMSNorm: the normalised value is rounded to x's dtype before the
+    weight multiplies it, so 16-bit engines reproduce the checkpoint's reference implementation bit for bit.
+
     x: [..., H] fp32/fp16/bf16; weight: [H]. With ``residual`` ([..., H], x's dtype) the sum ``x + residual`` is
     normalised and also returned, so a transformer block does its residual add and norm in one pass:
     returns ``(y, x + residual)``. Without it returns ``y``. Inputs are never modified.
@@ -40,8 +43,8 @@ def rms_norm_ref(x, weight, eps=1e-6, residual=None):
         x = x + residual
         summed = x
     xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    y = (y * weight.float()).to(x.dtype)
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    y = (y.float() * weight.float()).to(x.dtype)
     return (y, summed) if residual is not None else y
 
 
@@ -60,7 +63,7 @@ def _rms_norm_kernel(X, R, W, Y, RO, stride_x, stride_r, stride_y, stride_ro, H,
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / H
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    y = xf * tl.rsqrt(var + eps) * w
+    y = (xf * tl.rsqrt(var + eps)).to(Y.dtype.element_ty).to(tl.float32) * w
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 

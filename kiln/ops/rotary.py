@@ -84,19 +84,28 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
 
 
 def rotary_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool = True):
-    """Out-of-place reference for one tensor x [T, H, D]."""
+    """Out-of-place reference for one tensor x [T, H, D].
+
+    Rounds where Hugging Face's ``apply_rotary_pos_emb`` does in 16-bit (cos/sin, each product, the sum), so
+    bf16 engines follow the checkpoint's reference path; in fp32 every rounding is exact.
+    """
     rot = cos_sin_cache.shape[1]
-    cs = cos_sin_cache[positions.long()]
+    dt = x.dtype
+
+    def r(t):
+        return t.to(dt).float()
+
+    cs = r(cos_sin_cache[positions.long()])
     cos, sin = cs[:, None, : rot // 2], cs[:, None, rot // 2:]
     xf = x.float()
     xr, rest = xf[..., :rot], xf[..., rot:]
     if is_neox:
         x1, x2 = xr[..., : rot // 2], xr[..., rot // 2:]
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        out = torch.cat([r(r(x1 * cos) - r(x2 * sin)), r(r(x2 * cos) + r(x1 * sin))], dim=-1)
     else:
         x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
-    return torch.cat([out, rest], dim=-1).to(x.dtype)
+        out = torch.stack([r(r(x1 * cos) - r(x2 * sin)), r(r(x2 * cos) + r(x1 * sin))], dim=-1).flatten(-2)
+    return torch.cat([out, rest], dim=-1).to(dt)
 
 
 @triton.jit
@@ -106,8 +115,9 @@ def _rotary_kernel(X, POS, CACHE, stride_t, stride_h, stride_d, stride_cache, H,
     pos = tl.load(POS + t).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
     half_mask = offs < HALF
-    cos = tl.load(CACHE + pos * stride_cache + offs, mask=half_mask, other=0.0)
-    sin = tl.load(CACHE + pos * stride_cache + HALF + offs, mask=half_mask, other=0.0)
+    dt = X.dtype.element_ty
+    cos = tl.load(CACHE + pos * stride_cache + offs, mask=half_mask, other=0.0).to(dt).to(tl.float32)
+    sin = tl.load(CACHE + pos * stride_cache + HALF + offs, mask=half_mask, other=0.0).to(dt).to(tl.float32)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     m = (h[:, None] < H) & half_mask[None, :]
     if IS_NEOX:
@@ -121,10 +131,11 @@ def _rotary_kernel(X, POS, CACHE, stride_t, stride_h, stride_d, stride_cache, H,
     p2 = base + d2[None, :] * stride_d
     x1 = tl.load(p1, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(p2, mask=m, other=0.0).to(tl.float32)
-    o1 = x1 * cos[None, :] - x2 * sin[None, :]
-    o2 = x2 * cos[None, :] + x1 * sin[None, :]
-    tl.store(p1, o1.to(X.dtype.element_ty), mask=m)
-    tl.store(p2, o2.to(X.dtype.element_ty), mask=m)
+    # round like the reference (and Hugging Face): each product, then the sum
+    o1 = (x1 * cos[None, :]).to(dt).to(tl.float32) - (x2 * sin[None, :]).to(dt).to(tl.float32)
+    o2 = (x2 * cos[None, :]).to(dt).to(tl.float32) + (x1 * sin[None, :]).to(dt).to(tl.float32)
+    tl.store(p1, o1.to(dt), mask=m)
+    tl.store(p2, o2.to(dt), mask=m)
 
 
 def _apply_rotary_triton(q, k, positions, cache, is_neox):

@@ -23,6 +23,7 @@ def test_prompt_logits_match_transformers(checkpoints, family):
     for prompt, got in zip(PROMPTS, llm.prompt_logits(PROMPTS)):
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0]
+        got = got.cpu()
         rel = ((got - ref).abs().max() / ref.abs().max()).item()
         assert rel <= 1e-4, f"{family}: max relative logit error {rel:.2e}"
 
