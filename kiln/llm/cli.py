@@ -117,7 +117,9 @@ def add_parsers(sub) -> None:
     try:
         from kiln.llm.server.cli import add_parsers as add_server_parsers
     except ModuleNotFoundError as exc:
-        if exc.name not in ("kiln.llm.server", "kiln.llm.server.cli"):
+        # `kiln serve` exists only where it works: it needs the [server] extra (fastapi, uvicorn, prometheus)
+        if exc.name not in ("kiln.llm.server", "kiln.llm.server.cli", "fastapi", "uvicorn", "starlette",
+                            "prometheus_client", "pydantic"):
             raise
     else:
         add_server_parsers(sub)
