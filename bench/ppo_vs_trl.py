@@ -110,13 +110,14 @@ def run_kiln(a, model_dir, device, train_texts, reward):
                     local_rollout_forward_batch_size=a.batch_size, bf16=a.bf16)
     tr = PPOTrainer(cfg, model=policy, model_path=model_dir, reward_model=reward, value_model=value,
                     train_dataset=PromptDataset(train_texts), device=device)
-    iter_s, tok_s, scores = [], [], []
+    iter_s, tok_s, scores, kls = [], [], [], []
     for _ in range(cfg.num_total_batches):
         s = tr.step()
         iter_s.append(s["time/iteration_s"])
         tok_s.append(s["rollout/tokens_per_s"])
         scores.append(s["objective/scores"])
-    return {"iteration_s": iter_s, "tokens_per_s": tok_s, "scores": scores, "policy": tr.model.policy,
+        kls.append(s["objective/kl"])
+    return {"iteration_s": iter_s, "tokens_per_s": tok_s, "scores": scores, "kl": kls, "policy": tr.model.policy,
             "engine": tr.llm}
 
 
@@ -143,7 +144,7 @@ def run_trl(a, model_dir, device, train_texts, reward, freeze: bool):
                     num_sample_generations=0, local_rollout_forward_batch_size=a.batch_size, bf16=a.bf16,
                     gradient_checkpointing=False, report_to=[], logging_steps=1, save_strategy="no",
                     use_cpu=device == "cpu", disable_tqdm=True, stop_token=None)
-    stamps, scores, gen = [], [], {"s": 0.0}
+    stamps, scores, kls = [], [], []
 
     class Timer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -155,6 +156,7 @@ def run_trl(a, model_dir, device, train_texts, reward, freeze: bool):
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "objective/scores" in logs:
                 scores.append(logs["objective/scores"])
+                kls.append(logs["objective/kl"])
 
     trainer = TRLTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
                          train_dataset=train, value_model=value, eval_dataset=train.select(range(a.batch_size)),
@@ -183,7 +185,7 @@ def run_trl(a, model_dir, device, train_texts, reward, freeze: bool):
             gc.unfreeze()
     iter_s = [b - a_ for a_, b in zip(stamps, stamps[1:])]
     tokens = a.batch_size * a.response_length
-    return {"iteration_s": iter_s, "tokens_per_s": [tokens / t for t in gen_times], "scores": scores,
+    return {"iteration_s": iter_s, "tokens_per_s": [tokens / t for t in gen_times], "scores": scores, "kl": kls,
             "policy": policy}
 
 
@@ -239,7 +241,7 @@ def main(argv=None) -> int:
                             a.response_length, a.temperature, seed=4242)
         summary[name] = {"s_per_iteration": statistics.median(steady),
                          "rollout_tokens_per_s": statistics.median(r["tokens_per_s"][1:] or r["tokens_per_s"]),
-                         "train_scores": r["scores"], "final_eval_reward": final,
+                         "train_scores": r["scores"], "train_kl": r["kl"], "final_eval_reward": final,
                          "iteration_s": r["iteration_s"]}
     k = summary["kiln"]
     table = Table(f"PPO iteration, {model_dir.name}, batch {a.batch_size} x {a.response_length} tokens, "
