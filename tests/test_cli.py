@@ -30,3 +30,13 @@ def test_doctor_exits_1_on_a_failing_op(monkeypatch, capsys):
     monkeypatch.setenv("KILN_OPS", "ref")
     assert main(["doctor", "--device", "cpu"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_public_api_reexports():
+    assert kiln.LLM.__name__ == "LLM" and kiln.SamplingParams.__name__ == "SamplingParams"
+    assert kiln.SparseConvTensor.__name__ == "SparseConvTensor"
+    assert callable(kiln.quantize_) and kiln.PPOConfig.__name__ == "PPOConfig"
+    import pytest
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        kiln.nope
