@@ -156,7 +156,7 @@ class ModelRunner:
         self.g_lens = torch.ones(bmax, dtype=torch.int32, device=dev)
         self.g_tables = torch.zeros(bmax, max_blocks, dtype=torch.int32, device=dev)
         self.g_cu = torch.arange(bmax + 1, dtype=torch.int32, device=dev)
-        self.g_out = torch.empty(bmax, self.mcfg.hidden_size, dtype=self.dtype, device=dev)
+        self.g_out = torch.empty(bmax, self.mcfg.vocab_size, dtype=self.dtype, device=dev)  # logits
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(sizes):
             ctx = AttentionContext(slot_mapping=self.g_slots[:b], cu_seqlens_q=self.g_cu[:b + 1],
@@ -164,10 +164,11 @@ class ModelRunner:
                                    max_seqlen_k=self.max_model_len, is_decode=True)
             set_context(ctx)
             try:
-                self.g_out[:b] = self.model(self.g_ids[:b], self.g_pos[:b])  # warm-up: compiles kernels
+                # the LM head runs inside the graph too: one replay per decode step, nothing else to launch
+                self.g_out[:b] = self.model.compute_logits(self.model(self.g_ids[:b], self.g_pos[:b]))  # warm-up
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.g_out[:b] = self.model(self.g_ids[:b], self.g_pos[:b])
+                    self.g_out[:b] = self.model.compute_logits(self.model(self.g_ids[:b], self.g_pos[:b]))
             finally:
                 set_context(None)
             self.graphs[b] = graph
@@ -203,8 +204,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
         if self.graphs and len(batch.seqs) <= max(self.graphs) and all(n == 1 for n in batch.num_new_tokens):
-            hidden = self._run_graph(batch)
-            return StepResult(self.model.compute_logits(hidden), list(range(len(batch.seqs))))
+            return StepResult(self._run_graph(batch), list(range(len(batch.seqs))))
         ids, pos, ctx, sample_rows, sample_idx = self.prepare(batch)
         set_context(ctx)
         try:

@@ -76,6 +76,9 @@ class Sampler:
                  banned: list[list[int]]) -> SampleResult:
         """logits [B, V] (any float dtype); one entry per row in the lists. ``banned`` token ids get -inf
         (EOS and stop ids before ``min_tokens``)."""
+        if (all(p.greedy and p.logprobs is None and not p.needs_penalties() for p in params)
+                and not any(banned)):  # the common serving case: one argmax, one read
+            return SampleResult(logits.argmax(dim=-1).tolist(), None, None)
         logits = logits.float()
         B, V = logits.shape
         dev = logits.device
