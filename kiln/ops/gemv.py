@@ -132,6 +132,8 @@ def _gemv_kernel(X, W, B, Y, R, RO, NW, M, N, K, stride_xm, stride_xk, stride_wn
                 acc += tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
             else:
                 acc += tl.dot(xt, tl.trans(w))
+        elif BLOCK_M == 1:  # plain 2D: [1, BK] broadcast over the [BN, BK] tile, reduced along K
+            acc += tl.sum(w.to(tl.float32) * xt.to(tl.float32), axis=1)[None, :]
         else:
             prod = xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
             acc += tl.sum(prod, axis=2)
@@ -249,7 +251,7 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
     check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=x.device)
     check_same("weight.shape[1]", weight.shape[1], "x.shape[-1]", x.shape[-1])
     fast = (use_gemv(x, weight) and norm_weight.dim() == 1 and norm_weight.shape[0] == x.shape[-1]
-            and norm_weight.is_cuda and (bias is None or bias.dtype == x.dtype)
+            and norm_weight.device == x.device and (bias is None or bias.dtype == x.dtype)
             and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)))
     if not fast:
         if residual is None:

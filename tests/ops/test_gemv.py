@@ -214,3 +214,39 @@ def test_gemv_is_cuda_graph_capturable():
     torch.cuda.synchronize()
     for got, ref in zip(outs, step()):
         assert torch.equal(got, ref)
+
+
+# ------------------------------------------------------------------------------------------------ in the model
+@requires_triton
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_decode_through_fused_kernels_follows_the_reference_ops(tmp_path, monkeypatch, family):
+    """A tiny fp16 model decodes greedily (M = 1 and 2 rows: the GEMV, both prologues, rope + KV store) to the
+    same tokens with the Triton kernels (interpreted on a CPU) as with the PyTorch references."""
+    pytest.importorskip("transformers")
+    from kiln.llm import LLM, SamplingParams
+    from tests.llm.conftest import make_checkpoint
+
+    make_checkpoint(tmp_path / family, family, seed=3)
+    prompts = [[0, 5, 9, 33, 100, 7, 12], [0, 3, 200]]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    calls = {"gemv": [], "rope": 0}
+    launch, rope = gemv._launch, kv_cache._rope_and_store_kv_triton
+
+    def counting_launch(x2, weight, bias, prologue, K, **kw):
+        calls["gemv"].append(prologue)
+        return launch(x2, weight, bias, prologue, K, **kw)
+
+    def counting_rope(*a):
+        calls["rope"] += 1
+        return rope(*a)
+
+    monkeypatch.setattr(gemv, "_launch", counting_launch)
+    monkeypatch.setattr(kv_cache, "_rope_and_store_kv_triton", counting_rope)
+    tokens = {}
+    for mode in ("ref", "triton"):
+        monkeypatch.setenv("KILN_OPS", mode)
+        llm = LLM(str(tmp_path / family), dtype="float16", max_num_seqs=2, block_size=8)
+        tokens[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert tokens["triton"] == tokens["ref"]
+    assert set(calls["gemv"]) == {gemv.PROLOGUE_NONE, gemv.PROLOGUE_SILU_MUL, gemv.PROLOGUE_RMS_NORM}
+    assert calls["rope"] > 0

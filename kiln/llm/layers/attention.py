@@ -8,6 +8,7 @@ from torch import nn
 from kiln.llm.context import get_context
 from kiln.ops import store_kv
 from kiln.ops.attention import paged_attention
+from kiln.ops.kv_cache import rope_and_store_kv
 
 
 class PagedAttention(nn.Module):
@@ -19,12 +20,19 @@ class PagedAttention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary=None) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D].
+
+        ``rotary=(positions, cos_sin_cache, is_neox)`` rotates q and k in place first, fused with the KV store.
+        """
         ctx = get_context()
         if self.k_cache is None:
             raise RuntimeError("PagedAttention has no KV cache: the runner must allocate it before a forward")
-        store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        if rotary is None:
+            store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        else:
+            positions, cos_sin, is_neox = rotary
+            rope_and_store_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache, ctx.slot_mapping, is_neox)
         o = paged_attention(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.seqlens_k, ctx.block_tables,
                             self.scale, max_seqlen_q=ctx.max_seqlen_q, is_decode=ctx.is_decode)
         return o.reshape(q.shape[0], -1)

@@ -15,7 +15,8 @@ from kiln.llm.config import ModelConfig
 from kiln.llm.layers.attention import PagedAttention
 from kiln.llm.layers.linear import FusedLinear
 from kiln.llm.layers.norm import RMSNorm
-from kiln.ops import apply_rotary, rope_cos_sin_cache, silu_and_mul
+from kiln.ops import rope_cos_sin_cache
+from kiln.ops.gemv import linear, rms_norm_linear, silu_mul_linear
 
 from .base import CausalLM, ParamTarget
 
@@ -35,15 +36,18 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, d, d ** -0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-        T = x.shape[0]
-        qkv = self.qkv_proj(x)
+        return self.attend(positions, self.qkv_proj(x), cos_sin)
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        """Everything after the qkv projection: q/k norm, rotary + KV store (one launch), attention, o_proj."""
+        T = qkv.shape[0]
         q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size: self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        apply_rotary(q, k, positions, cos_sin, is_neox=True)
-        return self.o_proj(self.attn(q, k, v))
+        o = self.attn(q, k, v, rotary=(positions, cos_sin, True))
+        return linear(o, self.o_proj.weight, self.o_proj.bias)
 
 
 class LlamaMLP(nn.Module):
@@ -56,7 +60,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return silu_mul_linear(self.gate_up_proj(x), self.down_proj.weight, self.down_proj.bias)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -68,14 +72,18 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(self, positions, hidden, residual, cos_sin):
+        # each RMSNorm is folded into the projection after it (one GEMV launch at decode; norm + cuBLAS otherwise)
+        attn, mlp, ln1, ln2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
+        qkv_w, qkv_b = attn.qkv_proj.weight, attn.qkv_proj.bias
         if residual is None:
             residual = hidden
-            hidden = self.input_layernorm(hidden)
+            qkv = rms_norm_linear(hidden, ln1.weight, ln1.eps, qkv_w, qkv_b)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, cos_sin)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+            qkv, residual = rms_norm_linear(hidden, ln1.weight, ln1.eps, qkv_w, qkv_b, residual)
+        hidden = attn.attend(positions, qkv, cos_sin)
+        gate_up, residual = rms_norm_linear(hidden, ln2.weight, ln2.eps, mlp.gate_up_proj.weight,
+                                            mlp.gate_up_proj.bias, residual)
+        return silu_mul_linear(gate_up, mlp.down_proj.weight, mlp.down_proj.bias), residual
 
 
 class LlamaModel(nn.Module):
@@ -113,6 +121,9 @@ class LlamaForCausalLM(CausalLM):
             hidden, residual = layer(positions, hidden, residual, self.cos_sin_cache)
         hidden, _ = self.model.norm(hidden, residual)
         return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return linear(hidden, self.lm_head.weight, self.lm_head.bias)
 
     def input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
