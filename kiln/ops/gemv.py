@@ -104,6 +104,10 @@ def _gemv_kernel(X, W, B, Y, R, RO, NW, M, N, K, stride_xm, stride_xk, stride_wn
             ss += tl.sum(s * s, axis=1)
         rstd = tl.rsqrt(ss / K + eps)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # CUDA-core paths keep per-element partial sums and reduce across K once, after the loop (no per-step
+    # cross-warp reduction between one tile's loads and the next)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K
@@ -132,12 +136,16 @@ def _gemv_kernel(X, W, B, Y, R, RO, NW, M, N, K, stride_xm, stride_xk, stride_wn
                 acc += tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
             else:
                 acc += tl.dot(xt, tl.trans(w))
-        elif BLOCK_M == 1:  # plain 2D: [1, BK] broadcast over the [BN, BK] tile, reduced along K
-            acc += tl.sum(w.to(tl.float32) * xt.to(tl.float32), axis=1)[None, :]
+        elif BLOCK_M == 1:  # plain 2D: [1, BK] broadcast over the [BN, BK] tile
+            acc1 += w.to(tl.float32) * xt.to(tl.float32)
         else:
-            prod = xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-            acc += tl.sum(prod, axis=2)
+            acc3 += xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         w = w_next
+    if not USE_DOT:
+        if BLOCK_M == 1:
+            acc = tl.sum(acc1, axis=1)[None, :]
+        else:
+            acc = tl.sum(acc3, axis=2)
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
