@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -265,22 +266,11 @@ class LLMEngine:
                 touched[req.request_id] = req
         outputs = []
         for req in touched.values():
-            completions = []
-            for seq in req.seqs:
-                holdback = 0
-                if seq.finish_reason is None and seq.params.stop_strings:
-                    holdback = max(len(s) for s in seq.params.stop_strings) - 1
-                visible = max(seq.visible_len, len(seq.output_text) - holdback)
-                if seq.finish_reason is not None:
-                    visible = len(seq.output_text)
-                delta = seq.output_text[seq.visible_len:visible]
-                seq.visible_len = visible
-                completions.append(CompletionOutput(
-                    index=seq.index, text=seq.output_text[:visible], token_ids=list(seq.output_token_ids),
-                    cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-                    logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
-                    finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, delta_text=delta))
             finished = all(s.finish_reason is not None for s in req.seqs)
+            kind = req.params.output_kind
+            if kind == "final_only" and not finished:
+                continue
+            completions = [self._completion(seq, kind) for seq in req.seqs]
             req.metrics.num_preemptions = sum(s.num_preemptions for s in req.seqs)
             if finished:
                 req.finished = True
@@ -291,6 +281,31 @@ class LLMEngine:
                                          num_cached_tokens=max(s.num_cached_tokens for s in req.seqs),
                                          metrics=req.metrics))
         return outputs
+
+    def _completion(self, seq: Sequence, kind: str) -> CompletionOutput:
+        holdback = 0
+        if seq.finish_reason is None and seq.params.stop_strings:
+            holdback = max(len(s) for s in seq.params.stop_strings) - 1
+        visible = len(seq.output_text) if seq.finish_reason is not None else max(
+            seq.visible_len, len(seq.output_text) - holdback)
+        delta = seq.output_text[seq.visible_len:visible]
+        seq.visible_len = visible
+        start = seq.num_prompt_tokens + seq.num_emitted_tokens
+        new_ids = seq.token_ids[start:]
+        seq.num_emitted_tokens += len(new_ids)
+        if kind == "delta":
+            ids = new_ids
+            logprobs = seq.logprobs[len(seq.logprobs) - len(new_ids):] if seq.logprobs is not None else None
+            text = delta
+        else:
+            ids = seq.token_ids[seq.num_prompt_tokens:]
+            logprobs = list(seq.logprobs) if seq.logprobs is not None else None
+            text = seq.output_text[:visible]
+        return CompletionOutput(
+            index=seq.index, text=text, token_ids=ids,
+            cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None, logprobs=logprobs,
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, delta_text=delta,
+            delta_token_ids=new_ids)
 
     # --------------------------------------------------------------------------------------- weights
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -361,6 +376,9 @@ class LLM:
             params = sampling_params
         else:
             params = [sampling_params or SamplingParams()] * len(prompts)
+        # one output per request when it finishes: no per-step copies of growing token lists
+        params = [dataclasses.replace(p, output_kind="final_only") if isinstance(p, SamplingParams) else p
+                  for p in params]
         ids = []
         try:
             for p, sp in zip(prompts, params):

@@ -27,6 +27,9 @@ class SamplingParams:
     logprobs: int | None = None      # top-k log-probabilities per generated token (plus the sampled one)
     skip_special_tokens: bool = True
     detokenize: bool = True          # False: token ids only (benchmarks, RL rollouts); stop strings need text
+    # vLLM's RequestOutputKind: "cumulative" (all tokens so far, every step), "delta" (only what is new) or
+    # "final_only" (one output when the request finishes; what LLM.generate uses, so long outputs cost O(n))
+    output_kind: str = "cumulative"
     stop_strings: list[str] = field(init=False, default_factory=list, repr=False)
 
     def __post_init__(self):
@@ -78,6 +81,8 @@ class SamplingParams:
             raise TypeError(f"stop must be a string or a list of strings, got {type(self.stop).__name__}"
                             + (f" containing {type(next(s for s in self.stop if not isinstance(s, str))).__name__}"
                                if isinstance(self.stop, (list, tuple)) else ""))
+        if self.output_kind not in ("cumulative", "delta", "final_only"):
+            raise ValueError(f"output_kind must be 'cumulative', 'delta' or 'final_only', got {self.output_kind!r}")
         if self.stop_strings and not self.detokenize:
             raise ValueError("stop strings need detokenize=True")
         if any(s == "" for s in self.stop_strings):

@@ -38,6 +38,7 @@ class Sequence:
     # output state
     output_text: str = ""
     visible_len: int = 0             # chars of output_text already handed to the caller (stream deltas)
+    num_emitted_tokens: int = 0      # output tokens already handed out (delta outputs)
     prefix_offset: int = 0           # incremental detokenisation window (token indices into token_ids)
     read_offset: int = 0
     cumulative_logprob: float = 0.0
