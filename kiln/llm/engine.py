@@ -184,8 +184,8 @@ class LLMEngine:
             seqs = [batch.seqs[r] for r in result.sample_rows]
             banned = [self._banned(s) for s in seqs]
             sampled = self.sampler(result.logits, [s.params for s in seqs],
-                                   [s.token_ids[:s.num_prompt_tokens] for s in seqs],
-                                   [s.output_token_ids for s in seqs], [s.generator for s in seqs], banned)
+                                   [(s.token_ids, s.num_prompt_tokens) for s in seqs],
+                                   [s.generator for s in seqs], banned)
             now = time.time()
             for j, seq in enumerate(seqs):
                 self._append_token(seq, sampled, j, now)

@@ -71,11 +71,12 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
-                 output_ids: list[list[int]], generators: list[torch.Generator | None],
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
+                 histories: list[tuple[list[int], int]], generators: list[torch.Generator | None],
                  banned: list[list[int]]) -> SampleResult:
-        """logits [B, V] (any float dtype); one entry per row in the lists. ``banned`` token ids get -inf
-        (EOS and stop ids before ``min_tokens``)."""
+        """logits [B, V] (any float dtype); one entry per row in the lists. ``histories`` holds each row's
+        (prompt + output token list, prompt length), read only for penalties (no per-step copies). ``banned``
+        token ids get -inf (EOS and stop ids before ``min_tokens``)."""
         if (all(p.greedy and p.logprobs is None and not p.needs_penalties() for p in params)
                 and not any(banned)):  # the common serving case: one argmax, one read
             return SampleResult(logits.argmax(dim=-1).tolist(), None, None)
@@ -93,10 +94,11 @@ class Sampler:
             prompt_mask = torch.zeros(len(pen_rows), V, dtype=torch.bool, device=dev)
             counts = torch.zeros(len(pen_rows), V, dtype=torch.int32, device=dev)
             for j, i in enumerate(pen_rows):
-                if prompt_ids[i]:
-                    prompt_mask[j, torch.tensor(prompt_ids[i], device=dev)] = True
-                if output_ids[i]:
-                    counts[j] = torch.bincount(torch.tensor(output_ids[i], device=dev), minlength=V)[:V].int()
+                tokens, n_prompt = histories[i]
+                if n_prompt:
+                    prompt_mask[j, torch.tensor(tokens[:n_prompt], device=dev)] = True
+                if len(tokens) > n_prompt:
+                    counts[j] = torch.bincount(torch.tensor(tokens[n_prompt:], device=dev), minlength=V)[:V].int()
             pr = [params[i] for i in pen_rows]
             logits[rows] = apply_penalties(
                 logits[rows], prompt_mask, counts,
