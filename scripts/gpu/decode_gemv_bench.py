@@ -148,6 +148,21 @@ def main() -> int:
         del wd
         torch.cuda.empty_cache()
 
+    print("\n== per-linear decode bandwidth, batch 1 (fraction of copy bandwidth)")
+    print(f"{'model':9} {'linear':13} {'M':>2} {'cuBLAS us':>10} {'%':>6} {'kiln us':>8} {'%':>6} "
+          f"{'PDL us':>7} {'%':>6}")
+    for model, name, m, n, k, tc, tk, tp, _ in rows:
+        b = n * k * 2
+        print(f"{model:9} {name:13} {m:2d} {tc * 1e6:10.1f} {b / tc / bw * 100:6.1f} {tk * 1e6:8.1f} "
+              f"{b / tk / bw * 100:6.1f} {tp * 1e6:7.1f} {b / tp / bw * 100:6.1f}")
+    for model in args.models:
+        sel = [r for r in rows if r[0] == model and r[2] == 1 and r[1] != "lm_head"]
+        if sel:
+            layers = {"llama-1b": 16, "llama-8b": 32}[model]
+            cub, kil = sum(r[5] for r in sel) * layers, sum(r[6] for r in sel) * layers
+            pdl = sum(r[7] for r in sel) * layers
+            print(f"{model}: per-step GEMVs without lm_head: cuBLAS {cub * 1e3:.3f} ms, kiln {kil * 1e3:.3f} ms, "
+                  f"kiln+PDL {pdl * 1e3:.3f} ms")
     if args.sweep:
         model = args.models[0]
         print(f"\n== tile sweep, {model}, M=1 (us per call; * = the heuristic's pick)")
@@ -173,21 +188,6 @@ def main() -> int:
             del ws
             torch.cuda.empty_cache()
 
-    print("\n== per-linear decode bandwidth, batch 1 (fraction of copy bandwidth)")
-    print(f"{'model':9} {'linear':13} {'M':>2} {'cuBLAS us':>10} {'%':>6} {'kiln us':>8} {'%':>6} "
-          f"{'PDL us':>7} {'%':>6}")
-    for model, name, m, n, k, tc, tk, tp, _ in rows:
-        b = n * k * 2
-        print(f"{model:9} {name:13} {m:2d} {tc * 1e6:10.1f} {b / tc / bw * 100:6.1f} {tk * 1e6:8.1f} "
-              f"{b / tk / bw * 100:6.1f} {tp * 1e6:7.1f} {b / tp / bw * 100:6.1f}")
-    for model in args.models:
-        sel = [r for r in rows if r[0] == model and r[2] == 1 and r[1] != "lm_head"]
-        if sel:
-            layers = {"llama-1b": 16, "llama-8b": 32}[model]
-            cub, kil = sum(r[5] for r in sel) * layers, sum(r[6] for r in sel) * layers
-            pdl = sum(r[7] for r in sel) * layers
-            print(f"{model}: per-step GEMVs without lm_head: cuBLAS {cub * 1e3:.3f} ms, kiln {kil * 1e3:.3f} ms, "
-                  f"kiln+PDL {pdl * 1e3:.3f} ms")
     return 0
 
 
