@@ -122,7 +122,8 @@ def run_kiln(model_dir: Path, prompts, outs, repeat: int, max_num_seqs: int, tag
 
     llm = LLM(str(model_dir), dtype="bfloat16", load_format="dummy", max_num_seqs=max_num_seqs,
               max_num_batched_tokens=8192, max_model_len=4096, gpu_memory_utilization=0.85)
-    params = [SamplingParams(temperature=0.6, max_tokens=o, ignore_eos=True, detokenize=False) for o in outs]
+    temp = 0.0 if len(prompts) == 1 else 0.6  # (b) is a greedy latency run; (a)/(c) sample as nano-vllm's bench
+    params = [SamplingParams(temperature=temp, max_tokens=o, ignore_eos=True, detokenize=False) for o in outs]
     inputs = [{"prompt_token_ids": p} for p in prompts]
     llm.generate(inputs[: min(4, len(inputs))], params[: min(4, len(inputs))])  # warm-up (graphs already captured)
     walls, last = [], None
@@ -173,8 +174,9 @@ def run_hf(cfg: dict, prompts, outs, batch: int, repeat: int):
         for _ in range(repeat):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=True,
-                           temperature=0.6, top_k=0, pad_token_id=0)
+            sample = dict(do_sample=True, temperature=0.6, top_k=0) if len(sel) > 1 else dict(do_sample=False)
+            model.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0,
+                           **sample)
             torch.cuda.synchronize()
             walls.append(time.perf_counter() - t0)
     wall = statistics.median(walls)

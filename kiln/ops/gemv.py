@@ -34,6 +34,14 @@ from ._dispatch import backend_for, check_same, check_tensor, interpreting
 from ._triton import triton, tl
 
 MAX_M = 16
+# Measured on an H200 (2026-11-26, scripts/gpu/decode_gemv_bench.py, CUDA-graph chains at M=1): the Triton GEMV
+# beats cuBLAS on narrow outputs (qkv 5.4 vs 6.0 us, o_proj 4.9 vs 6.0, down 11.1 vs 13.2 on the 1B shape; 15.7 vs
+# 16.5, 10.8 vs 12.4, 30.4 vs 31.0 on 8B) and loses on wide ones (gate_up 25.3 vs 18.1, lm_head 156 vs 127), so
+# wide outputs stay on cuBLAS. The fused RMSNorm prologue paid at K = 2048 (6.9 vs 8.0 us) and lost at K = 4096
+# (27.4 vs 17.8); the fused SiLU prologue lost at both sizes measured (inner 8192: 14.8 vs 14.0; 14336: 38 vs 33).
+MAX_GEMV_N = 8192
+MAX_FUSED_NORM_K = 2048
+MAX_FUSED_SILU_K = 4096
 GEMV_DTYPES = (torch.float16, torch.bfloat16)
 TILE_ELEMS = 8192          # weight elements per CTA per step: 16 KB in 16-bit, 64 per thread at 4 warps
 PROLOGUE_NONE, PROLOGUE_SILU_MUL, PROLOGUE_RMS_NORM = 0, 1, 2
@@ -61,6 +69,8 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor, k_in: int | None = None) -> 
         return False
     k = x.shape[-1] if k_in is None else k_in
     if k == 0 or weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] == 0:
+        return False
+    if weight.shape[0] > MAX_GEMV_N:
         return False
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return 0 < m <= MAX_M and backend_for(x, weight) == "triton"
@@ -234,8 +244,9 @@ def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         raise ValueError(f"gate_up's last dim must be even ([gate | up]), got shape {tuple(gate_up.shape)}")
     inner = gate_up.shape[-1] // 2
     check_same("weight.shape[1]", weight.shape[1], "gate_up.shape[-1] // 2", inner)
-    if not use_gemv(gate_up, weight, k_in=inner) or (bias is not None and bias.dtype != gate_up.dtype):
-        return F.linear(silu_and_mul(gate_up), weight, bias)
+    if (not use_gemv(gate_up, weight, k_in=inner) or inner > MAX_FUSED_SILU_K
+            or (bias is not None and bias.dtype != gate_up.dtype)):
+        return linear(silu_and_mul(gate_up), weight, bias)
     y, _ = _launch(gate_up.reshape(-1, 2 * inner), weight, bias, PROLOGUE_SILU_MUL, inner)
     return y.view(*gate_up.shape[:-1], weight.shape[0])
 
@@ -258,14 +269,14 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
     check_tensor("x", x, dtypes=(torch.float32, torch.float16, torch.bfloat16))
     check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=x.device)
     check_same("weight.shape[1]", weight.shape[1], "x.shape[-1]", x.shape[-1])
-    fast = (use_gemv(x, weight) and norm_weight.dim() == 1 and norm_weight.shape[0] == x.shape[-1]
+    fast = (use_gemv(x, weight) and x.shape[-1] <= MAX_FUSED_NORM_K and norm_weight.dim() == 1 and norm_weight.shape[0] == x.shape[-1]
             and norm_weight.device == x.device and (bias is None or bias.dtype == x.dtype)
             and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)))
     if not fast:
         if residual is None:
-            return F.linear(rms_norm(x, norm_weight, eps), weight, bias)
+            return linear(rms_norm(x, norm_weight, eps), weight, bias)
         h, s = rms_norm(x, norm_weight, eps, residual)
-        return F.linear(h, weight, bias), s
+        return linear(h, weight, bias), s
     K = x.shape[-1]
     r2 = None if residual is None else residual.reshape(-1, K)
     y, ro = _launch(x.reshape(-1, K), weight, bias, PROLOGUE_RMS_NORM, K, residual=r2, norm_weight=norm_weight, eps=eps)
