@@ -48,7 +48,9 @@ PROLOGUE_NONE, PROLOGUE_SILU_MUL, PROLOGUE_RMS_NORM = 0, 1, 2
 
 
 def gemv_enabled() -> bool:
-    v = os.environ.get("KILN_GEMV", "on").lower()
+    """Opt-in (``KILN_GEMV=on``): on an H200 the end-to-end gain over cuBLAS was within noise and the M > 4 tiles
+    failed their full-size GPU tests (2026-11-26), so cuBLAS stays the default until both are fixed."""
+    v = os.environ.get("KILN_GEMV", "off").lower()
     if v not in ("on", "off", "1", "0"):
         raise ValueError(f"KILN_GEMV must be 'on' or 'off', got {v!r}")
     return v in ("on", "1")

@@ -16,6 +16,12 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 RTOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
+@pytest.fixture(autouse=True)
+def _gemv_on(monkeypatch):
+    """The Triton GEMV is opt-in (KILN_GEMV=on); these tests exercise it."""
+    monkeypatch.setenv("KILN_GEMV", "on")
+
+
 def rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
