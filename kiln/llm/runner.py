@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.ops import backend_for
+
 from .config import EngineConfig, ModelConfig
 from .context import AttentionContext, set_context
 from .models import CausalLM
@@ -40,7 +42,9 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                     self.kv_pool.numel() * self.kv_pool.element_size() / 2**20)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if device.type == "cuda" and not engine_config.enforce_eager:
+        # the PyTorch reference attention reads lengths on the host, which a graph cannot capture: with
+        # KILN_OPS=ref the engine runs eagerly
+        if device.type == "cuda" and not engine_config.enforce_eager and backend_for(self.kv_pool) == "triton":
             self.capture_decode_graphs()
 
     # ------------------------------------------------------------------------------------------ sizing
