@@ -67,6 +67,8 @@ def paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tabl
     cu = cu_seqlens_q.tolist()
     lens = seqlens_k.tolist()
     group = q.shape[1] // k_cache.shape[2]
+    if lens and cu == list(range(len(lens) + 1)):
+        return _decode_ref(q, k_cache, v_cache, seqlens_k, block_tables, scale, max(lens), group)
     for i, L in enumerate(lens):
         s, e = cu[i], cu[i + 1]
         n = e - s
@@ -81,6 +83,23 @@ def paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tabl
                                            attn_mask=mask, scale=scale)
         out[s:e] = o.transpose(0, 1).to(q.dtype)
     return out
+
+
+def _decode_ref(q, k_cache, v_cache, seqlens_k, block_tables, scale, max_len, group):
+    """One query per sequence: gather every sequence's K/V into a padded batch and run one masked SDPA (the
+    same math as the per-sequence loop, without a Python loop over the batch)."""
+    B = q.shape[0]
+    bs = k_cache.shape[1]
+    nb = -(-max_len // bs)
+    tables = block_tables[:, :nb].clamp_min(0).long()
+    k = k_cache[tables].reshape(B, nb * bs, *k_cache.shape[2:])[:, :max_len].float()
+    v = v_cache[tables].reshape(B, nb * bs, *v_cache.shape[2:])[:, :max_len].float()
+    k = k.repeat_interleave(group, dim=2).transpose(1, 2)  # [B, Hq, L, D]
+    v = v.repeat_interleave(group, dim=2).transpose(1, 2)
+    mask = torch.arange(max_len, device=q.device)[None, :] < seqlens_k.to(q.device)[:, None]  # [B, L]
+    o = F.scaled_dot_product_attention(q.float()[:, :, None, :], k, v, attn_mask=mask[:, None, None, :],
+                                       scale=scale)
+    return o[:, :, 0, :].to(q.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ Triton kernels

@@ -98,3 +98,14 @@ def test_bad_attention_inputs_are_named():
         attention.paged_attention(q, kc.half(), kc, cu, lk, bt, 1.0)
     with pytest.raises(ValueError, match="disagree on the batch size"):
         attention.paged_attention(q, kc[:, :, :2], kc[:, :, :2], cu, torch.tensor([3, 3], dtype=torch.int32), bt, 1.0)
+
+
+def test_batched_decode_reference_equals_the_per_sequence_loop():
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    q, kc, vc, cu, lk, bt = make_case(g, torch.float32, 8, 2, 32, 4, [1, 1, 1, 1], [0, 9, 30, 3])
+    batched = attention.paged_attention_ref(q, kc, vc, cu, lk, bt, 0.3)
+    for i, L in enumerate(lk.tolist()):  # each sequence by hand: its keys gathered block by block, no mask
+        k = attention.gather_kv(kc, bt[i], L).repeat_interleave(4, dim=1)  # [L, Hq, D]
+        v = attention.gather_kv(vc, bt[i], L).repeat_interleave(4, dim=1)
+        w = torch.softmax(torch.einsum("hd,lhd->hl", q[i], k) * 0.3, dim=-1)
+        torch.testing.assert_close(batched[i], torch.einsum("hl,lhd->hd", w, v), rtol=1e-5, atol=1e-5)
