@@ -224,6 +224,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     Triton skinny GEMM when ``use_gemv`` (at most 16 rows, CUDA, fp16/bf16, not ``KILN_GEMV=off``); else cuBLAS.
     """
+    check_tensor("x", x, dtypes=(torch.float32, torch.float16, torch.bfloat16))
+    check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=x.device)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dim")
+    check_same("weight.shape[1]", weight.shape[1], "x.shape[-1]", x.shape[-1])
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, device=x.device)
+        check_same("bias.shape[0]", bias.shape[0], "weight.shape[0]", weight.shape[0])
     if not use_gemv(x, weight) or (bias is not None and (bias.dtype != x.dtype or bias.shape != (weight.shape[0],))):
         return F.linear(x, weight, bias)
     K = x.shape[-1]

@@ -256,3 +256,15 @@ def test_decode_through_fused_kernels_follows_the_reference_ops(tmp_path, monkey
     assert tokens["triton"] == tokens["ref"]
     assert set(calls["gemv"]) == {gemv.PROLOGUE_NONE, gemv.PROLOGUE_SILU_MUL, gemv.PROLOGUE_RMS_NORM}
     assert calls["rope"] > 0
+
+
+def test_linear_bad_inputs_name_the_argument():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"weight.shape\[1\] \(7\) must match x.shape\[-1\] \(8\)"):
+        gemv.linear(x, torch.randn(4, 7))
+    with pytest.raises(ValueError, match="weight must have dtype"):
+        gemv.linear(x, torch.randn(4, 8).half())
+    with pytest.raises(ValueError, match=r"bias.shape\[0\] \(3\) must match weight.shape\[0\] \(4\)"):
+        gemv.linear(x, torch.randn(4, 8), torch.randn(3))
+    with pytest.raises(ValueError, match="x must have dtype"):
+        gemv.linear(x.long(), torch.randn(4, 8))
