@@ -6,6 +6,7 @@ import torch
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_same, check_tensor
 from ._triton import triton, tl
+from .rotary import rope_heads
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -114,28 +115,6 @@ def rope_and_store_kv_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, s
 
 
 @triton.jit
-def _rope_heads(X, t, sx_t, sx_h, sx_d, H, cos, sin, offs, half_mask, DT: tl.constexpr, HALF: tl.constexpr,
-                IS_NEOX: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Rotate the H heads of token t in place; returns (o1, o2, d1, d2, mask) for the caller's cache store."""
-    h = tl.arange(0, BLOCK_H)
-    m = (h[:, None] < H) & half_mask[None, :]
-    if IS_NEOX:
-        d1 = offs
-        d2 = offs + HALF
-    else:
-        d1 = 2 * offs
-        d2 = 2 * offs + 1
-    base = X + t * sx_t + h[:, None].to(tl.int64) * sx_h
-    x1 = tl.load(base + d1[None, :] * sx_d, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(base + d2[None, :] * sx_d, mask=m, other=0.0).to(tl.float32)
-    o1 = ((x1 * cos[None, :]).to(DT).to(tl.float32) - (x2 * sin[None, :]).to(DT).to(tl.float32)).to(DT)
-    o2 = ((x2 * cos[None, :]).to(DT).to(tl.float32) + (x1 * sin[None, :]).to(DT).to(tl.float32)).to(DT)
-    tl.store(base + d1[None, :] * sx_d, o1, mask=m)
-    tl.store(base + d2[None, :] * sx_d, o2, mask=m)
-    return o1, o2, d1, d2, m
-
-
-@triton.jit
 def _rope_store_kernel(Q, K, V, POS, CACHE, KC, VC, SLOTS, sq_t, sq_h, sq_d, sk_t, sk_h, sk_d, sv_t, sv_h, sv_d,
                        stride_cache, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, block_size, HQ, HK, D, ROT,
                        HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, IS_NEOX: tl.constexpr,
@@ -147,8 +126,8 @@ def _rope_store_kernel(Q, K, V, POS, CACHE, KC, VC, SLOTS, sq_t, sq_h, sq_d, sk_
     half_mask = offs < HALF
     cos = tl.load(CACHE + pos * stride_cache + offs, mask=half_mask, other=0.0).to(dt).to(tl.float32)
     sin = tl.load(CACHE + pos * stride_cache + HALF + offs, mask=half_mask, other=0.0).to(dt).to(tl.float32)
-    _rope_heads(Q, t, sq_t, sq_h, sq_d, HQ, cos, sin, offs, half_mask, dt, HALF, IS_NEOX, BLOCK_HQ)
-    k1, k2, d1, d2, mk = _rope_heads(K, t, sk_t, sk_h, sk_d, HK, cos, sin, offs, half_mask, dt, HALF, IS_NEOX,
+    rope_heads(Q, t, sq_t, sq_h, sq_d, HQ, 0, cos, sin, offs, half_mask, dt, HALF, IS_NEOX, BLOCK_HQ)
+    k1, k2, d1, d2, mk = rope_heads(K, t, sk_t, sk_h, sk_d, HK, 0, cos, sin, offs, half_mask, dt, HALF, IS_NEOX,
                                      BLOCK_HK)
     slot = tl.load(SLOTS + t).to(tl.int64)
     blk = slot // block_size

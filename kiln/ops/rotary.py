@@ -109,6 +109,29 @@ def rotary_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Te
 
 
 @triton.jit
+def rope_heads(X, t, sx_t, sx_h, sx_d, H, h0, cos, sin, offs, half_mask, DT: tl.constexpr, HALF: tl.constexpr,
+               IS_NEOX: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rotate heads h0 .. h0 + BLOCK_H of token t in place (heads >= H masked), rounding where the reference does:
+    each product, then the sum. Returns (o1, o2, d1, d2, mask) for a caller that also stores them elsewhere."""
+    h = h0 + tl.arange(0, BLOCK_H)
+    m = (h[:, None] < H) & half_mask[None, :]
+    if IS_NEOX:
+        d1 = offs
+        d2 = offs + HALF
+    else:
+        d1 = 2 * offs
+        d2 = 2 * offs + 1
+    base = X + t * sx_t + h[:, None].to(tl.int64) * sx_h
+    x1 = tl.load(base + d1[None, :] * sx_d, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(base + d2[None, :] * sx_d, mask=m, other=0.0).to(tl.float32)
+    o1 = ((x1 * cos[None, :]).to(DT).to(tl.float32) - (x2 * sin[None, :]).to(DT).to(tl.float32)).to(DT)
+    o2 = ((x2 * cos[None, :]).to(DT).to(tl.float32) + (x1 * sin[None, :]).to(DT).to(tl.float32)).to(DT)
+    tl.store(base + d1[None, :] * sx_d, o1, mask=m)
+    tl.store(base + d2[None, :] * sx_d, o2, mask=m)
+    return o1, o2, d1, d2, m
+
+
+@triton.jit
 def _rotary_kernel(X, POS, CACHE, stride_t, stride_h, stride_d, stride_cache, H,
                    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -118,24 +141,8 @@ def _rotary_kernel(X, POS, CACHE, stride_t, stride_h, stride_d, stride_cache, H,
     dt = X.dtype.element_ty
     cos = tl.load(CACHE + pos * stride_cache + offs, mask=half_mask, other=0.0).to(dt).to(tl.float32)
     sin = tl.load(CACHE + pos * stride_cache + HALF + offs, mask=half_mask, other=0.0).to(dt).to(tl.float32)
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    m = (h[:, None] < H) & half_mask[None, :]
-    if IS_NEOX:
-        d1 = offs
-        d2 = offs + HALF
-    else:
-        d1 = 2 * offs
-        d2 = 2 * offs + 1
-    base = X + t * stride_t + h[:, None].to(tl.int64) * stride_h
-    p1 = base + d1[None, :] * stride_d
-    p2 = base + d2[None, :] * stride_d
-    x1 = tl.load(p1, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(p2, mask=m, other=0.0).to(tl.float32)
-    # round like the reference (and Hugging Face): each product, then the sum
-    o1 = (x1 * cos[None, :]).to(dt).to(tl.float32) - (x2 * sin[None, :]).to(dt).to(tl.float32)
-    o2 = (x2 * cos[None, :]).to(dt).to(tl.float32) + (x1 * sin[None, :]).to(dt).to(tl.float32)
-    tl.store(p1, o1.to(dt), mask=m)
-    tl.store(p2, o2.to(dt), mask=m)
+    rope_heads(X, t, stride_t, stride_h, stride_d, H, tl.program_id(1) * BLOCK_H, cos, sin, offs, half_mask,
+               dt, HALF, IS_NEOX, BLOCK_H)
 
 
 def _apply_rotary_triton(q, k, positions, cache, is_neox):
