@@ -156,13 +156,14 @@ def encode(coords: torch.Tensor, batch: torch.Tensor, shape) -> torch.Tensor:
 
 def decode(keys: torch.Tensor, shape) -> torch.Tensor:
     """int32 [N, ndim + 1] batch-first indices from keys."""
-    cols = []
+    out = torch.empty(keys.shape[0], len(shape) + 1, dtype=torch.int32, device=keys.device)
     rest = keys
-    for s in reversed(shape):
-        cols.append(rest % s)
-        rest = rest // s
-    cols.append(rest)
-    return torch.stack(cols[::-1], 1).int()
+    for d in reversed(range(len(shape))):
+        q = torch.div(rest, shape[d], rounding_mode="floor")
+        out[:, d + 1] = rest - q * shape[d]
+        rest = q
+    out[:, 0] = rest
+    return out
 
 
 def _unique(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,33 +190,50 @@ def _linear_strides(shape):
     return strides[::-1]
 
 
-def _sorted_window_lookup(table, q: torch.Tensor, kx: int) -> torch.Tensor:
+def _sorted_window_lookup(table, keys: torch.Tensor, d0: torch.Tensor, kx: int, n_look: int,
+                          centre_last: bool = False) -> torch.Tensor:
     """``hash_lookup`` for the sorted-array table, exploiting that consecutive offsets along the last dim query
-    consecutive keys: one binary search per run of ``kx`` offsets, then the next ``kx`` sorted slots are checked
-    (unique integer keys: key + t can only sit within t slots of the first key >= key)."""
-    L, n = q.shape
-    out = torch.full((L, n), -1, dtype=torch.int32, device=q.device)
+    consecutive keys. ``q0 = keys + d0[:, None]`` [R, N] is the key of the first offset of each run of ``kx``
+    offsets (offsets ``r * kx + t`` query ``q0[r] + t``). All runs are searched at once, then the next ``kx`` sorted slots are checked: unique integer keys mean
+    ``q0 + t`` can only sit within ``t`` slots of the first key >= ``q0``, and each slot matches at most one ``t``.
+    With ``centre_last`` the last run is the voxels' own row (``q0 = key - kx // 2``, rows in table order): its
+    first key >= ``q0`` is found from each voxel's own sorted position, without a search. Returns int32
+    [n_look, N] (value, or -1); the caller masks out-of-bounds queries, which may match unrelated keys."""
+    R, n = d0.numel(), keys.numel()
     sk, vals = table.keys, table.values
-    if sk.numel() == 0:
-        return out
+    if sk.numel() == 0 or n == 0:
+        return torch.full((n_look, n), -1, dtype=torch.int32, device=keys.device)
     last = sk.numel() - 1
-    for r0 in range(0, L, kx):
-        rows = q[r0:r0 + kx]
-        valid = rows >= 0
-        # the run's smallest key; rows of a run differ by 1 (where in bounds)
-        base = torch.zeros_like(rows[0])
-        for t in reversed(range(rows.shape[0])):
-            base = torch.where(valid[t], rows[t] - t, base)
-        pos = torch.searchsorted(sk, base)
-        cand = [sk[(pos + m).clamp_(max=last)] for m in range(rows.shape[0])]
-        for t in range(rows.shape[0]):
-            target = rows[t]
-            res = torch.full((n,), -1, dtype=torch.int32, device=q.device)
-            for m in range(t + 1):
-                hit = cand[m] == target
-                res = torch.where(hit, vals[(pos + m).clamp(max=last)], res)
-            out[r0 + t] = torch.where(valid[t], res, torch.full_like(res, -1))
-    return out
+    lo, hi = int(sk[0]) + int(d0.min()), int(sk[-1]) + int(d0.max())
+    narrow = int(sk[-1]) < 2**30 and -2**30 < lo and hi < 2**30
+    idt = torch.int32 if narrow else torch.int64
+    if narrow:  # half the memory traffic: keys, queries, positions and differences all fit int32
+        sk, keys, d0 = sk.int(), keys.int(), d0.int()
+    q0 = keys.unsqueeze(0) + d0.unsqueeze(1)
+    q0f = q0.reshape(-1)
+    if centre_last:
+        # own sorted position minus the keys in [key - kx // 2, key) just before it
+        own = torch.empty(n, dtype=idt, device=keys.device)
+        own[vals.long()] = torch.arange(n, device=keys.device, dtype=idt)
+        pc = own
+        for m in range(1, kx // 2 + 1):
+            back = own - m
+            pc = pc - ((back >= 0) & (sk.index_select(0, back.clamp_(min=0)) >= q0[-1])).to(idt)
+        pos = torch.cat([torch.searchsorted(sk, q0[:-1].reshape(-1), out_int32=narrow), pc])
+    else:
+        pos = torch.searchsorted(sk, q0f, out_int32=narrow)
+    d, v = [], []
+    for m in range(kx):
+        p = (pos + m).clamp_(max=last)
+        d.append(sk.index_select(0, p) - q0f)  # which t slot m answers (sk[p] == q0 + t), if any
+        v.append(vals.index_select(0, p))
+    rows = []
+    for t in range(kx):
+        res = v[t].masked_fill(d[t] != t, -1)
+        for m in range(t):
+            res = torch.where(d[m] == t, v[m], res)
+        rows.append(res.view(R, n))
+    return torch.stack(rows, 1).view(R * kx, n)[:n_look]
 
 
 def build_subm(indices: torch.Tensor, spatial_shape, ksize, dilation) -> Rulebook:
@@ -245,25 +263,36 @@ def build_subm(indices: torch.Tensor, spatial_shape, ksize, dilation) -> Ruleboo
     centre_k = sum((k // 2) * math.prod(ksize[d + 1:]) for d, k in enumerate(ksize))
     symmetric = all(k % 2 == 1 for k in ksize)
     ok = _per_dim_product(oks, n)  # [K, N]
-    look = range(centre_k) if symmetric else range(K)
-    look_t = torch.tensor(list(look), dtype=torch.long, device=dev)
-    q = keys.unsqueeze(0) + delta[look_t].unsqueeze(1)
-    q = torch.where(ok[look_t], q, torch.full_like(q, -1))
+    n_look = centre_k if symmetric else K
     if table.backend == "ref" and dilation[-1] == 1 and ksize[-1] > 1:
-        src = _sorted_window_lookup(table, q, ksize[-1])
+        kx = ksize[-1]
+        runs = -(-n_look // kx)
+        d0 = delta[torch.arange(runs, device=dev) * kx]
+        # for odd kernels the last run is the centre row's offsets before the centre
+        src = _sorted_window_lookup(table, keys, d0, kx, n_look, centre_last=symmetric)
+        hit = (src >= 0).logical_and_(ok[:n_look])
     else:
-        src = hashing.hash_lookup(table, q)  # [len(look), N]
-    kk, oo = torch.nonzero(src >= 0, as_tuple=True)
-    ii = src[kk, oo].long()
-    ks = look_t[kk]
-    if symmetric:
-        ar = torch.arange(n, device=dev)
-        ks = torch.cat([ks, torch.full((n,), centre_k, device=dev, dtype=torch.long), K - 1 - ks])
-        ii, oo = torch.cat([ii, ar, oo]), torch.cat([oo, ar, ii])
-    order = torch.sort(ks, stable=True).indices
-    ks, in_idx, out_idx = ks[order], ii[order], oo[order]
-    counts = torch.bincount(ks, minlength=K).tolist()
-    ident = centre_k if counts[centre_k] == n and (symmetric or n == 0) else -1
+        q = keys.unsqueeze(0) + delta[:n_look].unsqueeze(1)
+        q = torch.where(ok[:n_look], q, torch.full_like(q, -1))
+        src = hashing.hash_lookup(table, q)  # [n_look, N]
+        hit = src >= 0
+    flat = torch.nonzero(hit.reshape(-1)).view(-1)  # sorted by offset, then output row
+    kk = torch.div(flat, max(n, 1), rounding_mode="floor")
+    oo = flat - kk * n
+    ii = src.reshape(-1).index_select(0, flat).long()
+    half = torch.bincount(kk, minlength=n_look).tolist() if n_look else []
+    if not symmetric:
+        return Rulebook(ii, oo, half, n, n, centre_k if n == 0 else -1)
+    # offsets after the centre mirror those before it (k -> K-1-k, pairs swapped), in reverse offset order;
+    # each segment keeps its order (the order a stable sort by offset gives)
+    ar = torch.arange(n, device=dev)
+    ends = list(itertools.accumulate(half))
+    starts = [e - c for e, c in zip(ends, half)]
+    segs = list(reversed(list(zip(starts, ends))))
+    in_idx = torch.cat([ii, ar] + [oo[a:b] for a, b in segs])
+    out_idx = torch.cat([oo, ar] + [ii[a:b] for a, b in segs])
+    counts = half + [n] + half[::-1]
+    ident = centre_k if counts[centre_k] == n else -1
     return Rulebook(in_idx, out_idx, counts, n, n, ident)
 
 
@@ -280,31 +309,37 @@ def build_conv(indices: torch.Tensor, spatial_shape, ksize, stride, padding, dil
     n = indices.shape[0]
     K = math.prod(ksize)
     lin = _linear_strides(out_shape)
+    # on the CPU, int32 keys where every output key fits: half the memory traffic, a faster sort in unique
+    narrow = dev.type == "cpu" and n > 0 and (int(indices[:, 0].max()) + 1) * math.prod(out_shape) < 2**31
+    kdt = torch.int32 if narrow else torch.int64
     oks, outs = [], []
     for d in range(ndim):
-        c = indices[:, 1 + d].long().unsqueeze(0)  # [1, N]
-        j = (torch.arange(ksize[d], device=dev) * dilation[d]).unsqueeze(1)  # [k_d, 1]
+        c = indices[:, 1 + d].to(kdt).unsqueeze(0)  # [1, N]
+        j = (torch.arange(ksize[d], device=dev, dtype=kdt) * dilation[d]).unsqueeze(1)  # [k_d, 1]
         if transposed:
             o = c * stride[d] - padding[d] + j
             ok = torch.ones_like(o, dtype=torch.bool)
         else:
             num = c + padding[d] - j
-            ok = num % stride[d] == 0
             o = torch.div(num, stride[d], rounding_mode="floor")
+            ok = o * stride[d] == num
         oks.append(ok & (o >= 0) & (o < out_shape[d]))
         outs.append(o * lin[d])  # [k_d, N] partial linear key
     ok = _per_dim_product(oks, n)
-    k_idx, in_idx = torch.nonzero(ok, as_tuple=True)  # sorted by offset, then input row
-    kpos = []
-    rem = k_idx
-    for d in reversed(range(ndim)):
-        kpos.append(rem % ksize[d])
-        rem = rem // ksize[d]
-    kpos = kpos[::-1]
-    cand_keys = indices[in_idx, 0].long() * math.prod(out_shape)
+    # candidate output key of every (offset, input): the per-dim partial keys summed over the offset product
+    full = indices[:, 0].to(kdt) * math.prod(out_shape)
     for d in range(ndim):
-        cand_keys = cand_keys + outs[d][kpos[d], in_idx]
-    uniq, out_idx = _unique(cand_keys)
+        shape_d = [1] * ndim + [n]
+        shape_d[d] = ksize[d]
+        full = full + outs[d].view(shape_d)
+    flat = torch.nonzero(ok.reshape(-1)).view(-1)  # sorted by offset, then input row
+    k_idx = torch.div(flat, max(n, 1), rounding_mode="floor")
+    in_idx = flat - k_idx * n
+    cand_keys = full.reshape(-1).index_select(0, flat)
+    if narrow:
+        uniq, out_idx = hashing.unique_keys_ref(cand_keys)  # what _unique does on the CPU: sorted
+    else:
+        uniq, out_idx = _unique(cand_keys)
     counts = torch.bincount(k_idx, minlength=K).tolist()
     out_indices = decode(uniq, out_shape)
     return out_indices, out_shape, Rulebook(in_idx, out_idx, counts, n, uniq.numel())

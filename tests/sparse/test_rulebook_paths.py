@@ -1,0 +1,107 @@
+"""Rulebook builders against a brute-force reference, on both CPU key widths.
+
+``build_subm`` and ``build_conv`` use int32 keys where every key fits (small grids) and int64 otherwise (huge
+grids); the submanifold lookup searches windows of consecutive keys along the last dim and derives the centre
+row from each voxel's own sorted position. Both widths, unsorted input, dense lines longer than the window,
+even and odd kernels and dilation are checked here pair by pair.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from kiln.sparse.rulebook import build_conv, build_subm, conv_output_size
+
+
+def _segments(rb):
+    out, start = [], 0
+    for c in rb.counts:
+        out.append(set(zip(rb.in_idx[start:start + c].tolist(), rb.out_idx[start:start + c].tolist())))
+        start += c
+    return out
+
+
+def _ref_subm(idx, shape, ksize, dilation):
+    rows = {tuple(r): i for i, r in enumerate(idx.tolist())}
+    segs = []
+    for k in itertools.product(*[range(s) for s in ksize]):
+        pairs = set()
+        for o, r in enumerate(idx.tolist()):
+            nb = [r[1 + d] + (k[d] - ksize[d] // 2) * dilation[d] for d in range(len(shape))]
+            if all(0 <= nb[d] < shape[d] for d in range(len(shape))):
+                i = rows.get((r[0], *nb))
+                if i is not None:
+                    pairs.add((i, o))
+        segs.append(pairs)
+    return segs
+
+
+def _ref_conv(idx, shape, ksize, stride, padding, dilation):
+    out_shape = conv_output_size(shape, ksize, stride, padding, dilation)
+    raw = []
+    for k in itertools.product(*[range(s) for s in ksize]):
+        for i, r in enumerate(idx.tolist()):
+            o = []
+            for d in range(len(shape)):
+                num = r[1 + d] + padding[d] - k[d] * dilation[d]
+                if num % stride[d] or not 0 <= num // stride[d] < out_shape[d]:
+                    break
+                o.append(num // stride[d])
+            else:
+                raw.append((k, i, (r[0], *o)))
+    outs = sorted({o for _, _, o in raw})
+    row = {o: j for j, o in enumerate(outs)}
+    segs = {k: set() for k in itertools.product(*[range(s) for s in ksize])}
+    for k, i, o in raw:
+        segs[k].add((i, row[o]))
+    return outs, list(segs.values())
+
+
+def _scene(shape, n, batch, seed, line=0):
+    """Clustered voxels near a random corner (so neighbours exist), plus an optional dense line along the last
+    dim longer than any window; unique, shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    ndim = len(shape)
+    base = torch.tensor([int(torch.randint(0, max(1, s - 8), (1,), generator=g)) for s in shape])
+    c = base + torch.randint(0, 6, (n, ndim), generator=g)
+    if line:
+        ln = base.repeat(line, 1)
+        ln[:, -1] = base[-1] + torch.arange(line)
+        c = torch.cat([c, ln])
+    c = torch.minimum(c, torch.tensor(shape) - 1)
+    b = torch.randint(0, batch, (c.shape[0], 1), generator=g)
+    idx = torch.unique(torch.cat([b, c], 1), dim=0)
+    return idx[torch.randperm(idx.shape[0], generator=g)].int()
+
+
+GRIDS = [[7, 9, 11], [41, 1600, 1408], [60000, 70000, 80000]]  # the last one needs int64 keys
+
+
+@pytest.mark.parametrize("shape", GRIDS)
+@pytest.mark.parametrize("ksize,dilation", [([3, 3, 3], [1, 1, 1]), ([5, 3, 5], [1, 2, 1]), ([2, 3, 2], [1, 1, 1]),
+                                            ([3, 3, 3], [2, 1, 2])])
+def test_subm_matches_brute_force(shape, ksize, dilation):
+    idx = _scene(shape, 90, 2, seed=sum(shape) + sum(ksize), line=12)
+    rb = build_subm(idx, shape, ksize, dilation)
+    assert rb.kernel_volume == math.prod(ksize)
+    assert _segments(rb) == _ref_subm(idx, shape, ksize, dilation)
+    centre = sum((k // 2) * math.prod(ksize[d + 1:]) for d, k in enumerate(ksize))
+    assert rb.identity_offset == (centre if all(k % 2 for k in ksize) else -1)
+
+
+@pytest.mark.parametrize("shape", GRIDS)
+@pytest.mark.parametrize("ksize,stride,padding,dilation", [([3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1]),
+                                                           ([3, 1, 1], [2, 1, 1], [0, 0, 0], [1, 1, 1]),
+                                                           ([2, 3, 3], [1, 2, 3], [0, 1, 1], [1, 1, 2])])
+def test_conv_matches_brute_force(shape, ksize, stride, padding, dilation):
+    idx = _scene(shape, 90, 2, seed=sum(shape) + sum(stride), line=9)
+    out_indices, out_shape, rb = build_conv(idx, shape, ksize, stride, padding, dilation)
+    outs, segs = _ref_conv(idx, shape, ksize, stride, padding, dilation)
+    assert out_shape == conv_output_size(shape, ksize, stride, padding, dilation)
+    assert [tuple(r) for r in out_indices.tolist()] == outs
+    assert out_indices.dtype == torch.int32
+    assert _segments(rb) == segs
