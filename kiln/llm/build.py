@@ -68,9 +68,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
     torch_dtype = parse_dtype(dtype, device)
     if is_engine and loras:
         raise ValueError(f"{path} is a built engine; merge LoRA adapters when building it (kiln build --lora)")
+    quant = hf_cfg.get(ENGINE_KEY, {}).get("quant") if is_engine else None
     with torch.device("meta"):
         model = model_class(config)(config)
-    model = model.to(dtype=torch_dtype).to_empty(device=device)
+    model = model.to(dtype=torch_dtype)
+    if quant and load_format != "dummy":  # empty quantized linears (on meta), filled from the engine's file
+        from kiln.quant.llm import quantize_weight_only_
+
+        quantize_weight_only_(model, quant["mode"], quant.get("group_size"), quantize_weights=False)
+    model = model.to_empty(device=device)
     model.tie_weights()
     model.init_buffers(device)
     if load_format == "dummy":
@@ -83,6 +89,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
                     p.fill_(1.0)
                 else:
                     p.normal_(0.0, 0.02, generator=gen)
+        if quant:  # random float weights quantized as the engine's build would
+            from kiln.quant.llm import quantize_weight_only_
+
+            quantize_weight_only_(model, quant["mode"], quant.get("group_size"))
         model.eval().requires_grad_(False)
         return LoadedModel(model, config, path, is_engine, hf_cfg.get(ENGINE_KEY, {}))
     files = checkpoint_files(path)
@@ -98,18 +108,36 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
 
 
 def build_engine(checkpoint: str | Path, output_dir: str | Path, dtype: str = "auto",
-                 loras: list[tuple[str, float]] | None = None, show_progress: bool = True) -> Path:
+                 loras: list[tuple[str, float]] | None = None, show_progress: bool = True,
+                 quant: str | None = None, group_size: int | None = None) -> Path:
     """Write an engine directory: config.json (model config + build options + kiln version), model.safetensors
-    in the engine's fused layout, tokenizer files."""
+    in the engine's fused layout, tokenizer files.
+
+    ``quant`` ("int8-wo" or "int4-wo", with ``group_size`` 32/64/128 for int4, default 128) stores the decoder
+    linears weight-only quantized (kiln.quant.llm); the embedding and the LM head stay float."""
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     hf_cfg, is_engine = read_config(checkpoint)
     if is_engine:
         raise ValueError(f"{checkpoint} is already a kiln engine")
+    if quant is not None:
+        from kiln.quant.llm import check_weight_only_args
+
+        group_size = check_weight_only_args(quant, group_size)
+        family = ModelConfig.from_hf(hf_cfg).family
+        if family == "gpt2":
+            raise ValueError(f"weight-only quantization supports the Llama-family models (llama, mistral, qwen2, "
+                             f"qwen3), not {family}")
+    elif group_size is not None:
+        raise ValueError(f"group_size={group_size!r} needs a quantization mode (quant='int4-wo')")
     if dtype == "auto":
         dtype = hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32"
     torch_dtype = parse_dtype(dtype, torch.device("cpu"))
     t0 = time.time()
     loaded = load_model(checkpoint, "cpu", torch_dtype, loras, show_progress=show_progress)
+    if quant is not None:  # validates every layer's dimensions before anything is written
+        from kiln.quant.llm import quantize_weight_only_
+
+        quantize_weight_only_(loaded.model, quant, group_size)
     output_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in loaded.model.engine_state_dict().items()}
     save_file(state, str(output_dir / "model.safetensors"))
@@ -125,6 +153,8 @@ def build_engine(checkpoint: str | Path, output_dir: str | Path, dtype: str = "a
         "source": str(checkpoint.resolve()),
         "dtype": dtype_name(torch_dtype),
         "layout": {"fused_qkv": True, "fused_gate_up": loaded.config.family != "gpt2"},
+        "quant": None if quant is None else {"mode": quant, "group_size": group_size, "lm_head": False,
+                                             "embedding": False},
         "loras": [{"path": str(Path(p).resolve()), "weight": w} for p, w in (loras or [])],
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "build_seconds": round(time.time() - t0, 3),

@@ -47,7 +47,8 @@ def _build(args) -> int:
 
     checkpoint = args.checkpoint or str(default_model_path())
     loras = [parse_lora_arg(s) for s in args.lora or []]
-    out = build_engine(checkpoint, args.output, dtype=args.dtype, loras=loras)
+    out = build_engine(checkpoint, args.output, dtype=args.dtype, loras=loras, quant=args.quant,
+                       group_size=args.group_size)
     print(f"engine written to {out}")
     return 0
 
@@ -99,6 +100,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's) | float32 | float16 | bfloat16")
     p.add_argument("--lora", action="append", metavar="ADAPTER[:WEIGHT]",
                    help="peft LoRA adapter directory to merge, optionally weighted (repeatable)")
+    p.add_argument("--quant", default=None, choices=["int8-wo", "int4-wo"],
+                   help="weight-only quantization of the decoder linears: int8 per channel (W8A16) or grouped "
+                        "int4 (W4A16); embedding and LM head stay float")
+    p.add_argument("--group-size", type=int, default=None, help="int4-wo group size: 32 | 64 | 128 (default 128)")
     p.set_defaults(func=_build)
 
     p = sub.add_parser("generate", help="complete a prompt (streams to stdout)")

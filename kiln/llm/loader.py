@@ -79,6 +79,10 @@ def load_weights(model: CausalLM, tensors: Iterator[tuple[str, torch.Tensor]],
     ``transform(name, tensor)`` may rewrite a checkpoint tensor first (the LoRA merge does).
     """
     params = dict(model.named_parameters())
+    # persistent buffers are weights too (the quantized tensors of weight-only linears); non-persistent ones
+    # (rotary tables) are not in state_dict and are never loaded
+    persistent = set(model.state_dict(keep_vars=True))
+    params.update((n, b) for n, b in model.named_buffers() if n in persistent)
     owners = {name: _owner(model, name) for name in params}
     filled: dict[str, set] = {name: set() for name in params}
     unexpected, misshaped = [], []

@@ -15,7 +15,7 @@ from kiln.llm.config import ModelConfig
 from kiln.llm.layers.attention import PagedAttention
 from kiln.llm.layers.linear import FusedLinear
 from kiln.llm.layers.norm import RMSNorm
-from kiln.ops import rope_cos_sin_cache
+from kiln.ops import rope_cos_sin_cache, silu_and_mul
 from kiln.ops.gemv import linear, rms_norm_linear, silu_mul_linear
 
 from .base import CausalLM, ParamTarget
@@ -47,6 +47,8 @@ class LlamaAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         o = self.attn(q, k, v, rotary=(positions, cos_sin, True))
+        if not isinstance(self.o_proj, nn.Linear):  # weight-only quantized (kiln.quant.llm)
+            return self.o_proj(o)
         return linear(o, self.o_proj.weight, self.o_proj.bias)
 
 
@@ -60,7 +62,24 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_mul_linear(self.gate_up_proj(x), self.down_proj.weight, self.down_proj.bias)
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """down_proj(silu(gate) * up); float weights fold the activation into the GEMV."""
+        if not isinstance(self.down_proj, nn.Linear):  # weight-only quantized (kiln.quant.llm)
+            return self.down_proj(silu_and_mul(gate_up))
+        return silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
+
+
+def _norm_proj(norm: RMSNorm, proj: nn.Module, x: torch.Tensor, residual: torch.Tensor | None):
+    """``proj(norm(x, residual))`` (plus the residual sum when given): float projections fold the norm into the
+    GEMV; weight-only quantized ones run after it."""
+    if isinstance(proj, nn.Linear):
+        return rms_norm_linear(x, norm.weight, norm.eps, proj.weight, proj.bias, residual)
+    if residual is None:
+        return proj(norm(x))
+    h, residual = norm(x, residual)
+    return proj(h), residual
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -74,16 +93,14 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, positions, hidden, residual, cos_sin):
         # each RMSNorm is folded into the projection after it (one GEMV launch at decode; norm + cuBLAS otherwise)
         attn, mlp, ln1, ln2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
-        qkv_w, qkv_b = attn.qkv_proj.weight, attn.qkv_proj.bias
         if residual is None:
             residual = hidden
-            qkv = rms_norm_linear(hidden, ln1.weight, ln1.eps, qkv_w, qkv_b)
+            qkv = _norm_proj(ln1, attn.qkv_proj, hidden, None)
         else:
-            qkv, residual = rms_norm_linear(hidden, ln1.weight, ln1.eps, qkv_w, qkv_b, residual)
+            qkv, residual = _norm_proj(ln1, attn.qkv_proj, hidden, residual)
         hidden = attn.attend(positions, qkv, cos_sin)
-        gate_up, residual = rms_norm_linear(hidden, ln2.weight, ln2.eps, mlp.gate_up_proj.weight,
-                                            mlp.gate_up_proj.bias, residual)
-        return silu_mul_linear(gate_up, mlp.down_proj.weight, mlp.down_proj.bias), residual
+        gate_up, residual = _norm_proj(ln2, mlp.gate_up_proj, hidden, residual)
+        return mlp.down(gate_up), residual
 
 
 class LlamaModel(nn.Module):

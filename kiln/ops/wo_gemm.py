@@ -1,0 +1,277 @@
+"""Weight-only quantized GEMMs: float activations times int8 (W8A16) or packed int4 (W4A16) weights.
+
+Layouts follow ``nn.Linear``: ``x`` is the activation [..., K] (fp32/fp16/bf16) and the weight is [N, K] with K
+contiguous, so ``out = x @ dequant(w).T + bias`` in x's dtype.
+
+- ``w8a16_linear(x, qweight, scale, bias=None)``: ``qweight`` int8 [N, K], ``scale`` float [N] (per output
+  channel, symmetric): ``w = qweight * scale[:, None]``.
+- ``w4a16_linear(x, qweight, scales, zeros=None, group_size=128, bias=None)``: ``qweight`` uint8 [N, K/2] holds
+  two 4-bit codes per byte (``pack_int4``: even k in the low nibble, odd k in the high nibble); ``scales`` float
+  [N, K/G] and ``zeros`` uint8 [N, K/G] (codes 0..15; None means 8, i.e. symmetric signed int4) per group of
+  ``G = group_size`` (32, 64 or 128) consecutive k: ``w[n, k] = (code[n, k] - zeros[n, k // G]) * scales[n, k // G]``.
+
+The references dequantize to fp32 and multiply in fp32, rounding once to x's dtype. The Triton kernel (one kernel
+for both widths) dequantizes in registers: it loads the codes of a [BLOCK_N, BLOCK_K] weight tile, turns them into
+small integers (``code - zero``, exact in 16-bit floats), multiplies them with the activation tile in fp32 and
+applies the scale to the partial sum: once per group for int4 (a K tile never straddles a group), once at the end
+for int8's per-channel scale. One row (batch-1 decode) takes a CUDA-core GEMV path (no tensor-core padding of M
+to 16, the weight stream is the whole cost); more rows take ``tl.dot`` tiles, so any M works.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting
+from ._triton import triton, tl
+
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+
+
+# ------------------------------------------------------------------------------------------------ int4 packing
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes in [0, 15], [N, K] with K even -> uint8 [N, K/2]: byte j = code[2j] | code[2j + 1] << 4."""
+    check_tensor("codes", codes, ndim=2, dtypes=(torch.uint8,))
+    if codes.shape[1] % 2:
+        raise ValueError(f"int4 packing needs an even number of columns, got shape {tuple(codes.shape)}")
+    if codes.numel() and int(codes.max()) > 15:
+        raise ValueError(f"int4 codes must be in [0, 15], got a maximum of {int(codes.max())}")
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack_int4``: uint8 [N, K/2] -> uint8 codes [N, K]."""
+    check_tensor("packed", packed, ndim=2, dtypes=(torch.uint8,))
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def _check_x_bias(x, n, bias):
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dim ([..., K])")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
+        if bias.shape[0] != n:
+            raise ValueError(f"bias has {bias.shape[0]} values but the weight has N={n} output rows")
+
+
+def _check_w8(x, qweight, scale, bias):
+    check_tensor("qweight", qweight, ndim=2, dtypes=(torch.int8,))
+    _check_x_bias(x, qweight.shape[0], bias)
+    check_tensor("qweight", qweight, device=x.device)
+    N, K = qweight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x.shape[-1] ({x.shape[-1]}) must equal qweight.shape[1] ({K}): qweight is [N, K]")
+    check_tensor("scale", scale, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
+    if scale.shape[0] != N:
+        raise ValueError(f"scale must have one value per output channel (N={N}), got {scale.shape[0]}")
+
+
+def _check_w4(x, qweight, scales, zeros, group_size, bias):
+    check_tensor("qweight", qweight, ndim=2, dtypes=(torch.uint8,))
+    _check_x_bias(x, qweight.shape[0], bias)
+    check_tensor("qweight", qweight, device=x.device)
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size!r}")
+    N, K = qweight.shape[0], x.shape[-1]
+    if qweight.shape[1] * 2 != K:
+        raise ValueError(f"qweight packs two int4 codes per byte: expected shape [N, {K // 2}] for K={K}, "
+                         f"got {tuple(qweight.shape)}")
+    if K % group_size:
+        raise ValueError(f"K={K} is not divisible by group_size={group_size}")
+    check_tensor("scales", scales, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
+    if tuple(scales.shape) != (N, K // group_size):
+        raise ValueError(f"scales must have shape [N, K / group_size] = {[N, K // group_size]}, "
+                         f"got {list(scales.shape)}")
+    if zeros is not None:
+        check_tensor("zeros", zeros, ndim=2, dtypes=(torch.uint8,), device=x.device)
+        if zeros.shape != scales.shape:
+            raise ValueError(f"zeros must have the shape of scales {list(scales.shape)}, got {list(zeros.shape)}")
+
+
+# ------------------------------------------------------------------------------------------------ public ops
+def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ (qweight * scale[:, None]).T + bias``: x [..., K] float, qweight int8 [N, K], scale [N] -> [..., N]."""
+    _check_w8(x, qweight, scale, bias)
+    if backend_for(x, qweight, scale) == "triton":
+        return _wo_triton(x, qweight, scale, None, 0, bias, bits=8)
+    return w8a16_linear_ref(x, qweight, scale, bias)
+
+
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
+                 group_size: int = 128, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequant_int4(qweight, scales, zeros).T + bias``: x [..., K] float, qweight uint8 [N, K/2] (packed),
+    scales [N, K/G], zeros uint8 [N, K/G] or None (symmetric, zero point 8) -> [..., N] in x's dtype."""
+    _check_w4(x, qweight, scales, zeros, group_size, bias)
+    if backend_for(x, qweight, scales) == "triton":
+        return _wo_triton(x, qweight, scales, zeros, group_size, bias, bits=4)
+    return w4a16_linear_ref(x, qweight, scales, zeros, group_size, bias)
+
+
+# ------------------------------------------------------------------------------------------------ reference
+def dequantize_int8_weight(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] and per-channel scale [N] -> fp32 [N, K]."""
+    return qweight.float() * scale.float()[:, None]
+
+
+def dequantize_int4_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                           group_size: int) -> torch.Tensor:
+    """Packed uint8 [N, K/2], scales [N, K/G], zeros [N, K/G] or None -> fp32 [N, K]."""
+    codes = unpack_int4(qweight).float()
+    N, K = codes.shape
+    z = torch.full_like(scales, 8.0, dtype=torch.float32) if zeros is None else zeros.float()
+    g = codes.view(N, K // group_size, group_size)
+    return ((g - z[..., None]) * scales.float()[..., None]).view(N, K)
+
+
+def w8a16_linear_ref(x, qweight, scale, bias=None):
+    """The specification: dequantize to fp32, fp32 matmul, round once to x's dtype."""
+    w = dequantize_int8_weight(qweight, scale)
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+def w4a16_linear_ref(x, qweight, scales, zeros=None, group_size=128, bias=None):
+    """The specification: dequantize to fp32, fp32 matmul, round once to x's dtype."""
+    w = dequantize_int4_weight(qweight, scales, zeros, group_size)
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ Triton
+@triton.jit
+def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_zn, stride_ym,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    USE_DOT: tl.constexpr, UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    dt = Y.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm
+    w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # GEMV path: per-element partial sums, reduced once
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < K
+        wmask = n_mask[:, None] & k_mask[None, :]
+        xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if BITS == 8:
+            wq = tl.load(w_rows + kk[None, :], mask=wmask, other=0).to(tl.float32)
+        else:
+            # each byte serves two neighbouring k: the duplicate addresses are one cache line, one transaction
+            byte = tl.load(w_rows + (kk // 2)[None, :], mask=wmask, other=0).to(tl.int32)
+            code = (byte >> ((kk % 2) * 4)[None, :]) & 0xF
+            g = k0 // GROUP  # a K tile lies inside one group (BLOCK_K divides GROUP)
+            if HAS_ZERO:
+                z = tl.load(Z + offs_n.to(tl.int64) * stride_zn + g, mask=n_mask, other=0).to(tl.int32)
+                wq = (code - z[:, None]).to(tl.float32)
+            else:
+                wq = (code - 8).to(tl.float32)
+            s = tl.load(S + offs_n.to(tl.int64) * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+        if USE_DOT:
+            if UPCAST:  # the interpreter multiplies 16-bit dot operands as raw integers; fp32 stays exact (no tf32)
+                part = tl.dot(xt.to(tl.float32), tl.trans(wq), input_precision="ieee")
+            else:
+                part = tl.dot(xt, tl.trans(wq.to(dt)))  # codes minus zero are small integers: exact in 16 bits
+            if BITS == 8:
+                acc += part
+            else:
+                acc += part * s[None, :]
+        else:  # BLOCK_M == 1: [1, BK] activations broadcast over the [BN, BK] weight tile
+            if BITS == 8:
+                acc1 += wq * xt.to(tl.float32)
+            else:
+                acc1 += (wq * s[:, None]) * xt.to(tl.float32)
+    if not USE_DOT:
+        acc = tl.sum(acc1, axis=1)[None, :]
+    if BITS == 8:
+        acc = acc * tl.load(S + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(dt), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def wo_config(M: int, N: int, K: int, bits: int, group_size: int) -> dict:
+    """Tiles: one row -> CUDA-core GEMV tiles of 8K weights; more rows -> tl.dot tiles growing with M.
+    For int4, BLOCK_K divides the group size so every K tile has one scale per output row."""
+    kp = max(16, triton.next_power_of_2(K))
+    if interpreting():  # tiny tiles: the interpreter runs every program in Python
+        bm = 1 if M == 1 else 16
+        bk = min(32, kp) if bits == 8 else 32
+        return dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=bk, USE_DOT=M > 1, num_warps=4)
+    if M == 1:
+        bk = min(128, kp) if bits == 8 else min(128, group_size)
+        return dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=bk, USE_DOT=False, num_warps=4)
+    bm = 16 if M <= 16 else 32 if M <= 64 else 64
+    bn = 64 if M <= 64 else 128
+    bk = 64 if bits == 8 else min(64, group_size)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True, num_warps=4 if bm <= 32 else 8)
+
+
+def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, config=None):
+    """Launch the kernel; ``out`` [M, N] (tests pass a poisoned buffer), ``config`` overrides ``wo_config``."""
+    K = x.shape[-1]
+    N = qweight.shape[0]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if qweight.stride(1) != 1:
+        qweight = qweight.contiguous()
+    y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y.view(*x.shape[:-1], N)
+    if K == 0:  # an empty sum: just the bias
+        y.copy_(bias.expand(M, N) if bias is not None else torch.zeros(M, N, device=x.device))
+        return y.view(*x.shape[:-1], N)
+    if scales.dim() == 2 and scales.stride(1) != 1:
+        scales = scales.contiguous()
+    if zeros is not None and zeros.stride(1) != 1:
+        zeros = zeros.contiguous()
+    cfg = dict(config) if config else wo_config(M, N, K, bits, group_size)
+    num_warps = cfg.pop("num_warps", 4)
+    if bits == 4 and group_size % cfg["BLOCK_K"]:
+        raise ValueError(f"BLOCK_K ({cfg['BLOCK_K']}) must divide group_size ({group_size})")
+    if not cfg["USE_DOT"] and cfg["BLOCK_M"] != 1:
+        raise ValueError("the CUDA-core path takes one row per program (BLOCK_M=1)")
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    dummy = scales
+    _wo_gemm_kernel[grid](
+        x2, qweight, scales, zeros if zeros is not None else dummy, bias if bias is not None else dummy, y,
+        M, N, K, x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0),
+        zeros.stride(0) if zeros is not None else 0, y.stride(0),
+        BITS=bits, GROUP=max(group_size, 1), HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None,
+        UPCAST=interpreting() or x.dtype == torch.float32, num_warps=num_warps, **cfg)
+    return y.view(*x.shape[:-1], N)
+
+
+# ------------------------------------------------------------------------------------------------ doctor
+def _rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def _check_w8a16(device, dtype, g):
+    M, N, K = 3, 45, 83
+    x = torch.randn(M, K, device=device, dtype=dtype, generator=g)
+    q = torch.randint(-127, 128, (N, K), device=device, dtype=torch.int8, generator=g)
+    s = torch.rand(N, device=device, generator=g) * 0.01 + 1e-3
+    b = torch.randn(N, device=device, dtype=dtype, generator=g)
+    return _rel(w8a16_linear(x, q, s, b), w8a16_linear_ref(x, q, s, b)), backend_for(x)
+
+
+def _check_w4a16(device, dtype, g):
+    M, N, K, G = 3, 45, 192, 64
+    x = torch.randn(M, K, device=device, dtype=dtype, generator=g)
+    q = torch.randint(0, 256, (N, K // 2), device=device, dtype=torch.uint8, generator=g)
+    s = torch.rand(N, K // G, device=device, generator=g) * 0.01 + 1e-3
+    z = torch.randint(0, 16, (N, K // G), device=device, dtype=torch.uint8, generator=g)
+    return _rel(w4a16_linear(x, q, s, z, G), w4a16_linear_ref(x, q, s, z, G)), backend_for(x)
+
+
+DOCTOR_CHECKS = {"w8a16_linear": _check_w8a16, "w4a16_linear": _check_w4a16}

@@ -1,0 +1,176 @@
+"""Weight-only GEMMs (W8A16, W4A16): the Triton kernel matches the dequantize-and-matmul reference.
+
+On a CPU-only machine the kernel runs under TRITON_INTERPRET=1 on tiny odd shapes; on a GPU at larger sizes.
+"""
+
+import pytest
+import torch
+
+from kiln.ops import wo_gemm
+from kiln.ops.selfcheck import all_checks
+from tests.conftest import DEVICE, requires_triton
+
+BIG = DEVICE.type == "cuda"
+RTOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+M_VALUES = [1, 3, 17] if not BIG else [1, 4, 16, 300]
+
+
+def fresh_gen():
+    return torch.Generator(device=DEVICE).manual_seed(torch.randint(0, 2**31, ()).item())
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def int8_operands(N, K, g):
+    q = torch.randint(-127, 128, (N, K), device=DEVICE, dtype=torch.int8, generator=g)
+    s = torch.rand(N, device=DEVICE, generator=g) * 0.02 + 1e-3
+    return q, s
+
+
+def int4_operands(N, K, G, g):
+    q = torch.randint(0, 256, (N, K // 2), device=DEVICE, dtype=torch.uint8, generator=g)
+    s = torch.rand(N, K // G, device=DEVICE, generator=g) * 0.02 + 1e-3
+    z = torch.randint(0, 16, (N, K // G), device=DEVICE, dtype=torch.uint8, generator=g)
+    return q, s, z
+
+
+def poisoned(M, N, dtype):
+    return torch.full((M, N), float("nan"), device=DEVICE, dtype=dtype)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", M_VALUES)
+@pytest.mark.parametrize("NK", [(37, 83), (45, 96)] if not BIG else [(4096, 4096), (1003, 1231)])
+def test_w8a16_triton_matches_dequantized_reference(dtype, M, NK):
+    N, K = NK
+    g = fresh_gen()
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype, generator=g)
+    q, s = int8_operands(N, K, g)
+    bias = torch.randn(N, device=DEVICE, dtype=dtype, generator=g)
+    for b in (None, bias):
+        out = poisoned(M, N, dtype)
+        y = wo_gemm._wo_triton(x, q, s, None, 0, b, bits=8, out=out)
+        assert not torch.isnan(out).any(), "an output element was not written"
+        assert rel_err(y, wo_gemm.w8a16_linear_ref(x, q, s, b)) <= RTOL[dtype]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", M_VALUES)
+@pytest.mark.parametrize("NKG", [(37, 96, 32), (45, 192, 64), (19, 256, 128)] if not BIG
+                         else [(4096, 4096, 128), (1003, 2048, 64), (777, 1024, 32)])
+def test_w4a16_triton_matches_dequantized_reference(dtype, M, NKG):
+    N, K, G = NKG
+    g = fresh_gen()
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype, generator=g)
+    q, s, z = int4_operands(N, K, G, g)
+    bias = torch.randn(N, device=DEVICE, dtype=dtype, generator=g)
+    for zeros, b in ((z, None), (None, bias), (z, bias)):
+        out = poisoned(M, N, dtype)
+        y = wo_gemm._wo_triton(x, q, s, zeros, G, b, bits=4, out=out)
+        assert not torch.isnan(out).any(), "an output element was not written"
+        assert rel_err(y, wo_gemm.w4a16_linear_ref(x, q, s, zeros, G, b)) <= RTOL[dtype]
+
+
+@requires_triton
+def test_weight_only_triton_takes_strided_inputs_and_leading_dims(monkeypatch):
+    monkeypatch.setenv("KILN_OPS", "triton")
+    g = fresh_gen()
+    N, K, G = 29, 128, 32
+    x = torch.randn(2, K, 5, device=DEVICE, generator=g).transpose(1, 2)  # [2, 5, K], K not contiguous
+    q8, s8 = int8_operands(N, K + 7, g)
+    q8 = q8[:, :K]  # rows strided past K
+    y8 = wo_gemm.w8a16_linear(x, q8, s8)
+    assert y8.shape == (2, 5, N)
+    assert rel_err(y8, wo_gemm.w8a16_linear_ref(x.contiguous(), q8.contiguous(), s8)) <= 1e-5
+    q4, s4, z4 = int4_operands(N, K, G, g)
+    s4_t = s4.T.contiguous().T  # non-contiguous scales
+    y4 = wo_gemm.w4a16_linear(x, q4, s4_t, z4, G)
+    assert rel_err(y4, wo_gemm.w4a16_linear_ref(x.contiguous(), q4, s4, z4, G)) <= 1e-5
+
+
+@requires_triton
+def test_weight_only_triton_fixed_configs_cover_gemv_and_dot_paths():
+    """Explicit GPU-style tiles (BLOCK_K 128 = whole group, 64 < group) run correctly in the interpreter too."""
+    g = fresh_gen()
+    N, K, G = 40, 256, 128
+    q, s, z = int4_operands(N, K, G, g)
+    for M, cfg in ((1, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=128, USE_DOT=False)),
+                   (5, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, USE_DOT=True))):
+        x = torch.randn(M, K, device=DEVICE, generator=g)
+        y = wo_gemm._wo_triton(x, q, s, z, G, None, bits=4, config=cfg)
+        assert rel_err(y, wo_gemm.w4a16_linear_ref(x, q, s, z, G)) <= 1e-5
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        wo_gemm._wo_triton(torch.randn(1, 96, device=DEVICE), *int4_operands(N, 96, 32, g), 32, None, bits=4,
+                           config=dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, USE_DOT=False))
+
+
+def test_weight_only_dispatch_uses_reference_off_cuda_and_with_kiln_ops_ref(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 64, generator=g)
+    q = torch.randint(-127, 128, (7, 64), dtype=torch.int8, generator=g)
+    s = torch.rand(7, generator=g)
+    monkeypatch.setenv("KILN_OPS", "ref")
+    assert torch.equal(wo_gemm.w8a16_linear(x, q, s), wo_gemm.w8a16_linear_ref(x, q, s))
+    monkeypatch.setenv("KILN_OPS", "auto")
+    assert torch.equal(wo_gemm.w8a16_linear(x, q, s), wo_gemm.w8a16_linear_ref(x, q, s))  # CPU tensors -> ref
+
+
+def test_int4_pack_unpack_round_trip_and_nibble_order():
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    codes = torch.randint(0, 16, (13, 70), dtype=torch.uint8, generator=g)
+    packed = wo_gemm.pack_int4(codes)
+    assert packed.shape == (13, 35) and packed.dtype == torch.uint8
+    assert torch.equal(wo_gemm.unpack_int4(packed), codes)
+    assert torch.equal(packed & 0xF, codes[:, 0::2]) and torch.equal(packed >> 4, codes[:, 1::2])
+    every = torch.arange(256, dtype=torch.uint8).reshape(2, 128)
+    assert torch.equal(wo_gemm.pack_int4(wo_gemm.unpack_int4(every)), every)
+    with pytest.raises(ValueError, match="even number of columns"):
+        wo_gemm.pack_int4(codes[:, :5])
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
+        wo_gemm.pack_int4(torch.full((2, 4), 16, dtype=torch.uint8))
+
+
+def test_dequantize_int4_weight_formula():
+    codes = torch.tensor([[0, 15, 8, 3] * 8], dtype=torch.uint8)  # one row, K = 32, one group
+    scales, zeros = torch.tensor([[0.5]]), torch.tensor([[3]], dtype=torch.uint8)
+    w = wo_gemm.dequantize_int4_weight(wo_gemm.pack_int4(codes), scales, zeros, 32)
+    assert torch.equal(w, (codes.float() - 3) * 0.5)
+    w_sym = wo_gemm.dequantize_int4_weight(wo_gemm.pack_int4(codes), scales, None, 32)
+    assert torch.equal(w_sym, (codes.float() - 8) * 0.5)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda x, q4, s4, z4, q8, s8: wo_gemm.w4a16_linear(x, q4, s4, z4, 48), "group_size must be one of"),
+    (lambda x, q4, s4, z4, q8, s8: wo_gemm.w4a16_linear(x[:, :96], q4[:, :48], s4[:, :3], z4[:, :3], 64),
+     "not divisible by group_size"),
+    (lambda x, q4, s4, z4, q8, s8: wo_gemm.w4a16_linear(x, q4, s4[:, :1], z4, 32), "scales must have shape"),
+    (lambda x, q4, s4, z4, q8, s8: wo_gemm.w4a16_linear(x, q4, s4, z4[:, :1], 32), "zeros must have the shape"),
+    (lambda x, q4, s4, z4, q8, s8: wo_gemm.w4a16_linear(x, q4[:, :10], s4, z4, 32), "two int4 codes per byte"),
+    (lambda x, q4, s4, z4, q8, s8: wo_gemm.w4a16_linear(x, q8, s4, z4, 32), "qweight must have dtype"),
+    (lambda x, q4, s4, z4, q8, s8: wo_gemm.w8a16_linear(x, q8, s8[:3]), "one value per output channel"),
+    (lambda x, q4, s4, z4, q8, s8: wo_gemm.w8a16_linear(x[:, :5], q8, s8), "must equal qweight.shape"),
+    (lambda x, q4, s4, z4, q8, s8: wo_gemm.w8a16_linear(x.long(), q8, s8), "x must have dtype"),
+    (lambda x, q4, s4, z4, q8, s8: wo_gemm.w8a16_linear(x, q8, s8, torch.zeros(3)), "bias has 3 values"),
+])
+def test_weight_only_ops_reject_bad_input(call, match):
+    x = torch.randn(2, 128)
+    q4 = torch.zeros(6, 64, dtype=torch.uint8)
+    s4, z4 = torch.ones(6, 4), torch.zeros(6, 4, dtype=torch.uint8)
+    q8, s8 = torch.zeros(6, 128, dtype=torch.int8), torch.ones(6)
+    with pytest.raises(ValueError, match=match):
+        call(x, q4, s4, z4, q8, s8)
+
+
+def test_weight_only_doctor_checks_are_registered_and_pass():
+    checks = all_checks()
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    for name in ("w8a16_linear", "w4a16_linear"):
+        assert name in checks
+        for dtype in DTYPES:
+            err, backend = checks[name](DEVICE, dtype, g)
+            assert err <= RTOL[dtype], (name, dtype, err, backend)

@@ -1,0 +1,121 @@
+"""Weight-only quantized linears (kiln.quant.llm): parity with their dequantized reference, quantization error
+bounds, state_dict round trips and clear errors for bad modes, group sizes and dimensions."""
+
+import pytest
+import torch
+from torch import nn
+
+from kiln.ops.wo_gemm import unpack_int4
+from kiln.quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_weight_only_
+from kiln.quant.llm import check_weight_only_args, quantize_int4_weight, quantize_int8_weight
+
+
+def fresh_gen():
+    return torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+
+
+def make_linear(K, N, bias, g, dtype=torch.float32):
+    lin = nn.Linear(K, N, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(N, K, generator=g) * 0.05)
+        if bias:
+            lin.bias.copy_(torch.randn(N, generator=g))
+    return lin.to(dtype)
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_weight_only_linear_matches_dequantized_reference(dtype, tol, bias):
+    g = fresh_gen()
+    lin = make_linear(96, 37, bias, g, dtype)
+    q = Int8WeightOnlyLinear.from_float(lin)
+    assert q.qweight.dtype == torch.int8 and q.scale.shape == (37,) and q.scale.dtype == torch.float32
+    x = torch.randn(5, 96, generator=g).to(dtype)
+    ref = nn.functional.linear(x.float(), q.dequantized_weight(), None if not bias else lin.bias.float())
+    assert rel_err(q(x), ref) <= tol
+    assert q(x).dtype == dtype
+    # symmetric per channel: the rounding error is at most half a step of that channel's scale
+    err = (q.dequantized_weight() - lin.weight.float()).abs()
+    assert (err <= q.scale[:, None] / 2 + 1e-7).all()
+    assert (q.qweight.abs() <= 127).all() and (q.qweight.abs().amax(dim=1) == 127).all()
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int4_weight_only_linear_matches_dequantized_reference(group_size, bias):
+    g = fresh_gen()
+    K, N = 256, 45
+    lin = make_linear(K, N, bias, g)
+    q = Int4WeightOnlyLinear.from_float(lin, group_size)
+    assert q.qweight.shape == (N, K // 2) and q.qweight.dtype == torch.uint8
+    assert q.scales.shape == (N, K // group_size) and q.zeros.shape == (N, K // group_size)
+    x = torch.randn(3, 7, K, generator=g)
+    ref = nn.functional.linear(x, q.dequantized_weight(), None if not bias else lin.bias)
+    assert rel_err(q(x), ref) <= 1e-5
+    # asymmetric per group: every weight within half a step of its group's scale, codes and zeros in [0, 15]
+    step = q.scales.repeat_interleave(group_size, dim=1)
+    assert ((q.dequantized_weight() - lin.weight).abs() <= step / 2 + 1e-6).all()
+    assert int(unpack_int4(q.qweight).max()) <= 15 and int(q.zeros.max()) <= 15
+
+
+def test_int4_quantization_is_exact_for_weights_on_the_grid():
+    codes = torch.randint(0, 16, (8, 64), generator=fresh_gen()).float()
+    codes[:, ::32] = 0
+    codes[:, 1::32] = 15  # every group spans the full code range, with zero at code 3
+    w = (codes - 3) * 0.25
+    packed, scales, zeros = quantize_int4_weight(w, 32)
+    assert torch.allclose(scales, torch.full_like(scales, 0.25))
+    assert torch.equal(zeros, torch.full_like(zeros, 3))
+    assert torch.equal(unpack_int4(packed).float(), codes)
+
+
+def test_quantized_linears_round_trip_through_state_dict():
+    g = fresh_gen()
+    for make in (lambda lin: Int8WeightOnlyLinear.from_float(lin),
+                 lambda lin: Int4WeightOnlyLinear.from_float(lin, 64)):
+        src = make(make_linear(128, 24, True, g))
+        sd = src.state_dict()
+        assert set(sd) >= {"qweight", "bias"}
+        empty = make(make_linear(128, 24, True, g))
+        empty.load_state_dict(sd)
+        x = torch.randn(4, 128, generator=g)
+        assert torch.equal(empty(x), src(x))
+        for k, v in sd.items():
+            assert torch.equal(empty.state_dict()[k], v)
+
+
+def test_quantize_weight_only_swaps_linears_but_not_the_lm_head():
+    g = fresh_gen()
+    model = nn.ModuleDict({"mlp": nn.Sequential(make_linear(64, 96, False, g), nn.ReLU(), make_linear(96, 64, True, g)),
+                           "lm_head": make_linear(64, 10, False, g)})
+    quantize_weight_only_(model, "int4-wo", 32)
+    assert isinstance(model["mlp"][0], Int4WeightOnlyLinear) and isinstance(model["mlp"][2], Int4WeightOnlyLinear)
+    assert type(model["lm_head"]) is nn.Linear
+    model2 = nn.Sequential(make_linear(64, 8, False, g))
+    quantize_weight_only_(model2, "int8-wo")
+    assert isinstance(model2[0], Int8WeightOnlyLinear)
+
+
+def test_weight_only_bad_input_is_named():
+    g = fresh_gen()
+    with pytest.raises(ValueError, match="unknown quantization mode 'int3-wo'"):
+        check_weight_only_args("int3-wo")
+    with pytest.raises(ValueError, match="unsupported group size 48"):
+        check_weight_only_args("int4-wo", 48)
+    with pytest.raises(ValueError, match="group_size applies to int4-wo only"):
+        check_weight_only_args("int8-wo", 64)
+    assert check_weight_only_args("int4-wo") == 128
+    model = nn.Sequential(make_linear(64, 96, False, g), make_linear(96, 64, False, g))
+    with pytest.raises(ValueError, match=r"group size 64 does not divide .*1 \(in_features=96\)"):
+        quantize_weight_only_(model, "int4-wo", 64)
+    assert all(type(m) is nn.Linear for m in model)  # nothing swapped when any layer fails the check
+    with pytest.raises(ValueError, match="not divisible by group_size"):
+        Int4WeightOnlyLinear(96, 8, group_size=64)
+    with pytest.raises(ValueError, match="found none to quantize"):
+        quantize_weight_only_(nn.Sequential(nn.ReLU()), "int8-wo")
+    q, s = quantize_int8_weight(torch.zeros(3, 5))  # an all-zero channel quantizes to zeros, no division by 0
+    assert torch.equal(q, torch.zeros(3, 5, dtype=torch.int8)) and torch.isfinite(s).all()
