@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Table, device_name  # noqa: E402
+from bench.common import Table, copy_bandwidth, device_name  # noqa: E402
 
 SHAPES = {
     "llama-1b": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
@@ -65,25 +65,6 @@ def make_workload(name: str, vocab: int, seed: int = 0):
         raise ValueError(f"unknown workload {name!r}")
     prompts = [torch.randint(10, vocab - 10, (L,), generator=g).tolist() for L in ins]
     return prompts, outs
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second (the roofline's bandwidth)."""
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        y.copy_(x)
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    del x, y
-    return 2 * 2**30 / statistics.median(times)
 
 
 def gemv_bandwidth(cfg: dict, bw: float) -> list[tuple[str, float, float]]:

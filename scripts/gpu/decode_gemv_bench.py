@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.common import copy_bandwidth  # noqa: E402
 from kiln.ops import gemv  # noqa: E402
 from kiln.ops.activation import silu_and_mul  # noqa: E402
 from kiln.ops.norm import rms_norm  # noqa: E402
@@ -29,22 +30,6 @@ SHAPES = {"llama-1b": dict(h=2048, inter=8192, qkv=3072, vocab=128256),
           "llama-8b": dict(h=4096, inter=14336, qkv=6144, vocab=128256)}
 SWEEP = [(4, 2048, 4), (8, 1024, 4), (8, 2048, 4), (8, 2048, 8), (16, 512, 4), (16, 1024, 4), (16, 1024, 8),
          (32, 256, 4), (32, 512, 4), (64, 128, 4)]
-
-
-def copy_bandwidth() -> float:
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        y.copy_(x)
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return 2 * 2**30 / statistics.median(times)
 
 
 def graph_time(fn, calls: int, reps: int = 10) -> float:

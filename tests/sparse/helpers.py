@@ -57,3 +57,17 @@ def dense_weight_transposed(conv) -> torch.Tensor:
     """KRSC [Cout, *k, Cin] -> nn.ConvTranspose weight [Cin, Cout, *k]."""
     nd = conv.weight.dim() - 2
     return conv.weight.permute(nd + 1, 0, *range(1, nd + 1))
+
+
+def random_voxels(n, shape, batch, cin, seed):
+    """``n`` unique random voxels (batch-first int32 indices) in ``shape`` x ``batch``, with random features."""
+    g = torch.Generator().manual_seed(seed)
+    total = batch * shape[0] * shape[1] * shape[2]
+    keys = torch.randperm(total, generator=g)[:n]
+    cols = []
+    for s in reversed(shape):
+        cols.append(keys % s)
+        keys = keys // s
+    cols.append(keys)
+    idx = torch.stack(cols[::-1], 1).int()
+    return torch.randn(n, cin, generator=g), idx, list(shape), batch

@@ -7,7 +7,7 @@ import torch
 
 import kiln.sparse as ksp
 
-from .helpers import rel_err
+from .helpers import random_voxels, rel_err
 
 spconv = pytest.importorskip("spconv.pytorch")
 
@@ -28,16 +28,7 @@ def _chain(lib, inverse=True):
 
 
 def _voxels(seed, batch=2, shape=(11, 24, 20), n=500):
-    g = torch.Generator().manual_seed(seed)
-    total = batch * shape[0] * shape[1] * shape[2]
-    keys = torch.randperm(total, generator=g)[:n]
-    cols = []
-    for s in reversed(shape):
-        cols.append(keys % s)
-        keys = keys // s
-    cols.append(keys)
-    idx = torch.stack(cols[::-1], 1).int()
-    return torch.randn(n, 4, generator=g), idx, list(shape), batch
+    return random_voxels(n, shape, batch, 4, seed)
 
 
 def _run(lib, net, feats, idx, shape, batch, grad_seed, backward=True):

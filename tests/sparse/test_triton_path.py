@@ -7,20 +7,12 @@ import torch
 import kiln.sparse as sp
 from tests.conftest import DEVICE, requires_triton
 
-from .helpers import rel_err
+from .helpers import random_voxels, rel_err
 
 
 def _scene(n=60, shape=(5, 9, 8), batch=2, cin=4, seed=0, device=DEVICE):
-    g = torch.Generator().manual_seed(seed)
-    total = batch * shape[0] * shape[1] * shape[2]
-    keys = torch.randperm(total, generator=g)[:n]
-    cols = []
-    for s in reversed(shape):
-        cols.append(keys % s)
-        keys = keys // s
-    cols.append(keys)
-    idx = torch.stack(cols[::-1], 1).int()
-    return torch.randn(n, cin, generator=g).to(device), idx.to(device), list(shape), batch
+    feats, idx, shape, batch = random_voxels(n, shape, batch, cin, seed)
+    return feats.to(device), idx.to(device), shape, batch
 
 
 def _net():

@@ -391,6 +391,19 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
                            param="model", code="model_not_found")
         return model_card()
 
+    async def respond(request, request_id, arrival, prompts, parsed, events, body):
+        """Admit the prompts as one session, then stream SSE events or wait for the whole body."""
+        session = _Session(state, request_id, arrival)
+        try:
+            await session.start(prompts, parsed.params)
+        except BaseException:
+            session.close()
+            raise
+        if parsed.stream:
+            return SSEResponse(events(session, parsed, config.model_name),
+                               on_disconnect=lambda: session.close(client_gone=True))
+        return await run(request, session, lambda: body(session, parsed, config.model_name))
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         arrival = time.time()
@@ -403,16 +416,8 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
             ids = ids if ids is not None else await tokenize(text)
             check_length(ids, parsed.params, "prompt")
             prompts.append((text, ids))
-        session = _Session(state, f"cmpl-{uuid.uuid4().hex}", arrival)
-        try:
-            await session.start(prompts, parsed.params)
-        except BaseException:
-            session.close()
-            raise
-        if parsed.stream:
-            return SSEResponse(_completion_events(session, parsed, config.model_name),
-                               on_disconnect=lambda: session.close(client_gone=True))
-        return await run(request, session, lambda: _completion_body(session, parsed, config.model_name))
+        return await respond(request, f"cmpl-{uuid.uuid4().hex}", arrival, prompts, parsed,
+                             _completion_events, _completion_body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -432,16 +437,8 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         if not ids:
             raise bad("the rendered chat prompt is empty", param="messages")
         check_length(ids, parsed.params, "messages")
-        session = _Session(state, f"chatcmpl-{uuid.uuid4().hex}", arrival)
-        try:
-            await session.start([(text, ids)], parsed.params)
-        except BaseException:
-            session.close()
-            raise
-        if parsed.stream:
-            return SSEResponse(_chat_events(session, parsed, config.model_name),
-                               on_disconnect=lambda: session.close(client_gone=True))
-        return await run(request, session, lambda: _chat_body(session, parsed, config.model_name))
+        return await respond(request, f"chatcmpl-{uuid.uuid4().hex}", arrival, [(text, ids)], parsed,
+                             _chat_events, _chat_body)
 
     return app
 
