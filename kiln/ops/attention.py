@@ -11,7 +11,10 @@ Layouts (shared with the Triton kernels):
   cu_seqlens_q [B + 1] int32   prefix sums of new-token counts
   seqlens_k    [B] int32       total tokens (cached + new) per sequence
   block_tables [B, max_blocks] int32, -1 padded
-Hq must be a multiple of Hkv (MHA, GQA, MQA).
+Hq must be a multiple of Hkv (MHA, GQA, MQA). An int8 / fp8 cache (``kv_cache``'s module doc) comes with
+``k_scale`` / ``v_scale`` [Hkv]: the reference dequantizes the gathered K/V; the kernels, which serve one KV head
+per program, convert the codes to the compute dtype (exact) and fold the head's K scale into the softmax scale
+and its V scale into the output.
 """
 
 from __future__ import annotations
@@ -21,19 +24,22 @@ import torch.nn.functional as F
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting
 from ._triton import tl, triton
+from .kv_cache import QUANT_KV_DTYPES, check_kv_scales, dequantize_kv
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     seqlens_k: torch.Tensor, block_tables: torch.Tensor, scale: float, max_seqlen_q: int | None = None,
-                    is_decode: bool = False) -> torch.Tensor:
+                    is_decode: bool = False, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of packed queries against their sequences' paged K/V; returns [T, Hq, D].
 
     ``max_seqlen_q`` (the longest query run; computed if omitted, which syncs) sizes the prefill grid without a
     device round trip; ``is_decode`` (every sequence has one query) selects the split-K decode kernel.
     """
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=q.device)
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,), device=q.device)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,) + QUANT_KV_DTYPES, device=q.device)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=(k_cache.dtype,), device=q.device)
+    check_kv_scales(q.dtype, k_cache, k_scale, v_scale, k_cache.shape[2], q.device)
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("seqlens_k", seqlens_k)):
         check_tensor(name, t, ndim=1, dtypes=(torch.int32, torch.int64), device=q.device)
     check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32, torch.int64), device=q.device)
@@ -46,12 +52,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                          f"block_tables ({block_tables.shape[0]}) disagree on the batch size")
     if backend_for(q, k_cache, block_tables) == "triton":
         if is_decode:
-            return paged_decode_triton(q, k_cache, v_cache, seqlens_k, block_tables, scale)
+            return paged_decode_triton(q, k_cache, v_cache, seqlens_k, block_tables, scale, k_scale=k_scale,
+                                       v_scale=v_scale)
         if max_seqlen_q is None:
             max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if seqlens_k.numel() else 0
         return varlen_prefill_triton(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tables, scale,
-                                     max_seqlen_q)
-    return paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tables, scale)
+                                     max_seqlen_q, k_scale, v_scale)
+    return paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tables, scale, k_scale, v_scale)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -61,21 +68,24 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
     return cache[block_table[:n_blocks].long()].reshape(n_blocks * bs, *cache.shape[2:])[:length]
 
 
-def paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tables, scale):
-    """Reference: per sequence, gather K/V and run SDPA in fp32 with an explicit causal offset mask."""
+def paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tables, scale, k_scale=None,
+                        v_scale=None):
+    """Reference: per sequence, gather K/V (dequantized when the cache is int8 / fp8) and run SDPA in fp32 with an
+    explicit causal offset mask."""
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
     lens = seqlens_k.tolist()
     group = q.shape[1] // k_cache.shape[2]
     if lens and cu == list(range(len(lens) + 1)):
-        return _decode_ref(q, k_cache, v_cache, seqlens_k, block_tables, scale, max(lens), group)
+        return _decode_ref(q, k_cache, v_cache, seqlens_k, block_tables, scale, max(lens), group, k_scale,
+                           v_scale)
     for i, L in enumerate(lens):
         s, e = cu[i], cu[i + 1]
         n = e - s
         if n == 0:
             continue
-        k = gather_kv(k_cache, block_tables[i], L).float().repeat_interleave(group, dim=1)
-        v = gather_kv(v_cache, block_tables[i], L).float().repeat_interleave(group, dim=1)
+        k = dequantize_kv(gather_kv(k_cache, block_tables[i], L), k_scale).repeat_interleave(group, dim=1)
+        v = dequantize_kv(gather_kv(v_cache, block_tables[i], L), v_scale).repeat_interleave(group, dim=1)
         qi = q[s:e].float()
         q_pos = torch.arange(L - n, L, device=q.device)
         mask = torch.arange(L, device=q.device)[None, :] <= q_pos[:, None]  # [n, L]
@@ -85,15 +95,15 @@ def paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tabl
     return out
 
 
-def _decode_ref(q, k_cache, v_cache, seqlens_k, block_tables, scale, max_len, group):
+def _decode_ref(q, k_cache, v_cache, seqlens_k, block_tables, scale, max_len, group, k_scale=None, v_scale=None):
     """One query per sequence: gather every sequence's K/V into a padded batch and run one masked SDPA (the
     same math as the per-sequence loop, without a Python loop over the batch)."""
     B = q.shape[0]
     bs = k_cache.shape[1]
     nb = -(-max_len // bs)
     tables = block_tables[:, :nb].clamp_min(0).long()
-    k = k_cache[tables].reshape(B, nb * bs, *k_cache.shape[2:])[:, :max_len].float()
-    v = v_cache[tables].reshape(B, nb * bs, *v_cache.shape[2:])[:, :max_len].float()
+    k = dequantize_kv(k_cache[tables].reshape(B, nb * bs, *k_cache.shape[2:])[:, :max_len], k_scale)
+    v = dequantize_kv(v_cache[tables].reshape(B, nb * bs, *v_cache.shape[2:])[:, :max_len], v_scale)
     k = k.repeat_interleave(group, dim=2).transpose(1, 2)  # [B, Hq, L, D]
     v = v.repeat_interleave(group, dim=2).transpose(1, 2)
     mask = torch.arange(max_len, device=q.device)[None, :] < seqlens_k.to(q.device)[:, None]  # [B, L]
@@ -118,11 +128,11 @@ def _upcast(q: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _prefill_kernel(Q, K, V, O, CU_Q, LENS_K, BT, scale_log2e,
+def _prefill_kernel(Q, K, V, O, CU_Q, LENS_K, BT, KS, VS, scale_log2e,
                     sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_t, so_h, bt_stride, block_size,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, KV_QUANT: tl.constexpr):
     m_blk = tl.program_id(0)
     seq = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -141,6 +151,12 @@ def _prefill_kernel(Q, K, V, O, CU_Q, LENS_K, BT, scale_log2e,
         q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
+        if KV_QUANT:  # the head's K scale joins the softmax scale; its V scale multiplies the output
+            qk_scale = scale_log2e * tl.load(KS + kvh)
+            out_scale = tl.load(VS + kvh)
+        else:
+            qk_scale = scale_log2e
+            out_scale = 1.0
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -153,9 +169,9 @@ def _prefill_kernel(Q, K, V, O, CU_Q, LENS_K, BT, scale_log2e,
             slot = n % block_size
             k_off = blk * sk_b + slot * sk_s + kvh * sk_h
             k = tl.load(K + k_off[None, :] + d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            s = tl.dot(q, k, input_precision=PRECISION) * scale_log2e
+            if UPCAST or KV_QUANT:
+                k = k.to(q.dtype)
+            s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
             s = tl.where((n[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
@@ -163,16 +179,22 @@ def _prefill_kernel(Q, K, V, O, CU_Q, LENS_K, BT, scale_log2e,
             l_i = l_i * alpha + tl.sum(p, 1)
             v_off = blk * sv_b + slot * sv_s + kvh * sv_h
             v = tl.load(V + v_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
+            if UPCAST or KV_QUANT:
+                v = v.to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
-        out = acc / l_i[:, None]
+        out = acc * (out_scale / l_i)[:, None]
         o_ptr = O + (q_start + tok).to(tl.int64)[:, None] * so_t + head[:, None] * so_h + d[None, :]
         tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def varlen_prefill_triton(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tables, scale, max_seqlen_q):
+def _kv_scales(k_cache, k_scale, v_scale):
+    quant = k_cache.dtype in QUANT_KV_DTYPES
+    return (k_scale, v_scale) if quant else (k_cache, k_cache), quant  # dummies when float: never read
+
+
+def varlen_prefill_triton(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tables, scale, max_seqlen_q,
+                          k_scale=None, v_scale=None):
     T, Hq, D = q.shape
     B = seqlens_k.shape[0]
     Hkv = k_cache.shape[2]
@@ -184,21 +206,23 @@ def varlen_prefill_triton(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_ta
     block_m = 64 if q.is_cuda else 16
     block_n = 64 if q.is_cuda and block_d <= 128 else 32 if q.is_cuda else 16
     grid = (triton.cdiv(max_seqlen_q * group, block_m), B, Hkv)
-    _prefill_kernel[grid](q, k_cache, v_cache, out, cu_seqlens_q, seqlens_k, block_tables, scale * 1.4426950408889634,
+    scales, quant = _kv_scales(k_cache, k_scale, v_scale)
+    _prefill_kernel[grid](q, k_cache, v_cache, out, cu_seqlens_q, seqlens_k, block_tables, *scales,
+                          scale * 1.4426950408889634,
                           q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0),
                           out.stride(1), block_tables.stride(0), k_cache.shape[1], GROUP=group, HEAD_DIM=D,
                           BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=_upcast(q), PRECISION=_precision(q),
-                          num_warps=4 if block_d <= 64 else 8, num_stages=2)
+                          KV_QUANT=quant, num_warps=4 if block_d <= 64 else 8, num_stages=2)
     return out
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, MID_O, MID_LSE, LENS_K, BT, scale_log2e,
+def _decode_split_kernel(Q, K, V, MID_O, MID_LSE, LENS_K, BT, KS, VS, scale_log2e,
                          sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, bt_stride, block_size,
                          smo_b, smo_h, smo_s, sml_b, sml_h,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, UPCAST: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, KV_QUANT: tl.constexpr):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -215,6 +239,12 @@ def _decode_split_kernel(Q, K, V, MID_O, MID_LSE, LENS_K, BT, scale_log2e,
                 other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
+    if KV_QUANT:  # as in the prefill kernel: scales fold into the softmax scale and the output
+        qk_scale = scale_log2e * tl.load(KS + kvh)
+        out_scale = tl.load(VS + kvh)
+    else:
+        qk_scale = scale_log2e
+        out_scale = 1.0
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -225,9 +255,9 @@ def _decode_split_kernel(Q, K, V, MID_O, MID_LSE, LENS_K, BT, scale_log2e,
         slot = n % block_size
         k = tl.load(K + (blk * sk_b + slot * sk_s + kvh * sk_h)[None, :] + d[:, None],
                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2e
+        if UPCAST or KV_QUANT:
+            k = k.to(q.dtype)
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -235,12 +265,12 @@ def _decode_split_kernel(Q, K, V, MID_O, MID_LSE, LENS_K, BT, scale_log2e,
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + (blk * sv_b + slot * sv_s + kvh * sv_h)[:, None] + d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
+        if UPCAST or KV_QUANT:
+            v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    out = acc * (out_scale / tl.where(has, l_i, 1.0))[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     base = seq.to(tl.int64) * smo_b + head[:, None] * smo_h + split * smo_s + d[None, :]
     tl.store(MID_O + base, out, mask=g_ok[:, None] & d_ok[None, :])
@@ -276,7 +306,8 @@ def decode_num_splits(batch: int, num_kv_heads: int, device: torch.device) -> in
     return int(min(32, max(1, -(-2 * sms // max(1, batch * num_kv_heads)))))
 
 
-def paged_decode_triton(q, k_cache, v_cache, seqlens_k, block_tables, scale, num_splits: int | None = None):
+def paged_decode_triton(q, k_cache, v_cache, seqlens_k, block_tables, scale, num_splits: int | None = None,
+                        k_scale=None, v_scale=None):
     """One query per sequence (q [B, Hq, D]); split-K over the keys, then a log-sum-exp reduction."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -289,12 +320,13 @@ def paged_decode_triton(q, k_cache, v_cache, seqlens_k, block_tables, scale, num
     mid_lse = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(D))
     block_n = 64 if q.is_cuda else 16
+    scales, quant = _kv_scales(k_cache, k_scale, v_scale)
     _decode_split_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, mid_o, mid_lse, seqlens_k, block_tables, scale * 1.4426950408889634,
+        q, k_cache, v_cache, mid_o, mid_lse, seqlens_k, block_tables, *scales, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         k_cache.shape[1], mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n,
-        SPLITS=splits, UPCAST=_upcast(q), PRECISION=_precision(q), num_warps=4, num_stages=2)
+        SPLITS=splits, UPCAST=_upcast(q), PRECISION=_precision(q), KV_QUANT=quant, num_warps=4, num_stages=2)
     _decode_reduce_kernel[(B, Hq)](mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
                                    mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1), HEAD_DIM=D,
                                    BLOCK_D=block_d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),

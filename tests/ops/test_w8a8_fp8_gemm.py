@@ -1,0 +1,139 @@
+"""Activation-quantized GEMMs (kiln/ops/gemm.py): the per-token quantization kernel writes the reference's codes
+and scales (int8 and fp8, with the SmoothQuant smoother and a static scale), the FP8 GEMM matches dequantize +
+matmul, and ``w8a8_linear`` / ``fp8_linear`` match their references.
+
+On a CPU-only machine the kernels run under TRITON_INTERPRET=1 on tiny shapes (fp8 ``tl.dot`` included: the
+interpreter multiplies e4m3 exactly); on a GPU at full size, the real fp8 path only on cards with fp8.
+"""
+
+import pytest
+import torch
+
+from kiln.ops import gemm
+from tests.conftest import DEVICE, requires_triton
+
+BIG = DEVICE.type == "cuda"
+FP8 = gemm.FP8_DTYPE
+needs_fp8 = pytest.mark.skipif(BIG and not gemm.fp8_supported(DEVICE), reason="no fp8 on this card")
+
+
+def fresh_gen():
+    return torch.Generator(device=DEVICE).manual_seed(torch.randint(0, 2**31, ()).item())
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+@requires_triton
+@pytest.mark.parametrize("qdtype", [torch.int8, FP8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_activation_kernel_matches_reference(qdtype, dtype):
+    g = fresh_gen()
+    M, K = (5, 83) if not BIG else (300, 4096)
+    x = (torch.randn(M, 2 * K, device=DEVICE, generator=g) * 3).to(dtype)[:, ::2]  # strided rows
+    x[1] = 0  # an all-zero row: finite scale, zero codes
+    smooth = torch.rand(K, device=DEVICE, generator=g) + 0.5
+    for sm, static in ((None, None), (smooth, None), (None, torch.tensor([0.01], device=DEVICE))):
+        out = torch.full((M, K), 0x55, dtype=torch.uint8, device=DEVICE).view(qdtype)
+        q, s = gemm._quant_act_triton(x, qdtype, sm, static, out=out)
+        qr, sr = gemm.quantize_activation_ref(x, qdtype, sm, static)
+        assert q.dtype == qdtype and s.dtype == torch.float32 and s.shape == (M,)
+        assert torch.isfinite(s).all() and (q[1].float() == 0).all()
+        assert torch.allclose(s, sr, rtol=1e-6, atol=0)
+        if BIG:  # a GPU reciprocal may round one code differently
+            assert (q.float() - qr.float()).abs().max() <= (1.0 if qdtype == torch.int8 else 32.0)
+        else:
+            assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
+        if static is not None:  # the static scale saturates: codes at the format's limit
+            assert q.float().abs().max() == (127.0 if qdtype == torch.int8 else 448.0)
+
+
+def test_quantize_activation_reference_error_bounds():
+    g = fresh_gen()
+    x = torch.randn(7, 64, generator=g) * 5
+    q, s = gemm.quantize_activation_ref(x, torch.int8)
+    assert ((q.float() * s[:, None] - x).abs() <= s[:, None] / 2 + 1e-6).all()
+    assert (q.abs().amax(dim=1) == 127).all()
+    q8, s8 = gemm.quantize_activation_ref(x, FP8)
+    assert ((q8.float() * s8[:, None] - x).abs() <= x.abs() / 16 + s8[:, None] * 2.0**-9).all()
+    with pytest.raises(ValueError, match="int8 or float8_e4m3fn, got torch.int16"):
+        gemm.quantize_activation(x, torch.int16)
+    with pytest.raises(ValueError, match="smooth has 3 values but x has K=64"):
+        gemm.quantize_activation(x, torch.int8, torch.ones(3))
+
+
+@requires_triton
+@needs_fp8
+@pytest.mark.parametrize("shape", [(1, 17, 40), (37, 45, 83), (16, 32, 64)] if not BIG
+                         else [(1, 4096, 4096), (64, 14336, 4096), (777, 1003, 1232)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_fp8_gemm_triton_matches_dequantized_reference(shape, out_dtype):
+    M, N, K = shape
+    g = fresh_gen()
+    a = (torch.randn(M, K, device=DEVICE, generator=g) * 20).to(FP8)
+    b = (torch.randn(N, K, device=DEVICE, generator=g) * 20).to(FP8)
+    bias = torch.randn(N, device=DEVICE, generator=g)
+    for sa, sb, bi in ((torch.rand(M, device=DEVICE, generator=g), torch.rand(N, device=DEVICE, generator=g), bias),
+                       (torch.rand(1, device=DEVICE, generator=g), torch.rand(1, device=DEVICE, generator=g), None)):
+        out = torch.full((M, N), float("nan"), device=DEVICE, dtype=out_dtype)
+        c = gemm._fp8_gemm_triton(a, b, sa, sb, bi, out_dtype, out=out)
+        assert not torch.isnan(out).any(), "an output element was not written"
+        ref = gemm.fp8_gemm_ref(a, b, sa, sb, bi, out_dtype)
+        assert rel_err(c, ref) <= (1e-5 if out_dtype == torch.float32 else 1e-2)
+
+
+@requires_triton
+def test_fp8_gemm_kernel_structure_with_fp32_products():
+    """The same kernel with the operands upcast to fp32 (how a card without fp8 dot could check it)."""
+    g = fresh_gen()
+    M, N, K = (19, 23, 70) if not BIG else (300, 257, 1000)
+    a = (torch.randn(M, K, device=DEVICE, generator=g) * 8).to(FP8)
+    b = (torch.randn(N, K, device=DEVICE, generator=g) * 8).to(FP8)
+    sa, sb = torch.rand(M, device=DEVICE, generator=g), torch.rand(N, device=DEVICE, generator=g)
+    c = gemm._fp8_gemm_triton(a, b, sa, sb, None, torch.float32, upcast=True)
+    assert rel_err(c, gemm.fp8_gemm_ref(a, b, sa, sb)) <= 1e-5
+
+
+@pytest.mark.gpu
+@requires_triton
+def test_fp8_gemm_on_fp8_hardware_uses_real_fp8_dot():
+    if not gemm.fp8_supported(DEVICE):
+        pytest.skip("needs compute capability >= 8.9")
+    g = fresh_gen()
+    x = torch.randn(64, 4096, device=DEVICE, generator=g, dtype=torch.bfloat16)
+    w = (torch.randn(4096, 4096, device=DEVICE, generator=g) * 20).to(FP8)
+    s = torch.rand(4096, device=DEVICE, generator=g) * 1e-2
+    assert rel_err(gemm.fp8_linear(x, w, s), gemm.fp8_linear_ref(x, w, s)) <= 1e-2
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_and_fp8_linear_match_references(dtype, monkeypatch):
+    monkeypatch.setenv("KILN_OPS", "triton")
+    g = fresh_gen()
+    M, N, K = (6, 45, 96) if not BIG else (64, 4096, 4096)
+    x = torch.randn(2, M // 2, K, device=DEVICE, generator=g).to(dtype)
+    qw = torch.randint(-127, 128, (N, K), device=DEVICE, dtype=torch.int8, generator=g)
+    ws = torch.rand(N, device=DEVICE, generator=g) * 1e-2
+    bias = torch.randn(N, device=DEVICE, generator=g).to(dtype)
+    smooth = torch.rand(K, device=DEVICE, generator=g) + 0.5
+    y = gemm.w8a8_linear(x, qw, ws, bias, smooth)
+    assert y.shape == (2, M // 2, N) and y.dtype == dtype
+    assert rel_err(y, gemm.w8a8_linear_ref(x, qw, ws, bias, smooth)) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    if BIG and not gemm.fp8_supported(DEVICE):
+        return
+    fw = (torch.randn(N, K, device=DEVICE, generator=g) * 20).to(FP8)
+    y8 = gemm.fp8_linear(x, fw, ws, bias)
+    assert rel_err(y8, gemm.fp8_linear_ref(x, fw, ws, bias)) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    act = torch.tensor([0.02], device=DEVICE)
+    assert rel_err(gemm.fp8_linear(x, fw, ws, None, act), gemm.fp8_linear_ref(x, fw, ws, None, act)) <= 1e-2
+
+
+def test_fp8_gemm_refuses_cards_without_fp8(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not gemm.fp8_supported("cuda")
+    assert gemm.fp8_supported("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert gemm.fp8_supported("cuda")
