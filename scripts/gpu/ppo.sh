@@ -34,9 +34,12 @@ HAVE_TRL=0
 if $PY -c "import trl.experimental.ppo" 2>/dev/null; then
   HAVE_TRL=1
 elif [ -d .whl ] && ls .whl/trl-1.12.0-*.whl >/dev/null 2>&1; then
-  echo "== installing trl==1.12.0 from .whl/ (offline)"
+  # The GPU image already has TRL's heavy dependencies (pyarrow, pandas, accelerate, xxhash, fsspec); only trl,
+  # datasets, dill and multiprocess travel in .whl/, installed with --no-deps so torch/transformers stay as they are.
+  echo "== installing trl==1.12.0 (+ datasets, dill, multiprocess) from .whl/ (offline, --no-deps)"
   before=$($PY -c "import torch, transformers; print(torch.__version__, transformers.__version__)")
-  if $PY -m pip install -q --no-index --find-links .whl "trl==1.12.0"; then
+  if $PY -m pip install -q --no-index --no-deps .whl/trl-1.12.0-*.whl .whl/datasets-*.whl .whl/dill-*.whl \
+      .whl/multiprocess-*.whl; then
     after=$($PY -c "import torch, transformers; print(torch.__version__, transformers.__version__)")
     [ "$before" = "$after" ] || echo "WARNING: torch/transformers changed: $before -> $after"
     $PY -c "import trl.experimental.ppo" && HAVE_TRL=1

@@ -34,12 +34,14 @@ SHAPES = ([(1, 4096, 4096), (16, 4096, 11008), (2048, 2048, 2048), (777, 1003, 1
 
 
 @requires_triton
+@pytest.mark.parametrize("schedule", ["tile", "tma"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_int8_gemm_triton_is_bit_exact_against_int32_reference(shape):
+def test_int8_gemm_triton_is_bit_exact_against_int32_reference(shape, schedule):
+    """Both schedules: one tile per program (pointer loads) and persistent with TMA descriptors."""
     M, N, K = shape
     g = fresh_gen()
     a, b = rand_i8((M, K), g), rand_i8((N, K), g)
-    c = gemm._int8_gemm_triton(a, b, None, None, None, torch.int32)
+    c = gemm._int8_gemm_triton(a, b, None, None, None, torch.int32, schedule=schedule)
     assert c.dtype == torch.int32 and c.shape == (M, N)
     assert torch.equal(c, exact_i32(a, b))
     assert torch.equal(gemm.int8_gemm_i32_ref(a, b), exact_i32(a, b))
@@ -56,22 +58,24 @@ def test_int8_gemm_triton_extreme_values_and_strided_inputs():
     # non-contiguous views: a transposed buffer and every other row of b
     a_t = rand_i8((K, M), g).T
     b_s = rand_i8((2 * N, K + 3), g)[::2, :K]
-    got = gemm._int8_gemm_triton(a_t, b_s, None, None, None, torch.int32)
-    assert torch.equal(got, exact_i32(a_t.contiguous(), b_s.contiguous()))
+    for schedule in ("tile", "tma"):
+        got = gemm._int8_gemm_triton(a_t, b_s, None, None, None, torch.int32, schedule=schedule)
+        assert torch.equal(got, exact_i32(a_t.contiguous(), b_s.contiguous())), schedule
 
 
 @requires_triton
+@pytest.mark.parametrize("schedule", ["tile", "tma"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("per_row,per_col,with_bias", [(True, True, True), (False, True, False),
                                                        (True, False, True), (False, False, False)])
-def test_int8_gemm_triton_rescale_matches_reference(dtype, per_row, per_col, with_bias):
+def test_int8_gemm_triton_rescale_matches_reference(dtype, per_row, per_col, with_bias, schedule):
     g = fresh_gen()
     M, N, K = (1000, 768, 512) if BIG else (21, 40, 48)
     a, b = rand_i8((M, K), g), rand_i8((N, K), g, lo=-127)
     sa = torch.rand(M if per_row else 1, device=DEVICE, generator=g) * 0.02 + 1e-3
     sb = torch.rand(N if per_col else 1, device=DEVICE, generator=g) * 0.02 + 1e-3
     bias = torch.randn(N, device=DEVICE, generator=g).to(dtype) if with_bias else None
-    out = gemm._int8_gemm_triton(a, b, sa, sb, bias, dtype)
+    out = gemm._int8_gemm_triton(a, b, sa, sb, bias, dtype, schedule=schedule)
     ref = gemm.int8_gemm_ref(a, b, sa, sb, bias, dtype)
     assert out.dtype == dtype and out.shape == (M, N)
     err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
@@ -128,4 +132,8 @@ def test_int8_gemm_full_size_8192_on_gpu_is_bit_exact():
     g = fresh_gen()
     a, b = rand_i8((8192, 8192), g), rand_i8((8192, 8192), g)
     assert not interpreting()
+    assert gemm._tma_ok(a, b)  # the library path takes the persistent TMA kernel at this size on Hopper
     assert torch.equal(gemm.int8_gemm_i32(a, b), exact_i32(a, b))
+    for schedule in ("tile", "tma"):
+        assert torch.equal(gemm._int8_gemm_triton(a, b, None, None, None, torch.int32, schedule=schedule),
+                           exact_i32(a, b)), schedule
