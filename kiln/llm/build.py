@@ -18,10 +18,14 @@ from tqdm.auto import tqdm
 import kiln
 
 from .config import ModelConfig, dtype_name, parse_dtype
+from .distributed import SINGLE, TensorParallel
+from .layers.parallel import quantize_parallel_
 from .loader import checkpoint_files, iter_safetensors, load_weights, num_tensors
 from .lora import LoraAdapter, LoraMerger
 from .models import CausalLM, model_class
 from .models.base import ParamTarget
+from .quantize import (CalibrationConfig, activation_quant, check_build_quant, fill_dummy_quant_,
+                       prepare_engine_model_, quantize_for_build_)
 from .tokenizer import TOKENIZER_FILES
 
 logger = logging.getLogger(__name__)
@@ -53,8 +57,10 @@ def read_config(path: str | Path) -> tuple[dict, bool]:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto",
                loras: list[tuple[str, float]] | None = None, show_progress: bool = False,
-               load_format: str = "auto") -> LoadedModel:
+               load_format: str = "auto", tp: TensorParallel = SINGLE) -> LoadedModel:
     """Instantiate the model on ``device`` without initialising it, then stream the weights in.
+
+    With tensor parallelism (``tp``) the model holds this rank's shard and reads only that from the weight files.
 
     ``load_format="dummy"`` (as in vLLM) fills the weights with seeded random values instead of reading any
     weight file: benchmarks of a model's shape need only its config.json.
@@ -69,13 +75,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
     if is_engine and loras:
         raise ValueError(f"{path} is a built engine; merge LoRA adapters when building it (kiln build --lora)")
     quant = hf_cfg.get(ENGINE_KEY, {}).get("quant") if is_engine else None
+    build_info = hf_cfg.get(ENGINE_KEY, {}) if is_engine else {}
+    if activation_quant(build_info):  # w8a8 / fp8: kiln.llm.quantize swaps those modules in
+        quant = None
     with torch.device("meta"):
-        model = model_class(config)(config)
+        model = model_class(config)(config, tp)
     model = model.to(dtype=torch_dtype)
+    prepare_engine_model_(model, build_info, device)  # W8A8 / FP8 linears, KV-cache scales (empty, on meta)
     if quant and load_format != "dummy":  # empty quantized linears (on meta), filled from the engine's file
-        from kiln.quant.llm import quantize_weight_only_
-
-        quantize_weight_only_(model, quant["mode"], quant.get("group_size"), quantize_weights=False)
+        quantize_parallel_(model, quant["mode"], quant.get("group_size"), quantize_weights=False)
     model = model.to_empty(device=device)
     model.tie_weights()
     model.init_buffers(device)
@@ -90,9 +98,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
                 else:
                     p.normal_(0.0, 0.02, generator=gen)
         if quant:  # random float weights quantized as the engine's build would
-            from kiln.quant.llm import quantize_weight_only_
-
-            quantize_weight_only_(model, quant["mode"], quant.get("group_size"))
+            quantize_parallel_(model, quant["mode"], quant.get("group_size"))
+        fill_dummy_quant_(model, gen)
         model.eval().requires_grad_(False)
         return LoadedModel(model, config, path, is_engine, hf_cfg.get(ENGINE_KEY, {}))
     files = checkpoint_files(path)
@@ -100,7 +107,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
     name_map = (lambda name: ParamTarget(name)) if is_engine else model.map_hf_name
     bar = tqdm(total=num_tensors(files), desc="loading weights", unit="tensor", disable=not show_progress)
     with bar:
-        load_weights(model, iter_safetensors(files), name_map, transform=merger, progress=bar)
+        load_weights(model, iter_safetensors(files, lazy=True), name_map, transform=merger, progress=bar)
     if merger is not None:
         merger.check_all_applied()
     model.eval().requires_grad_(False)
@@ -109,35 +116,29 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
 
 def build_engine(checkpoint: str | Path, output_dir: str | Path, dtype: str = "auto",
                  loras: list[tuple[str, float]] | None = None, show_progress: bool = True,
-                 quant: str | None = None, group_size: int | None = None) -> Path:
+                 quant: str | None = None, group_size: int | None = None, kv_cache_dtype: str | None = None,
+                 smoothquant_alpha: float = 0.5, calibration: CalibrationConfig | None = None) -> Path:
     """Write an engine directory: config.json (model config + build options + kiln version), model.safetensors
     in the engine's fused layout, tokenizer files.
 
-    ``quant`` ("int8-wo" or "int4-wo", with ``group_size`` 32/64/128 for int4, default 128) stores the decoder
-    linears weight-only quantized (kiln.quant.llm); the embedding and the LM head stay float."""
+    ``quant`` ("int8-wo" or "int4-wo", with ``group_size`` 32/64/128 for int4, default 128; "w8a8" SmoothQuant
+    with migration strength ``smoothquant_alpha``; "fp8") stores the decoder linears quantized (kiln.quant.llm);
+    ``kv_cache_dtype`` ("int8" / "fp8") makes the engine's KV cache quantized with calibrated static scales.
+    Calibration (w8a8, KV cache) reads ``calibration``'s text (default: held-out Shakespeare). The embedding and
+    the LM head stay float. Every option is validated before anything is loaded or written (kiln.llm.quantize).
+    """
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     hf_cfg, is_engine = read_config(checkpoint)
     if is_engine:
         raise ValueError(f"{checkpoint} is already a kiln engine")
-    if quant is not None:
-        from kiln.quant.llm import check_weight_only_args
-
-        group_size = check_weight_only_args(quant, group_size)
-        family = ModelConfig.from_hf(hf_cfg).family
-        if family == "gpt2":
-            raise ValueError(f"weight-only quantization supports the Llama-family models (llama, mistral, qwen2, "
-                             f"qwen3), not {family}")
-    elif group_size is not None:
-        raise ValueError(f"group_size={group_size!r} needs a quantization mode (quant='int4-wo')")
+    spec = check_build_quant(hf_cfg, quant, group_size, kv_cache_dtype, smoothquant_alpha, calibration)
     if dtype == "auto":
         dtype = hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32"
     torch_dtype = parse_dtype(dtype, torch.device("cpu"))
     t0 = time.time()
     loaded = load_model(checkpoint, "cpu", torch_dtype, loras, show_progress=show_progress)
-    if quant is not None:  # validates every layer's dimensions before anything is written
-        from kiln.quant.llm import quantize_weight_only_
-
-        quantize_weight_only_(loaded.model, quant, group_size)
+    # validates every layer's dimensions (int4 group size) before anything is written
+    entries = quantize_for_build_(loaded.model, spec, checkpoint)
     output_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in loaded.model.engine_state_dict().items()}
     save_file(state, str(output_dir / "model.safetensors"))
@@ -153,8 +154,8 @@ def build_engine(checkpoint: str | Path, output_dir: str | Path, dtype: str = "a
         "source": str(checkpoint.resolve()),
         "dtype": dtype_name(torch_dtype),
         "layout": {"fused_qkv": True, "fused_gate_up": loaded.config.family != "gpt2"},
-        "quant": None if quant is None else {"mode": quant, "group_size": group_size, "lm_head": False,
-                                             "embedding": False},
+        "quant": entries["quant"],
+        "kv_cache": entries["kv_cache"],
         "loras": [{"path": str(Path(p).resolve()), "weight": w} for p, w in (loras or [])],
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "build_seconds": round(time.time() - t0, 3),

@@ -138,8 +138,12 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False
     seed: int = 0
+    tensor_parallel_size: int = 1              # ranks (one GPU each; gloo processes on the CPU); rank 0 schedules
 
     def validate(self) -> None:
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be an int >= 1, got {tp!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -6,6 +6,8 @@ import dataclasses
 import itertools
 import logging
 import time
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -13,8 +15,10 @@ from typing import Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .build import load_model
-from .config import EngineConfig, parse_dtype
+from .build import LoadedModel, load_model, read_config
+from .config import EngineConfig, ModelConfig, parse_dtype
+from .distributed import (SINGLE, EngineDeadError, TensorParallel, TPWorkers, check_tensor_parallel_size,
+                          rank_device)
 from .kv_cache import BlockManager
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .runner import ModelRunner
@@ -48,6 +52,28 @@ def default_model_path() -> Path:
     return _default()
 
 
+def _max_model_len(config: EngineConfig, mcfg: ModelConfig) -> int:
+    limit = mcfg.max_context
+    max_len = config.max_model_len or limit
+    if max_len > limit:
+        raise ValueError(f"max_model_len ({max_len}) exceeds the model's context ({limit})")
+    if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_len:
+        raise ValueError(f"with chunked prefill off, max_num_batched_tokens ({config.max_num_batched_tokens}) "
+                         f"must be >= max_model_len ({max_len})")
+    return max_len
+
+
+def build_rank(path: Path, loras, load_format: str, config: EngineConfig, device: torch.device,
+               tp: TensorParallel = SINGLE) -> tuple[LoadedModel, ModelRunner, int]:
+    """This rank's model shard and model runner (KV cache, CUDA graphs); rank 0 and every worker run it."""
+    device = rank_device(device, tp.rank)
+    dtype = parse_dtype(config.dtype, device)
+    loaded = load_model(path, device, dtype, loras, load_format=load_format, tp=tp)
+    max_len = _max_model_len(config, loaded.config)
+    runner = ModelRunner(loaded.model, loaded.config, config, device, dtype, max_len)
+    return loaded, runner, max_len
+
+
 class LLMEngine:
     def __init__(self, model: str | Path | None = None, tokenizer: str | Path | None = None,
                  loras: list[tuple[str, float]] | None = None, load_format: str = "auto", **engine_kwargs):
@@ -55,23 +81,39 @@ class LLMEngine:
         self.config.validate()
         path = Path(model) if model is not None else default_model_path()
         device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.device = device
+        self.device = rank_device(device, 0)
         self.dtype = parse_dtype(self.config.dtype, device)
-        loaded = load_model(path, device, self.dtype, loras, load_format=load_format)
+        self.workers: TPWorkers | None = None
+        tp = SINGLE
+        size = self.config.tensor_parallel_size
+        if size > 1:  # check everything that can be checked before any process starts
+            hf_cfg, _ = read_config(path)
+            mcfg = ModelConfig.from_hf(hf_cfg)
+            check_tensor_parallel_size(size, mcfg, device)
+            _max_model_len(self.config, mcfg)
+            self.workers = TPWorkers(size, str(path), loras, load_format, self.config.to_dict(), device)
+            # the finaliser holds the workers, not the engine: it also runs at interpreter exit
+            self._finalizer = weakref.finalize(self, self.workers.shutdown)
+        try:
+            if self.workers is not None:
+                tp = self.workers.init_rank0()
+            loaded, self.runner, max_len = build_rank(path, loras, load_format, self.config, device, tp)
+            if self.workers is not None:
+                self.workers.wait_ready(self.runner.num_blocks)
+                self.runner.broadcast = self.workers.send_step
+        except Exception as exc:
+            if self.workers is not None:
+                dead = self.workers.error
+                self.workers.shutdown()
+                if dead is not None:
+                    raise EngineDeadError(dead) from exc
+            raise
         self.model, self.model_config, self.model_path = loaded.model, loaded.config, path
         self.build_info = loaded.build_info
         tok_path = Path(tokenizer) if tokenizer is not None else path
         self.tokenizer = Tokenizer(tok_path) if (tok_path / "tokenizer.json").exists() else None
         mcfg = self.model_config
-        limit = mcfg.max_context
-        max_len = self.config.max_model_len or limit
-        if max_len > limit:
-            raise ValueError(f"max_model_len ({max_len}) exceeds the model's context ({limit})")
         self.max_model_len = max_len
-        if not self.config.enable_chunked_prefill and self.config.max_num_batched_tokens < max_len:
-            raise ValueError(f"with chunked prefill off, max_num_batched_tokens ({self.config.max_num_batched_tokens}) "
-                             f"must be >= max_model_len ({max_len})")
-        self.runner = ModelRunner(self.model, mcfg, self.config, device, self.dtype, max_len)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.block_manager)
@@ -169,13 +211,41 @@ class LLMEngine:
                 "num_preemptions": self.scheduler.num_preemptions,
                 "prefix_cache_hit_tokens": bm.prefix_hits, **self.stats}
 
+    # --------------------------------------------------------------------------------------- workers
+    def _check_workers(self) -> None:
+        if self.workers is not None:
+            self.workers.check()
+
+    @contextmanager
+    def _worker_errors(self):
+        """A step that fails because a worker died (a broken collective) raises EngineDeadError naming it."""
+        try:
+            yield
+        except EngineDeadError:
+            raise
+        except Exception as exc:
+            if self.workers is None:
+                raise
+            try:
+                self.workers.check()
+            except EngineDeadError as dead:
+                raise dead from exc
+            raise
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (also done at garbage collection and interpreter exit)."""
+        if self.workers is not None:
+            self.workers.shutdown()
+
     # --------------------------------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, and return outputs of every request that progressed."""
+        self._check_workers()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        result = self.runner.execute(batch)
+        with self._worker_errors():
+            result = self.runner.execute(batch)
         self.stats["steps"] += 1
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
@@ -315,9 +385,11 @@ class LLMEngine:
         parameter must be covered. Cached prefixes were computed with the old weights, so the prefix cache is
         dropped; requests in flight keep their (stale) KV and should not span an update.
         """
-        from .loader import load_weights
-
-        load_weights(self.model, ((n, t.detach()) for n, t in named_tensors), self.model.map_hf_name)
+        self._check_workers()
+        tensors = [(n, t.detach()) for n, t in named_tensors]
+        self.runner.load_named_tensors(tensors)  # validates every tensor before the workers see any
+        if self.workers is not None:
+            self.workers.send("update_weights", [(n, t.cpu()) for n, t in tensors])
         self.reset_prefix_cache()
 
     def reset_prefix_cache(self) -> None:
@@ -338,7 +410,9 @@ class LLMEngine:
                 if not bm.ensure_capacity(s, s.num_tokens):
                     raise ValueError("not enough free KV blocks to score these prompts at once")
             batch = ScheduledBatch(seqs, [s.num_tokens for s in seqs])
-            logits = self.runner.all_logits(batch)
+            self._check_workers()
+            with self._worker_errors():
+                logits = self.runner.all_logits(batch)
         finally:
             for s in seqs:
                 bm.free_sequence(s)
@@ -435,3 +509,7 @@ class LLM:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.engine.update_weights(named_tensors)
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers now instead of at garbage collection or interpreter exit."""
+        self.engine.shutdown()

@@ -47,12 +47,14 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     raise FileNotFoundError(f"no model.safetensors (or {SAFETENSORS_INDEX}) in {path}")
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(files: list[Path], lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor; ``lazy`` yields ``get_slice`` handles instead, valid until the next item,
+    from which the loader reads only the rows its (tensor-parallel) parameter holds."""
     for f in files:
         try:
             with safe_open(str(f), framework="pt", device="cpu") as handle:
                 for name in handle.keys():
-                    yield name, handle.get_tensor(name)
+                    yield name, (handle.get_slice(name) if lazy else handle.get_tensor(name))
         except SafetensorError as exc:
             raise ValueError(f"corrupt weight file {f}: {exc}") from exc
         except OSError as exc:
@@ -97,13 +99,23 @@ def load_weights(model: CausalLM, tensors: Iterator[tuple[str, torch.Tensor]],
             if param is None:
                 unexpected.append(hf_name)
                 continue
+            owner = owners[target.name]
             if transform is not None:
-                tensor = transform(hf_name, tensor)
+                tensor = transform(hf_name, _read_all(tensor))
+            if getattr(owner, "tp_slices", None) is not None:
+                problem = _load_parallel(owner, target, param, tensor)
+                if problem == "unexpected":
+                    unexpected.append(hf_name)
+                elif problem:
+                    misshaped.append(f"{hf_name}: {problem}")
+                else:
+                    filled[target.name].add(target.shard)
+                continue
+            tensor = _read_all(tensor)
             if target.transpose:
                 tensor = tensor.t()
             dest = param.data
             if target.shard is not None:
-                owner = owners[target.name]
                 if target.shard not in getattr(owner, "shard_offsets", {}):
                     unexpected.append(hf_name)
                     continue
@@ -141,3 +153,81 @@ def _owner(model: torch.nn.Module, param_name: str) -> torch.nn.Module:
 
 def _is_sharded(owner: torch.nn.Module, param_name: str) -> bool:
     return bool(getattr(owner, "shard_offsets", None)) and param_name.rsplit(".", 1)[-1] in ("weight", "bias")
+
+
+# ------------------------------------------------------------------------------------------------ sharded reads
+def _shape(src) -> tuple[int, ...]:
+    return tuple(src.get_shape()) if hasattr(src, "get_shape") else tuple(src.shape)
+
+
+def _read_all(src) -> torch.Tensor:
+    return src[:] if hasattr(src, "get_shape") else src
+
+
+def _read_rows(src, dim: int, start: int, length: int, transpose: bool) -> torch.Tensor:
+    """Rows ``[start, start + length)`` along ``dim`` of the parameter's frame, read from a tensor or a lazy
+    safetensors slice (GPT-2's Conv1D weights are stored transposed: the parameter's dim 0 is the file's dim 1)."""
+    file_dim = 1 - dim if transpose else dim
+    part = src[start:start + length] if file_dim == 0 else src[:, start:start + length]
+    return part.t() if transpose else part
+
+
+def _load_parallel(owner: torch.nn.Module, target: ParamTarget, param: torch.Tensor, src) -> str | None:
+    """Copy this rank's slice of checkpoint tensor ``src`` into ``param`` of a tensor-parallel layer.
+
+    Column-parallel layers split every tensor along its rows (weights, biases, quantized weights and scales);
+    row-parallel ones split 2-D tensors along their columns (int4's packed bytes and group scales in proportion)
+    and replicate 1-D ones, except the bias, which rank 0 alone adds. Returns a problem description or None."""
+    dim = owner.tp_dim
+    leaf = target.name.rsplit(".", 1)[-1]
+    shape = _shape(src)
+    if target.transpose:
+        shape = shape[::-1]
+    data = param.data
+    if dim >= data.dim():  # 1-D tensor of a row-parallel layer: replicated
+        if target.shard is not None:
+            return "unexpected"
+        if shape != tuple(data.shape):
+            return f"expected {tuple(data.shape)}, got {shape}"
+        if leaf == "bias" and owner.tp.rank > 0:
+            data.zero_()
+        else:
+            data.copy_(_read_all(src))
+        return None
+    slices = owner.tp_slices
+    offsets = getattr(owner, "shard_offsets", {})
+    # rows of this tensor per row of the layer: 1, or 1/2 for int4's packed bytes, 1/group for its group scales
+    num, den = data.shape[dim], sum(s.size for s in slices.values())
+    cuts = [v for s in slices.values() for v in (s.start, s.size, s.full)] + [o for o, _ in offsets.values()]
+    if any(v * num % den for v in cuts):
+        return f"this rank's slice does not fall on whole rows of a {tuple(data.shape)} tensor along dim {dim}"
+
+    def scaled(n: int) -> int:
+        return n * num // den
+
+    if target.shard is not None:
+        if target.shard not in offsets:
+            return "unexpected"
+        parts = [(slices[target.shard], offsets[target.shard][0], 0)]
+        full = scaled(slices[target.shard].full)
+    else:
+        parts, file_off = [], 0
+        for name, s in slices.items():
+            parts.append((s, offsets[name][0] if name is not None else 0, file_off))
+            file_off += s.full
+        full = scaled(file_off)
+    expected = list(data.shape)
+    expected[dim] = full
+    if shape != tuple(expected):
+        if target.transpose:
+            return f"expected {tuple(expected)[::-1]}, got {shape[::-1]}"
+        return f"expected {tuple(expected)}, got {shape}"
+    for s, local_off, file_off in parts:
+        dest = data.narrow(dim, scaled(local_off), scaled(s.size))
+        valid = scaled(s.valid)
+        if valid:
+            dest.narrow(dim, 0, valid).copy_(_read_rows(src, dim, scaled(file_off + s.start), valid,
+                                                        target.transpose))
+        if valid < dest.shape[dim]:
+            dest.narrow(dim, valid, dest.shape[dim] - valid).zero_()
+    return None

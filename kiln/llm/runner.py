@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 
@@ -25,18 +26,46 @@ class StepResult:
     sample_rows: list[int]         # index into batch.seqs of each logits row
 
 
+@dataclass
+class StepInput:
+    """One forward's inputs packed on the host: all a tensor-parallel worker receives from rank 0 each step."""
+
+    input_ids: torch.Tensor        # [T] int64 packed new tokens (graph steps: one per sequence)
+    positions: torch.Tensor        # [T] int64
+    slot_mapping: torch.Tensor     # [T] int64 KV slot of each new token
+    seqlens_k: torch.Tensor        # [B] int32 cached + new tokens
+    block_tables: torch.Tensor     # [B, max_blocks] int32
+    cu_seqlens_q: torch.Tensor | None = None   # [B + 1] int32 (eager steps)
+    max_seqlen_q: int = 1
+    max_seqlen_k: int = 1
+    is_decode: bool = False
+    logits_idx: torch.Tensor | None = None     # packed rows to compute logits for; None: every row
+    graph: bool = False            # a decode step replayed through a captured CUDA graph
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, model_config: ModelConfig, engine_config: EngineConfig,
                  device: torch.device, dtype: torch.dtype, max_model_len: int):
         self.model, self.mcfg, self.ecfg = model, model_config, engine_config
         self.device, self.dtype = device, dtype
+        # an int8 / fp8 KV cache (engines built with --kv-cache-dtype; kiln.llm.quantize) or the model's dtype
+        self.kv_dtype: torch.dtype = getattr(model, "kv_cache_dtype", None) or dtype
         self.block_size = engine_config.block_size
         self.max_model_len = max_model_len
+        self.tp = getattr(model, "tp", None)
+        # this rank's KV heads (all of them without tensor parallelism)
+        self.num_kv_heads = model.attention_layers()[0].num_kv_heads
+        # rank 0 sends each step's inputs to tensor-parallel workers through this (set by the engine)
+        self.broadcast: Callable[[StepInput], None] | None = None
         self.num_blocks = self._num_kv_blocks()
+        if self.tp is not None and self.tp.size > 1:  # every rank must hold the same number of blocks
+            n = torch.tensor([self.num_blocks], dtype=torch.int64, device=device)
+            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+            self.num_blocks = int(n.item())
         c = model_config
         # One pool for every layer's K and V; each attention layer gets views, never its own allocation.
-        self.kv_pool = torch.zeros(2, c.num_layers, self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim,
-                                   dtype=dtype, device=device)
+        self.kv_pool = torch.zeros(2, c.num_layers, self.num_blocks, self.block_size, self.num_kv_heads, c.head_dim,
+                                   dtype=self.kv_dtype, device=device)
         for i, attn in enumerate(model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_pool[0, i], self.kv_pool[1, i]
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
@@ -50,7 +79,7 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------ sizing
     def bytes_per_block(self) -> int:
         c = self.mcfg
-        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * torch.finfo(self.dtype).bits // 8
+        return 2 * c.num_layers * self.block_size * self.num_kv_heads * c.head_dim * self.kv_dtype.itemsize
 
     def _num_kv_blocks(self) -> int:
         e = self.ecfg
@@ -79,8 +108,8 @@ class ModelRunner:
         n_seqs = max(1, tokens // seq_len)
         blocks_per_seq = -(-seq_len // self.block_size)
         c = self.mcfg
-        tmp = torch.zeros(2, n_seqs * blocks_per_seq, self.block_size, c.num_kv_heads, c.head_dim,
-                          dtype=self.dtype, device=self.device)
+        tmp = torch.zeros(2, n_seqs * blocks_per_seq, self.block_size, self.num_kv_heads, c.head_dim,
+                          dtype=self.kv_dtype, device=self.device)
         layers = self.model.attention_layers()
         for attn in layers:  # every layer shares one scratch cache for the profile run
             attn.k_cache, attn.v_cache = tmp[0], tmp[1]
@@ -111,7 +140,11 @@ class ModelRunner:
         return int(total * self.ecfg.gpu_memory_utilization - peak - used_by_others)
 
     # ------------------------------------------------------------------------------------------ steps
-    def prepare(self, batch: ScheduledBatch, all_logits: bool = False):
+    def pack(self, batch: ScheduledBatch, all_logits: bool = False) -> tuple[StepInput, list[int]]:
+        """The batch's packed host inputs, and the rows of ``batch.seqs`` that sample this step."""
+        if (not all_logits and self.graphs and len(batch.seqs) <= max(self.graphs)
+                and all(n == 1 for n in batch.num_new_tokens)):
+            return self._pack_graph(batch), list(range(len(batch.seqs)))
         bs = self.block_size
         input_ids, positions, slots, cu, lens, sample_rows, sample_idx = [], [], [], [0], [], [], []
         max_blocks = 1
@@ -129,17 +162,31 @@ class ModelRunner:
                 sample_rows.append(row)
                 sample_idx.append(cu[-1] - 1)
         tables = [s.block_table + [-1] * (max_blocks - len(s.block_table)) for s in batch.seqs]
-        dev = self.device
-        ctx = AttentionContext(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            seqlens_k=torch.tensor(lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+        inp = StepInput(
+            input_ids=torch.tensor(input_ids, dtype=torch.long), positions=torch.tensor(positions, dtype=torch.long),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64), seqlens_k=torch.tensor(lens, dtype=torch.int32),
+            block_tables=torch.tensor(tables, dtype=torch.int32), cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
             max_seqlen_q=max(batch.num_new_tokens), max_seqlen_k=max(lens),
-            is_decode=all(n == 1 for n in batch.num_new_tokens))
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        return ids, pos, ctx, sample_rows, sample_idx
+            is_decode=all(n == 1 for n in batch.num_new_tokens),
+            logits_idx=None if all_logits else torch.tensor(sample_idx, dtype=torch.long))
+        return inp, sample_rows
+
+    def _pack_graph(self, batch: ScheduledBatch) -> StepInput:
+        bs = self.block_size
+        ids, pos, slots, lens = [], [], [], []
+        width = max(len(seq.block_table) for seq in batch.seqs)
+        tables = []
+        for seq in batch.seqs:
+            p = seq.num_computed_tokens
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            tables.append(seq.block_table + [0] * (width - len(seq.block_table)))
+        return StepInput(input_ids=torch.tensor(ids, dtype=torch.long), positions=torch.tensor(pos, dtype=torch.long),
+                         slot_mapping=torch.tensor(slots, dtype=torch.int64),
+                         seqlens_k=torch.tensor(lens, dtype=torch.int32),
+                         block_tables=torch.tensor(tables, dtype=torch.int32), is_decode=True, graph=True)
 
     # ------------------------------------------------------------------------------------------ CUDA graphs
     def graph_batch_sizes(self) -> list[int]:
@@ -179,53 +226,64 @@ class ModelRunner:
         torch.cuda.synchronize(dev)
         logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(sizes), sizes)
 
-    def _run_graph(self, batch: ScheduledBatch) -> torch.Tensor:
-        n = len(batch.seqs)
+    def _replay(self, inp: StepInput) -> torch.Tensor:
+        n = inp.input_ids.shape[0]
         b = next(s for s in sorted(self.graphs) if s >= n)
-        bs = self.block_size
-        ids, pos, slots, lens = [], [], [], []
-        width = max(len(seq.block_table) for seq in batch.seqs)
-        tables = []
-        for seq in batch.seqs:
-            p = seq.num_computed_tokens
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            slots.append(seq.block_table[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            tables.append(seq.block_table + [0] * (width - len(seq.block_table)))
-        pad = b - n
-        tables.extend([[0] * width] * pad)
-        # one pinned host buffer per field would shave a little more; these are a few KB per step
-        self.g_ids[:b].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
-        self.g_pos[:b].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
-        self.g_slots[:b].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
-        self.g_lens[:b].copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        width = inp.block_tables.shape[1]
+        if b > n:  # padding rows: token 0 at position 0, its KV store skipped (slot -1), one key to attend
+            self.g_ids[n:b].zero_()
+            self.g_pos[n:b].zero_()
+            self.g_slots[n:b].fill_(-1)
+            self.g_lens[n:b].fill_(1)
+            self.g_tables[n:b, :width].zero_()
+        self.g_ids[:n].copy_(inp.input_ids, non_blocking=True)
+        self.g_pos[:n].copy_(inp.positions, non_blocking=True)
+        self.g_slots[:n].copy_(inp.slot_mapping, non_blocking=True)
+        self.g_lens[:n].copy_(inp.seqlens_k, non_blocking=True)
         # columns past ``width`` hold stale ids from earlier steps; the kernel never reads past a sequence's length
-        self.g_tables[:b, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        self.g_tables[:n, :width].copy_(inp.block_tables, non_blocking=True)
         self.graphs[b].replay()
         return self.g_out[:n]
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepResult:
-        if self.graphs and len(batch.seqs) <= max(self.graphs) and all(n == 1 for n in batch.num_new_tokens):
-            return StepResult(self._run_graph(batch), list(range(len(batch.seqs))))
-        ids, pos, ctx, sample_rows, sample_idx = self.prepare(batch)
+    def run(self, inp: StepInput) -> torch.Tensor:
+        """One forward on this rank (every tensor-parallel rank runs it with the same inputs) -> logits [S, V]."""
+        if inp.graph:
+            return self._replay(inp)
+        dev = self.device
+        ctx = AttentionContext(
+            slot_mapping=inp.slot_mapping.to(dev, non_blocking=True),
+            cu_seqlens_q=inp.cu_seqlens_q.to(dev, non_blocking=True),
+            seqlens_k=inp.seqlens_k.to(dev, non_blocking=True),
+            block_tables=inp.block_tables.to(dev, non_blocking=True),
+            max_seqlen_q=inp.max_seqlen_q, max_seqlen_k=inp.max_seqlen_k, is_decode=inp.is_decode)
         set_context(ctx)
         try:
-            hidden = self.model(ids, pos)
+            hidden = self.model(inp.input_ids.to(dev, non_blocking=True), inp.positions.to(dev, non_blocking=True))
         finally:
             set_context(None)
-        if not sample_rows:
-            return StepResult(hidden.new_empty(0, self.mcfg.vocab_size), [])
-        idx = torch.tensor(sample_idx, dtype=torch.long, device=self.device)
-        return StepResult(self.model.compute_logits(hidden[idx]), sample_rows)
+        if inp.logits_idx is None:
+            return self.model.compute_logits(hidden)
+        if inp.logits_idx.numel() == 0:
+            return hidden.new_empty(0, self.mcfg.vocab_size)
+        return self.model.compute_logits(hidden[inp.logits_idx.to(dev)])
 
-    @torch.inference_mode()
+    def _run_everywhere(self, inp: StepInput) -> torch.Tensor:
+        if self.broadcast is not None:
+            self.broadcast(inp)
+        return self.run(inp)
+
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        inp, sample_rows = self.pack(batch)
+        return StepResult(self._run_everywhere(inp), sample_rows)
+
     def all_logits(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits at every new token of the batch, [T, V] (parity checks, prompt scoring)."""
-        ids, pos, ctx, _, _ = self.prepare(batch)
-        set_context(ctx)
-        try:
-            return self.model.compute_logits(self.model(ids, pos))
-        finally:
-            set_context(None)
+        inp, _ = self.pack(batch, all_logits=True)
+        return self._run_everywhere(inp)
+
+    def load_named_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load Hugging Face-named tensors into this rank's shard (``LLMEngine.update_weights``)."""
+        from .loader import load_weights
+
+        load_weights(self.model, iter(named_tensors), self.model.map_hf_name)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kiln.llm.config import ModelConfig
+from kiln.llm.distributed import TensorParallel
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class CausalLM(nn.Module, ABC):
     """Base class: ``forward(input_ids [T], positions [T]) -> hidden [T, H]``; ``compute_logits`` on chosen rows."""
 
     config: ModelConfig
+    tp: "TensorParallel"   # this rank's tensor-parallel group (size 1: the whole model)
 
     @abstractmethod
     def map_hf_name(self, hf_name: str) -> ParamTarget | None:

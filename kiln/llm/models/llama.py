@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from kiln.llm.config import ModelConfig
+from kiln.llm.distributed import SINGLE, TensorParallel
 from kiln.llm.layers.attention import PagedAttention
-from kiln.llm.layers.linear import FusedLinear
 from kiln.llm.layers.norm import RMSNorm
+from kiln.llm.layers.parallel import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
+                                      kv_replicas)
 from kiln.ops import rope_cos_sin_cache, silu_and_mul
 from kiln.ops.gemv import linear, rms_norm_linear, silu_mul_linear
 
@@ -22,18 +24,25 @@ from .base import CausalLM, ParamTarget
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Each tensor-parallel rank holds its q heads and its (possibly replicated) KV heads; o_proj all-reduces."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
         d = cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
-        self.qkv_proj = FusedLinear(cfg.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
-                                    bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
+        self.tp = tp
+        replicas = kv_replicas(cfg.num_kv_heads, tp)
+        self.num_heads = cfg.num_heads // tp.size
+        self.num_kv_heads = cfg.num_kv_heads * replicas // tp.size
+        self.head_dim = d
+        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
+        full_kv = cfg.num_kv_heads * d
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, {"q": cfg.num_heads * d, "k": full_kv, "v": full_kv},
+                                             bias=cfg.attention_bias, tp=tp, replicas={"k": replicas, "v": replicas})
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, bias=cfg.o_proj_bias, tp=tp)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.norm_eps)
             self.k_norm = RMSNorm(d, cfg.norm_eps)
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, d, d ** -0.5)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, d ** -0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
         return self.attend(positions, self.qkv_proj(x), cos_sin)
@@ -48,18 +57,22 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         o = self.attn(q, k, v, rotary=(positions, cos_sin, True))
         if not isinstance(self.o_proj, nn.Linear):  # weight-only quantized (kiln.quant.llm)
-            return self.o_proj(o)
-        return linear(o, self.o_proj.weight, self.o_proj.bias)
+            return self.tp.all_reduce(self.o_proj(o))
+        return self.tp.all_reduce(linear(o, self.o_proj.weight, self.o_proj.bias))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Each rank holds its slices of gate and up and the matching columns of down_proj; down_proj all-reduces."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
         if cfg.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r} for {cfg.architecture}; expected 'silu'")
         inter = cfg.intermediate_size
-        self.gate_up_proj = FusedLinear(cfg.hidden_size, {"gate": inter, "up": inter}, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.tp = tp
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, {"gate": inter, "up": inter}, bias=cfg.mlp_bias,
+                                                 tp=tp)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias=cfg.mlp_bias, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.gate_up_proj(x))
@@ -67,8 +80,8 @@ class LlamaMLP(nn.Module):
     def down(self, gate_up: torch.Tensor) -> torch.Tensor:
         """down_proj(silu(gate) * up); float weights fold the activation into the GEMV."""
         if not isinstance(self.down_proj, nn.Linear):  # weight-only quantized (kiln.quant.llm)
-            return self.down_proj(silu_and_mul(gate_up))
-        return silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
+            return self.tp.all_reduce(self.down_proj(silu_and_mul(gate_up)))
+        return self.tp.all_reduce(silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias))
 
 
 def _norm_proj(norm: RMSNorm, proj: nn.Module, x: torch.Tensor, residual: torch.Tensor | None):
@@ -83,10 +96,10 @@ def _norm_proj(norm: RMSNorm, proj: nn.Module, x: torch.Tensor, residual: torch.
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg)
-        self.mlp = LlamaMLP(cfg)
+        self.self_attn = LlamaAttention(cfg, tp)
+        self.mlp = LlamaMLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
@@ -104,10 +117,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
 
@@ -117,11 +130,11 @@ _PACKED_RE = re.compile(r"^(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weig
 
 
 class LlamaForCausalLM(CausalLM):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.config = cfg
-        self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.config, self.tp = cfg, tp
+        self.model = LlamaModel(cfg, tp)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, bias=False, tp=tp)
         self.tie_weights()
         rot_dim = cfg.head_dim
         self.register_buffer("cos_sin_cache", torch.empty(cfg.max_position_embeddings, rot_dim), persistent=False)
@@ -140,7 +153,7 @@ class LlamaForCausalLM(CausalLM):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.lm_head.weight, self.lm_head.bias)
+        return self.lm_head.gather(linear(hidden, self.lm_head.weight, self.lm_head.bias))
 
     def input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens

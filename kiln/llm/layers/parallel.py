@@ -1,0 +1,144 @@
+"""Megatron-style tensor-parallel layers; at tensor_parallel_size 1 they are the plain layers.
+
+- ``ColumnParallelLinear``: output features split across ranks. A fused projection (q|k|v, gate|up) splits each
+  named part on its own, so a rank holds its q heads, its k/v heads and its gate/up slices side by side and runs one
+  GEMM. KV heads fewer than ranks are replicated (rank r holds KV head ``r // (size / num_kv_heads)``), as vLLM does.
+- ``RowParallelLinear``: input features split; each rank's output is a partial sum, which the model all-reduces
+  once per attention block and once per MLP block. Its bias lives on rank 0 only (other ranks hold zeros), so the
+  all-reduce adds it once.
+- ``VocabParallelEmbedding`` / ``ParallelLMHead``: the vocabulary split in ``ceil(V / size)`` rows per rank
+  (padding rows are zero); the embedding all-reduces, the LM head all-gathers its logits.
+
+Each layer records which slice of every checkpoint tensor it holds (``tp_dim``, ``tp_slices``), so the loader reads
+just that slice from the safetensors file (``safe_open(...).get_slice``), for float and weight-only quantized
+weights alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.llm.distributed import SINGLE, TensorParallel, divide
+
+from .linear import FusedLinear
+
+TP_ATTRS = ("tp", "tp_dim", "tp_slices", "shard_offsets")
+
+
+@dataclass(frozen=True)
+class ShardSlice:
+    """The part of one checkpoint dimension a rank holds: ``size`` rows from ``start`` of ``full``; rows past the end
+    of the checkpoint (vocabulary padding) are zero."""
+
+    full: int
+    start: int
+    size: int
+
+    @property
+    def valid(self) -> int:
+        return max(0, min(self.size, self.full - self.start))
+
+
+def split(full: int, tp: TensorParallel, replicas: int = 1, pad: bool = False, what: str = "a dimension") -> ShardSlice:
+    """Rank ``tp.rank``'s slice of ``full`` rows shared by ``tp.size / replicas`` distinct owners."""
+    parts = tp.size // replicas
+    size = -(-full // parts) if pad else divide(full, parts, what)
+    return ShardSlice(full, (tp.rank // replicas) * size, size)
+
+
+class ColumnParallelLinear(FusedLinear):
+    """Output features split across ranks; ``out_features`` is an int or named parts ``{"q": ..., "k": ...}``
+    (full sizes), each split separately. ``replicas[name]`` ranks share one slice of that part (replicated KV)."""
+
+    tp_dim = 0
+
+    def __init__(self, in_features: int, out_features: int | dict[str, int], bias: bool = False,
+                 tp: TensorParallel = SINGLE, replicas: dict[str, int] | None = None, pad: bool = False, **kw):
+        named = isinstance(out_features, dict)
+        parts = out_features if named else {None: out_features}
+        slices = {name: split(size, tp, (replicas or {}).get(name, 1), pad, f"output part {name or 'rows'}")
+                  for name, size in parts.items()}
+        nn.Linear.__init__(self, in_features, sum(s.size for s in slices.values()), bias=bias, **kw)
+        self.shard_offsets: dict[str, tuple[int, int]] = {}
+        if named:
+            off = 0
+            for name, s in slices.items():
+                self.shard_offsets[name] = (off, s.size)
+                off += s.size
+        self.tp, self.tp_slices = tp, slices
+
+
+class RowParallelLinear(nn.Linear):
+    """Input features split across ranks; ``forward`` returns this rank's partial sum (the caller all-reduces)."""
+
+    tp_dim = 1
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: TensorParallel = SINGLE, **kw):
+        s = split(in_features, tp, what="input features")
+        super().__init__(s.size, out_features, bias=bias, **kw)
+        self.tp, self.tp_slices = tp, {None: s}
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """The embedding table split by vocabulary rows; looked-up rows are summed across ranks."""
+
+    tp_dim = 0
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp: TensorParallel = SINGLE, **kw):
+        s = split(num_embeddings, tp, pad=True)
+        super().__init__(s.size, embedding_dim, **kw)
+        self.tp, self.tp_slices, self.full_vocab = tp, {None: s}, num_embeddings
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.tp_slices[None].start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return self.tp.all_reduce(out)
+
+
+class ParallelLMHead(ColumnParallelLinear):
+    """The LM head split by vocabulary rows (the embedding's split, so tied weights are one tensor)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, bias: bool = False, tp: TensorParallel = SINGLE, **kw):
+        super().__init__(hidden_size, vocab_size, bias=bias, tp=tp, pad=True, **kw)
+        self.full_vocab = vocab_size
+
+    def gather(self, local_logits: torch.Tensor) -> torch.Tensor:
+        """This rank's ``[T, V / size]`` logits -> the full ``[T, V]`` on every rank."""
+        if self.tp.size == 1:
+            return local_logits
+        return self.tp.all_gather_last(local_logits)[..., : self.full_vocab]
+
+
+def kv_replicas(num_kv_heads: int, tp: TensorParallel) -> int:
+    """Ranks sharing one KV head (1 unless there are fewer KV heads than ranks)."""
+    return max(1, tp.size // num_kv_heads)
+
+
+def quantize_parallel_(model: nn.Module, mode: str, group_size: int | None, quantize_weights: bool = True) -> None:
+    """``kiln.quant.llm.quantize_weight_only_`` for a (possibly) tensor-parallel model: the quantized twins keep
+    their layer's shard description, so they load (and all-reduce) like the float layers they replace."""
+    from kiln.quant.llm import check_weight_only_args, quantize_weight_only_
+
+    group_size = check_weight_only_args(mode, group_size)
+    keep = {name: {a: getattr(m, a) for a in TP_ATTRS if hasattr(m, a)}
+            for name, m in model.named_modules() if hasattr(m, "tp_slices") and isinstance(m, nn.Linear)}
+    if group_size is not None:
+        bad = [f"{n} ({m.in_features} input features per rank)" for n, m in model.named_modules()
+               if isinstance(m, RowParallelLinear) and m.tp.size > 1 and m.in_features % group_size]
+        if bad:
+            raise ValueError(f"int4-wo group size {group_size} does not divide the per-rank input of row-parallel "
+                             f"layers: {', '.join(bad[:4])}; "
+                             "choose a smaller group size or tensor_parallel_size")
+    quantize_weight_only_(model, mode, group_size, quantize_weights=quantize_weights)
+    for name, attrs in keep.items():
+        module = model.get_submodule(name)
+        for attr, value in attrs.items():
+            setattr(module, attr, value)
