@@ -14,11 +14,13 @@ from .int8 import Int8ConvNd, Int8ConvTranspose2d, Int8Linear
 from .nn import (Int8Config, QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose2d, QuantLinear,
                  TensorQuantizer)
 from .export import export_onnx
-from .llm import Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_weight_only_
+from .llm import (Fp8Linear, Int4WeightOnlyLinear, Int8WeightOnlyLinear, W8A8Linear, quantize_activations_,
+                  quantize_weight_only_)
 from .tensor_quant import dequantize, fake_quant, fake_quant_asym, quantize, quantize_asym
 
 __all__ = ["Int8Config", "quantize_", "export_onnx", "calibrate", "collect_stats", "compute_amax", "convert", "enable_quant",
            "set_learn_amax", "TensorQuantizer", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d",
            "QuantConvTranspose2d", "Int8Linear", "Int8ConvNd", "Int8ConvTranspose2d", "MaxCalibrator",
            "HistogramCalibrator", "quantize", "dequantize", "fake_quant", "quantize_asym", "fake_quant_asym",
-           "Int8WeightOnlyLinear", "Int4WeightOnlyLinear", "quantize_weight_only_"]
+           "Int8WeightOnlyLinear", "Int4WeightOnlyLinear", "quantize_weight_only_", "W8A8Linear", "Fp8Linear",
+           "quantize_activations_"]

@@ -1,9 +1,19 @@
-"""Weight-only quantization of LLM linears (TensorRT-LLM's W8A16 / W4A16), computed by ``kiln.ops.wo_gemm``.
+"""Quantized LLM linears: weight-only (TensorRT-LLM's W8A16 / W4A16, computed by ``kiln.ops.wo_gemm``) and
+activation-quantized W8A8 (SmoothQuant INT8 and FP8 e4m3, computed by ``kiln.ops.gemm``).
 
 - ``int8-wo``: per-output-channel symmetric int8 weights, ``w ~ q * scale[n]`` (``scale = amax / 127``).
 - ``int4-wo``: asymmetric int4 per group of ``group_size`` (32, 64 or 128) consecutive input features,
   ``w ~ (code - zero) * scale`` with codes 0..15 packed two per byte; one fp32 scale and one uint8 zero point per
   (output row, group).
+
+- ``w8a8``: SmoothQuant. Per-output-channel symmetric int8 weights, dynamic per-token int8 activations, INT8
+  GEMM with INT32 accumulation and a per-token x per-channel rescale. Before quantizing, each linear's input
+  channel k is divided by ``s[k] = amax_x[k]^alpha / amax_w[k]^(1 - alpha)`` and its weight column multiplied
+  by it (``smoothquant_scales``); ``1/s`` is folded into the RMSNorm weight in front of a layer where one exists
+  (``fold_smoothing_into_norm_``), else kept as a run-time ``smooth`` vector fused into the activation
+  quantization kernel (TensorRT-LLM's "smoother").
+- ``fp8``: e4m3 weights with a per-output-channel scale (``amax / 448``), dynamic per-token e4m3 activations,
+  FP8 GEMM with fp32 accumulation (Ada/Hopper; the reference path on CPUs).
 
 ``quantize_weight_only_(model, mode, group_size)`` swaps every ``nn.Linear`` (fused ones included) for its
 quantized twin in place, except the names in ``skip`` (the LM head by default: with tied embeddings it is the
@@ -20,6 +30,7 @@ import logging
 import torch
 from torch import nn
 
+from kiln.ops.gemm import FP8_DTYPE, FP8_MAX, fp8_linear, w8a8_linear
 from kiln.ops.wo_gemm import (SUPPORTED_GROUP_SIZES, dequantize_int4_weight, dequantize_int8_weight, pack_int4,
                               w4a16_linear, w8a16_linear)
 
@@ -179,4 +190,176 @@ def quantize_weight_only_(model: nn.Module, mode: str, group_size: int | None = 
         setattr(model.get_submodule(parent_name), child, qmod)
     log.info("quantize_weight_only_: %d linears -> %s%s", len(targets), mode,
              f" (group {group_size})" if group_size else "")
+    return model
+
+
+# ================================================================================================ W8A8 / FP8
+ACTIVATION_MODES = ("w8a8", "fp8")
+QUANT_MODES = WEIGHT_ONLY_MODES + ACTIVATION_MODES
+DEFAULT_SMOOTHQUANT_ALPHA = 0.5
+
+
+def check_quant_args(mode: str, group_size: int | None = None) -> int | None:
+    """Validate any LLM quantization mode and its group size; returns the group size to use (int4-wo only)."""
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; expected one of {', '.join(QUANT_MODES)}")
+    if mode in ACTIVATION_MODES:
+        if group_size is not None:
+            raise ValueError(f"group_size applies to int4-wo only; {mode} weights are per output channel "
+                             f"(got group_size={group_size!r})")
+        return None
+    return check_weight_only_args(mode, group_size)
+
+
+def check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"SmoothQuant migration strength alpha must be a number in [0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+def smoothquant_scales(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: float = DEFAULT_SMOOTHQUANT_ALPHA,
+                       min_scale: float = 1e-5) -> torch.Tensor:
+    """Per-input-channel migration factors ``s = amax_x^alpha / amax_w^(1 - alpha)`` (SmoothQuant, eq. 4).
+
+    ``act_amax`` [K]: calibrated max |x| per input channel; ``weight_amax`` [K]: max |w| over the output rows
+    (of every linear sharing the input). Dividing x by s and multiplying w by s leaves x @ w.T unchanged and
+    evens out their ranges. Channels that never fired (or all-zero weight columns) keep s = 1."""
+    alpha = check_alpha(alpha)
+    a = act_amax.detach().float()
+    w = weight_amax.detach().float()
+    if a.shape != w.shape or a.dim() != 1:
+        raise ValueError(f"act_amax {tuple(a.shape)} and weight_amax {tuple(w.shape)} must be matching vectors")
+    s = a.clamp_min(min_scale).pow(alpha) / w.clamp_min(min_scale).pow(1.0 - alpha)
+    s = torch.where((a > 0) & (w > 0), s, torch.ones_like(s))
+    return s.clamp_min(min_scale)
+
+
+def fold_smoothing_into_norm_(norm_weight: torch.Tensor, linears: list[nn.Linear], act_amax: torch.Tensor,
+                              alpha: float = DEFAULT_SMOOTHQUANT_ALPHA) -> torch.Tensor:
+    """Smooth the linears reading one RMSNorm's output: the norm's weight is divided by s, their weight columns
+    multiplied by s, in place (the float function is unchanged, nothing is left to do at run time). Returns s."""
+    w_amax = torch.stack([lin.weight.detach().float().abs().amax(dim=0) for lin in linears]).amax(dim=0)
+    s = smoothquant_scales(act_amax, w_amax, alpha).to(norm_weight.device)
+    with torch.no_grad():
+        norm_weight.copy_((norm_weight.float() / s).to(norm_weight.dtype))
+        for lin in linears:
+            lin.weight.copy_((lin.weight.float() * s[None, :]).to(lin.weight.dtype))
+    return s
+
+
+def quantize_fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [N, K] -> (e4m3 [N, K], fp32 scale [N]): per output channel, ``scale = amax / 448``."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp_min(1e-12)
+    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+class W8A8Linear(_WeightOnlyLinear):
+    """SmoothQuant W8A8: int8 weight [N, K] (smoothed), fp32 per-channel scale [N], optional run-time smoother
+    ``smooth`` [K] (= 1/s where no norm absorbed it); activations are quantized per token on the fly."""
+
+    mode = "w8a8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, runtime_smooth: bool = False,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.register_buffer("qweight", torch.empty(out_features, in_features, device=device, dtype=torch.int8))
+        self.register_buffer("scale", torch.empty(out_features, device=device, dtype=torch.float32))
+        if runtime_smooth:
+            self.register_buffer("smooth", torch.empty(in_features, device=device, dtype=torch.float32))
+        else:
+            self.smooth = None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, act_amax: torch.Tensor | None = None,
+                   alpha: float = DEFAULT_SMOOTHQUANT_ALPHA, quantize_weights: bool = True,
+                   runtime_smooth: bool | None = None) -> "W8A8Linear":
+        """``act_amax`` given: smooth with a run-time smoother (the weight is multiplied by s here); None: the
+        weight is quantized as it is (smoothing already folded into a norm, or none wanted)."""
+        w = linear.weight
+        rt = act_amax is not None if runtime_smooth is None else runtime_smooth
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, rt, w.device, w.dtype)
+        if quantize_weights:
+            wf = w.detach().float()
+            if act_amax is not None:
+                s = smoothquant_scales(act_amax.to(wf.device), wf.abs().amax(dim=0), alpha)
+                wf = wf * s[None, :]
+                mod.smooth.copy_(1.0 / s)
+            q, sc = quantize_int8_weight(wf)
+            mod.qweight.copy_(q)
+            mod.scale.copy_(sc)
+            if linear.bias is not None:
+                mod.bias.copy_(linear.bias.detach())
+        return mod
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight this layer computes with, smoother folded back in: x @ W.T with W [N, K]."""
+        w = dequantize_int8_weight(self.qweight, self.scale)
+        return w if self.smooth is None else w * self.smooth.float()[None, :]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return w8a8_linear(x, self.qweight, self.scale, self.bias, self.smooth)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", runtime_smooth={self.smooth is not None}"
+
+
+class Fp8Linear(_WeightOnlyLinear):
+    """FP8 W8A8: e4m3 weight [N, K] with an fp32 per-channel scale [N]; activations e4m3 per token on the fly."""
+
+    mode = "fp8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.register_buffer("qweight", torch.empty(out_features, in_features, device=device, dtype=FP8_DTYPE))
+        self.register_buffer("scale", torch.empty(out_features, device=device, dtype=torch.float32))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, quantize_weights: bool = True) -> "Fp8Linear":
+        w = linear.weight
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype)
+        if quantize_weights:
+            q, sc = quantize_fp8_weight(w)
+            mod.qweight.copy_(q)
+            mod.scale.copy_(sc)
+            if linear.bias is not None:
+                mod.bias.copy_(linear.bias.detach())
+        return mod
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.qweight, self.scale, self.bias)
+
+
+ACTIVATION_MODULES = (W8A8Linear, Fp8Linear)
+QUANTIZED_MODULES = WEIGHT_ONLY_MODULES + ACTIVATION_MODULES
+
+
+def quantize_activations_(model: nn.Module, mode: str, act_amax: dict[str, torch.Tensor] | None = None,
+                          alpha: float = DEFAULT_SMOOTHQUANT_ALPHA, skip: tuple[str, ...] = ("lm_head",),
+                          quantize_weights: bool = True, runtime_smooth: tuple[str, ...] = ()) -> nn.Module:
+    """Swap every ``nn.Linear`` of ``model`` (``skip`` excepted) for its W8A8 (``mode="w8a8"``) or FP8 twin, in
+    place. For w8a8, ``act_amax[name]`` (calibrated input amax) smooths that layer with a run-time smoother;
+    layers without an entry are quantized as they are (their smoothing, if any, was folded into a norm first).
+    ``quantize_weights=False`` leaves the buffers empty; ``runtime_smooth`` then names (fnmatch patterns) the
+    layers that carry a smoother, as a built engine records them."""
+    check_quant_args(mode)
+    if mode not in ACTIVATION_MODES:
+        raise ValueError(f"quantize_activations_ takes w8a8 or fp8; use quantize_weight_only_ for {mode!r}")
+    alpha = check_alpha(alpha)
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, skip)]
+    if not targets or targets[0][0] == "":
+        raise ValueError("quantize_activations_ swaps nn.Linear children of a model; found none to quantize")
+    for name, lin in targets:
+        if mode == "fp8":
+            qmod = Fp8Linear.from_float(lin, quantize_weights)
+        elif quantize_weights:
+            qmod = W8A8Linear.from_float(lin, (act_amax or {}).get(name), alpha)
+        else:
+            qmod = W8A8Linear.from_float(lin, quantize_weights=False, runtime_smooth=_skipped(name, runtime_smooth))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, qmod)
+    log.info("quantize_activations_: %d linears -> %s", len(targets), mode)
     return model

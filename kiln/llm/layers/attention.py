@@ -28,11 +28,15 @@ class PagedAttention(nn.Module):
         ctx = get_context()
         if self.k_cache is None:
             raise RuntimeError("PagedAttention has no KV cache: the runner must allocate it before a forward")
+        # an int8 / fp8 cache carries per-head scales (buffers set by kiln.llm.quantize); a float one none
+        ks, vs = getattr(self, "k_scale", None), getattr(self, "v_scale", None)
         if rotary is None:
-            store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+            store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, ks, vs)
         else:
             positions, cos_sin, is_neox = rotary
-            rope_and_store_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache, ctx.slot_mapping, is_neox)
+            rope_and_store_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache, ctx.slot_mapping, is_neox,
+                              ks, vs)
         o = paged_attention(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.seqlens_k, ctx.block_tables,
-                            self.scale, max_seqlen_q=ctx.max_seqlen_q, is_decode=ctx.is_decode)
+                            self.scale, max_seqlen_q=ctx.max_seqlen_q, is_decode=ctx.is_decode, k_scale=ks,
+                            v_scale=vs)
         return o.reshape(q.shape[0], -1)
