@@ -47,8 +47,13 @@ def _build(args) -> int:
 
     checkpoint = args.checkpoint or str(default_model_path())
     loras = [parse_lora_arg(s) for s in args.lora or []]
+    from kiln.llm.quantize import CalibrationConfig
+
+    calib = CalibrationConfig(num_samples=args.calib_samples, seq_len=args.calib_seq_len,
+                              text_files=tuple(args.calib_text or ()))
     out = build_engine(checkpoint, args.output, dtype=args.dtype, loras=loras, quant=args.quant,
-                       group_size=args.group_size)
+                       group_size=args.group_size, kv_cache_dtype=args.kv_cache_dtype,
+                       smoothquant_alpha=args.smoothquant_alpha, calibration=calib)
     print(f"engine written to {out}")
     return 0
 
@@ -100,10 +105,19 @@ def add_parsers(sub) -> None:
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's) | float32 | float16 | bfloat16")
     p.add_argument("--lora", action="append", metavar="ADAPTER[:WEIGHT]",
                    help="peft LoRA adapter directory to merge, optionally weighted (repeatable)")
-    p.add_argument("--quant", default=None, choices=["int8-wo", "int4-wo"],
-                   help="weight-only quantization of the decoder linears: int8 per channel (W8A16) or grouped "
-                        "int4 (W4A16); embedding and LM head stay float")
+    p.add_argument("--quant", default=None, choices=["int8-wo", "int4-wo", "w8a8", "fp8"],
+                   help="quantize the decoder linears: weight-only int8 per channel (W8A16) or grouped int4 "
+                        "(W4A16); w8a8 = SmoothQuant int8 weights and per-token int8 activations; fp8 = e4m3 "
+                        "weights and activations (compute capability >= 8.9); embedding and LM head stay float")
     p.add_argument("--group-size", type=int, default=None, help="int4-wo group size: 32 | 64 | 128 (default 128)")
+    p.add_argument("--kv-cache-dtype", default=None,
+                   help="int8 | fp8: quantized KV cache with calibrated static per-head scales")
+    p.add_argument("--smoothquant-alpha", type=float, default=0.5,
+                   help="w8a8 migration strength in [0, 1] (default 0.5)")
+    p.add_argument("--calib-samples", type=int, default=8, help="calibration windows (w8a8, KV cache)")
+    p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window")
+    p.add_argument("--calib-text", action="append", metavar="FILE",
+                   help="calibration text file (repeatable; default: held-out Shakespeare)")
     p.set_defaults(func=_build)
 
     p = sub.add_parser("generate", help="complete a prompt (streams to stdout)")
