@@ -12,6 +12,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model over N GPUs (one worker process per GPU; gloo processes on the CPU)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -37,7 +39,8 @@ def _llm(args):
     from kiln.llm import LLM
 
     kwargs = {"max_model_len": args.max_model_len} if args.max_model_len else {}
-    return LLM(args.model, dtype=args.dtype, device=args.device, **kwargs)
+    return LLM(args.model, dtype=args.dtype, device=args.device, tensor_parallel_size=args.tensor_parallel_size,
+               **kwargs)
 
 
 def _build(args) -> int:

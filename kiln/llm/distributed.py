@@ -153,12 +153,14 @@ def _worker_main(spec: WorkerSpec, conn) -> None:
             torch.set_num_threads(spec.threads)
         device = torch.device(spec.device)
         conn.send(("started", os.getpid()))
-        tp = init_process_group(spec.rank, spec.size, spec.port, device)
         from .config import EngineConfig
         from .engine import build_rank
 
         config = EngineConfig(**spec.engine_config)
-        _, runner, _ = build_rank(Path(spec.model), spec.loras, spec.load_format, config, device, tp)
+        tp = TensorParallel(spec.rank, spec.size)
+        _, runner, _ = build_rank(Path(spec.model), spec.loras, spec.load_format, config, device, tp,
+                                  connect=lambda: (conn.send(("loaded", None)),
+                                                   init_process_group(spec.rank, spec.size, spec.port, device)))
         conn.send(("ready", runner.num_blocks))
         while True:
             try:
@@ -186,6 +188,8 @@ def _worker_main(spec: WorkerSpec, conn) -> None:
     if tp is not None and dist.is_initialized():
         dist.destroy_process_group()
     conn.close()
+    logging.shutdown()
+    os._exit(0)  # nothing left to flush; skips a second of interpreter teardown per worker
 
 
 class TPWorkers:
@@ -221,7 +225,10 @@ class TPWorkers:
         logger.info("started %d tensor-parallel workers (pids %s)", size - 1, [p.pid for p in self.procs])
 
     # -------------------------------------------------------------------------------------------- start-up
-    def init_rank0(self) -> TensorParallel:
+    def connect_rank0(self) -> TensorParallel:
+        """Join the process group once every worker has loaded its shard (a worker that fails to load is reported
+        with its traceback instead of leaving rank 0 waiting for it in the rendezvous)."""
+        self._wait_for("loaded")
         return init_process_group(0, self.size, self.store.port, rank_device(self.device, 0), store=self.store)
 
     def _wait_for(self, kind: str) -> list:
@@ -294,12 +301,17 @@ class TPWorkers:
             self.error = (f"tensor-parallel worker rank {index + 1} (pid {proc.pid}) {how}; the engine is stopped "
                           "and cannot run more steps" + (f". Worker traceback:\n{tb}" if tb else ""))
 
-    def check(self) -> None:
-        """Raise ``EngineDeadError`` if a worker has died (polls the processes too: the monitor may lag)."""
+    def check(self, wait: float = 0.0) -> None:
+        """Raise ``EngineDeadError`` if a worker has died (polls the processes too: the monitor may lag).
+
+        ``wait``: after a collective failed, give a dying worker that long to be reaped (its sockets close before
+        its process can be waited for)."""
         if self.error is None and not self._closing:
-            for i, p in enumerate(self.procs):
-                if not p.is_alive():
-                    self._record_death(i, None)
+            # a sentinel turns readable when its process exits; unlike is_alive() it needs no reaping, which the
+            # monitor thread may be doing at the same moment
+            sentinels = {p.sentinel: i for i, p in enumerate(self.procs)}
+            for s in wait_connections(list(sentinels), timeout=wait):
+                self._record_death(sentinels[s], None)
         if self.error is not None:
             raise EngineDeadError(self.error)
 

@@ -64,12 +64,18 @@ def _max_model_len(config: EngineConfig, mcfg: ModelConfig) -> int:
 
 
 def build_rank(path: Path, loras, load_format: str, config: EngineConfig, device: torch.device,
-               tp: TensorParallel = SINGLE) -> tuple[LoadedModel, ModelRunner, int]:
-    """This rank's model shard and model runner (KV cache, CUDA graphs); rank 0 and every worker run it."""
+               tp: TensorParallel = SINGLE, connect=None) -> tuple[LoadedModel, ModelRunner, int]:
+    """This rank's model shard and model runner (KV cache, CUDA graphs); rank 0 and every worker run it.
+
+    ``connect()`` joins the process group, between loading (which needs none) and the runner (which does)."""
     device = rank_device(device, tp.rank)
     dtype = parse_dtype(config.dtype, device)
+    if device.type == "cuda" and tp.size > 1:
+        torch.cuda.set_device(device)
     loaded = load_model(path, device, dtype, loras, load_format=load_format, tp=tp)
     max_len = _max_model_len(config, loaded.config)
+    if connect is not None:
+        connect()
     runner = ModelRunner(loaded.model, loaded.config, config, device, dtype, max_len)
     return loaded, runner, max_len
 
@@ -95,16 +101,17 @@ class LLMEngine:
             # the finaliser holds the workers, not the engine: it also runs at interpreter exit
             self._finalizer = weakref.finalize(self, self.workers.shutdown)
         try:
+            connect = None
             if self.workers is not None:
-                tp = self.workers.init_rank0()
-            loaded, self.runner, max_len = build_rank(path, loras, load_format, self.config, device, tp)
+                tp, connect = TensorParallel(0, size), self.workers.connect_rank0
+            loaded, self.runner, max_len = build_rank(path, loras, load_format, self.config, device, tp, connect)
             if self.workers is not None:
                 self.workers.wait_ready(self.runner.num_blocks)
                 self.runner.broadcast = self.workers.send_step
         except Exception as exc:
             if self.workers is not None:
                 dead = self.workers.error
-                self.workers.shutdown()
+                self.workers.shutdown(timeout=2.0)
                 if dead is not None:
                     raise EngineDeadError(dead) from exc
             raise
@@ -214,7 +221,11 @@ class LLMEngine:
     # --------------------------------------------------------------------------------------- workers
     def _check_workers(self) -> None:
         if self.workers is not None:
-            self.workers.check()
+            try:
+                self.workers.check()
+            except EngineDeadError:
+                self.workers.shutdown()  # the others too, and the process group: a new engine can start
+                raise
 
     @contextmanager
     def _worker_errors(self):
@@ -222,13 +233,15 @@ class LLMEngine:
         try:
             yield
         except EngineDeadError:
+            self.shutdown()
             raise
         except Exception as exc:
             if self.workers is None:
                 raise
             try:
-                self.workers.check()
+                self.workers.check(wait=5.0)
             except EngineDeadError as dead:
+                self.workers.shutdown()
                 raise dead from exc
             raise
 

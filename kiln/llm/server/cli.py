@@ -43,6 +43,8 @@ def add_parsers(subparsers) -> None:
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--no-chunked-prefill", action="store_true")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model over N GPUs: the server starts one worker process per extra GPU")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=serve)
 
@@ -54,7 +56,8 @@ def engine_kwargs(args) -> dict:
                 kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 enable_prefix_caching=not args.no_prefix_caching,
-                enable_chunked_prefill=not args.no_chunked_prefill, seed=args.seed)
+                enable_chunked_prefill=not args.no_chunked_prefill, seed=args.seed,
+                tensor_parallel_size=args.tensor_parallel_size)
 
 
 def serve(args) -> int:
@@ -84,8 +87,11 @@ def serve(args) -> int:
     print(f"kiln serve: {config.model_name!r} ({engine.device}, {engine.dtype}, max_model_len "
           f"{engine.max_model_len}, {engine.get_stats()['kv_blocks_total']} KV blocks) on "
           f"http://{args.host}:{args.port}/v1", flush=True)
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it handled, after shutting down
-        server.run()
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it handled, after shutting down
+            server.run()
+    finally:
+        engine.shutdown()  # tensor-parallel workers
     print("kiln serve: shut down", flush=True)
     return 0
 
