@@ -16,9 +16,15 @@ small integers (``code - zero``, exact in 16-bit floats), multiplies them with t
 applies the scale to the partial sum: once per group for int4 (a K tile never straddles a group), once at the end
 for int8's per-channel scale. One row (batch-1 decode) takes a CUDA-core GEMV path (no tensor-core padding of M
 to 16, the weight stream is the whole cost); more rows take ``tl.dot`` tiles, so any M works.
+
+Decode-sized calls (M <= 16) split K over extra programs (``SPLIT_K``): a 4096-row weight makes only 64 column
+tiles, half an H100's SMs, and a GEMV is memory-bound, so it needs every SM streaming. Each split writes an fp32
+partial [SPLIT_K, M, N] (scales applied: they are linear) and one deterministic sum adds them and the bias.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -141,13 +147,14 @@ def w4a16_linear_ref(x, qweight, scales, zeros=None, group_size=128, bias=None):
 
 # ------------------------------------------------------------------------------------------------ Triton
 @triton.jit
-def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_zn, stride_ym,
-                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    USE_DOT: tl.constexpr, UPCAST: tl.constexpr):
+def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk, stride_wn, stride_sn, stride_zn,
+                    stride_ym, stride_ys, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    USE_DOT: tl.constexpr, UPCAST: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    dt = Y.dtype.element_ty
+    pid_k = tl.program_id(2)
+    dt = X.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -157,9 +164,11 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, stride_xm, stride_xk, stride_wn, 
     w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # GEMV path: per-element partial sums, reduced once
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = pid_k * k_per_split  # a multiple of BLOCK_K: a K tile never straddles an int4 group
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
-        k_mask = kk < K
+        k_mask = kk < k_hi
         wmask = n_mask[:, None] & k_mask[None, :]
         xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if BITS == 8:
@@ -195,25 +204,41 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, stride_xm, stride_xk, stride_wn, 
         acc = acc * tl.load(S + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(dt), mask=m_mask[:, None] & n_mask[None, :])
+    y_ptrs = Y + pid_k.to(tl.int64) * stride_ys + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    if SPLIT_K > 1:  # fp32 partials; the bias is added once, after the sum
+        tl.store(y_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        tl.store(y_ptrs, acc.to(dt), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def wo_config(M: int, N: int, K: int, bits: int, group_size: int) -> dict:
-    """Tiles: one row -> CUDA-core GEMV tiles of 8K weights; more rows -> tl.dot tiles growing with M.
-    For int4, BLOCK_K divides the group size so every K tile has one scale per output row."""
+def split_k_for(M: int, N: int, K: int, block_m: int, block_n: int, block_k: int, sms: int) -> int:
+    """Decode-sized calls (M <= 16): split K until about two programs per SM stream weights, keeping at least
+    four K tiles per split. Larger M fills the GPU with output tiles alone."""
+    if M > 16:
+        return 1
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    want = max(1, (2 * sms) // max(1, tiles))
+    return max(1, min(want, K // (4 * block_k), 16))
+
+
+def wo_config(M: int, N: int, K: int, bits: int, group_size: int, sms: int = 132) -> dict:
+    """Tiles: one row -> CUDA-core GEMV tiles of 8K weights; more rows -> tl.dot tiles growing with M; split-K
+    for M <= 16 (``split_k_for``). For int4, BLOCK_K divides the group size so every K tile has one scale per
+    output row."""
     kp = max(16, triton.next_power_of_2(K))
     if interpreting():  # tiny tiles: the interpreter runs every program in Python
         bm = 1 if M == 1 else 16
         bk = min(32, kp) if bits == 8 else 32
-        return dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=bk, USE_DOT=M > 1, num_warps=4)
+        return dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=bk, USE_DOT=M > 1, SPLIT_K=1, num_warps=4)
     if M == 1:
         bk = min(128, kp) if bits == 8 else min(128, group_size)
-        return dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=bk, USE_DOT=False, num_warps=4)
-    bm = 16 if M <= 16 else 32 if M <= 64 else 64
+        return dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=bk, USE_DOT=False,
+                    SPLIT_K=split_k_for(M, N, K, 1, 64, bk, sms), num_warps=4)
+    bm = 16 if M <= 16 else 32 if M <= 64 else 64 if M <= 128 else 128
     bn = 64 if M <= 64 else 128
     bk = 64 if bits == 8 else min(64, group_size)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True, num_warps=4 if bm <= 32 else 8)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True, SPLIT_K=split_k_for(M, N, K, bm, bn, bk, sms),
+                num_warps=4 if bm <= 32 else 8, num_stages=3 if bm <= 64 else 4)
 
 
 def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, config=None):
@@ -234,21 +259,41 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
         scales = scales.contiguous()
     if zeros is not None and zeros.stride(1) != 1:
         zeros = zeros.contiguous()
-    cfg = dict(config) if config else wo_config(M, N, K, bits, group_size)
+    sms = _num_sms(x.device.index or 0) if x.is_cuda else 132
+    cfg = dict(config) if config else wo_config(M, N, K, bits, group_size, sms)
+    cfg.setdefault("SPLIT_K", 1)
     num_warps = cfg.pop("num_warps", 4)
+    num_stages = cfg.pop("num_stages", None)
     if bits == 4 and group_size % cfg["BLOCK_K"]:
         raise ValueError(f"BLOCK_K ({cfg['BLOCK_K']}) must divide group_size ({group_size})")
     if not cfg["USE_DOT"] and cfg["BLOCK_M"] != 1:
         raise ValueError("the CUDA-core path takes one row per program (BLOCK_M=1)")
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    split = cfg["SPLIT_K"]
+    k_per_split = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    split = triton.cdiv(K, k_per_split)  # no empty splits
+    cfg["SPLIT_K"] = split
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), split)
+    target = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     dummy = scales
+    extra = {"num_stages": num_stages} if num_stages else {}
     _wo_gemm_kernel[grid](
-        x2, qweight, scales, zeros if zeros is not None else dummy, bias if bias is not None else dummy, y,
-        M, N, K, x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0),
-        zeros.stride(0) if zeros is not None else 0, y.stride(0),
-        BITS=bits, GROUP=max(group_size, 1), HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None,
-        UPCAST=interpreting() or x.dtype == torch.float32, num_warps=num_warps, **cfg)
+        x2, qweight, scales, zeros if zeros is not None else dummy,
+        bias if bias is not None and split == 1 else dummy, target,
+        M, N, K, k_per_split, x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0),
+        zeros.stride(0) if zeros is not None else 0, target.stride(-2), target.stride(0) if split > 1 else 0,
+        BITS=bits, GROUP=max(group_size, 1), HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None and split == 1,
+        UPCAST=interpreting() or x.dtype == torch.float32, num_warps=num_warps, **extra, **cfg)
+    if split > 1:  # deterministic reduction of the fp32 partials, then the bias, rounded once
+        acc = target.sum(0)
+        if bias is not None:
+            acc += bias.float()
+        y.copy_(acc)
     return y.view(*x.shape[:-1], N)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 # ------------------------------------------------------------------------------------------------ doctor

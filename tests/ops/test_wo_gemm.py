@@ -109,6 +109,39 @@ def test_weight_only_triton_fixed_configs_cover_gemv_and_dot_paths():
                            config=dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, USE_DOT=False))
 
 
+@requires_triton
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_only_split_k_decode_tiles_match_reference(bits):
+    """Decode-sized calls split K over extra programs (fp32 partials, one sum, the bias once); every split count,
+    including one that leaves a short last split, gives the reference result and writes every element."""
+    g = fresh_gen()
+    N, K, G = (37, 320, 32) if not BIG else (4096, 4096, 128)
+    ops = int8_operands(N, K, g) if bits == 8 else int4_operands(N, K, G, g)
+    bias = torch.randn(N, device=DEVICE, generator=g)
+    bk = 32 if not BIG else 128
+    for M, cfg in ((1, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=bk, USE_DOT=False)),
+                   (5, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk if not BIG else 64, USE_DOT=True))):
+        x = torch.randn(M, K, device=DEVICE, generator=g)
+        for split in (2, 3, 7):
+            out = poisoned(M, N, torch.float32)
+            if bits == 8:
+                y = wo_gemm._wo_triton(x, *ops, None, 0, bias, bits=8, out=out, config=dict(cfg, SPLIT_K=split))
+                ref = wo_gemm.w8a16_linear_ref(x, *ops, bias)
+            else:
+                y = wo_gemm._wo_triton(x, *ops, G, bias, bits=4, out=out, config=dict(cfg, SPLIT_K=split))
+                ref = wo_gemm.w4a16_linear_ref(x, *ops, G, bias)
+            assert not torch.isnan(out).any(), "an output element was not written"
+            assert rel_err(y, ref) <= 1e-5, (M, split)
+
+
+def test_weight_only_split_k_heuristic_fills_the_gpu_for_decode_only():
+    sms = 132
+    assert wo_gemm.split_k_for(1, 4096, 4096, 1, 64, 128, sms) == 4  # 64 column tiles x 4 splits = 2 programs per SM
+    assert wo_gemm.split_k_for(1, 128256, 2048, 1, 64, 128, sms) == 1  # an LM-head-sized N fills the GPU alone
+    assert wo_gemm.split_k_for(256, 4096, 4096, 64, 128, 64, sms) == 1  # prefill-sized M: no split
+    assert wo_gemm.split_k_for(8, 1024, 14336, 16, 64, 64, sms) == 16  # capped at 16
+
+
 def test_weight_only_dispatch_uses_reference_off_cuda_and_with_kiln_ops_ref(monkeypatch):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 64, generator=g)
