@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
@@ -31,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
@@ -158,6 +160,28 @@ class Rollout:
     prompts: list[str]
     texts: list[str]
     finish_reasons: list[str]
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+
+    def rows(self, start: int, stop: int) -> "Rollout":
+        """Rows ``[start, stop)`` with the same padding (this rank's share of a gathered global batch)."""
+        sl = slice(start, stop)
+        return Rollout(query_responses=self.query_responses[sl], attention_mask=self.attention_mask[sl],
+                       position_ids=self.position_ids[sl], context_length=self.context_length,
+                       responses=self.responses[sl], mask=self.mask[sl], prompts=self.prompts[sl],
+                       texts=self.texts[sl], finish_reasons=self.finish_reasons[sl], prompt_ids=self.prompt_ids[sl],
+                       response_ids=self.response_ids[sl])
+
+
+def _init_distributed() -> tuple[int, int]:
+    """(rank, world size): joins the process group ``torchrun`` describes (gloo on the CPU, NCCL on GPUs) unless
+    the caller already did; (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class PPOTrainer:
@@ -192,7 +216,12 @@ class PPOTrainer:
         self.args = args = args if args is not None else PPOConfig()
         if not isinstance(args, PPOConfig):
             raise TypeError(f"args must be a PPOConfig, got {type(args).__name__}")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.rank, self.world_size = _init_distributed()
+        if device is None and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if self.world_size > 1 else "cuda"
+        self.device = torch.device(device or "cpu")
+        if self.device.type == "cuda" and self.world_size > 1:
+            torch.cuda.set_device(self.device)
         torch.manual_seed(args.seed)
         np.random.seed(args.seed)
 
@@ -272,18 +301,20 @@ class PPOTrainer:
         is_stream = isinstance(train_dataset, IterableDataset)
         if is_stream and args.total_episodes is None:
             raise ValueError("a streamed (iterable) train_dataset needs args.total_episodes")
+        args.world_size = self.world_size
         args.resolve(None if is_stream else len(train_dataset))
         if args.num_total_batches < 1:
             raise ValueError("nothing to train: total_episodes / batch_size gives 0 iterations")
         if not is_stream:
-            if len(train_dataset) < args.local_batch_size:
+            if len(train_dataset) < args.batch_size:
                 raise ValueError(f"train_dataset has {len(train_dataset)} prompts, fewer than one batch "
-                                 f"({args.local_batch_size} = per_device_train_batch_size x "
-                                 "gradient_accumulation_steps)")
+                                 f"({args.batch_size} = per_device_train_batch_size x "
+                                 f"gradient_accumulation_steps x {self.world_size} processes)")
             for i in range(len(train_dataset)):  # every prompt fits the context, before any training
                 self._encode(train_dataset[i], f"train_dataset[{i}]")
         gen = torch.Generator().manual_seed(args.seed)
-        self.dataloader = DataLoader(train_dataset, batch_size=args.local_batch_size, shuffle=not is_stream,
+        # every rank draws the same global batches (same seed) and takes its share of each
+        self.dataloader = DataLoader(train_dataset, batch_size=args.batch_size, shuffle=not is_stream,
                                      drop_last=True, collate_fn=list, generator=None if is_stream else gen)
 
         # ---- optimisation
@@ -307,6 +338,13 @@ class PPOTrainer:
         self._np_rng = np.random.default_rng(args.seed)
         self._data_iter: Iterator | None = None
         self._rollout_seed = args.seed * 1_000_003
+        # DDP: gradients are averaged across ranks; self.model stays the plain module (saving, scoring, syncing)
+        self.ddp_model: nn.Module | None = None
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------------------------------- setup helpers
     def _build_engine(self, engine_kwargs: dict):
@@ -362,7 +400,8 @@ class PPOTrainer:
             empty = True
             for batch in self.dataloader:
                 empty = False
-                yield batch
+                L = self.args.local_batch_size
+                yield batch[self.rank * L:(self.rank + 1) * L]
             if empty:
                 raise ValueError("the train dataset yielded no full batch")
 
@@ -420,10 +459,15 @@ class PPOTrainer:
                                  stop_token_ids=[stop] if stop is not None else None,
                                  ignore_eos=a.stop_token != "eos") for i in range(len(batch))]
         outs = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], params)
-        responses = [list(o.outputs[0].token_ids) for o in outs]
+        return self._pack(list(texts_in), [list(p) for p in prompt_ids], [list(o.outputs[0].token_ids) for o in outs],
+                          [o.outputs[0].text for o in outs], [o.outputs[0].finish_reason for o in outs])
+
+    def _pack(self, texts_in: list[str], prompt_ids: list[list[int]], responses: list[list[int]], texts: list[str],
+              finish_reasons: list[str]) -> Rollout:
+        """Left-pad the prompts and right-pad the responses of a batch into the Rollout tensors."""
         ctx = max(len(p) for p in prompt_ids)
         T = max(len(r) for r in responses)
-        B = len(batch)
+        B = len(prompt_ids)
         qr = torch.zeros(B, ctx + T, dtype=torch.long)
         attn = torch.zeros(B, ctx + T, dtype=torch.long)
         resp = torch.zeros(B, T, dtype=torch.long)
@@ -438,8 +482,24 @@ class PPOTrainer:
         dev = self.device
         return Rollout(query_responses=qr.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
                        context_length=ctx, responses=resp.to(dev), mask=mask.to(dev), prompts=list(texts_in),
-                       texts=[o.outputs[0].text for o in outs],
-                       finish_reasons=[o.outputs[0].finish_reason for o in outs])
+                       texts=list(texts), finish_reasons=list(finish_reasons), prompt_ids=prompt_ids,
+                       response_ids=responses)
+
+    # ------------------------------------------------------------------------------------------- data parallel
+    def _gather_rollout(self, ro: Rollout) -> Rollout:
+        """Every rank's responses, in rank order, packed as one global batch (identical on every rank, padded as a
+        single process would pad it)."""
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, (ro.prompts, ro.prompt_ids, ro.response_ids, ro.texts, ro.finish_reasons))
+        return self._pack(*(sum((list(p[i]) for p in parts), []) for i in range(5)))
+
+    def _gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate each rank's rows (same trailing shape everywhere) in rank order."""
+        if self.world_size == 1:
+            return x
+        out = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
 
     def score(self, ro: Rollout) -> torch.Tensor:
         """Scores ``[B]`` (validated: right count, finite) from the reward function or model."""
@@ -492,11 +552,20 @@ class PPOTrainer:
         self.model.eval()
         self.sync_weights()
         t_gen = time.perf_counter()
-        ro = self.generate(batch)
+        # each rank samples its share of the global batch, seeded by the prompt's place in the global batch
+        ro = self.generate(batch, seed=self._rollout_seed + self.rank * a.local_batch_size)
         t_gen = time.perf_counter() - t_gen
-        self._rollout_seed += len(batch)
-        scores = self.score(ro)
-        fwd = self._score_rollout(ro)
+        self._rollout_seed += a.batch_size
+        if self.world_size > 1:
+            # one global batch on every rank: advantages are whitened and stats taken over all of it, exactly as
+            # one process with the whole batch would; each rank scores and forwards only its own rows
+            ro = self._gather_rollout(ro)
+            own = ro.rows(self.rank * a.local_batch_size, (self.rank + 1) * a.local_batch_size)
+            scores = self._gather_rows(self.score(own))
+            fwd = {k: self._gather_rows(v) for k, v in self._score_rollout(own).items()}
+        else:
+            scores = self.score(ro)
+            fwd = self._score_rollout(ro)
         mask = ro.mask
         logprobs = fwd["logprobs"].masked_fill(~mask, 0.0)
         ref_logprobs = fwd["ref_logprobs"].masked_fill(~mask, 0.0)
@@ -525,22 +594,28 @@ class PPOTrainer:
         stat_names = ("approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")
         acc = {k: torch.zeros(shape) for k in stat_names}
         micro = a.train_micro_batch_size
-        B = len(batch)
+        B = a.batch_size
+        train_module = self.ddp_model if self.ddp_model is not None else self.model
+        lm = a.local_mini_batch_size
         for epoch in range(a.num_ppo_epochs):
+            # the same permutation on every rank; rank r trains on its slice of each global mini-batch, in the
+            # micro-batches one process would use, and DDP averages the gradients
             perm = torch.from_numpy(self._np_rng.permutation(B)).to(self.device)
-            for mb_idx, mb_start in enumerate(range(0, B, a.local_mini_batch_size)):
-                mb = perm[mb_start:mb_start + a.local_mini_batch_size]
+            for mb_idx, mb_start in enumerate(range(0, B, a.mini_batch_size)):
+                mb = perm[mb_start:mb_start + a.mini_batch_size][self.rank * lm:(self.rank + 1) * lm]
                 chunks = [mb[i:i + micro] for i in range(0, len(mb), micro)]
                 sums = {k: 0.0 for k in stat_names}
-                for idx in chunks:
-                    with self._autocast():
-                        logits, vpred = self._forward(self.model, ro, idx, True)
+                for n_chunk, idx in enumerate(chunks):
+                    sync = self.ddp_model is None or n_chunk == len(chunks) - 1
+                    with self._autocast(), (nullcontext() if sync else self.ddp_model.no_sync()):
+                        logits, vpred = self._forward(train_module, ro, idx, True)
                     m = mask[idx]
                     new_logprobs = logprobs_from_logits(logits, ro.responses[idx])
                     pg, pg_stats = policy_loss(new_logprobs, logprobs[idx], advantages[idx], m, a.cliprange)
                     vf, vf_stats = value_loss(vpred.float(), values[idx], returns[idx], m, a.cliprange_value)
                     loss = pg + a.vf_coef * vf
-                    (loss / len(chunks)).backward()
+                    with nullcontext() if sync else self.ddp_model.no_sync():
+                        (loss / len(chunks)).backward()
                     with torch.no_grad():
                         ent = masked_mean(entropy_from_logits(logits), m)
                     for k, v in (("approxkl", pg_stats["approxkl"]), ("pg_clipfrac", pg_stats["clipfrac"]),
@@ -553,6 +628,10 @@ class PPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 for k in stat_names:
                     acc[k][epoch, mb_idx] = sums[k]
+        if self.world_size > 1:  # each rank averaged its micro-batches; the global mean averages the ranks
+            flat = torch.stack([acc[k] for k in stat_names]).to(self.device)
+            dist.all_reduce(flat)
+            acc = dict(zip(stat_names, (flat / self.world_size).cpu().unbind(0)))
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
 
@@ -604,7 +683,7 @@ class PPOTrainer:
     def train(self, progress: bool = True) -> list[dict]:
         """Run ``num_total_batches`` iterations with a progress bar; checkpoint and plot into ``output_dir``."""
         a = self.args
-        bar = tqdm(range(self.iteration, a.num_total_batches), desc="ppo", disable=not progress)
+        bar = tqdm(range(self.iteration, a.num_total_batches), desc="ppo", disable=not progress or self.rank > 0)
         for _ in bar:
             stats = self.step()
             bar.set_postfix(score=f"{stats['objective/scores']:.3f}", kl=f"{stats['objective/kl']:.3f}")
@@ -612,7 +691,7 @@ class PPOTrainer:
                 self.save_model(Path(a.output_dir) / f"checkpoint-{self.iteration}")
         if a.output_dir:
             self.save_model(a.output_dir)
-            if a.report_plot and self.history:
+            if a.report_plot and self.history and self.rank == 0:
                 try:
                     plot_stats(self.history, Path(a.output_dir) / "ppo_curves.png")
                 except ImportError:
@@ -646,6 +725,8 @@ class PPOTrainer:
         from safetensors.torch import save_file
 
         out = Path(output_dir)
+        if self.rank > 0:  # DDP keeps every rank's weights identical: rank 0 writes them
+            return out
         out.mkdir(parents=True, exist_ok=True)
         self.model.policy.save_pretrained(out, safe_serialization=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.model.value_state_dict().items()}
