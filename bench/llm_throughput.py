@@ -4,11 +4,20 @@ Workloads (pre-tokenized prompts, ignore_eos, fixed output lengths; warm-up and 
   (a) 256 requests, input and output lengths uniform in [100, 1024] (nano-vllm's benchmark)
   (b) batch-1 decode, 128 in / 512 out, with the fraction of the memory roofline
   (c) 512 requests of 1000 in / 1000 out
+  (d) 64 requests of 512 in / 256 out, all at once (batch-64 throughput)
 HF runs the same prompts with sdpa in bf16; for (a) on one sorted batch of ``--hf-batch`` requests (its rate is
 what is compared: padding waste is not charged to it). Also prints the per-GEMV bandwidth of the decode linears.
 
   python bench/llm_throughput.py --models llama-1b qwen3-0.6b --workloads a b
   python bench/llm_throughput.py --models llama-8b --workloads b c --no-hf c
+
+Quantized engines (``--quant``): each mode's engine (random weights, quantized as ``kiln build --quant`` would)
+against our bf16 engine on the same workloads, plus the engine size (bytes of the tensors the engine file holds:
+``model.engine_state_dict()``; the safetensors header adds well under 1 MB). One engine per mode serves every
+workload; the HF anchor is not run.
+
+  python bench/llm_throughput.py --models llama-1b llama-8b --workloads b d --quant int8-wo int4-wo w8a8 fp8
+  python bench/llm_throughput.py --models tiny --workloads b d --quant int8-wo int4-wo w8a8 fp8 --device cpu
 """
 
 from __future__ import annotations
@@ -48,12 +57,23 @@ SHAPES = {
                  "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
                  "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16"},
+    # CPU dry runs of the script (scripts/gpu/quant_engine.sh DRY_RUN=1)
+    "tiny": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
+             "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "head_dim": 32, "vocab_size": 512, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+             "rope_theta": 10000.0, "tie_word_embeddings": True, "hidden_act": "silu", "bos_token_id": 0,
+             "eos_token_id": 1, "torch_dtype": "bfloat16"},
 }
+QUANT_MODES = ("bf16", "int8-wo", "int4-wo", "w8a8", "fp8")
 
 
-def make_workload(name: str, vocab: int, seed: int = 0):
+def make_workload(name: str, vocab: int, seed: int = 0, small: bool = False):
+    """``small``: the same shapes scaled down for CPU dry runs."""
     g = torch.Generator().manual_seed(seed)
-    if name == "a":
+    if small:
+        n, i, o = {"a": (8, 48, 16), "b": (1, 16, 16), "c": (8, 32, 32), "d": (8, 32, 16)}[name]
+        ins, outs = [i] * n, [o] * n
+    elif name == "a":
         n = 256
         ins = torch.randint(100, 1025, (n,), generator=g).tolist()
         outs = torch.randint(100, 1025, (n,), generator=g).tolist()
@@ -61,6 +81,8 @@ def make_workload(name: str, vocab: int, seed: int = 0):
         ins, outs = [128], [512]
     elif name == "c":
         ins, outs = [1000] * 512, [1000] * 512
+    elif name == "d":
+        ins, outs = [512] * 64, [256] * 64
     else:
         raise ValueError(f"unknown workload {name!r}")
     prompts = [torch.randint(10, vocab - 10, (L,), generator=g).tolist() for L in ins]
@@ -98,21 +120,45 @@ def gemv_bandwidth(cfg: dict, bw: float) -> list[tuple[str, float, float]]:
     return rows
 
 
-def run_kiln(model_dir: Path, prompts, outs, repeat: int, max_num_seqs: int, tag: str):
-    from kiln.llm import LLM, SamplingParams
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
-    llm = LLM(str(model_dir), dtype="bfloat16", load_format="dummy", max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=8192, max_model_len=4096, gpu_memory_utilization=0.85)
-    temp = 0.0 if len(prompts) == 1 else 0.6  # (b) is a greedy latency run; (a)/(c) sample as nano-vllm's bench
+
+def engine_bytes(model) -> int:
+    """Bytes of the tensors an engine directory stores for this model (tied weights once)."""
+    return sum(t.numel() * t.element_size() for t in model.engine_state_dict().values())
+
+
+def run_kiln(model_dir: Path, prompts, outs, repeat: int, max_num_seqs: int, tag: str, llm=None):
+    from kiln.llm import LLM
+
+    own = llm is None
+    if own:
+        llm = LLM(str(model_dir), dtype="bfloat16", load_format="dummy", max_num_seqs=max_num_seqs,
+                  max_num_batched_tokens=8192, max_model_len=4096, gpu_memory_utilization=0.85)
+    stats = time_generate(llm, prompts, outs, repeat)
+    if own:
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return stats
+
+
+def time_generate(llm, prompts, outs, repeat: int) -> dict:
+    from kiln.llm import SamplingParams
+
+    temp = 0.0 if len(prompts) == 1 else 0.6  # (b) is a greedy latency run; (a)/(c)/(d) sample as nano-vllm's
     params = [SamplingParams(temperature=temp, max_tokens=o, ignore_eos=True, detokenize=False) for o in outs]
     inputs = [{"prompt_token_ids": p} for p in prompts]
     llm.generate(inputs[: min(4, len(inputs))], params[: min(4, len(inputs))])  # warm-up (graphs already captured)
     walls, last = [], None
     for _ in range(repeat):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         last = llm.generate(inputs, params)
-        torch.cuda.synchronize()
+        sync()
         walls.append(time.perf_counter() - t0)
     wall = statistics.median(walls)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in last)
@@ -121,14 +167,73 @@ def run_kiln(model_dir: Path, prompts, outs, repeat: int, max_num_seqs: int, tag
     ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in last]
     tpot = [(o.metrics.finished_time - o.metrics.first_token_time) / max(1, len(o.outputs[0].token_ids) - 1)
             for o in last]
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters())
-    stats = {"wall_s": walls, "out_tok_s": out_tokens / wall, "total_tok_s": (in_tokens + out_tokens) / wall,
-             "ttft_p50_ms": 1e3 * statistics.median(ttft), "tpot_p50_ms": 1e3 * statistics.median(tpot),
-             "weight_bytes": weight_bytes, "preemptions": llm.engine.scheduler.num_preemptions}
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
-    return stats
+    weight_bytes = engine_bytes(llm.engine.model)  # quantized weights are buffers: count what the engine stores
+    return {"wall_s": walls, "out_tok_s": out_tokens / wall, "total_tok_s": (in_tokens + out_tokens) / wall,
+            "ttft_p50_ms": 1e3 * statistics.median(ttft), "tpot_p50_ms": 1e3 * statistics.median(tpot),
+            "weight_bytes": weight_bytes, "preemptions": llm.engine.scheduler.num_preemptions}
+
+
+def engine_entry(mode: str, kv_cache_dtype: str | None) -> dict | None:
+    """The ``kiln_engine`` entry ``kiln build --quant mode`` writes, for a dummy-weight engine of that mode."""
+    if mode == "bf16" and kv_cache_dtype is None:
+        return None
+    quant = None
+    if mode in ("int8-wo", "int4-wo"):
+        quant = {"mode": mode, "group_size": 128 if mode == "int4-wo" else None, "lm_head": False,
+                 "embedding": False}
+    elif mode == "w8a8":
+        from kiln.llm.quantize import RUNTIME_SMOOTH
+
+        quant = {"mode": mode, "group_size": None, "smoothquant": {"alpha": 0.5,
+                                                                  "runtime_smooth": list(RUNTIME_SMOOTH)}}
+    elif mode == "fp8":
+        quant = {"mode": mode, "group_size": None}
+    return {"quant": quant, "kv_cache": {"dtype": kv_cache_dtype} if kv_cache_dtype else None, "dtype": "bfloat16"}
+
+
+def run_quant(args, device: str) -> Table:
+    """Every --quant mode against our bf16 engine: workloads' output tok/s and the engine size."""
+    from kiln.llm import LLM
+
+    small = device == "cpu"
+    modes = ["bf16"] + [m for m in args.quant if m != "bf16"]
+    table = Table(f"kiln quantized engines vs kiln bf16 (dummy weights{', CPU dry run' if small else ''})",
+                  anchor_name="kiln bf16")
+    details = {"runs": {}}
+    for model in args.models:
+        cfg = SHAPES[model]
+        base: dict[str, float] = {}
+        for mode in modes:
+            kv = args.kv_cache_dtype if mode != "bf16" else None
+            d = Path(tempfile.mkdtemp())
+            entry = engine_entry(mode, kv)
+            (d / "config.json").write_text(json.dumps({**cfg, **({"kiln_engine": entry} if entry else {})}))
+            label = mode + (f"+kv-{kv}" if kv else "")
+            t0 = time.perf_counter()
+            llm = LLM(str(d), dtype="bfloat16" if device == "cuda" else "float32", device=device,
+                      load_format="dummy", max_num_seqs=8 if small else 64, max_num_batched_tokens=8192,
+                      max_model_len=2048, gpu_memory_utilization=0.85)
+            size = engine_bytes(llm.engine.model)
+            print(f"   {model} {label}: engine {size / 1e9:.3f} GB, ready in {time.perf_counter() - t0:.1f} s",
+                  flush=True)
+            base.setdefault("size", size)
+            table.add(f"{model} engine size {label}", size / 1e9, base["size"] / 1e9, "GB", higher_is_better=False)
+            for w in args.workloads:
+                prompts, outs = make_workload(w, cfg["vocab_size"], small=small)
+                st = time_generate(llm, prompts, outs, args.repeat if w == "b" else 1)
+                base.setdefault(w, st["out_tok_s"])
+                row = table.add(f"{model} ({w}) {label} out tok/s", st["out_tok_s"], base[w], "tok/s")
+                row.extra = {"tpot_p50_ms": st["tpot_p50_ms"], "ttft_p50_ms": st["ttft_p50_ms"]}
+                details["runs"][f"{model}/{w}/{label}"] = st
+                print(f"   {model} ({w}) {label}: {st['out_tok_s']:.0f} out tok/s, TPOT p50 "
+                      f"{st['tpot_p50_ms']:.2f} ms ({st['out_tok_s'] / base[w]:.2f}x bf16)", flush=True)
+                table.save(args.json)  # after every run: a later timeout keeps what was measured
+            del llm
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    Path(args.json).with_suffix(".details.json").write_text(json.dumps(details, indent=2, default=str))
+    return table
 
 
 def run_hf(cfg: dict, prompts, outs, batch: int, repeat: int):
@@ -170,14 +275,29 @@ def run_hf(cfg: dict, prompts, outs, batch: int, repeat: int):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["llama-1b", "qwen3-0.6b"], choices=list(SHAPES))
-    ap.add_argument("--workloads", nargs="+", default=["a", "b"], choices=["a", "b", "c"])
+    ap.add_argument("--workloads", nargs="+", default=["a", "b"], choices=["a", "b", "c", "d"])
     ap.add_argument("--no-hf", nargs="*", default=[], help="workloads to run without the HF anchor")
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--json", default="bench/llm_throughput.json")
+    ap.add_argument("--quant", nargs="+", default=None, choices=QUANT_MODES,
+                    help="compare these quantized engine modes with our bf16 engine (no HF anchor)")
+    ap.add_argument("--kv-cache-dtype", default=None, choices=["int8", "fp8"],
+                    help="with --quant: the quantized modes also use this KV-cache dtype")
+    ap.add_argument("--device", default=None, help="cuda (default when present) or cpu (dry runs, --models tiny)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.quant:
+        if device == "cpu" and any(m != "tiny" for m in args.models):
+            print("CPU runs take --models tiny only (a dry run of the script)")
+            return 2
+        table = run_quant(args, device)
+        print()
+        print(table.render())
+        table.save(args.json)
+        return 0
+    if device != "cuda" or not torch.cuda.is_available():
         print("llm_throughput needs a CUDA device")
         return 2
     bw = copy_bandwidth()
