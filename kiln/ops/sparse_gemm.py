@@ -17,7 +17,12 @@ so the Triton paths use no atomics and are deterministic.
 
 from __future__ import annotations
 
+import itertools
+import threading
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting
 from ._triton import tl, triton
@@ -68,6 +73,245 @@ def gather_gemm_scatter(x: torch.Tensor, weight: torch.Tensor, in_idx: torch.Ten
             y.index_add_(0, out_idx[start:start + c], yk if yk.dtype == acc_dtype else yk.float())
         start += c
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+# ------------------------------------------------------------------ planned gather-GEMM-reduce (CPU fast path)
+#
+# The per-offset gather-GEMM-scatter above spends as long in ``index_add_`` (a sort plus a read-modify-write of the
+# output per offset) and in page faults of fresh temporaries as in its GEMMs. The planned path instead, per block
+# of destination rows: gathers every pair's source row once into a reused workspace, runs one GEMM per offset into
+# a reused product buffer, and sums each destination row's products with ``embedding_bag`` (a prefetching
+# gather-reduce: each row written once, its products summed in offset order, so the result does not depend on the
+# thread count). The centre offset of a submanifold kernel reads and writes rows in place, with no gather.
+
+# bytes per workspace buffer: bounds the temporaries (and keeps blocks cache-friendly) on large scenes
+PLAN_BUDGET_BYTES = 16 << 20
+
+
+@dataclass
+class PlanBlock:
+    """Destination rows ``[r0, r1)`` and how to compute them (see ``build_plan``)."""
+
+    r0: int
+    r1: int
+    segments: list[tuple[int, int, int, int]]  # (k, product start, product end, gather start or -1: rows in place)
+    src: torch.Tensor  # int64 source row of each gathered pair, in product order (identity pairs excluded)
+    dst: torch.Tensor  # int64 destination row of each gathered pair, same order
+    bag_idx: torch.Tensor  # int64 product row of each pair, ordered by destination row, then offset
+    bag_off: torch.Tensor  # int64 [r1 - r0 + 1] CSR offsets of the destination rows into ``bag_idx``
+    n_products: int
+
+
+@dataclass
+class ConvPlan:
+    """A rulebook direction (destination rows <- source rows per offset) cut into blocks of destination rows."""
+
+    n_rows: int
+    kernel_volume: int
+    blocks: list[PlanBlock]
+
+
+def plan_block_pairs(cin: int, cout: int) -> int:
+    """Pairs per block: the largest power of two whose widest buffer fits ``PLAN_BUDGET_BYTES`` (>= 4096)."""
+    per_pair = 4 * max(cin, cout, 1)
+    n = max(4096, PLAN_BUDGET_BYTES // per_pair)
+    return 1 << (n.bit_length() - 1)
+
+
+def build_plan(dst: torch.Tensor, src: torch.Tensor, counts: list[int], n_rows: int, identity_offset: int = -1,
+               block_pairs: int = 1 << 30) -> ConvPlan:
+    """Plan ``y[dst[p]] += x[src[p]] @ W[k(p)]`` for pairs sorted by offset (``counts`` per offset).
+
+    Blocks are ranges of destination rows with at most about ``block_pairs`` pairs. Pairs are ordered by
+    (offset, destination row) — already so for rulebooks built from sorted coordinates, else sorted here — so each
+    block's pairs of one offset are one contiguous range. ``identity_offset`` names an offset whose pairs are
+    (i, i) for every row: those pairs read the block's own rows in place.
+    """
+    dev = dst.device
+    K = len(counts)
+    P = int(sum(counts))
+    dst = dst.long()
+    src = src.long()
+    if P == 0 or n_rows == 0:
+        empty = torch.zeros(0, dtype=torch.int64, device=dev)
+        blocks = [PlanBlock(0, n_rows, [], empty, empty, empty, torch.zeros(n_rows + 1, dtype=torch.int64,
+                                                                            device=dev), 0)] if n_rows else []
+        return ConvPlan(n_rows, K, blocks)
+    k_of = torch.repeat_interleave(torch.arange(K, device=dev), torch.tensor(counts, device=dev))
+    key = k_of * n_rows + dst
+    if not bool((key[1:] >= key[:-1]).all()):
+        order = torch.sort(key, stable=True).indices
+        key, dst, src = key[order], dst[order], src[order]
+    row_count = torch.bincount(dst, minlength=n_rows)
+    row_off = torch.zeros(n_rows + 1, dtype=torch.int64, device=dev)
+    torch.cumsum(row_count, 0, out=row_off[1:])
+    n_blocks = max(1, min(n_rows, -(-P // block_pairs)))
+    if n_blocks == 1:
+        cuts = [0, n_rows]
+        starts = [0] + list(itertools.accumulate(counts))
+        bounds = [[starts[k], starts[k + 1]] for k in range(K)]
+    else:
+        # row cuts where the cumulative pair count crosses equal shares; then every (offset, block) range at once
+        share = torch.arange(1, n_blocks, device=dev, dtype=torch.int64) * P // n_blocks
+        inner = torch.searchsorted(row_off, share).tolist()
+        cuts = sorted(set([0] + [min(max(c, 1), n_rows - 1) for c in inner] + [n_rows]))
+        q = (torch.arange(K, device=dev).unsqueeze(1) * n_rows
+             + torch.tensor(cuts, device=dev).unsqueeze(0)).reshape(-1)
+        bounds = torch.searchsorted(key, q).view(K, len(cuts)).tolist()
+    nb = len(cuts) - 1
+    # product rows: each block lays out its ranges offset by offset; shift[p] maps a pair to its product row
+    seg_lists: list[list[tuple[int, int, int, int]]] = [[] for _ in range(nb)]
+    src_parts: list[list[torch.Tensor]] = [[] for _ in range(nb)]
+    dst_parts: list[list[torch.Tensor]] = [[] for _ in range(nb)]
+    zfill = [0] * nb
+    gfill = [0] * nb
+    shifts, lens = [], []
+    for k in range(K):
+        for b in range(nb):
+            a, e = bounds[k][b], bounds[k][b + 1]
+            if e == a:
+                continue
+            rows = cuts[b + 1] - cuts[b]
+            in_place = k == identity_offset and e - a == rows
+            g0 = -1
+            if not in_place:
+                g0 = gfill[b]
+                gfill[b] += e - a
+                src_parts[b].append(src[a:e])
+                dst_parts[b].append(dst[a:e])
+            seg_lists[b].append((k, zfill[b], zfill[b] + e - a, g0))
+            shifts.append(zfill[b] - a)
+            lens.append(e - a)
+            zfill[b] += e - a
+    zpos = torch.arange(P, device=dev) + torch.repeat_interleave(torch.tensor(shifts, device=dev),
+                                                                 torch.tensor(lens, device=dev))
+    # destination-row (CSR) order; the stable sort keeps offset order within a row: a fixed summation order
+    narrow = n_rows < 2**31
+    perm = torch.sort(dst.int() if narrow else dst, stable=True).indices
+    bag_all = zpos.index_select(0, perm)
+    cut_off = row_off[torch.tensor(cuts, device=dev)].tolist()
+    blocks = []
+    for b in range(nb):
+        r0, r1 = cuts[b], cuts[b + 1]
+        empty = torch.zeros(0, dtype=torch.int64, device=dev)
+        blocks.append(PlanBlock(
+            r0, r1, seg_lists[b],
+            torch.cat(src_parts[b]) if src_parts[b] else empty,
+            torch.cat(dst_parts[b]) if dst_parts[b] else empty,
+            bag_all[cut_off[b]:cut_off[b + 1]],
+            row_off[r0:r1 + 1] - cut_off[b],
+            zfill[b]))
+    return ConvPlan(n_rows, K, blocks)
+
+
+_workspace = threading.local()
+
+
+def _buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reused flat buffer (per thread, dtype and device): fresh multi-MB temporaries cost a page fault per 4 KiB,
+    which at these sizes takes longer than the gather that fills them."""
+    store = getattr(_workspace, "bufs", None)
+    if store is None:
+        store = _workspace.bufs = {}
+    key = (name, dtype, device)
+    buf = store.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+        store[key] = buf
+    return buf[:numel]
+
+
+def release_workspace() -> None:
+    """Free this thread's planned-path buffers (they are otherwise kept for the next call)."""
+    _workspace.bufs = {}
+
+
+def _reduce_rows(out: torch.Tensor | None, blk: PlanBlock, z: torch.Tensor, n_cols: int, dtype, device):
+    """Row sums of the block's products; into ``out[r0:r1]`` when the plan has several blocks."""
+    if blk.n_products == 0:
+        res = torch.zeros(blk.r1 - blk.r0, n_cols, dtype=dtype, device=device)
+    else:
+        res = F.embedding_bag(blk.bag_idx, z, blk.bag_off, mode="sum", include_last_offset=True)
+    if out is None:
+        return res
+    out[blk.r0:blk.r1] = res
+    return out
+
+
+def planned_conv(x: torch.Tensor, weight: torch.Tensor, plan: ConvPlan) -> torch.Tensor:
+    """``y[r] = sum over the plan's pairs (r <- i, k) of x[i] @ weight[k]``; returns y [plan.n_rows, Cout].
+
+    x: [N, Cin]; weight: [K, Cin, Cout] (any strides). Same result as ``gather_gemm_scatter`` up to summation
+    order (fixed: offset order within a row), computed in fp32 on the CPU for half inputs.
+    """
+    _check_common(x, weight)
+    if plan.kernel_volume != weight.shape[0]:
+        raise ValueError(f"plan has {plan.kernel_volume} offsets but weight has {weight.shape[0]}")
+    fp32 = _accumulate_fp32(x)
+    xc = x.float() if fp32 else x
+    wc = weight.float() if fp32 else weight
+    cin, cout = weight.shape[1], weight.shape[2]
+    dt, dev = xc.dtype, x.device
+    if len(plan.blocks) != 1:
+        y = torch.empty(plan.n_rows, cout, dtype=dt, device=dev)
+    else:
+        y = None
+    for blk in plan.blocks:
+        z = _buffer("z", blk.n_products * cout, dt, dev).view(blk.n_products, cout)
+        for k, z0, z1, g0 in blk.segments:
+            if g0 < 0:
+                a = xc[blk.r0:blk.r1]
+            else:  # gathered per segment, so the GEMM reads it from cache
+                a = torch.index_select(xc, 0, blk.src[g0:g0 + z1 - z0],
+                                       out=_buffer("g", (z1 - z0) * cin, dt, dev).view(z1 - z0, cin))
+            torch.mm(a, wc[k], out=z[z0:z1])
+        y = _reduce_rows(y, blk, z, cout, dt, dev)
+    if y is None:
+        y = torch.zeros(0, cout, dtype=dt, device=dev)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def planned_conv_backward(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, plan_t: ConvPlan,
+                          need_dx: bool = True, need_dw: bool = True):
+    """(dx, dw) of ``planned_conv`` given ``plan_t``, the plan of the transposed rulebook (input rows <- output
+    rows). Each block gathers the output gradients of its pairs once and uses them twice: dx = sum dy @ W[k]^T
+    (reduced per input row as in the forward) and dW[k] += x[i]^T dy (fp32, blocks in a fixed order)."""
+    check_tensor("grad_out", dy, ndim=2, dtypes=(x.dtype,), device=x.device)
+    fp32 = _accumulate_fp32(x)
+    xc = x.float() if fp32 else x
+    dc = dy.float() if fp32 else dy
+    wc = weight.float() if fp32 else weight
+    K, cin, cout = weight.shape
+    dt, dev = xc.dtype, x.device
+    dw = torch.zeros(K, cin, cout, dtype=dt, device=dev) if need_dw else None
+    dx = None
+    if need_dx and len(plan_t.blocks) != 1:
+        dx = torch.empty(plan_t.n_rows, cin, dtype=dt, device=dev)
+    for blk in plan_t.blocks:
+        if need_dx:
+            z = _buffer("z", blk.n_products * cin, dt, dev).view(blk.n_products, cin)
+        for k, z0, z1, g0 in blk.segments:
+            if g0 < 0:
+                dk, xk = dc[blk.r0:blk.r1], xc[blk.r0:blk.r1]
+            else:  # gathered per segment, so both GEMMs read them from cache
+                n = z1 - z0
+                dk = torch.index_select(dc, 0, blk.src[g0:g0 + n], out=_buffer("g", n * cout, dt, dev).view(n, cout))
+                if need_dw:
+                    xk = torch.index_select(xc, 0, blk.dst[g0:g0 + n],
+                                            out=_buffer("x", n * cin, dt, dev).view(n, cin))
+            if need_dw:
+                dw[k].addmm_(xk.t(), dk)
+            if need_dx:
+                torch.mm(dk, wc[k].t(), out=z[z0:z1])
+        if need_dx:
+            dx = _reduce_rows(dx, blk, z, cin, dt, dev)
+    if need_dx and dx is None:
+        dx = torch.zeros(plan_t.n_rows, cin, dtype=dt, device=dev)
+    if dx is not None and dx.dtype != x.dtype:
+        dx = dx.to(x.dtype)
+    if dw is not None and dw.dtype != x.dtype:
+        dw = dw.to(x.dtype)
+    return dx, dw
 
 
 # --------------------------------------------------------------------------------------- implicit GEMM

@@ -6,6 +6,8 @@ The compute goes through ``kiln.ops.sparse_gemm``. ``algo``:
   inputs gather output gradients through the backward pair map and the transposed weight), weight gradient from
   the pair lists in fixed-order chunks. No atomics anywhere: the default on CUDA and always in deterministic mode.
 * ``"gather"`` — gather-GEMM-scatter, one GEMM per kernel offset (the default on the CPU, where it is fastest).
+  On the CPU it runs as ``sparse_gemm.planned_conv``: gathers into reused buffers, row sums with ``embedding_bag``
+  instead of ``index_add_``, and a backward that gathers each output gradient once for both gradients.
 * ``"auto"`` — the above choice.
 """
 
@@ -33,7 +35,13 @@ def resolve_algo(algo: str, x: torch.Tensor) -> str:
     return "implicit" if backend_for(x) == "triton" else "gather"
 
 
+def _planned(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return x.device.type == "cpu"
+
+
 def _apply(x: torch.Tensor, w: torch.Tensor, rb: Rulebook, algo: str) -> torch.Tensor:
+    if algo == "gather" and _planned(x, w):
+        return sparse_gemm.planned_conv(x, w, rb.plan(sparse_gemm.plan_block_pairs(w.shape[1], w.shape[2])))
     if algo == "implicit":
         order, masks = rb.fwd_schedule()
         return sparse_gemm.implicit_gemm(x, w, rb.pair_fwd(), order, masks)
@@ -56,6 +64,11 @@ class SparseConvFunction(torch.autograd.Function):
         rb = ctx.rb
         dx = dw = None
         dy = dy.contiguous()
+        if ctx.algo == "gather" and _planned(x, w):
+            plan_t = rb.swapped().plan(sparse_gemm.plan_block_pairs(w.shape[1], w.shape[2]))
+            dx, dw = sparse_gemm.planned_conv_backward(x, w, dy, plan_t, ctx.needs_input_grad[0],
+                                                       ctx.needs_input_grad[1])
+            return dx, dw, None, None
         if ctx.needs_input_grad[0]:
             dx = _apply(dy, w.transpose(1, 2), rb.swapped(), ctx.algo)
         if ctx.needs_input_grad[1]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln.ops import hashing
-from kiln.ops.sparse_gemm import mask_order, offset_masks
+from kiln.ops.sparse_gemm import ConvPlan, build_plan, mask_order, offset_masks
 
 _state = threading.local()
 
@@ -108,6 +108,14 @@ class Rulebook:
             m = offset_masks(self.pair_bwd())
             self._cache["bwd_sched"] = (mask_order(m), m)
         return self._cache["bwd_sched"]
+
+    def plan(self, block_pairs: int) -> ConvPlan:
+        """The CPU gather-GEMM-reduce plan (outputs <- inputs) in blocks of ~``block_pairs`` pairs, cached."""
+        key = ("plan", block_pairs)
+        if key not in self._cache:
+            self._cache[key] = build_plan(self.out_idx, self.in_idx, self.counts, self.n_out, self.identity_offset,
+                                          block_pairs)
+        return self._cache[key]
 
     def indice_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """spconv's layout: ``indice_pairs`` int32 [2, K, max_count] (-1 padded) and ``indice_pair_num`` [K]."""

@@ -83,3 +83,89 @@ def test_sparse_gemm_rejects_bad_input():
     with pytest.raises(ValueError, match="weight must have dtype"):
         sg.gather_gemm_scatter(x, torch.randn(2, 3, 4).half(), torch.zeros(0, dtype=torch.long),
                                torch.zeros(0, dtype=torch.long), [0, 0], 4)
+
+
+def _pairs(pm, identity=-1, shuffle_g=None):
+    """Pair lists (sorted by offset) of a pair map; ``identity`` fills that offset with (r, r) for every row;
+    ``shuffle_g`` shuffles the pairs within each offset (rulebooks of unsorted coordinates)."""
+    if identity >= 0:
+        pm = pm.clone()
+        pm[:, identity] = torch.arange(pm.shape[0], dtype=torch.int32)
+    in_idx, out_idx, counts = sg.pairs_from_map(pm)
+    if shuffle_g is not None:
+        start = 0
+        for c in counts:
+            p = torch.randperm(c, generator=shuffle_g) + start
+            in_idx[start:start + c], out_idx[start:start + c] = in_idx[p].clone(), out_idx[p].clone()
+            start += c
+    return in_idx, out_idx, counts
+
+
+@pytest.mark.parametrize("dtype,threads", [(torch.float32, 1), (torch.float32, 2), (torch.float16, 1),
+                                           (torch.bfloat16, 2)])
+@pytest.mark.parametrize("block_pairs", [64, 1 << 20])
+@pytest.mark.parametrize("layout", ["sorted", "shuffled", "identity"])
+def test_planned_conv_fwd_bwd_match_gather_scatter_reference(dtype, threads, block_pairs, layout):
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    n = 157 if layout == "identity" else None
+    x = torch.randn(n or 173, 13 + 2, dtype=dtype, generator=g)[:, 1:14]  # strided view
+    w = (torch.randn(11, 27, 13, dtype=dtype, generator=g) / 8).permute(1, 2, 0)  # KRSC view [K, Cin, Cout]
+    pm = sg._random_rulebook(x.shape[0], n or 141, 27, "cpu", g)
+    pm[:7] = -1  # destination rows without any pair
+    in_idx, out_idx, counts = _pairs(pm, identity=13 if layout == "identity" else -1,
+                                     shuffle_g=g if layout == "shuffled" else None)
+    n_out = pm.shape[0]
+    dy = torch.randn(n_out, 11, dtype=dtype, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        plan = sg.build_plan(out_idx, in_idx, counts, n_out, 13 if layout == "identity" else -1, block_pairs)
+        plan_t = sg.build_plan(in_idx, out_idx, counts, x.shape[0], 13 if layout == "identity" else -1,
+                               block_pairs)
+        assert len(plan.blocks) > 1 if block_pairs == 64 else len(plan.blocks) == 1
+        y = sg.planned_conv(x, w, plan)
+        dx, dw = sg.planned_conv_backward(x, w, dy, plan_t)
+        y2 = sg.planned_conv(x, w, plan)
+        dx2, dw2 = sg.planned_conv_backward(x, w, dy, plan_t)
+    finally:
+        torch.set_num_threads(before)
+    ref = sg.gather_gemm_scatter(x.float(), w.float(), in_idx, out_idx, counts, n_out)
+    dx_ref = sg.gather_gemm_scatter(dy.float(), w.float().transpose(1, 2), out_idx, in_idx, counts, x.shape[0])
+    dw_ref = sg.weight_grad_ref(x.float(), dy.float(), in_idx, out_idx, counts)
+    assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == dtype
+    assert rel_err(y, ref) <= RTOL[dtype] and rel_err(dx, dx_ref) <= RTOL[dtype] and rel_err(dw, dw_ref) <= RTOL[dtype]
+    if layout != "identity":
+        assert torch.all(y[:7] == 0), "rows without pairs are exactly zero"
+    assert torch.equal(y, y2) and torch.equal(dx, dx2) and torch.equal(dw, dw2), "bit-reproducible"
+
+
+def test_planned_conv_results_do_not_alias_the_reused_workspace():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(90, 8, generator=g)
+    w = torch.randn(27, 8, 5, generator=g)
+    pm = sg._random_rulebook(90, 90, 27, "cpu", g)
+    in_idx, out_idx, counts = _pairs(pm, identity=13)
+    for block_pairs in (50, 1 << 20):
+        plan = sg.build_plan(out_idx, in_idx, counts, 90, 13, block_pairs)
+        y = sg.planned_conv(x, w, plan)
+        kept = y.clone()
+        dx, dw = sg.planned_conv_backward(x, w.transpose(1, 2).contiguous().transpose(1, 2), y, plan)
+        kept_dx = dx.clone()
+        sg.planned_conv(torch.randn(90, 8, generator=g), w, plan)  # reuses the buffers
+        sg.planned_conv_backward(x, w, torch.randn(90, 5, generator=g), plan)
+        assert torch.equal(y, kept) and torch.equal(dx, kept_dx)
+
+
+def test_planned_conv_needs_only_what_is_asked_and_handles_empty_rulebooks():
+    x = torch.randn(6, 3)
+    w = torch.randn(4, 3, 2)
+    empty = torch.zeros(0, dtype=torch.long)
+    plan = sg.build_plan(empty, empty, [0, 0, 0, 0], 5)
+    assert torch.equal(sg.planned_conv(x, w, plan), torch.zeros(5, 2))
+    plan_t = sg.build_plan(empty, empty, [0, 0, 0, 0], 6)
+    dx, dw = sg.planned_conv_backward(x, w, torch.randn(5, 2), plan_t, need_dx=False)
+    assert dx is None and torch.equal(dw, torch.zeros(4, 3, 2))
+    dx, dw = sg.planned_conv_backward(x, w, torch.randn(5, 2), plan_t, need_dw=False)
+    assert dw is None and torch.equal(dx, torch.zeros(6, 3))
+    with pytest.raises(ValueError, match="offsets"):
+        sg.planned_conv(x, torch.randn(3, 3, 2), plan)
