@@ -18,6 +18,12 @@ workload; the HF anchor is not run.
 
   python bench/llm_throughput.py --models llama-1b llama-8b --workloads b d --quant int8-wo int4-wo w8a8 fp8
   python bench/llm_throughput.py --models tiny --workloads b d --quant int8-wo int4-wo w8a8 fp8 --device cpu
+
+Tensor parallelism (``--tensor-parallel-size 1 2``): the same workloads at each size (dummy weights, one engine
+per size, its worker processes started by the engine), each size against the first; the HF anchor is not run.
+
+  python bench/llm_throughput.py --models llama-8b --workloads c --tensor-parallel-size 1 2 --repeat 1
+  python bench/llm_throughput.py --models tiny --workloads b c --tensor-parallel-size 1 2 --device cpu
 """
 
 from __future__ import annotations
@@ -236,6 +242,51 @@ def run_quant(args, device: str) -> Table:
     return table
 
 
+def run_tp(args, device: str) -> Table:
+    """Every --tensor-parallel-size on the same workloads: output tok/s against the first size."""
+    from kiln.llm import LLM
+
+    small = device == "cpu"
+    sizes = list(dict.fromkeys(args.tensor_parallel_size))
+    table = Table(f"kiln tensor parallelism: tp={'/'.join(map(str, sizes))} vs tp={sizes[0]} (dummy weights"
+                  f"{', CPU dry run' if small else ''})", anchor_name=f"tp={sizes[0]}")
+    details = {"runs": {}}
+    for model in args.models:
+        cfg = SHAPES[model]
+        d = Path(tempfile.mkdtemp())
+        (d / "config.json").write_text(json.dumps(cfg))
+        base: dict[str, float] = {}
+        for tp in sizes:
+            t0 = time.perf_counter()
+            llm = LLM(str(d), dtype="bfloat16" if device == "cuda" else "float32", device=device,
+                      load_format="dummy", tensor_parallel_size=tp, max_num_seqs=8 if small else args.max_num_seqs,
+                      max_num_batched_tokens=8192, max_model_len=4096 if not small else 512,
+                      gpu_memory_utilization=0.85)
+            print(f"   {model} tp={tp}: ready in {time.perf_counter() - t0:.1f} s "
+                  f"({llm.engine.get_stats()['kv_blocks_total']} KV blocks per rank)", flush=True)
+            try:
+                for w in args.workloads:
+                    prompts, outs = make_workload(w, cfg["vocab_size"], small=small)
+                    st = time_generate(llm, prompts, outs, args.repeat)
+                    base.setdefault(w, st["out_tok_s"])
+                    row = table.add(f"{model} ({w}) tp={tp} out tok/s", st["out_tok_s"], base[w], "tok/s")
+                    row.extra = {"total_tok_s": st["total_tok_s"], "tpot_p50_ms": st["tpot_p50_ms"],
+                                 "ttft_p50_ms": st["ttft_p50_ms"], "preemptions": st["preemptions"]}
+                    details["runs"][f"{model}/{w}/tp{tp}"] = st
+                    print(f"   {model} ({w}) tp={tp}: {st['out_tok_s']:.0f} out tok/s, {st['total_tok_s']:.0f} total "
+                          f"tok/s, TTFT p50 {st['ttft_p50_ms']:.1f} ms, TPOT p50 {st['tpot_p50_ms']:.2f} ms "
+                          f"({st['out_tok_s'] / base[w]:.2f}x tp={sizes[0]})", flush=True)
+                    table.save(args.json)  # after every run: a later timeout keeps what was measured
+            finally:
+                llm.shutdown()
+                del llm
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    Path(args.json).with_suffix(".details.json").write_text(json.dumps(details, indent=2, default=str))
+    return table
+
+
 def run_hf(cfg: dict, prompts, outs, batch: int, repeat: int):
     import transformers
 
@@ -286,8 +337,23 @@ def main() -> int:
     ap.add_argument("--kv-cache-dtype", default=None, choices=["int8", "fp8"],
                     help="with --quant: the quantized modes also use this KV-cache dtype")
     ap.add_argument("--device", default=None, help="cuda (default when present) or cpu (dry runs, --models tiny)")
+    ap.add_argument("--tensor-parallel-size", type=int, nargs="+", default=None, metavar="N",
+                    help="compare these tensor-parallel sizes (one GPU per rank) on the workloads (no HF anchor)")
     args = ap.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.tensor_parallel_size:
+        if args.quant:
+            print("--tensor-parallel-size and --quant are separate comparisons; run them one at a time")
+            return 2
+        if device == "cpu" and any(m != "tiny" for m in args.models):
+            print("CPU runs take --models tiny only (a dry run of the script)")
+            return 2
+        print(device_name(), flush=True)
+        table = run_tp(args, device)
+        print()
+        print(table.render())
+        table.save(args.json)
+        return 0
     if args.quant:
         if device == "cpu" and any(m != "tiny" for m in args.models):
             print("CPU runs take --models tiny only (a dry run of the script)")

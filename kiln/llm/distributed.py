@@ -151,6 +151,10 @@ def _worker_main(spec: WorkerSpec, conn) -> None:
     try:
         if spec.threads > 0:
             torch.set_num_threads(spec.threads)
+        from tqdm.auto import tqdm
+
+        # tqdm's default lock is a multiprocessing semaphore, which the fast exit below would leak
+        tqdm.set_lock(threading.RLock())
         device = torch.device(spec.device)
         conn.send(("started", os.getpid()))
         from .config import EngineConfig
