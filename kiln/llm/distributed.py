@@ -87,7 +87,7 @@ def check_tensor_parallel_size(size: Any, config, device: torch.device) -> None:
         return
     if device.type == "cuda":
         count = torch.cuda.device_count()
-        first = device.index or 0
+        first = first_gpu(device) if count else 0
         if first + size > count:
             raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs (one per rank, from cuda:{first}) but "
                              f"{count} {'is' if count == 1 else 'are'} visible")
@@ -105,10 +105,16 @@ def check_tensor_parallel_size(size: Any, config, device: torch.device) -> None:
     divide(config.intermediate_size, size, f"the MLP intermediate size of {config.architecture}")
 
 
+def first_gpu(device: torch.device) -> int:
+    """The GPU of rank 0: the device's index, else the current CUDA device."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def rank_device(device: torch.device, rank: int) -> torch.device:
-    """Rank r runs on ``cuda:(first + r)``; on the CPU every rank uses the CPU."""
-    if device.type == "cuda":
-        return torch.device("cuda", (device.index or 0) + rank)
+    """Rank r runs on ``cuda:(first + r)``; on the CPU every rank uses the CPU. Rank 0 of an engine without
+    tensor parallelism keeps the device as given."""
+    if device.type == "cuda" and rank > 0:
+        return torch.device("cuda", first_gpu(device) + rank)
     return device
 
 

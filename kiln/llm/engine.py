@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .build import LoadedModel, load_model, read_config
 from .config import EngineConfig, ModelConfig, parse_dtype
 from .distributed import (SINGLE, EngineDeadError, TensorParallel, TPWorkers, check_tensor_parallel_size,
-                          rank_device)
+                          first_gpu, rank_device)
 from .kv_cache import BlockManager
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .runner import ModelRunner
@@ -97,6 +97,8 @@ class LLMEngine:
             mcfg = ModelConfig.from_hf(hf_cfg)
             check_tensor_parallel_size(size, mcfg, device)
             _max_model_len(self.config, mcfg)
+            if device.type == "cuda":  # rank r on cuda:(first + r)
+                device = self.device = torch.device("cuda", first_gpu(device))
             self.workers = TPWorkers(size, str(path), loras, load_format, self.config.to_dict(), device)
             # the finaliser holds the workers, not the engine: it also runs at interpreter exit
             self._finalizer = weakref.finalize(self, self.workers.shutdown)
