@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -90,12 +91,13 @@ def run(args) -> int:
         raise ValueError("give --prompts FILE.jsonl, or --demo for the built-in example")
     train, evals = train_eval_split(prompts, min(args.eval_size, len(prompts) // 4), seed=args.seed)
     iterations = args.iterations or (30 if args.demo else 100)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun each process samples --batch-size prompts
     cfg = PPOConfig(per_device_train_batch_size=args.batch_size, num_mini_batches=args.num_mini_batches,
                     num_ppo_epochs=args.num_ppo_epochs, response_length=args.response_length,
                     learning_rate=args.learning_rate, kl_coef=args.kl_coef, kl_estimator=args.kl_estimator,
                     temperature=args.temperature, seed=args.seed, adap_kl_ctrl=args.adaptive_kl is not None,
                     target=args.adaptive_kl or 6.0, horizon=args.kl_horizon,
-                    total_episodes=iterations * args.batch_size,
+                    total_episodes=iterations * args.batch_size * world,
                     output_dir=args.output_dir, num_sample_generations=5)
     peft_config = None
     if args.lora_r:
@@ -107,6 +109,9 @@ def run(args) -> int:
     reward = load_reward(args.reward, args.words)
     trainer = PPOTrainer(cfg, model=model, reward_model=reward, train_dataset=train, eval_dataset=evals,
                          peft_config=peft_config, device=args.device)
+    if trainer.rank > 0:  # under torchrun: rank 0 reports and writes; the others train in step with it
+        trainer.train(progress=False)
+        return 0
     print(f"kiln ppo: {model} on {trainer.device}; {len(train)} train / {len(evals)} eval prompts; "
           f"{cfg.num_total_batches} iterations of {cfg.batch_size}; reward {reward!r}")
     t0 = time.perf_counter()
