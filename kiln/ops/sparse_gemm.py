@@ -94,9 +94,8 @@ class PlanBlock:
 
     r0: int
     r1: int
-    segments: list[tuple[int, int, int, int]]  # (k, product start, product end, gather start or -1: rows in place)
-    src: torch.Tensor  # int64 source row of each gathered pair, in product order (identity pairs excluded)
-    dst: torch.Tensor  # int64 destination row of each gathered pair, same order
+    # (k, first product row, end product row, first pair in the plan's src/dst, or -1: the block's rows in place)
+    segments: list[tuple[int, int, int, int]]
     bag_idx: torch.Tensor  # int64 product row of each pair, ordered by destination row, then offset
     bag_off: torch.Tensor  # int64 [r1 - r0 + 1] CSR offsets of the destination rows into ``bag_idx``
     n_products: int
@@ -108,11 +107,13 @@ class ConvPlan:
 
     n_rows: int
     kernel_volume: int
+    src: torch.Tensor  # int64 [P] source row of each pair (segments index into it)
+    dst: torch.Tensor  # int64 [P] destination row of each pair
     blocks: list[PlanBlock]
 
 
 def plan_block_pairs(cin: int, cout: int) -> int:
-    """Pairs per block: the largest power of two whose widest buffer fits ``PLAN_BUDGET_BYTES`` (>= 4096)."""
+    """Pairs per block: the largest power of two whose product buffer fits ``PLAN_BUDGET_BYTES`` (>= 4096)."""
     per_pair = 4 * max(cin, cout, 1)
     n = max(4096, PLAN_BUDGET_BYTES // per_pair)
     return 1 << (n.bit_length() - 1)
@@ -122,35 +123,33 @@ def build_plan(dst: torch.Tensor, src: torch.Tensor, counts: list[int], n_rows: 
                block_pairs: int = 1 << 30) -> ConvPlan:
     """Plan ``y[dst[p]] += x[src[p]] @ W[k(p)]`` for pairs sorted by offset (``counts`` per offset).
 
-    Blocks are ranges of destination rows with at most about ``block_pairs`` pairs. Pairs are ordered by
-    (offset, destination row) — already so for rulebooks built from sorted coordinates, else sorted here — so each
-    block's pairs of one offset are one contiguous range. ``identity_offset`` names an offset whose pairs are
-    (i, i) for every row: those pairs read the block's own rows in place.
+    Blocks are ranges of destination rows with about ``block_pairs`` pairs each. With several blocks the pairs
+    are put in (offset, destination row) order — already so for rulebooks built from sorted coordinates, else
+    sorted here — so a block's pairs of one offset are one contiguous range. ``identity_offset`` names an offset
+    whose pairs are (i, i) for every row: its products are computed from the block's rows in place.
     """
     dev = dst.device
     K = len(counts)
     P = int(sum(counts))
     dst = dst.long()
     src = src.long()
+    zero = torch.zeros(1, dtype=torch.int64, device=dev)
     if P == 0 or n_rows == 0:
-        empty = torch.zeros(0, dtype=torch.int64, device=dev)
-        blocks = [PlanBlock(0, n_rows, [], empty, empty, empty, torch.zeros(n_rows + 1, dtype=torch.int64,
-                                                                            device=dev), 0)] if n_rows else []
-        return ConvPlan(n_rows, K, blocks)
-    k_of = torch.repeat_interleave(torch.arange(K, device=dev), torch.tensor(counts, device=dev))
-    key = k_of * n_rows + dst
-    if not bool((key[1:] >= key[:-1]).all()):
-        order = torch.sort(key, stable=True).indices
-        key, dst, src = key[order], dst[order], src[order]
-    row_count = torch.bincount(dst, minlength=n_rows)
-    row_off = torch.zeros(n_rows + 1, dtype=torch.int64, device=dev)
-    torch.cumsum(row_count, 0, out=row_off[1:])
+        blocks = [PlanBlock(0, n_rows, [], dst, zero.expand(n_rows + 1), 0)] if n_rows else []
+        return ConvPlan(n_rows, K, src, dst, blocks)
+    row_off = torch.cat([zero, torch.cumsum(torch.bincount(dst, minlength=n_rows), 0)])
     n_blocks = max(1, min(n_rows, -(-P // block_pairs)))
+    starts = [0] + list(itertools.accumulate(counts))
     if n_blocks == 1:
         cuts = [0, n_rows]
-        starts = [0] + list(itertools.accumulate(counts))
         bounds = [[starts[k], starts[k + 1]] for k in range(K)]
     else:
+        k_of = torch.repeat_interleave(torch.arange(K, device=dev), torch.tensor(counts, device=dev),
+                                       output_size=P)
+        key = k_of * n_rows + dst
+        if not bool((key[1:] >= key[:-1]).all()):
+            order = torch.sort(key, stable=True).indices
+            key, dst, src = key[order], dst[order], src[order]
         # row cuts where the cumulative pair count crosses equal shares; then every (offset, block) range at once
         share = torch.arange(1, n_blocks, device=dev, dtype=torch.int64) * P // n_blocks
         inner = torch.searchsorted(row_off, share).tolist()
@@ -159,49 +158,38 @@ def build_plan(dst: torch.Tensor, src: torch.Tensor, counts: list[int], n_rows: 
              + torch.tensor(cuts, device=dev).unsqueeze(0)).reshape(-1)
         bounds = torch.searchsorted(key, q).view(K, len(cuts)).tolist()
     nb = len(cuts) - 1
-    # product rows: each block lays out its ranges offset by offset; shift[p] maps a pair to its product row
-    seg_lists: list[list[tuple[int, int, int, int]]] = [[] for _ in range(nb)]
-    src_parts: list[list[torch.Tensor]] = [[] for _ in range(nb)]
-    dst_parts: list[list[torch.Tensor]] = [[] for _ in range(nb)]
+    # each block lays out its products offset by offset; pair p of range (a, e) -> product row p - a + z0
+    segments: list[list[tuple[int, int, int, int]]] = [[] for _ in range(nb)]
     zfill = [0] * nb
-    gfill = [0] * nb
     shifts, lens = [], []
+    identity_ranges = []
     for k in range(K):
         for b in range(nb):
             a, e = bounds[k][b], bounds[k][b + 1]
             if e == a:
                 continue
-            rows = cuts[b + 1] - cuts[b]
-            in_place = k == identity_offset and e - a == rows
-            g0 = -1
-            if not in_place:
-                g0 = gfill[b]
-                gfill[b] += e - a
-                src_parts[b].append(src[a:e])
-                dst_parts[b].append(dst[a:e])
-            seg_lists[b].append((k, zfill[b], zfill[b] + e - a, g0))
+            in_place = k == identity_offset and e - a == cuts[b + 1] - cuts[b]
+            if in_place:
+                identity_ranges.append((a, e, zfill[b] - cuts[b]))
+            segments[b].append((k, zfill[b], zfill[b] + e - a, -1 if in_place else a))
             shifts.append(zfill[b] - a)
             lens.append(e - a)
             zfill[b] += e - a
-    zpos = torch.arange(P, device=dev) + torch.repeat_interleave(torch.tensor(shifts, device=dev),
-                                                                 torch.tensor(lens, device=dev))
+    if nb == 1:
+        zpos = torch.arange(P, device=dev)
+    else:
+        zpos = torch.arange(P, device=dev) + torch.repeat_interleave(
+            torch.tensor(shifts, device=dev), torch.tensor(lens, device=dev), output_size=P)
+    for a, e, rshift in identity_ranges:
+        # in place: row r's product is at z0 + r - r0, whatever order the identity pairs are listed in
+        zpos[a:e] = dst[a:e] + rshift
     # destination-row (CSR) order; the stable sort keeps offset order within a row: a fixed summation order
-    narrow = n_rows < 2**31
-    perm = torch.sort(dst.int() if narrow else dst, stable=True).indices
+    perm = torch.sort(dst.int() if n_rows < 2**31 else dst, stable=True).indices
     bag_all = zpos.index_select(0, perm)
     cut_off = row_off[torch.tensor(cuts, device=dev)].tolist()
-    blocks = []
-    for b in range(nb):
-        r0, r1 = cuts[b], cuts[b + 1]
-        empty = torch.zeros(0, dtype=torch.int64, device=dev)
-        blocks.append(PlanBlock(
-            r0, r1, seg_lists[b],
-            torch.cat(src_parts[b]) if src_parts[b] else empty,
-            torch.cat(dst_parts[b]) if dst_parts[b] else empty,
-            bag_all[cut_off[b]:cut_off[b + 1]],
-            row_off[r0:r1 + 1] - cut_off[b],
-            zfill[b]))
-    return ConvPlan(n_rows, K, blocks)
+    blocks = [PlanBlock(cuts[b], cuts[b + 1], segments[b], bag_all[cut_off[b]:cut_off[b + 1]],
+                        row_off[cuts[b]:cuts[b + 1] + 1] - cut_off[b], zfill[b]) for b in range(nb)]
+    return ConvPlan(n_rows, K, src, dst, blocks)
 
 
 _workspace = threading.local()
@@ -262,7 +250,7 @@ def planned_conv(x: torch.Tensor, weight: torch.Tensor, plan: ConvPlan) -> torch
             if g0 < 0:
                 a = xc[blk.r0:blk.r1]
             else:  # gathered per segment, so the GEMM reads it from cache
-                a = torch.index_select(xc, 0, blk.src[g0:g0 + z1 - z0],
+                a = torch.index_select(xc, 0, plan.src[g0:g0 + z1 - z0],
                                        out=_buffer("g", (z1 - z0) * cin, dt, dev).view(z1 - z0, cin))
             torch.mm(a, wc[k], out=z[z0:z1])
         y = _reduce_rows(y, blk, z, cout, dt, dev)
@@ -295,9 +283,9 @@ def planned_conv_backward(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tenso
                 dk, xk = dc[blk.r0:blk.r1], xc[blk.r0:blk.r1]
             else:  # gathered per segment, so both GEMMs read them from cache
                 n = z1 - z0
-                dk = torch.index_select(dc, 0, blk.src[g0:g0 + n], out=_buffer("g", n * cout, dt, dev).view(n, cout))
+                dk = torch.index_select(dc, 0, plan_t.src[g0:g0 + n], out=_buffer("g", n * cout, dt, dev).view(n, cout))
                 if need_dw:
-                    xk = torch.index_select(xc, 0, blk.dst[g0:g0 + n],
+                    xk = torch.index_select(xc, 0, plan_t.dst[g0:g0 + n],
                                             out=_buffer("x", n * cin, dt, dev).view(n, cin))
             if need_dw:
                 dw[k].addmm_(xk.t(), dk)

@@ -154,9 +154,10 @@ def deconv_output_size(spatial_shape, ksize, stride, padding, dilation, output_p
     return out
 
 
-def encode(coords: torch.Tensor, batch: torch.Tensor, shape) -> torch.Tensor:
-    """int64 keys of coordinates [..., ndim] with batch index [...] in the given spatial shape."""
-    key = batch.long()
+def encode(coords: torch.Tensor, batch: torch.Tensor, shape, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Keys (int64, or ``dtype`` where the caller knows they fit) of coordinates [..., ndim] with batch index
+    [...] in the given spatial shape."""
+    key = batch.to(dtype)
     for d, s in enumerate(shape):
         key = key * s + coords[..., d]
     return key
@@ -244,6 +245,68 @@ def _sorted_window_lookup(table, keys: torch.Tensor, d0: torch.Tensor, kx: int, 
     return torch.stack(rows, 1).view(R * kx, n)[:n_look]
 
 
+_DENSE_BITS = 6  # keys per directory block: 64
+_dense = threading.local()
+
+
+def _dense_fits(span: int, n: int) -> bool:
+    """Whether the CPU direct table suits a key range of ``span`` keys holding ``n`` voxels: int32 keys and
+    queries, and a directory (``span / 64`` int32) no larger than ~16 MiB or 64 entries per voxel."""
+    return span < 2**30 and (span >> _DENSE_BITS) <= max(1 << 22, 64 * n)
+
+
+def _dense_buffer(name: str, numel: int) -> torch.Tensor:
+    """Per-thread int32 table, all 0 between calls (``_dense_lookup`` resets what it writes)."""
+    store = getattr(_dense, "tables", None)
+    if store is None:
+        store = _dense.tables = {}
+    t = store.get(name)
+    if t is None or t.numel() < numel:
+        t = torch.zeros(max(numel, 1), dtype=torch.int32)
+        store[name] = t
+    return t
+
+
+def _dense_lookup(keys: torch.Tensor, deltas: torch.Tensor, span: int) -> torch.Tensor:
+    """int32 [len(deltas), N]: the row (position in ``keys``) holding key ``keys[i] + deltas[k]``, -1 if none.
+
+    CPU, int32; every ``keys[i] + deltas[k]`` must lie in [0, span) (callers shift keys by the most negative
+    delta; queries of out-of-bounds neighbours land on unrelated keys, which callers mask). A two-level direct
+    table instead of a search: a directory over blocks of 64 consecutive keys gives a block id (0: the empty
+    block, whose slots are all -1), and the block's 64 slots give the row. The tables are reused per thread and
+    reset entry by entry, so a call costs O(voxels + queries), never O(key range).
+    """
+    n = keys.numel()
+    mask = (1 << _DENSE_BITS) - 1
+    blk = keys >> _DENSE_BITS
+    if n > 1 and bool((blk[1:] >= blk[:-1]).all()):  # sorted input (the usual case): ids from a running count
+        first = torch.ones(n, dtype=torch.int32)
+        torch.ne(blk[1:], blk[:-1], out=first[1:])
+        bid = torch.cumsum(first, 0, dtype=torch.int32)
+    else:
+        bid = torch.unique(blk, return_inverse=True)[1].int().add_(1)
+    n_blocks = int(bid.max()) + 1 if n else 1
+    directory = _dense_buffer("dir", (span >> _DENSE_BITS) + 1)
+    slots = _dense_buffer("slots", n_blocks << _DENSE_BITS)
+    blk_l = blk.long()
+    slot = ((bid << _DENSE_BITS) | (keys & mask)).long()
+    directory.index_copy_(0, blk_l, bid)
+    slots.index_copy_(0, slot, torch.arange(1, n + 1, dtype=torch.int32))
+    try:
+        q = (keys.unsqueeze(0) + deltas.unsqueeze(1)).view(-1)
+        b = directory.index_select(0, q >> _DENSE_BITS)
+        rows = slots.index_select(0, b.bitwise_left_shift_(_DENSE_BITS).bitwise_or_(q.bitwise_and_(mask)))
+        return rows.sub_(1).view(deltas.numel(), n)  # slots hold row + 1: 0 (empty) becomes -1
+    finally:
+        directory.index_fill_(0, blk_l, 0)
+        slots.index_fill_(0, slot, 0)
+
+
+def release_tables() -> None:
+    """Free this thread's CPU rulebook tables."""
+    _dense.tables = {}
+
+
 def build_subm(indices: torch.Tensor, spatial_shape, ksize, dilation) -> Rulebook:
     """Submanifold rulebook: every input is an output; pairs through the hash table of input coordinates.
 
@@ -256,8 +319,12 @@ def build_subm(indices: torch.Tensor, spatial_shape, ksize, dilation) -> Ruleboo
     shape = list(spatial_shape)
     K = math.prod(ksize)
     coords = indices[:, 1:]
-    keys = encode(coords.long(), indices[:, 0], shape)
-    table = hashing.hash_build(keys)
+    total = (int(indices[:, 0].max()) + 1 if n else 1) * math.prod(shape)
+    reach = sum((k // 2) * dl * st for k, dl, st in zip(ksize, dilation, _linear_strides(shape)))
+    dense = (dev.type == "cpu" and _dense_fits(total + 2 * reach, n)
+             and hashing.backend_for(indices[:, :1]) == "ref")
+    keys = encode(coords, indices[:, 0], shape, torch.int32 if dense else torch.int64)
+    table = None if dense else hashing.hash_build(keys)
     lin = _linear_strides(shape)
     oks, deltas = [], []
     for d, (k, dl) in enumerate(zip(ksize, dilation)):
@@ -272,7 +339,10 @@ def build_subm(indices: torch.Tensor, spatial_shape, ksize, dilation) -> Ruleboo
     symmetric = all(k % 2 == 1 for k in ksize)
     ok = _per_dim_product(oks, n)  # [K, N]
     n_look = centre_k if symmetric else K
-    if table.backend == "ref" and dilation[-1] == 1 and ksize[-1] > 1:
+    if dense:  # keys shifted by the kernel's reach: every query lands in [0, total + 2 * reach)
+        src = _dense_lookup(keys + reach, delta[:n_look].int(), total + 2 * reach)  # [n_look, N]
+        hit = (src >= 0).logical_and_(ok[:n_look])
+    elif table.backend == "ref" and dilation[-1] == 1 and ksize[-1] > 1:
         kx = ksize[-1]
         runs = -(-n_look // kx)
         d0 = delta[torch.arange(runs, device=dev) * kx]
@@ -284,11 +354,9 @@ def build_subm(indices: torch.Tensor, spatial_shape, ksize, dilation) -> Ruleboo
         q = torch.where(ok[:n_look], q, torch.full_like(q, -1))
         src = hashing.hash_lookup(table, q)  # [n_look, N]
         hit = src >= 0
-    flat = torch.nonzero(hit.reshape(-1)).view(-1)  # sorted by offset, then output row
-    kk = torch.div(flat, max(n, 1), rounding_mode="floor")
-    oo = flat - kk * n
-    ii = src.reshape(-1).index_select(0, flat).long()
-    half = torch.bincount(kk, minlength=n_look).tolist() if n_look else []
+    kk, oo = torch.nonzero(hit, as_tuple=True)  # sorted by offset, then output row
+    ii = src.view(-1).index_select(0, kk * n + oo).long()
+    half = hit.sum(1).tolist() if n_look else []
     if not symmetric:
         return Rulebook(ii, oo, half, n, n, centre_k if n == 0 else -1)
     # offsets after the centre mirror those before it (k -> K-1-k, pairs swapped), in reverse offset order;

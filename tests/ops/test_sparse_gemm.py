@@ -104,24 +104,23 @@ def _pairs(pm, identity=-1, shuffle_g=None):
 @pytest.mark.parametrize("dtype,threads", [(torch.float32, 1), (torch.float32, 2), (torch.float16, 1),
                                            (torch.bfloat16, 2)])
 @pytest.mark.parametrize("block_pairs", [64, 1 << 20])
-@pytest.mark.parametrize("layout", ["sorted", "shuffled", "identity"])
+@pytest.mark.parametrize("layout", ["sorted", "shuffled", "identity", "identity-shuffled"])
 def test_planned_conv_fwd_bwd_match_gather_scatter_reference(dtype, threads, block_pairs, layout):
     g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
-    n = 157 if layout == "identity" else None
+    ident = 13 if layout.startswith("identity") else -1
+    n = 157 if ident >= 0 else None
     x = torch.randn(n or 173, 13 + 2, dtype=dtype, generator=g)[:, 1:14]  # strided view
     w = (torch.randn(11, 27, 13, dtype=dtype, generator=g) / 8).permute(1, 2, 0)  # KRSC view [K, Cin, Cout]
     pm = sg._random_rulebook(x.shape[0], n or 141, 27, "cpu", g)
     pm[:7] = -1  # destination rows without any pair
-    in_idx, out_idx, counts = _pairs(pm, identity=13 if layout == "identity" else -1,
-                                     shuffle_g=g if layout == "shuffled" else None)
+    in_idx, out_idx, counts = _pairs(pm, identity=ident, shuffle_g=g if "shuffled" in layout else None)
     n_out = pm.shape[0]
     dy = torch.randn(n_out, 11, dtype=dtype, generator=g)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        plan = sg.build_plan(out_idx, in_idx, counts, n_out, 13 if layout == "identity" else -1, block_pairs)
-        plan_t = sg.build_plan(in_idx, out_idx, counts, x.shape[0], 13 if layout == "identity" else -1,
-                               block_pairs)
+        plan = sg.build_plan(out_idx, in_idx, counts, n_out, ident, block_pairs)
+        plan_t = sg.build_plan(in_idx, out_idx, counts, x.shape[0], ident, block_pairs)
         assert len(plan.blocks) > 1 if block_pairs == 64 else len(plan.blocks) == 1
         y = sg.planned_conv(x, w, plan)
         dx, dw = sg.planned_conv_backward(x, w, dy, plan_t)
@@ -134,7 +133,7 @@ def test_planned_conv_fwd_bwd_match_gather_scatter_reference(dtype, threads, blo
     dw_ref = sg.weight_grad_ref(x.float(), dy.float(), in_idx, out_idx, counts)
     assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == dtype
     assert rel_err(y, ref) <= RTOL[dtype] and rel_err(dx, dx_ref) <= RTOL[dtype] and rel_err(dw, dw_ref) <= RTOL[dtype]
-    if layout != "identity":
+    if ident < 0:
         assert torch.all(y[:7] == 0), "rows without pairs are exactly zero"
     assert torch.equal(y, y2) and torch.equal(dx, dx2) and torch.equal(dw, dw2), "bit-reproducible"
 

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from kiln.sparse import rulebook
 from kiln.sparse.rulebook import build_conv, build_subm, conv_output_size
 
 
@@ -81,11 +82,25 @@ def _scene(shape, n, batch, seed, line=0):
 GRIDS = [[7, 9, 11], [41, 1600, 1408], [60000, 70000, 80000]]  # the last one needs int64 keys
 
 
+def _sorted(idx, shape):
+    key = idx[:, 0].long()
+    for d, s in enumerate(shape):
+        key = key * s + idx[:, 1 + d]
+    return idx[torch.argsort(key)]
+
+
 @pytest.mark.parametrize("shape", GRIDS)
 @pytest.mark.parametrize("ksize,dilation", [([3, 3, 3], [1, 1, 1]), ([5, 3, 5], [1, 2, 1]), ([2, 3, 2], [1, 1, 1]),
                                             ([3, 3, 3], [2, 1, 2])])
-def test_subm_matches_brute_force(shape, ksize, dilation):
+@pytest.mark.parametrize("lookup", ["dense", "search"])
+@pytest.mark.parametrize("order", ["shuffled", "sorted"])
+def test_subm_matches_brute_force(monkeypatch, shape, ksize, dilation, lookup, order):
+    """Both CPU lookups (direct table where the key range is small enough, sorted-key search otherwise)."""
+    if lookup == "search":
+        monkeypatch.setattr(rulebook, "_dense_fits", lambda span, n: False)
     idx = _scene(shape, 90, 2, seed=sum(shape) + sum(ksize), line=12)
+    if order == "sorted":
+        idx = _sorted(idx, shape)
     rb = build_subm(idx, shape, ksize, dilation)
     assert rb.kernel_volume == math.prod(ksize)
     assert _segments(rb) == _ref_subm(idx, shape, ksize, dilation)
@@ -105,3 +120,15 @@ def test_conv_matches_brute_force(shape, ksize, stride, padding, dilation):
     assert [tuple(r) for r in out_indices.tolist()] == outs
     assert out_indices.dtype == torch.int32
     assert _segments(rb) == segs
+
+
+def test_dense_lookup_tables_are_left_clear_and_reused():
+    """The per-thread direct tables must be all zero between calls (entries are reset one by one), or a later
+    scene would see an earlier scene's voxels."""
+    shape = [41, 1600, 1408]
+    for seed in range(3):
+        idx = _scene(shape, 300, 2, seed=seed, line=20)
+        rb = build_subm(idx, shape, [3, 3, 3], [1, 1, 1])
+        assert _segments(rb) == _ref_subm(idx, shape, [3, 3, 3], [1, 1, 1])
+        tables = rulebook._dense.tables
+        assert set(tables) == {"dir", "slots"} and all(int(t.count_nonzero()) == 0 for t in tables.values())
