@@ -324,6 +324,10 @@ def prepare_engine_model_(model: nn.Module, build_info: dict, device: torch.devi
         cap = torch.cuda.get_device_capability(device)
         raise ValueError(f"this engine has {' and '.join(fp8)}, which need compute capability >= 8.9; "
                          f"{device} has {cap[0]}.{cap[1]}")
+    tp = getattr(model, "tp", None)
+    if (q is not None or kv is not None) and tp is not None and getattr(tp, "size", 1) > 1:
+        raise ValueError(f"tensor parallelism (size {tp.size}) does not support {q['mode'] if q else 'int8/fp8 KV'} "
+                         "engines yet; run this engine on one GPU or build it weight-only (int8-wo / int4-wo)")
     if q is not None:
         runtime = tuple((q.get("smoothquant") or {}).get("runtime_smooth", ()))
         quantize_activations_(model, q["mode"], quantize_weights=False, runtime_smooth=runtime)

@@ -80,7 +80,8 @@ def test_fp8_gemm_triton_matches_dequantized_reference(shape, out_dtype):
         c = gemm._fp8_gemm_triton(a, b, sa, sb, bi, out_dtype, out=out)
         assert not torch.isnan(out).any(), "an output element was not written"
         ref = gemm.fp8_gemm_ref(a, b, sa, sb, bi, out_dtype)
-        assert rel_err(c, ref) <= (1e-5 if out_dtype == torch.float32 else 1e-2)
+        # Hopper's fp8 wgmma accumulates K in reduced precision (Triton's default "fast accumulation"): 1e-2 there
+        assert rel_err(c, ref) <= (1e-5 if out_dtype == torch.float32 and not BIG else 1e-2)
 
 
 @requires_triton
@@ -125,7 +126,7 @@ def test_w8a8_and_fp8_linear_match_references(dtype, monkeypatch):
         return
     fw = (torch.randn(N, K, device=DEVICE, generator=g) * 20).to(FP8)
     y8 = gemm.fp8_linear(x, fw, ws, bias)
-    assert rel_err(y8, gemm.fp8_linear_ref(x, fw, ws, bias)) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_err(y8, gemm.fp8_linear_ref(x, fw, ws, bias)) <= (1e-5 if dtype == torch.float32 and not BIG else 1e-2)
     act = torch.tensor([0.02], device=DEVICE)
     assert rel_err(gemm.fp8_linear(x, fw, ws, None, act), gemm.fp8_linear_ref(x, fw, ws, None, act)) <= 1e-2
 
