@@ -14,6 +14,7 @@ GPU (full scale):
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -111,7 +112,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads on the CPU, for both libraries")
     p.add_argument("--repeat", type=int, default=None)
     p.add_argument("--no-backbone", action="store_true")
-    p.add_argument("--budget-s", type=float, default=330.0, help="stop adding rows after this much wall time")
+    p.add_argument("--budget-s", type=float, default=330.0,
+                   help="skip the remaining rows after this much wall time (the table so far is still printed)")
     p.add_argument("--out", default="bench/sparse_conv.json")
     args = p.parse_args(argv)
 
@@ -126,7 +128,30 @@ def main(argv=None):
     spconv = load_spconv()
     table = Table(f"sparse conv: kiln.sparse vs spconv 2.3.8 ({channels} ch)", anchor_name="spconv")
     t_start = time.time()
+    skipped: list[str] = []
 
+    def over_budget(what: str) -> bool:
+        if time.time() - t_start > args.budget_s:
+            skipped.append(what)
+            return True
+        return False
+
+    def on_term(signum, frame):  # `timeout` sends SIGTERM: still print the rows measured so far
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        run_rows(args, spconv, table, device, dtypes, channels, repeat, warmup, over_budget)
+    except KeyboardInterrupt as e:
+        skipped.append(f"interrupted ({e})")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        finish(args, table, cuda, skipped, time.time() - t_start)
+    return table
+
+
+def run_rows(args, spconv, table, device, dtypes, channels, repeat, warmup, over_budget):
+    """Measure every row, printing each as it lands; rows past the time budget are skipped."""
     for scene in args.scenes:
         shape, n = SCENES[scene]
         idx = synthetic_voxels(shape, args.voxels or n, 1, seed=0).to(device)
@@ -135,8 +160,7 @@ def main(argv=None):
             g = torch.Generator().manual_seed(1)
             feats = torch.randn(idx.shape[0], channels, generator=g).to(device=device, dtype=dtype)
             for kind in ("subm", "strided"):
-                if time.time() - t_start > args.budget_s:
-                    print(f"time budget reached; skipping {scene} {dname} {kind}")
+                if over_budget(f"{scene} {kind} {dname}"):
                     continue
                 fs = {}
                 for name, lib in (("kiln", ksp), ("spconv", spconv)):
@@ -148,12 +172,14 @@ def main(argv=None):
                     fs[name] = (conv, build_callables(lib, conv, feats, idx, shape, 1))
                 labels = ("rulebook+fwd", "cached fwd", "fwd+bwd")
                 for i, label in enumerate(labels):
+                    if i and over_budget(f"{scene} {kind} {label} {dname}"):
+                        continue
                     ours = ms(fs["kiln"][1][i], repeat, warmup)
                     anchor = ms(fs["spconv"][1][i], repeat, warmup) if "spconv" in fs else None
                     table.add(f"{scene} {kind} {label} {dname}", ours, anchor, "ms", higher_is_better=False,
                               extra={"voxels": int(idx.shape[0]), "channels": channels})
                     print(table.render().splitlines()[-1], flush=True)
-            if args.no_backbone or time.time() - t_start > args.budget_s:
+            if args.no_backbone or over_budget(f"{scene} backbone {dname}"):
                 continue
             torch.manual_seed(0)
             state = VoxelBackBone8x(4).state_dict()
@@ -165,14 +191,30 @@ def main(argv=None):
                       extra={"voxels": int(idx.shape[0])})
             print(table.render().splitlines()[-1], flush=True)
 
-    print()
-    print(table.render())
+
+def finish(args, table, cuda, skipped, elapsed):
+    """The compact table last, then the bars: >= 1.0x on every row (and >= 1.3x backbone fwd+bwd on the GPU)."""
+    text = table.render()
+    if skipped:
+        text += f"\nskipped (time budget {args.budget_s:.0f} s): {', '.join(skipped)}"
+    ratios = [(r.workload, r.ratio) for r in table.rows if r.ratio is not None]
+    if ratios:
+        worst = min(ratios, key=lambda t: t[1])
+        bars = f"bar >= 1.0x on every row: {'met' if worst[1] >= 1.0 else 'NOT met'} (lowest {worst[1]:.2f}x: {worst[0]})"
+        if cuda:
+            bb = [r for w, r in ratios if "backbone" in w]
+            if bb:
+                bars += f"; backbone fwd+bwd >= 1.3x: {'met' if min(bb) >= 1.3 else 'NOT met'} (lowest {min(bb):.2f}x)"
+        text += "\n" + bars
     if not cuda:
-        print(f"(CPU: kiln and spconv both with torch.set_num_threads({args.threads}))")
+        text += f"\n(CPU: kiln and spconv both with torch.set_num_threads({args.threads}))"
+    print()
+    print(text)
+    print(f"({elapsed:.0f} s)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table.save(args.out)
-    print(f"wrote {args.out} on {device_name()}")
-    return table
+    Path(args.out).with_suffix(".txt").write_text(text + "\n")
+    print(f"wrote {args.out} (+ .txt) on {device_name()}")
 
 
 if __name__ == "__main__":

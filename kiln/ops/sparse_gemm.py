@@ -18,6 +18,7 @@ so the Triton paths use no atomics and are deterministic.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from dataclasses import dataclass
 
@@ -467,17 +468,37 @@ def _weight_grad_kernel(X, DY, P, InIdx, OutIdx, Offsets, CIN: tl.constexpr, COU
 
 
 def _configs():
+    # in order of preference: pruning keeps the first few that suit the channel counts
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
                                      (128, 128, 32, 8, 3), (32, 64, 32, 4, 2), (128, 64, 64, 8, 3),
                                      (64, 32, 32, 4, 3), (128, 32, 32, 4, 4)]]
 
 
+def _max_tune() -> int:
+    """Configs timed per autotune key (``KILN_SPARSE_TUNE``, default 3). Each candidate is a compile of a kernel
+    unrolled over the kernel volume (seconds on the GPU), and a backbone meets a dozen keys per dtype: bounded,
+    so a cold machine finishes a benchmark in minutes."""
+    return max(1, int(os.environ.get("KILN_SPARSE_TUNE", "3")))
+
+
 def _prune_fwd(configs, named_args, **kwargs):
     cin, cout = named_args["CIN"], named_args["COUT"]
     keep = [c for c in configs if c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(cout))
             and c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(cin))]
-    return keep or configs[:1]
+    return (keep or configs[:1])[:_max_tune()]
+
+
+def _prune_wgrad(configs, named_args, **kwargs):
+    cin, cout = named_args["CIN"], named_args["COUT"]
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(cin))
+            and c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(cout))]
+    return (keep or configs[:1])[:_max_tune()]
+
+
+def _bench(kernel_call, quantiles):
+    """Shorter timing than Triton's default (25 ms warm-up, 100 ms of repeats) per candidate."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
 _implicit_gemm_tuned = None
@@ -487,14 +508,17 @@ _weight_grad_tuned = None
 def _tuned():
     global _implicit_gemm_tuned, _weight_grad_tuned
     if _implicit_gemm_tuned is None:
+        import triton.testing  # noqa: F401  (for _bench)
         _implicit_gemm_tuned = triton.autotune(
             configs=_configs(), key=["CIN", "COUT", "K", "HAS_MASKS", "IEEE"],
-            prune_configs_by={"early_config_prune": _prune_fwd})(_implicit_gemm_kernel)
+            prune_configs_by={"early_config_prune": _prune_fwd}, do_bench=_bench)(_implicit_gemm_kernel)
         wg = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
               for bm, bn, bk, w, s in [(32, 32, 64, 4, 3), (64, 64, 32, 4, 3), (64, 64, 64, 4, 3),
                                        (16, 16, 64, 2, 3), (32, 64, 64, 4, 3), (64, 32, 64, 4, 3),
                                        (128, 128, 32, 8, 3)]]
-        _weight_grad_tuned = triton.autotune(configs=wg, key=["CIN", "COUT", "CHUNK"])(_weight_grad_kernel)
+        _weight_grad_tuned = triton.autotune(configs=wg, key=["CIN", "COUT", "CHUNK"],
+                                             prune_configs_by={"early_config_prune": _prune_wgrad},
+                                             do_bench=_bench)(_weight_grad_kernel)
     return _implicit_gemm_tuned, _weight_grad_tuned
 
 

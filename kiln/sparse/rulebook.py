@@ -80,7 +80,8 @@ class Rulebook:
         pm = torch.full((n_rows, K), -1, dtype=torch.int32, device=self.in_idx.device)
         if self.in_idx.numel():
             k_of = torch.repeat_interleave(torch.arange(K, device=self.in_idx.device),
-                                           torch.tensor(self.counts, device=self.in_idx.device))
+                                           torch.tensor(self.counts, device=self.in_idx.device),
+                                           output_size=self.in_idx.numel())  # no device sync
             pm[rows_idx, k_of] = vals_idx.to(torch.int32)
         return pm
 
@@ -319,10 +320,11 @@ def build_subm(indices: torch.Tensor, spatial_shape, ksize, dilation) -> Ruleboo
     shape = list(spatial_shape)
     K = math.prod(ksize)
     coords = indices[:, 1:]
-    total = (int(indices[:, 0].max()) + 1 if n else 1) * math.prod(shape)
     reach = sum((k // 2) * dl * st for k, dl, st in zip(ksize, dilation, _linear_strides(shape)))
-    dense = (dev.type == "cpu" and _dense_fits(total + 2 * reach, n)
-             and hashing.backend_for(indices[:, :1]) == "ref")
+    dense = dev.type == "cpu" and hashing.backend_for(indices[:, :1]) == "ref"
+    if dense:  # (no device sync on the GPU path)
+        total = (int(indices[:, 0].max()) + 1 if n else 1) * math.prod(shape)
+        dense = _dense_fits(total + 2 * reach, n)
     keys = encode(coords, indices[:, 0], shape, torch.int32 if dense else torch.int64)
     table = None if dense else hashing.hash_build(keys)
     lin = _linear_strides(shape)

@@ -74,18 +74,22 @@ def validate_sparse_input(features, indices, spatial_shape, batch_size) -> None:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if indices.shape[0] == 0:
         return
-    if bool((indices < 0).any()):
-        row = int(torch.nonzero((indices < 0).any(1))[0])
-        raise ValueError(f"indices has negative entries, e.g. row {row}: {indices[row].tolist()}")
+    from .rulebook import encode
     limits = torch.tensor([int(batch_size)] + list(spatial_shape), device=indices.device)
-    bad = (indices.long() >= limits).any(1)
-    if bool(bad.any()):
-        row = int(torch.nonzero(bad)[0])
+    neg_rows = (indices < 0).any(1)
+    bad_rows = (indices.long() >= limits).any(1)
+    keys = encode(indices[:, 1:].long(), indices[:, 0], spatial_shape)
+    # one device sync for the three checks (on the GPU each would be a round trip)
+    negative, outside, ascending = torch.stack([neg_rows.any(), bad_rows.any(),
+                                                (keys[1:] > keys[:-1]).all()]).tolist()
+    if negative:
+        row = int(torch.nonzero(neg_rows)[0])
+        raise ValueError(f"indices has negative entries, e.g. row {row}: {indices[row].tolist()}")
+    if outside:
+        row = int(torch.nonzero(bad_rows)[0])
         raise ValueError(f"indices row {row} = {indices[row].tolist()} is outside batch_size {batch_size} / "
                          f"spatial_shape {list(spatial_shape)}")
-    from .rulebook import encode
-    keys = encode(indices[:, 1:].long(), indices[:, 0], spatial_shape)
-    if bool((keys[1:] > keys[:-1]).all()):
+    if ascending:
         return  # strictly increasing (sorted input, e.g. a layer's output): no duplicates, no sort needed
     sk = torch.sort(keys).values
     dup = sk[1:] == sk[:-1]
