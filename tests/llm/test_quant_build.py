@@ -295,3 +295,17 @@ def test_kiln_build_cli_w8a8_and_kv_flags(checkpoints, tmp_path, capsys):
     assert cfg["kv_cache"]["calibration"]["tokens"] == 64
     assert main(["build", str(llama), "-o", str(tmp_path / "x"), "--kv-cache-dtype", "fp16"]) == 2
     assert "unknown kv_cache_dtype 'fp16'" in capsys.readouterr().err
+
+
+def test_activation_quantized_engines_refuse_tensor_parallelism(engines):
+    from types import SimpleNamespace
+
+    from kiln.llm.build import read_config
+    from kiln.llm.quantize import prepare_engine_model_
+
+    model = nn.Module()
+    model.tp = SimpleNamespace(size=2)
+    for name, what in (("w8a8", "w8a8"), ("kv-int8", "int8/fp8 KV")):
+        info = read_config(engines[name][0])[0]["kiln_engine"]
+        with pytest.raises(ValueError, match=f"tensor parallelism \\(size 2\\) does not support {what}"):
+            prepare_engine_model_(model, info, torch.device("cpu"))
