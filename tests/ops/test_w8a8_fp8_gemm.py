@@ -121,7 +121,9 @@ def test_w8a8_and_fp8_linear_match_references(dtype, monkeypatch):
     smooth = torch.rand(K, device=DEVICE, generator=g) + 0.5
     y = gemm.w8a8_linear(x, qw, ws, bias, smooth)
     assert y.shape == (2, M // 2, N) and y.dtype == dtype
-    assert rel_err(y, gemm.w8a8_linear_ref(x, qw, ws, bias, smooth)) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    # on a GPU a reciprocal rounding differently may move one activation code by a step
+    tol = (1e-5 if not BIG else 1e-3) if dtype == torch.float32 else 1e-2
+    assert rel_err(y, gemm.w8a8_linear_ref(x, qw, ws, bias, smooth)) <= tol
     if BIG and not gemm.fp8_supported(DEVICE):
         return
     fw = (torch.randn(N, K, device=DEVICE, generator=g) * 20).to(FP8)
