@@ -2,9 +2,10 @@
 
 from .build import build_engine, load_model
 from .config import EngineConfig, ModelConfig
+from .distributed import EngineDeadError
 from .engine import LLM, LLMEngine
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import SamplingParams
 
 __all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineConfig",
-           "ModelConfig", "build_engine", "load_model"]
+           "ModelConfig", "EngineDeadError", "build_engine", "load_model"]
