@@ -293,6 +293,8 @@ class TPWorkers:
 
     def _record_death(self, index: int, tb: str | None) -> None:
         with self._lock:
+            if self.error is not None and tb and "Worker traceback" not in self.error:
+                self.error += f". Worker traceback:\n{tb}"  # the monitor thread got there first
             if self.error is not None or self._closing:
                 return
             proc, conn = self.procs[index], self.conns[index]
