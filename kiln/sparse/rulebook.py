@@ -192,6 +192,14 @@ def _per_dim_product(parts, n):
     return out.reshape(-1, n)
 
 
+def _offset_sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    """[K]: sums over the kernel's row-major offset product of per-dim terms (``parts[d]`` is [k_d])."""
+    out = parts[0]
+    for t in parts[1:]:
+        out = (out.unsqueeze(-1) + t).reshape(-1)
+    return out
+
+
 def _linear_strides(shape):
     strides, acc = [], 1
     for s_ in reversed(shape):
@@ -291,16 +299,17 @@ def _dense_lookup(keys: torch.Tensor, deltas: torch.Tensor, span: int) -> torch.
     slots = _dense_buffer("slots", n_blocks << _DENSE_BITS)
     blk_l = blk.long()
     slot = ((bid << _DENSE_BITS) | (keys & mask)).long()
-    directory.index_copy_(0, blk_l, bid)
-    slots.index_copy_(0, slot, torch.arange(1, n + 1, dtype=torch.int32))
+    directory.scatter_(0, blk_l, bid)  # (repeated blocks write the same id)
+    slots.scatter_(0, slot, torch.arange(1, n + 1, dtype=torch.int32))
     try:
         q = (keys.unsqueeze(0) + deltas.unsqueeze(1)).view(-1)
         b = directory.index_select(0, q >> _DENSE_BITS)
         rows = slots.index_select(0, b.bitwise_left_shift_(_DENSE_BITS).bitwise_or_(q.bitwise_and_(mask)))
         return rows.sub_(1).view(deltas.numel(), n)  # slots hold row + 1: 0 (empty) becomes -1
     finally:
-        directory.index_fill_(0, blk_l, 0)
-        slots.index_fill_(0, slot, 0)
+        clear = torch.zeros(n, dtype=torch.int32)
+        directory.scatter_(0, blk_l, clear)
+        slots.scatter_(0, slot, clear)
 
 
 def release_tables() -> None:
@@ -320,45 +329,47 @@ def build_subm(indices: torch.Tensor, spatial_shape, ksize, dilation) -> Ruleboo
     shape = list(spatial_shape)
     K = math.prod(ksize)
     coords = indices[:, 1:]
-    reach = sum((k // 2) * dl * st for k, dl, st in zip(ksize, dilation, _linear_strides(shape)))
-    dense = dev.type == "cpu" and hashing.backend_for(indices[:, :1]) == "ref"
-    if dense:  # (no device sync on the GPU path)
-        total = (int(indices[:, 0].max()) + 1 if n else 1) * math.prod(shape)
-        dense = _dense_fits(total + 2 * reach, n)
-    keys = encode(coords, indices[:, 0], shape, torch.int32 if dense else torch.int64)
-    table = None if dense else hashing.hash_build(keys)
-    lin = _linear_strides(shape)
-    oks, deltas = [], []
-    for d, (k, dl) in enumerate(zip(ksize, dilation)):
-        rel = (torch.arange(k, device=dev) - k // 2) * dl  # [k_d]
-        c = coords[:, d].unsqueeze(0) + rel.unsqueeze(1).to(coords.dtype)  # [k_d, N]
-        oks.append((c >= 0) & (c < shape[d]))
-        deltas.append(rel * lin[d])
-    delta = deltas[0]
-    for dd in deltas[1:]:
-        delta = (delta.unsqueeze(-1) + dd).reshape(-1)
     centre_k = sum((k // 2) * math.prod(ksize[d + 1:]) for d, k in enumerate(ksize))
     symmetric = all(k % 2 == 1 for k in ksize)
-    ok = _per_dim_product(oks, n)  # [K, N]
     n_look = centre_k if symmetric else K
-    if dense:  # keys shifted by the kernel's reach: every query lands in [0, total + 2 * reach)
-        src = _dense_lookup(keys + reach, delta[:n_look].int(), total + 2 * reach)  # [n_look, N]
-        hit = (src >= 0).logical_and_(ok[:n_look])
-    elif table.backend == "ref" and dilation[-1] == 1 and ksize[-1] > 1:
-        kx = ksize[-1]
-        runs = -(-n_look // kx)
-        d0 = delta[torch.arange(runs, device=dev) * kx]
-        # for odd kernels the last run is the centre row's offsets before the centre
-        src = _sorted_window_lookup(table, keys, d0, kx, n_look, centre_last=symmetric)
-        hit = (src >= 0).logical_and_(ok[:n_look])
-    else:
-        q = keys.unsqueeze(0) + delta[:n_look].unsqueeze(1)
-        q = torch.where(ok[:n_look], q, torch.full_like(q, -1))
-        src = hashing.hash_lookup(table, q)  # [n_look, N]
+    rels = [(torch.arange(k, device=dev) - k // 2) * dl for k, dl in zip(ksize, dilation)]  # [k_d] per dim
+    # CPU: keys in a grid padded by the kernel's reach on every side, so an out-of-bounds neighbour has a key
+    # of its own that no voxel holds: a plain miss in the direct table, no bounds mask
+    pad = [(k // 2) * dl for k, dl in zip(ksize, dilation)]
+    padded = [s_ + 2 * p_ for s_, p_ in zip(shape, pad)]
+    dense = dev.type == "cpu" and hashing.backend_for(indices[:, :1]) == "ref"
+    if dense:  # (no device sync on the GPU path)
+        span = (int(indices[:, 0].max()) + 1 if n else 1) * math.prod(padded)
+        dense = _dense_fits(span, n)
+    lin = _linear_strides(padded if dense else shape)
+    delta = _offset_sum([r * st for r, st in zip(rels, lin)])  # [K] key difference per kernel offset
+    if dense:
+        keys = encode(coords + torch.tensor(pad, dtype=coords.dtype, device=dev), indices[:, 0], padded,
+                      torch.int32)
+        src = _dense_lookup(keys, delta[:n_look].int(), span)  # [n_look, N]
         hit = src >= 0
+    else:
+        keys = encode(coords.long(), indices[:, 0], shape)
+        table = hashing.hash_build(keys)
+        oks = [(coords[:, d].unsqueeze(0) + r.unsqueeze(1).to(coords.dtype) >= 0)
+               & (coords[:, d].unsqueeze(0) + r.unsqueeze(1).to(coords.dtype) < shape[d])
+               for d, r in enumerate(rels)]  # [k_d, N] per dim
+        ok = _per_dim_product(oks, n)  # [K, N]
+        if table.backend == "ref" and dilation[-1] == 1 and ksize[-1] > 1:
+            kx = ksize[-1]
+            runs = -(-n_look // kx)
+            d0 = delta[torch.arange(runs, device=dev) * kx]
+            # for odd kernels the last run is the centre row's offsets before the centre
+            src = _sorted_window_lookup(table, keys, d0, kx, n_look, centre_last=symmetric)
+            hit = (src >= 0).logical_and_(ok[:n_look])
+        else:
+            q = keys.unsqueeze(0) + delta[:n_look].unsqueeze(1)
+            q = torch.where(ok[:n_look], q, torch.full_like(q, -1))
+            src = hashing.hash_lookup(table, q)  # [n_look, N]
+            hit = src >= 0
     kk, oo = torch.nonzero(hit, as_tuple=True)  # sorted by offset, then output row
     ii = src.view(-1).index_select(0, kk * n + oo).long()
-    half = hit.sum(1).tolist() if n_look else []
+    half = torch.bincount(kk, minlength=n_look).tolist() if n_look else []
     if not symmetric:
         return Rulebook(ii, oo, half, n, n, centre_k if n == 0 else -1)
     # offsets after the centre mirror those before it (k -> K-1-k, pairs swapped), in reverse offset order;
