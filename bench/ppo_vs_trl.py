@@ -4,13 +4,17 @@ Both sides get the same model (policy, frozen reference, a separate value model:
 ``AutoModelForSequenceClassification`` with a zero ``score`` head), the same rule-based reward (``WordListReward``;
 on TRL's side wrapped as a module whose backbone returns the score as its hidden state and whose ``score`` head is
 the identity, TRL's reward-model layout), the same prompts and the same hyper-parameters (fixed-length responses,
-fp32 unless --bf16 (then bf16 autocast on both sides), no gradient checkpointing on either side). TRL runs twice:
-as shipped, and with ``gc.freeze()`` before training (TRL calls ``gc.collect()`` twice per iteration, which walks
-every live object unless frozen).
+fp32 unless --bf16 (then bf16 autocast on both sides), no gradient checkpointing on either side, AdamW (fused, eps
+1e-8, no weight decay) with TRL's default linear learning-rate decay to 0 over the run on both sides). kiln's rollout
+engine computes in the training dtype (fp32, or bf16 under --bf16), so it samples the policy being trained, as
+TRL's ``generate`` on the policy itself does. TRL runs twice: as shipped, and with ``gc.freeze()`` before training
+(TRL calls ``gc.collect()`` twice per iteration, which walks every live object unless frozen).
 
-Measured: wall time per PPO iteration (median over the iterations after the first), rollout tokens/s (the sampling
-step alone), and the final policy's mean reward on held-out prompts (sampled by one engine for all policies, with
-the same seeds). Run ``python bench/ppo_vs_trl.py --help``; it prints the table and writes JSON next to this file.
+Measured: wall time per PPO iteration (median over the iterations after the first) and kiln's phase breakdown
+(weight sync, rollout, scoring, PPO updates), rollout tokens/s (the sampling step alone), the mean training reward
+per iteration, and the final policy's mean reward on held-out prompts (every policy sampled by one fp32 kiln engine
+with the same seeds). Run ``python bench/ppo_vs_trl.py --help``; it prints the tables and writes JSON next to this
+file.
 """
 
 from __future__ import annotations
@@ -87,14 +91,17 @@ class TextRewardModel(torch.nn.Module):
         self.dummy = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # gives .to() and .device something
 
 
-def eval_reward(engine, named_params, eval_prompt_ids, eval_texts, reward, response_length, temperature, seed):
+def eval_reward(engine, named_params, eval_prompt_ids, eval_texts, reward, response_length, temperature, seed,
+                samples: int = 1):
+    """Mean reward of ``samples`` responses per held-out prompt (fixed seeds: every policy sees the same noise)."""
     from kiln.llm import SamplingParams
 
     engine.update_weights(named_params)
+    n = len(eval_prompt_ids)
     params = [SamplingParams(temperature=temperature, max_tokens=response_length, seed=seed + i, ignore_eos=True)
-              for i in range(len(eval_prompt_ids))]
-    outs = engine.generate([{"prompt_token_ids": p} for p in eval_prompt_ids], params)
-    return statistics.mean(reward(eval_texts, [o.outputs[0].text for o in outs]))
+              for i in range(n * samples)]
+    outs = engine.generate([{"prompt_token_ids": eval_prompt_ids[i % n]} for i in range(n * samples)], params)
+    return statistics.mean(reward([eval_texts[i % n] for i in range(n * samples)], [o.outputs[0].text for o in outs]))
 
 
 # ----------------------------------------------------------------------------------------------- kiln side
@@ -107,18 +114,49 @@ def run_kiln(a, model_dir, device, train_texts, reward):
                     num_ppo_epochs=a.num_ppo_epochs, response_length=a.response_length,
                     learning_rate=a.learning_rate, kl_coef=a.kl_coef, temperature=a.temperature, seed=a.seed,
                     total_episodes=a.iterations * a.batch_size, num_sample_generations=0,
-                    local_rollout_forward_batch_size=a.batch_size, bf16=a.bf16)
+                    local_rollout_forward_batch_size=a.batch_size, bf16=a.bf16, lr_scheduler_type="linear",
+                    adam_epsilon=1e-8, weight_decay=0.0, rollout_dtype=a.kiln_rollout_dtype)
     tr = PPOTrainer(cfg, model=policy, model_path=model_dir, reward_model=reward, value_model=value,
                     train_dataset=PromptDataset(train_texts), device=device)
-    iter_s, tok_s, scores, kls = [], [], [], []
+    iter_s, tok_s, scores, kls, phases = [], [], [], [], {k: [] for k in PHASES}
     for _ in range(cfg.num_total_batches):
         s = tr.step()
         iter_s.append(s["time/iteration_s"])
         tok_s.append(s["rollout/tokens_per_s"])
         scores.append(s["objective/scores"])
         kls.append(s["objective/kl"])
+        for k in PHASES:
+            phases[k].append(s[f"time/{k}_s"])
     return {"iteration_s": iter_s, "tokens_per_s": tok_s, "scores": scores, "kl": kls, "policy": tr.model.policy,
-            "engine": tr.llm}
+            "phases": phases, "rollout_dtype": str(tr.llm.engine.dtype).replace("torch.", ""),
+            "engine_vs_policy": engine_policy_gap(tr, train_texts[:a.batch_size])}
+
+
+@torch.no_grad()
+def engine_policy_gap(tr, prompts) -> dict:
+    """Is the rollout engine on-policy? Sample with the synced engine (which reports each sampled token's
+    log-prob), recompute the same tokens' log-probs in the fp32 training policy, and compare: the mean difference
+    estimates KL(engine || policy) per token (0 for an engine that samples exactly the trained policy)."""
+    from kiln.llm import SamplingParams
+
+    tr.sync_weights()
+    ids = [tr.tokenizer.encode(t) for t in prompts]
+    params = [SamplingParams(temperature=1.0, max_tokens=tr.args.response_length, seed=777 + i, ignore_eos=True,
+                             logprobs=0) for i in range(len(ids))]
+    outs = tr.llm.generate([{"prompt_token_ids": p} for p in ids], params)
+    resp = [list(o.outputs[0].token_ids) for o in outs]
+    eng = torch.tensor([[o.outputs[0].logprobs[j][t].logprob for j, t in enumerate(r)] for o, r in zip(outs, resp)])
+    ro = tr._pack(list(prompts), ids, resp, [""] * len(ids), [""] * len(ids))
+    ctx = ro.context_length
+    logits = tr.model.policy(input_ids=ro.query_responses, attention_mask=ro.attention_mask,
+                             position_ids=ro.position_ids, use_cache=False).logits[:, ctx - 1:-1].float()
+    pol = torch.log_softmax(logits, -1).gather(-1, ro.responses.unsqueeze(-1)).squeeze(-1).cpu()
+    diff = (eng - pol)[ro.mask.cpu()]
+    return {"kl_engine_policy_per_token": diff.mean().item(), "mean_abs_logprob_diff": diff.abs().mean().item(),
+            "max_abs_logprob_diff": diff.abs().max().item()}
+
+
+PHASES = ("sync", "rollout", "score", "train")
 
 
 # ----------------------------------------------------------------------------------------------- TRL side
@@ -209,6 +247,11 @@ def main(argv=None) -> int:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for training forwards on both sides")
     p.add_argument("--device", default=None)
     p.add_argument("--skip-trl", action="store_true", help="kiln only (e.g. where trl is not installed)")
+    p.add_argument("--trl-runs", default="shipped,gc_freeze",
+                   help="which TRL runs: shipped, gc_freeze or both (comma-separated); learning checks need one")
+    p.add_argument("--eval-samples", type=int, default=4, help="responses per held-out prompt for the final reward")
+    p.add_argument("--kiln-rollout-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="kiln's rollout engine dtype (auto: the training dtype)")
     p.add_argument("--json", default=None, help="where to write the JSON (default: bench/ppo_vs_trl.json)")
     a = p.parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -217,9 +260,16 @@ def main(argv=None) -> int:
     texts = demo_prompts()
     train_texts, eval_texts = texts[32:], texts[:32]
 
+    from kiln.llm import LLM
+    from kiln.llm.tokenizer import Tokenizer
+
     results = {"kiln": run_kiln(a, model_dir, device, train_texts, reward)}
-    engine = results["kiln"]["engine"]
-    eval_ids = [engine.tokenizer.encode(t) for t in eval_texts]
+    # one fp32 engine samples every final policy (the fp32 weights themselves, whatever the training dtype)
+    n_eval = len(eval_texts) * a.eval_samples
+    eval_ids = [Tokenizer(model_dir).encode(t) for t in eval_texts]
+    per_seq = -(-(max(map(len, eval_ids)) + a.response_length) // 16)
+    engine = LLM(model_dir, dtype="float32", device=device, max_num_seqs=n_eval, block_size=16,
+                 num_kv_blocks=n_eval * per_seq + 1)
     has_trl = False
     if not a.skip_trl:
         try:
@@ -231,31 +281,52 @@ def main(argv=None) -> int:
         except ImportError:
             print("trl is not installed: kiln side only (pip install trl==1.12.0 for the anchor)")
     if has_trl:
-        results["trl"] = run_trl(a, model_dir, device, train_texts, reward, freeze=False)
-        results["trl_gc_freeze"] = run_trl(a, model_dir, device, train_texts, reward, freeze=True)
+        runs = {r.strip() for r in a.trl_runs.split(",") if r.strip()}
+        if runs - {"shipped", "gc_freeze"}:
+            p.error(f"--trl-runs takes shipped and/or gc_freeze, got {a.trl_runs!r}")
+        if "shipped" in runs:
+            results["trl"] = run_trl(a, model_dir, device, train_texts, reward, freeze=False)
+        if "gc_freeze" in runs:
+            results["trl_gc_freeze"] = run_trl(a, model_dir, device, train_texts, reward, freeze=True)
 
     summary = {}
     for name, r in results.items():
         steady = r["iteration_s"][1:] or r["iteration_s"]
         final = eval_reward(engine, r["policy"].named_parameters(), eval_ids, eval_texts, reward,
-                            a.response_length, a.temperature, seed=4242)
+                            a.response_length, a.temperature, seed=4242, samples=a.eval_samples)
         summary[name] = {"s_per_iteration": statistics.median(steady),
                          "rollout_tokens_per_s": statistics.median(r["tokens_per_s"][1:] or r["tokens_per_s"]),
                          "train_scores": r["scores"], "train_kl": r["kl"], "final_eval_reward": final,
                          "iteration_s": r["iteration_s"]}
     k = summary["kiln"]
+    kp = results["kiln"]["phases"]
+    k["phases_s"] = {ph: statistics.median(kp[ph][1:] or kp[ph]) for ph in PHASES}
+    k["rollout_dtype"] = results["kiln"]["rollout_dtype"]
+    k["engine_vs_policy"] = results["kiln"]["engine_vs_policy"]
     table = Table(f"PPO iteration, {model_dir.name}, batch {a.batch_size} x {a.response_length} tokens, "
-                  f"{a.num_ppo_epochs} epochs x {a.num_mini_batches} minibatches", anchor_name="TRL 1.12")
-    for name, label in (("trl", "TRL as shipped"), ("trl_gc_freeze", "TRL + gc.freeze()")):
-        t = summary.get(name)
+                  f"{a.num_ppo_epochs} epochs x {a.num_mini_batches} minibatches"
+                  f"{', bf16 autocast' if a.bf16 else ', fp32'}", anchor_name="TRL 1.12")
+    trl_names = [n for n in ("trl", "trl_gc_freeze") if n in summary] or [None]
+    for name in trl_names:
+        label = {"trl": "TRL as shipped", "trl_gc_freeze": "TRL + gc.freeze()", None: "-"}[name]
+        t = summary.get(name) if name else None
         table.add(f"s / iteration vs {label}", k["s_per_iteration"], t and t["s_per_iteration"], "s",
                   higher_is_better=False)
         table.add(f"rollout tokens/s vs {label}", k["rollout_tokens_per_s"], t and t["rollout_tokens_per_s"],
                   "tok/s")
         table.add(f"final eval reward vs {label}", k["final_eval_reward"], t and t["final_eval_reward"], "reward")
-        if t is None:
-            break
     print(table.render())
+    ph = k["phases_s"]
+    other = k["s_per_iteration"] - sum(ph.values())
+    print(f"kiln phases (median s/iteration; rollout engine {k['rollout_dtype']}): "
+          + ", ".join(f"{n} {v:.4f}" for n, v in ph.items()) + f", other {max(other, 0.0):.4f}")
+    gap = k["engine_vs_policy"]
+    print(f"kiln rollout engine vs fp32 policy after training: KL(engine || policy) ~ "
+          f"{gap['kl_engine_policy_per_token']:.2e} nats/token, mean |d logprob| {gap['mean_abs_logprob_diff']:.2e}, "
+          f"max {gap['max_abs_logprob_diff']:.2e}")
+    for name, r in summary.items():
+        print(f"train scores {name:>14}: " + " ".join(f"{x:.3f}" for x in r["train_scores"])
+              + f" | final eval {r['final_eval_reward']:.4f}")
     path = Path(a.json) if a.json else Path(__file__).with_suffix(".json")
     table.save(path)
     data = json.loads(path.read_text())

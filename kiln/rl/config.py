@@ -38,6 +38,9 @@ class PPOConfig:
     save_steps: int | None = None           # checkpoint every N iterations into output_dir (None: only save_model)
     output_dir: str | None = None
     report_plot: bool = True                # write ppo_curves.png into output_dir at the end of train()
+    # kiln: the rollout engine's dtype. "auto" = the training dtype (bf16 under bf16=True, else the policy's
+    # weights' dtype, fp32 by default), so rollouts sample the distribution whose log-probs PPO trains on
+    rollout_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     # ---- PPO (trl.experimental.ppo.PPOConfig names and defaults)
     num_mini_batches: int = 1
@@ -99,6 +102,8 @@ class PPOConfig:
             raise ValueError(f"stop_token must be None or 'eos', got {self.stop_token!r}")
         if self.stop_token and self.stop_token_id is not None:
             raise ValueError("set stop_token or stop_token_id, not both")
+        if self.rollout_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"rollout_dtype must be auto, float32, bfloat16 or float16, got {self.rollout_dtype!r}")
         if self.lr_scheduler_type not in ("linear", "constant"):
             raise ValueError(f"lr_scheduler_type must be 'linear' or 'constant', got {self.lr_scheduler_type!r}")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:

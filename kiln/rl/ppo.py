@@ -263,7 +263,7 @@ class PPOTrainer:
             if self.model_path is None:
                 raise ValueError("cannot build the rollout engine: pass the model as a checkpoint directory, or "
                                  "model_path=, or llm=kiln.llm.LLM(...)")
-            llm = self._build_engine(engine_kwargs or {})
+            llm = self._build_engine(engine_kwargs or {}, model)
         self.llm = llm
         self.tokenizer = processing_class if processing_class is not None else llm.tokenizer
         if self.tokenizer is None:
@@ -321,8 +321,11 @@ class PPOTrainer:
         self.optimizer, self.lr_scheduler = optimizers
         if self.optimizer is None:
             params = [p for p in self.model.parameters() if p.requires_grad]
+            # TRL's default optimizer (transformers' optim="adamw_torch_fused"): one fused AdamW kernel per step
+            fused = self.device.type in ("cuda", "cpu") and all(p.is_floating_point() for p in params)
             self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                               eps=args.adam_epsilon, weight_decay=args.weight_decay)
+                                               eps=args.adam_epsilon, weight_decay=args.weight_decay,
+                                               fused=fused or None)
         if self.lr_scheduler is None:
             total = args.num_total_batches
             factor = ((lambda i: 1.0 - i / total) if args.lr_scheduler_type == "linear" else (lambda i: 1.0))
@@ -338,6 +341,7 @@ class PPOTrainer:
         self._np_rng = np.random.default_rng(args.seed)
         self._data_iter: Iterator | None = None
         self._rollout_seed = args.seed * 1_000_003
+        self._sync_plan = None  # built on the first sync_weights()
         # DDP: gradients are averaged across ranks; self.model stays the plain module (saving, scoring, syncing)
         self.ddp_model: nn.Module | None = None
         if self.world_size > 1:
@@ -347,7 +351,7 @@ class PPOTrainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------------------------------- setup helpers
-    def _build_engine(self, engine_kwargs: dict):
+    def _build_engine(self, engine_kwargs: dict, policy: nn.Module):
         from kiln.llm import LLM
         from kiln.llm.config import ModelConfig
 
@@ -359,6 +363,11 @@ class PPOTrainer:
             ctx = min(kw.get("max_model_len") or cfg.max_context, cfg.max_context)
             kw["num_kv_blocks"] = self.args.local_batch_size * -(-ctx // block) + 1
         kw.setdefault("max_num_seqs", max(self.args.local_batch_size, 1))
+        # sample from the distribution PPO trains: the engine computes in the training dtype (fp32, or bf16 under
+        # --bf16), not the engine's own default (bf16 on CUDA). A bf16 engine behind an fp32 policy samples from a
+        # different, stale policy: the checkpoint's weights sit on the bf16 grid and small updates round back to it.
+        kw.setdefault("dtype", self.args.rollout_dtype if self.args.rollout_dtype != "auto" else
+                      _train_dtype(policy, self.args.bf16))
         return LLM(self.model_path, device=str(self.device), seed=self.args.seed, **kw)
 
     def _resolve_stop_token(self) -> int | None:
@@ -419,9 +428,61 @@ class PPOTrainer:
             yield name.replace(".base_layer.", ".").replace(".modules_to_save.default.", "."), p
 
     def sync_weights(self) -> None:
-        """Copy the policy's current weights into the rollout engine (in memory)."""
+        """Copy the policy's current weights into the rollout engine (in memory).
+
+        The first call maps every policy tensor to its destination in the engine (a parameter or a shard of a
+        fused one) and later calls replay that plan as one batched ``copy_``; engines the plan cannot describe
+        (tensor-parallel, quantized) go through ``llm.update_weights`` every time."""
         with torch.no_grad(), (self._merged() if self.is_peft_model else nullcontext()):
-            self.llm.update_weights(self.engine_weights())
+            if self._sync_plan is None:
+                self._sync_plan = self._build_sync_plan() or False
+            if self._sync_plan:
+                dst, src = self._sync_plan
+                torch._foreach_copy_(dst, src)
+                engine = getattr(self.llm, "engine", None)
+                if engine is not None and hasattr(engine, "reset_prefix_cache"):
+                    engine.reset_prefix_cache()  # cached prefixes hold KV computed with the old weights
+            else:
+                self.llm.update_weights(self.engine_weights())
+
+    def _build_sync_plan(self):
+        """``(engine tensors, policy tensors)`` for a direct copy, or None where only ``update_weights`` will do."""
+        engine = getattr(self.llm, "engine", None)
+        model = getattr(engine, "model", None)
+        name_map = getattr(model, "map_hf_name", None)
+        if model is None or name_map is None or getattr(engine, "workers", None) is not None:
+            return None
+        params = dict(model.named_parameters())
+        if any(not p.is_floating_point() for p in params.values()) or any(
+                getattr(getattr(m, "tp", None), "size", 1) > 1 for m in model.modules()):
+            return None  # quantized tensors or tensor-parallel slices: the loader knows how to fill those
+        dst, src, filled = [], [], set()
+        for hf_name, tensor in self.engine_weights():
+            target = name_map(hf_name)
+            if target is None:
+                continue
+            param = params.get(target.name)
+            if param is None:
+                return None
+            dest = param.data
+            if target.shard is not None:
+                owner = model.get_submodule(target.name.rsplit(".", 1)[0]) if "." in target.name else model
+                if target.shard not in getattr(owner, "shard_offsets", {}) or not hasattr(owner, "shard_view"):
+                    return None
+                dest = owner.shard_view(param, target.shard)
+            if target.transpose:
+                dest = dest.t()
+            if tuple(dest.shape) != tuple(tensor.shape) or dest.device != tensor.device:
+                return None
+            dst.append(dest)
+            src.append(tensor)  # the parameter itself: peft's merge may swap its .data
+            filled.add((target.name, target.shard))
+        covered = {n for n, _ in filled}
+        if set(params) - covered:  # some engine parameter would never be refreshed
+            return None
+        # the first sync goes through the engine's own loader (which checks every tensor), the plan after it
+        self.llm.update_weights(self.engine_weights())
+        return dst, src
 
     @contextmanager
     def _merged(self):
@@ -454,13 +515,25 @@ class PPOTrainer:
         texts_in, prompt_ids = zip(*encoded)
         base_seed = self._rollout_seed if seed is None else seed
         stop = self.stop_token_id
+        # token ids only (no per-token incremental detokenization in the engine); texts are decoded once below
         params = [SamplingParams(temperature=a.temperature if temperature is None else temperature,
                                  max_tokens=a.response_length, seed=base_seed + i,
                                  stop_token_ids=[stop] if stop is not None else None,
-                                 ignore_eos=a.stop_token != "eos") for i in range(len(batch))]
+                                 ignore_eos=a.stop_token != "eos", detokenize=False) for i in range(len(batch))]
         outs = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], params)
-        return self._pack(list(texts_in), [list(p) for p in prompt_ids], [list(o.outputs[0].token_ids) for o in outs],
-                          [o.outputs[0].text for o in outs], [o.outputs[0].finish_reason for o in outs])
+        responses = [list(o.outputs[0].token_ids) for o in outs]
+        return self._pack(list(texts_in), [list(p) for p in prompt_ids], responses, self._decode(responses),
+                          [o.outputs[0].finish_reason for o in outs])
+
+    def _decode(self, responses: list[list[int]]) -> list[str]:
+        """Response texts (special tokens skipped) in one batched call of the rollout engine's tokenizer."""
+        tok = getattr(self.llm, "tokenizer", None) or self.tokenizer
+        inner = getattr(tok, "tok", None)  # kiln.llm.Tokenizer wraps a `tokenizers.Tokenizer`
+        if inner is not None and hasattr(inner, "decode_batch"):
+            return list(inner.decode_batch(responses, skip_special_tokens=True))
+        if hasattr(tok, "batch_decode"):
+            return list(tok.batch_decode(responses, skip_special_tokens=True))
+        return [tok.decode(r, skip_special_tokens=True) for r in responses]
 
     def _pack(self, texts_in: list[str], prompt_ids: list[list[int]], responses: list[list[int]], texts: list[str],
               finish_reasons: list[str]) -> Rollout:
@@ -468,20 +541,20 @@ class PPOTrainer:
         ctx = max(len(p) for p in prompt_ids)
         T = max(len(r) for r in responses)
         B = len(prompt_ids)
-        qr = torch.zeros(B, ctx + T, dtype=torch.long)
-        attn = torch.zeros(B, ctx + T, dtype=torch.long)
-        resp = torch.zeros(B, T, dtype=torch.long)
-        mask = torch.zeros(B, T, dtype=torch.bool)
-        for i, (p, r) in enumerate(zip(prompt_ids, responses)):
-            qr[i, ctx - len(p):ctx] = torch.tensor(p)
-            qr[i, ctx:ctx + len(r)] = torch.tensor(r)
-            attn[i, ctx - len(p):ctx + len(r)] = 1
-            resp[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = True
+        rows = [[0] * (ctx - len(p)) + list(p) + list(r) + [0] * (T - len(r)) for p, r in zip(prompt_ids, responses)]
+        lens = [(ctx - len(p), ctx + len(r)) for p, r in zip(prompt_ids, responses)]
+        qr = torch.tensor(rows, dtype=torch.long).view(B, ctx + T)
+        col = torch.arange(ctx + T)
+        bounds = torch.tensor(lens, dtype=torch.long).view(B, 2)
+        attn = ((col >= bounds[:, :1]) & (col < bounds[:, 1:])).long()
+        resp = qr[:, ctx:].clone()
+        mask = attn[:, ctx:].bool()
         pos = (attn.cumsum(1) - 1).clamp(min=0)
         dev = self.device
-        return Rollout(query_responses=qr.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
-                       context_length=ctx, responses=resp.to(dev), mask=mask.to(dev), prompts=list(texts_in),
+        nb = dev.type == "cuda"
+        return Rollout(query_responses=qr.to(dev, non_blocking=nb), attention_mask=attn.to(dev, non_blocking=nb),
+                       position_ids=pos.to(dev, non_blocking=nb), context_length=ctx,
+                       responses=resp.to(dev, non_blocking=nb), mask=mask.to(dev, non_blocking=nb), prompts=list(texts_in),
                        texts=list(texts), finish_reasons=list(finish_reasons), prompt_ids=prompt_ids,
                        response_ids=responses)
 
@@ -550,11 +623,12 @@ class PPOTrainer:
         if len(batch) != a.local_batch_size:
             raise ValueError(f"a batch must hold {a.local_batch_size} prompts, got {len(batch)}")
         self.model.eval()
+        clock = _PhaseClock(self.device)
         self.sync_weights()
-        t_gen = time.perf_counter()
+        clock.lap("sync")
         # each rank samples its share of the global batch, seeded by the prompt's place in the global batch
         ro = self.generate(batch, seed=self._rollout_seed + self.rank * a.local_batch_size)
-        t_gen = time.perf_counter() - t_gen
+        t_gen = clock.lap("rollout")
         self._rollout_seed += a.batch_size
         if self.world_size > 1:
             # one global batch on every rank: advantages are whitened and stats taken over all of it, exactly as
@@ -587,12 +661,14 @@ class PPOTrainer:
             if a.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False).masked_fill(~mask, 0.0)
             advantages, returns = compute_advantages(rewards, values, mask, a.gamma, a.lam)
+        clock.lap("score")
 
         # ---- PPO epochs x mini-batches x micro-batches
         self.model.train()
         shape = (a.num_ppo_epochs, a.num_mini_batches)
         stat_names = ("approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")
-        acc = {k: torch.zeros(shape) for k in stat_names}
+        # stats stay on the device until the iteration ends: no host sync per mini-batch
+        acc_t = torch.zeros((len(stat_names),) + shape, device=self.device)
         micro = a.train_micro_batch_size
         B = a.batch_size
         train_module = self.ddp_model if self.ddp_model is not None else self.model
@@ -604,7 +680,6 @@ class PPOTrainer:
             for mb_idx, mb_start in enumerate(range(0, B, a.mini_batch_size)):
                 mb = perm[mb_start:mb_start + a.mini_batch_size][self.rank * lm:(self.rank + 1) * lm]
                 chunks = [mb[i:i + micro] for i in range(0, len(mb), micro)]
-                sums = {k: 0.0 for k in stat_names}
                 for n_chunk, idx in enumerate(chunks):
                     sync = self.ddp_model is None or n_chunk == len(chunks) - 1
                     with self._autocast(), (nullcontext() if sync else self.ddp_model.no_sync()):
@@ -618,22 +693,20 @@ class PPOTrainer:
                         (loss / len(chunks)).backward()
                     with torch.no_grad():
                         ent = masked_mean(entropy_from_logits(logits), m)
-                    for k, v in (("approxkl", pg_stats["approxkl"]), ("pg_clipfrac", pg_stats["clipfrac"]),
-                                 ("pg_loss", pg), ("vf_loss", vf), ("vf_clipfrac", vf_stats["clipfrac"]),
-                                 ("entropy", ent), ("ratio", pg_stats["ratio"])):
-                        sums[k] += float(v.detach()) / len(chunks)
+                        acc_t[:, epoch, mb_idx] += torch.stack(
+                            [pg_stats["approxkl"], pg_stats["clipfrac"], pg.detach(), vf.detach(),
+                             vf_stats["clipfrac"], ent, pg_stats["ratio"]]).float() / len(chunks)
                 if a.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                for k in stat_names:
-                    acc[k][epoch, mb_idx] = sums[k]
         if self.world_size > 1:  # each rank averaged its micro-batches; the global mean averages the ranks
-            flat = torch.stack([acc[k] for k in stat_names]).to(self.device)
-            dist.all_reduce(flat)
-            acc = dict(zip(stat_names, (flat / self.world_size).cpu().unbind(0)))
+            dist.all_reduce(acc_t)
+            acc_t /= self.world_size
+        acc = dict(zip(stat_names, acc_t.cpu().unbind(0)))
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
+        clock.lap("train")
 
         # ---- stats (TRL's names)
         self.iteration += 1
@@ -663,7 +736,12 @@ class PPOTrainer:
             "iteration": self.iteration,
             "rollout/response_length": lengths.float().mean().item(),
             "rollout/tokens_per_s": n_tokens / max(t_gen, 1e-9),
+            # where the iteration's time went: weight sync into the engine, sampling, scoring (reward, policy /
+            # reference / value forwards, advantages), PPO updates; time/iteration_s also holds the stats
+            "time/sync_s": clock.times["sync"],
             "time/rollout_s": t_gen,
+            "time/score_s": clock.times["score"],
+            "time/train_s": clock.times["train"],
             "time/iteration_s": elapsed,
         }
         self.kl_ctl.update(mean_kl, B)
@@ -754,12 +832,39 @@ class PPOTrainer:
         target.load_state_dict(load_file(str(path / name if path.is_dir() else path), device=str(self.device)))
 
 
+class _PhaseClock:
+    """Wall time per phase of an iteration; on CUDA each lap waits for the queued work, so time is not billed to a
+    later phase."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.times: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> float:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + now - self.last
+        self.last = now
+        return self.times[name]
+
+
 def _is_peft(model) -> bool:
     try:
         from peft import PeftModel
     except ImportError:
         return False
     return isinstance(model, PeftModel)
+
+
+def _train_dtype(policy: nn.Module, bf16: bool) -> str:
+    """The dtype the training forwards compute in: bf16 under ``bf16`` (autocast), else the policy weights' dtype."""
+    if bf16:
+        return "bfloat16"
+    dtype = next(policy.parameters()).dtype
+    return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
 
 
 def _config_vocab(model) -> int | None:

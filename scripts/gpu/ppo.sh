@@ -1,24 +1,35 @@
 #!/usr/bin/env bash
-# kiln.rl on one GPU: a larger `kiln ppo --demo` run (reward/KL plot) and bench/ppo_vs_trl.py.
+# kiln.rl on one GPU, in one run (< 9 minutes on an H100):
+#   1. bench/ppo_vs_trl.py at batch 64 x 48 tokens, fp32 then bf16 autocast (BENCH_ITERS iterations each; TRL as
+#      shipped and + gc.freeze(); kiln's phase breakdown; per-iteration training reward; final reward of every
+#      policy sampled by one fp32 engine);
+#   2. a larger `kiln ppo --demo` run (bundled model, word-list reward) with its reward/KL plot;
+#   3. optionally (LORA_ITERS > 0) the LoRA (peft) variant of the demo;
+#   4. a compact table of all of it, printed last.
 #
 #   bash scripts/gpu/ppo.sh            # from the repository root; results go to $OUT (default ./out/ppo)
-#   DEVICE=cpu DEMO_ITERS=2 LORA_ITERS=2 BENCH_ITERS=2 bash scripts/gpu/ppo.sh   # a dry run of every step
+#   DEVICE=cpu DEMO_ITERS=2 BENCH_ITERS=2 BENCH_BATCH=8 BENCH_LEN=8 bash scripts/gpu/ppo.sh   # dry run of every step
 #
-# TRL is the anchor of the bench (trl==1.12.0, the last release with PPOTrainer). If a wheel folder .whl/ exists
-# (trl-1.12.0 and its dependencies: datasets, pyarrow, pandas, dill, multiprocess, xxhash, accelerate, ...), TRL is
-# installed from it offline; otherwise the bench runs the kiln side only. torch/transformers are never touched:
-# --no-index keeps pip to .whl/, and the installed torch satisfies TRL's requirement.
+# TRL is the anchor of the bench (trl==1.12.0, the last release with PPOTrainer). If a wheel folder .whl/ exists,
+# trl, datasets, dill and multiprocess are installed from it offline with --no-deps (the GPU image already has
+# pyarrow, pandas, accelerate, ...); otherwise the bench runs the kiln side only. torch/transformers are never
+# touched. Every step has a time limit (STEP_LIMIT_S, DEMO_LIMIT_S) so the whole script stays inside its budget.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-$PWD/out/ppo}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}"
-DEMO_ITERS="${DEMO_ITERS:-150}"
-LORA_ITERS="${LORA_ITERS:-60}"
 BENCH_ITERS="${BENCH_ITERS:-10}"
+BENCH_BATCH="${BENCH_BATCH:-64}"
+BENCH_LEN="${BENCH_LEN:-48}"
+DEMO_ITERS="${DEMO_ITERS:-120}"
+LORA_ITERS="${LORA_ITERS:-0}"
+STEP_LIMIT_S="${STEP_LIMIT_S:-170}"
+DEMO_LIMIT_S="${DEMO_LIMIT_S:-150}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 exec > >(tee "$OUT/ppo.log") 2>&1
+T_START=$(date +%s)
 
 echo "== environment"
 $PY - <<'PY'
@@ -50,30 +61,68 @@ else
   echo "no trl and no .whl/ folder: the bench runs the kiln side only"
 fi
 
-echo "== kiln ppo --demo (bundled Shakespeare model, word-list reward), larger run"
-$PY -m kiln.cli ppo --demo --device "$DEVICE" --iterations "$DEMO_ITERS" --batch-size 64 --num-mini-batches 4 \
-    --response-length 48 --learning-rate 3e-5 --kl-coef 0.02 --adaptive-kl 4 --kl-horizon 2000 --eval-size 64 \
-    --seed 0 --no-progress --output-dir "$OUT/demo"
-cp "$OUT/demo/ppo_curves.png" "$OUT/ppo_curves.png" 2>/dev/null || true
-
-echo "== kiln ppo --demo, LoRA (peft) variant"
-if $PY -c "import peft" 2>/dev/null; then
-  $PY -m kiln.cli ppo --demo --device "$DEVICE" --iterations "$LORA_ITERS" --batch-size 64 --num-mini-batches 4 \
-      --response-length 48 --learning-rate 3e-4 --lora-r 16 --eval-size 64 --seed 0 --no-progress \
-      --output-dir "$OUT/demo_lora" || echo "LoRA demo failed (see above)"
-else
-  echo "peft not installed: LoRA variant skipped"
-fi
-
-echo "== bench/ppo_vs_trl.py (same model, reward, prompts, hyper-parameters; TRL as shipped and + gc.freeze())"
+echo "== bench/ppo_vs_trl.py, batch $BENCH_BATCH x $BENCH_LEN tokens, $BENCH_ITERS iterations (fp32, then bf16)"
 TRL_FLAG=""
 [ "$HAVE_TRL" = 1 ] || TRL_FLAG="--skip-trl"
-for CFG in "16 fp32" "64 fp32" "64 bf16"; do
-  set -- $CFG
+for PREC in fp32 bf16; do
   EXTRA=""
-  [ "$2" = bf16 ] && EXTRA="--bf16"
-  $PY bench/ppo_vs_trl.py --device "$DEVICE" --iterations "$BENCH_ITERS" --batch-size "$1" --response-length 48 \
-      $EXTRA $TRL_FLAG --json "$OUT/ppo_vs_trl_b$1_$2.json"
+  [ "$PREC" = bf16 ] && EXTRA="--bf16"
+  echo "-- $PREC"
+  timeout "$STEP_LIMIT_S" $PY bench/ppo_vs_trl.py --device "$DEVICE" --iterations "$BENCH_ITERS" \
+      --batch-size "$BENCH_BATCH" --response-length "$BENCH_LEN" $EXTRA $TRL_FLAG \
+      --json "$OUT/ppo_vs_trl_b${BENCH_BATCH}_$PREC.json" || echo "bench $PREC failed or timed out (rc $?)"
 done
-echo "== done: $OUT"
-ls -la "$OUT"
+
+echo "== kiln ppo --demo (bundled Shakespeare model, word-list reward), $DEMO_ITERS iterations"
+timeout "$DEMO_LIMIT_S" $PY -m kiln.cli ppo --demo --device "$DEVICE" --iterations "$DEMO_ITERS" --batch-size 64 \
+    --num-mini-batches 4 --response-length 48 --learning-rate 3e-5 --kl-coef 0.02 --adaptive-kl 4 \
+    --kl-horizon 2000 --eval-size 64 --seed 0 --no-progress --output-dir "$OUT/demo" \
+    || echo "demo failed or timed out (rc $?)"
+cp "$OUT/demo/ppo_curves.png" "$OUT/ppo_curves.png" 2>/dev/null || true
+
+if [ "$LORA_ITERS" -gt 0 ]; then
+  echo "== kiln ppo --demo, LoRA (peft) variant, $LORA_ITERS iterations"
+  timeout "$DEMO_LIMIT_S" $PY -m kiln.cli ppo --demo --device "$DEVICE" --iterations "$LORA_ITERS" --batch-size 64 \
+      --num-mini-batches 4 --response-length 48 --learning-rate 3e-4 --lora-r 16 --eval-size 64 --seed 0 \
+      --no-progress --output-dir "$OUT/demo_lora" || echo "LoRA demo failed or timed out (rc $?)"
+fi
+
+echo "== summary ($(( $(date +%s) - T_START )) s in all; files in $OUT)"
+$PY - "$OUT" "$BENCH_BATCH" <<'PY'
+import json, sys
+from pathlib import Path
+
+out, batch = Path(sys.argv[1]), sys.argv[2]
+rows = []
+for prec in ("fp32", "bf16"):
+    f = out / f"ppo_vs_trl_b{batch}_{prec}.json"
+    if not f.exists():
+        print(f"{prec}: no bench result")
+        continue
+    s = json.loads(f.read_text())["summary"]
+    k, t, g = s["kiln"], s.get("trl"), s.get("trl_gc_freeze")
+    ratio = lambda other: f"{other['s_per_iteration'] / k['s_per_iteration']:.2f}x" if other else "-"
+    ph = k.get("phases_s", {})
+    rows.append((prec, f"{k['s_per_iteration']:.3f}", f"{t['s_per_iteration']:.3f}" if t else "-", ratio(t),
+                 f"{g['s_per_iteration']:.3f}" if g else "-", ratio(g),
+                 f"{k['rollout_tokens_per_s'] / 1e3:.1f}k", f"{t['rollout_tokens_per_s'] / 1e3:.1f}k" if t else "-",
+                 f"{k['final_eval_reward']:.4f}", f"{t['final_eval_reward']:.4f}" if t else "-",
+                 f"{g['final_eval_reward']:.4f}" if g else "-",
+                 " ".join(f"{n}={v:.3f}" for n, v in ph.items())))
+head = ("prec", "kiln s/it", "TRL s/it", "x", "TRL+gc s/it", "x", "kiln tok/s", "TRL tok/s", "kiln reward",
+        "TRL reward", "TRL+gc reward", "kiln phases s/it")
+if rows:
+    w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    for r in [head] + rows:
+        print("  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)))
+for name in ("demo", "demo_lora"):
+    f = out / name / "demo_result.json"
+    if f.exists():
+        d = json.loads(f.read_text())
+        its = len(d["history"])
+        print(f"{name}: {its} iterations, held-out reward {d['before']['eval/scores']:.4f} -> "
+              f"{d['after']['eval/scores']:.4f}, KL {d['final_kl']:.2f} nats/response, {d['wall_s']:.0f} s "
+              f"({d['wall_s'] / max(its, 1):.3f} s/iteration incl. evals); plot {out / name / 'ppo_curves.png'}")
+    elif name == "demo":
+        print("demo: no result")
+PY

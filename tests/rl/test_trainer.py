@@ -55,6 +55,16 @@ def test_one_step_changes_policy_and_value_head_and_resyncs_the_engine(tiny_poli
     for name in ("objective/kl", "objective/entropy", "objective/scores", "policy/clipfrac_avg",
                  "policy/approxkl_avg", "val/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio"):
         assert math.isfinite(stats[name]), name
+    # the phase breakdown covers the iteration
+    phases = [stats[f"time/{k}_s"] for k in ("sync", "rollout", "score", "train")]
+    assert all(t >= 0 for t in phases) and sum(phases) <= stats["time/iteration_s"]
+    # rollouts sample the trained distribution: the engine computes in the training dtype (fp32 here)
+    assert tr.llm.engine.dtype == torch.float32
+    # the cached copy plan (a direct copy into the engine's tensors, fused q/k/v and gate/up shards included)
+    # keeps syncing: a changed policy weight reaches the engine
+    assert tr._sync_plan
+    with torch.no_grad():
+        tr.model.policy.model.layers[0].mlp.down_proj.weight.mul_(1.5)
     # the engine receives the updated weights in memory: its logits match the trained HF policy's
     tr.sync_weights()
     ids = tr.tokenizer.encode(PROMPTS[0])
@@ -147,6 +157,13 @@ def test_config_validation_names_the_field():
         PPOConfig(per_device_train_batch_size=6, num_mini_batches=4)
     with pytest.raises(ValueError, match="stop_token or stop_token_id"):
         PPOConfig(stop_token="eos", stop_token_id=3)
+    with pytest.raises(ValueError, match="rollout_dtype"):
+        PPOConfig(rollout_dtype="int8")
+    from kiln.rl.ppo import _train_dtype
+
+    lin = torch.nn.Linear(2, 2)
+    assert (_train_dtype(lin, False), _train_dtype(lin, True), _train_dtype(lin.bfloat16(), False)) == (
+        "float32", "bfloat16", "bfloat16")
     defaults = PPOConfig()
     assert (defaults.learning_rate, defaults.kl_coef, defaults.cliprange, defaults.vf_coef, defaults.gamma,
             defaults.lam, defaults.num_ppo_epochs, defaults.response_length, defaults.temperature) == (
