@@ -23,6 +23,7 @@ DEVICE="${DEVICE:-cuda}"
 BENCH_ITERS="${BENCH_ITERS:-10}"
 BENCH_BATCH="${BENCH_BATCH:-64}"
 BENCH_LEN="${BENCH_LEN:-48}"
+EVAL_SAMPLES="${EVAL_SAMPLES:-8}"   # responses per held-out prompt (32 prompts) for the final reward: 1 is too noisy
 DEMO_ITERS="${DEMO_ITERS:-120}"
 LORA_ITERS="${LORA_ITERS:-0}"
 STEP_LIMIT_S="${STEP_LIMIT_S:-170}"
@@ -69,7 +70,7 @@ for PREC in fp32 bf16; do
   [ "$PREC" = bf16 ] && EXTRA="--bf16"
   echo "-- $PREC"
   timeout "$STEP_LIMIT_S" $PY bench/ppo_vs_trl.py --device "$DEVICE" --iterations "$BENCH_ITERS" \
-      --batch-size "$BENCH_BATCH" --response-length "$BENCH_LEN" $EXTRA $TRL_FLAG \
+      --batch-size "$BENCH_BATCH" --response-length "$BENCH_LEN" --eval-samples "$EVAL_SAMPLES" $EXTRA $TRL_FLAG \
       --json "$OUT/ppo_vs_trl_b${BENCH_BATCH}_$PREC.json" || echo "bench $PREC failed or timed out (rc $?)"
 done
 
@@ -108,9 +109,10 @@ for prec in ("fp32", "bf16"):
                  f"{k['rollout_tokens_per_s'] / 1e3:.1f}k", f"{t['rollout_tokens_per_s'] / 1e3:.1f}k" if t else "-",
                  f"{k['final_eval_reward']:.4f}", f"{t['final_eval_reward']:.4f}" if t else "-",
                  f"{g['final_eval_reward']:.4f}" if g else "-",
-                 " ".join(f"{n}={v:.3f}" for n, v in ph.items())))
+                 " ".join(f"{n}={v:.3f}" for n, v in ph.items()),
+                 f"{k['engine_vs_policy']['kl_engine_policy_per_token']:.1e}" if "engine_vs_policy" in k else "-"))
 head = ("prec", "kiln s/it", "TRL s/it", "x", "TRL+gc s/it", "x", "kiln tok/s", "TRL tok/s", "kiln reward",
-        "TRL reward", "TRL+gc reward", "kiln phases s/it")
+        "TRL reward", "TRL+gc reward", "kiln phases s/it", "KL(engine||policy)/tok")
 if rows:
     w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     for r in [head] + rows:
