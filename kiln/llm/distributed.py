@@ -23,7 +23,7 @@ import os
 import pickle
 import threading
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import wait as wait_connections
 from pathlib import Path
@@ -145,12 +145,11 @@ class WorkerSpec:
     device: str
     threads: int
     log_level: int = logging.WARNING
-    extra: dict = field(default_factory=dict)
 
 
 def _worker_main(spec: WorkerSpec, conn) -> None:
-    """A worker's life: join the group, build its shard of the model and KV cache, then run every step rank 0
-    sends until told to stop (or rank 0's pipe closes)."""
+    """A worker's life: load its shard of the model, join the process group, allocate its KV cache (and capture its
+    CUDA graphs), then run every step rank 0 sends until told to stop (or rank 0's pipe closes)."""
     logging.basicConfig(level=spec.log_level, format=f"%(asctime)s tp-rank{spec.rank} %(levelname)s %(name)s: "
                                                      "%(message)s")
     tp = None
