@@ -231,9 +231,12 @@ class LLMEngine:
 
     @contextmanager
     def _worker_errors(self):
-        """A step that fails because a worker died (a broken collective) raises EngineDeadError naming it."""
+        """A step that fails because a worker died (a broken collective) raises EngineDeadError naming it; so does
+        one that returned after the monitor aborted its NCCL collectives (its logits cannot be trusted)."""
         try:
             yield
+            if self.workers is not None and self.workers.error is not None:
+                raise EngineDeadError(self.workers.error)
         except EngineDeadError:
             self.shutdown()
             raise
@@ -268,9 +271,11 @@ class LLMEngine:
         if result.sample_rows:
             seqs = [batch.seqs[r] for r in result.sample_rows]
             banned = [self._banned(s) for s in seqs]
-            sampled = self.sampler(result.logits, [s.params for s in seqs],
-                                   [(s.token_ids, s.num_prompt_tokens) for s in seqs],
-                                   [s.generator for s in seqs], banned)
+            # sampling reads the logits on the host: on CUDA that is where a dead rank's collective shows up
+            with self._worker_errors():
+                sampled = self.sampler(result.logits, [s.params for s in seqs],
+                                       [(s.token_ids, s.num_prompt_tokens) for s in seqs],
+                                       [s.generator for s in seqs], banned)
             now = time.time()
             for j, seq in enumerate(seqs):
                 self._append_token(seq, sampled, j, now)
