@@ -140,3 +140,16 @@ def test_activation_quant_bad_input_is_named():
         quantize_activations_(nn.Sequential(nn.ReLU()), "fp8")
     with pytest.raises(ValueError, match="alpha must be a number in \\[0, 1\\], got -0.1"):
         quantize_activations_(nn.Sequential(nn.Linear(4, 4)), "w8a8", alpha=-0.1)
+
+
+def test_calibration_windows_round_robin_offsets_and_errors():
+    from kiln.data.shakespeare import held_out_plays, token_windows
+
+    assert held_out_plays() == ("macbeth", "twelfth_night", "henry_v", "coriolanus")  # the training report's
+    texts = ["abcdefghij", "ABCDEFGHIJKLMNOP"]
+    wins = token_windows(list, 3, 3, offset=2, texts=texts)
+    assert wins == [list("cde"), list("CDE"), list("fgh")]  # round-robin over texts, consecutive within one
+    with pytest.raises(ValueError, match="too short for window 1 of 4 tokens at offset 5"):
+        token_windows(list, 3, 4, offset=5, texts=texts)
+    with pytest.raises(ValueError, match="num_windows >= 1"):
+        token_windows(list, 0, 4, texts=texts)
