@@ -2,8 +2,9 @@
 
 One iteration (``PPOTrainer.step``):
 
-1. sync the policy's current weights into the kiln.llm engine in memory and sample ``response_length`` tokens for
-   a batch of prompts;
+1. sync the policy's current weights into the kiln.llm engine in memory (a cached plan of direct copies) and sample
+   ``response_length`` tokens for a batch of prompts; the engine computes in the training dtype (``rollout_dtype``
+   "auto"), so it samples the same distribution whose log-probabilities PPO trains on;
 2. recompute, in the training model, the policy log-probabilities and values and the reference log-probabilities
    of the sampled tokens (logits divided by ``temperature``);
 3. score each (prompt, response) with the reward function or model; ``missing_eos_penalty`` if no stop token;
@@ -58,14 +59,16 @@ def compute_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.
     values = values.masked_fill(~mask, 0.0)
     rewards = rewards.masked_fill(~mask, 0.0)
     steps = rewards.shape[1]
-    last = torch.zeros_like(rewards[:, 0])
-    reversed_adv = []
-    for t in reversed(range(steps)):
-        next_values = values[:, t + 1] if t < steps - 1 else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_values - values[:, t]
-        last = delta + gamma * lam * last
-        reversed_adv.append(last)
-    advantages = torch.stack(reversed_adv[::-1], dim=1)
+    next_values = torch.nn.functional.pad(values[:, 1:], (0, 1))
+    delta = rewards + gamma * next_values - values
+    # the backward recursion unrolled: A_t = sum_{s >= t} (gamma * lam)^(s - t) * delta_s, one matmul with an
+    # upper-triangular discount matrix instead of a Python loop of `steps` small kernels
+    idx = torch.arange(steps, device=delta.device)
+    lag = idx.view(-1, 1) - idx.view(1, -1)  # [s, t] -> s - t
+    discount = torch.where(lag >= 0, torch.tensor(gamma * lam, dtype=delta.dtype, device=delta.device)
+                           .pow(lag.clamp(min=0).to(delta.dtype)), torch.zeros((), dtype=delta.dtype,
+                                                                                device=delta.device))
+    advantages = delta @ discount
     returns = advantages + values
     if whiten:
         advantages = masked_whiten(advantages, mask)
