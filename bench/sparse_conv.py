@@ -200,7 +200,8 @@ def finish(args, table, cuda, skipped, elapsed):
     ratios = [(r.workload, r.ratio) for r in table.rows if r.ratio is not None]
     if ratios:
         worst = min(ratios, key=lambda t: t[1])
-        bars = f"bar >= 1.0x on every row: {'met' if worst[1] >= 1.0 else 'NOT met'} (lowest {worst[1]:.2f}x: {worst[0]})"
+        verdict = "met" if worst[1] >= 1.0 else "NOT met"
+        bars = f"bar >= 1.0x on every row: {verdict} (lowest {worst[1]:.2f}x: {worst[0]})"
         if cuda:
             bb = [r for w, r in ratios if "backbone" in w]
             if bb:
