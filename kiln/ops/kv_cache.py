@@ -36,9 +36,11 @@ def check_kv_scales(x_dtype: torch.dtype, k_cache: torch.Tensor, k_scale, v_scal
     for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
         if s is None:
             raise ValueError(f"a {k_cache.dtype} KV cache needs {name} (fp32, one value per KV head)")
-        check_tensor(name, s, ndim=1, dtypes=(torch.float32,), device=device)
+        # rank, dtype and length before the device: the same bad scale names the same problem on every device
+        check_tensor(name, s, ndim=1, dtypes=(torch.float32,))
         if s.shape[0] != num_kv_heads:
             raise ValueError(f"{name} must have one value per KV head ({num_kv_heads}), got {s.shape[0]}")
+        check_tensor(name, s, device=device)
     return True
 
 

@@ -19,6 +19,7 @@ from kiln.models import default_model_path
 from kiln.llm.quantize import CalibrationConfig
 from kiln.quant import Fp8Linear, Int4WeightOnlyLinear, Int8WeightOnlyLinear, W8A8Linear
 from kiln.quant.llm import WEIGHT_ONLY_MODULES
+from tests.conftest import HAVE_SHAKESPEARE, requires_shakespeare
 
 # name: (quant, group size, kv-cache dtype)
 MODES = {"float": (None, None, None), "int8-wo": ("int8-wo", None, None), "int4-wo-g128": ("int4-wo", 128, None),
@@ -36,6 +37,8 @@ WINDOW, WINDOWS_PER_PLAY, OFFSET = 512, 2, 5000  # 8 windows of 512 tokens: 4,08
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     """The bundled model built once per mode, loaded with fp32 compute on the CPU."""
+    if not HAVE_SHAKESPEARE:  # calibration (w8a8, KV) and the held-out windows read the corpus
+        pytest.skip(requires_shakespeare.kwargs["reason"])
     root = tmp_path_factory.mktemp("quant_engines")
     out = {}
     for name, (mode, gs, kv) in MODES.items():
@@ -227,6 +230,7 @@ def test_activation_quantized_and_kv_engines_store_and_load_their_formats(engine
     assert engines["float"][1].engine.runner.kv_pool.dtype == torch.float32
 
 
+@requires_shakespeare
 @pytest.mark.parametrize("mode, kv", [("w8a8", "int8"), ("fp8", "fp8")])
 def test_quantized_engine_triton_kernels_match_reference_path(checkpoints, tmp_path, monkeypatch, mode, kv):
     """A tiny engine end to end with every kernel in Triton (the interpreter on a CPU): activation quantization,
@@ -291,6 +295,7 @@ def test_fp8_engine_refuses_to_load_on_a_card_without_fp8(engines, monkeypatch):
         prepare_engine_model_(nn.Module(), info, torch.device("cuda"))
 
 
+@requires_shakespeare
 def test_kiln_build_cli_w8a8_and_kv_flags(checkpoints, tmp_path, capsys):
     llama, _ = checkpoints["llama"]
     out = tmp_path / "cli"

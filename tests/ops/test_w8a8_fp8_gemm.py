@@ -51,7 +51,7 @@ def test_quantize_activation_kernel_matches_reference(qdtype, dtype):
 
 def test_quantize_activation_reference_error_bounds():
     g = fresh_gen()
-    x = torch.randn(7, 64, generator=g) * 5
+    x = torch.randn(7, 64, device=DEVICE, generator=g) * 5  # the generator lives on DEVICE (cuda on a GPU)
     q, s = gemm.quantize_activation_ref(x, torch.int8)
     assert ((q.float() * s[:, None] - x).abs() <= s[:, None] / 2 + 1e-6).all()
     assert (q.abs().amax(dim=1) == 127).all()
@@ -60,7 +60,7 @@ def test_quantize_activation_reference_error_bounds():
     with pytest.raises(ValueError, match="int8 or float8_e4m3fn, got torch.int16"):
         gemm.quantize_activation(x, torch.int16)
     with pytest.raises(ValueError, match="smooth has 3 values but x has K=64"):
-        gemm.quantize_activation(x, torch.int8, torch.ones(3))
+        gemm.quantize_activation(x, torch.int8, torch.ones(3, device=DEVICE))
 
 
 @requires_triton
