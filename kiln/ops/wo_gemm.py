@@ -11,15 +11,25 @@ contiguous, so ``out = x @ dequant(w).T + bias`` in x's dtype.
   ``G = group_size`` (32, 64 or 128) consecutive k: ``w[n, k] = (code[n, k] - zeros[n, k // G]) * scales[n, k // G]``.
 
 The references dequantize to fp32 and multiply in fp32, rounding once to x's dtype. The Triton kernel (one kernel
-for both widths) dequantizes in registers: it loads the codes of a [BLOCK_N, BLOCK_K] weight tile, turns them into
-small integers (``code - zero``, exact in 16-bit floats), multiplies them with the activation tile in fp32 and
-applies the scale to the partial sum: once per group for int4 (a K tile never straddles a group), once at the end
-for int8's per-channel scale. One row (batch-1 decode) takes a CUDA-core GEMV path (no tensor-core padding of M
-to 16, the weight stream is the whole cost); more rows take ``tl.dot`` tiles, so any M works.
+for both widths) dequantizes in registers and never materialises a float weight:
 
-Decode-sized calls (M <= 16) split K over extra programs (``SPLIT_K``): a 4096-row weight makes only 64 column
-tiles, half an H100's SMs, and a GEMV is memory-bound, so it needs every SM streaming. Each split writes an fp32
-partial [SPLIT_K, M, N] (scales applied: they are linear) and one deterministic sum adds them and the bias.
+- int4: a K tile is one contiguous [BLOCK_N, BLOCK_K/2] block of packed bytes (vector loads, each byte read
+  once). Low nibbles multiply the even activations x[k0 + 2j], high nibbles the odd ones x[k0 + 2j + 1], so
+  nothing is interleaved in registers (the dot path runs two half-K dots). A K tile lies inside one group: one
+  scale and one zero point per output row per tile, the scale applied to the tile's partial sum.
+- Codes become floats without I2F (a quarter-rate instruction on sm_80/90, which would cost as much as the
+  weight stream in a GEMV): ``code | bits(2^23)`` is the float ``2^23 + code``, and subtracting ``2^23 + zero``
+  gives ``code - zero`` exactly; int8 uses ``1.5 * 2^23`` the same way (one integer op, one float op).
+- int8's per-channel scale is applied once, at the end.
+
+One row (batch-1 decode) takes a CUDA-core GEMV path (no tensor-core padding of M to 16, the weight stream is
+the whole cost); more rows take ``tl.dot`` tiles, so any M works.
+
+Decode-sized calls (M <= 64) split K over extra programs (``SPLIT_K``) where the output tiles leave SMs idle: a
+4096-row weight makes only 64 column tiles, half an H100's SMs, and a GEMV is memory-bound, so it needs every SM
+streaming. Each split writes an fp32 partial [SPLIT_K, M, N] (scales applied: they are linear) and one small
+kernel sums them in split order (deterministic), adds the bias and rounds once: two launches per linear (inside a
+decode CUDA graph, the gaps between launches are part of every token's time).
 """
 
 from __future__ import annotations
@@ -146,6 +156,22 @@ def w4a16_linear_ref(x, qweight, scales, zeros=None, group_size=128, bias=None):
 
 
 # ------------------------------------------------------------------------------------------------ Triton
+# fp32 <-> small integers without I2F (a quarter-rate conversion on sm_80/90, as slow as the weight stream in a
+# GEMV): a 4-bit code OR'ed into the mantissa of 2^23 is the float 2^23 + code, and 1.5 * 2^23 plus a signed
+# int8 is the float 1.5 * 2^23 + q; one integer op and one float subtract give the exact value.
+
+@triton.jit
+def _int8_to_f32(q):
+    """int8 codes -> the same integers in fp32 (exact)."""
+    return (q.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
+def _nibble_minus_zero(code, zf):
+    """int32 codes 0..15 [BN, BK/2] and ``zf = 2^23 + zero`` fp32 [BN] -> fp32 ``code - zero`` (exact)."""
+    return (code | 0x4B000000).to(tl.float32, bitcast=True) - zf[:, None]
+
+
 @triton.jit
 def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk, stride_wn, stride_sn, stride_zn,
                     stride_ym, stride_ys, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
@@ -158,48 +184,63 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    offs_j = tl.arange(0, BLOCK_K // 2)  # int4: the K tile's bytes, each holding k = 2j (low nibble) and 2j + 1 (high)
     m_mask = offs_m < M
     n_mask = offs_n < N
     x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm
     w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # GEMV path: per-element partial sums, reduced once
+    acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # int8 GEMV: per-element partial sums, reduced once
+    accn = tl.zeros([BLOCK_N], dtype=tl.float32)  # int4 GEMV: one scaled partial per group tile
     k_lo = pid_k * k_per_split  # a multiple of BLOCK_K: a K tile never straddles an int4 group
     k_hi = tl.minimum(K, k_lo + k_per_split)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < k_hi
-        wmask = n_mask[:, None] & k_mask[None, :]
-        xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if BITS == 8:
-            wq = tl.load(w_rows + kk[None, :], mask=wmask, other=0).to(tl.float32)
+            kk = k0 + offs_k
+            k_mask = kk < k_hi
+            xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            wq = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+            if USE_DOT:
+                if UPCAST:  # the interpreter multiplies 16-bit dot operands as raw integers; fp32 stays exact
+                    acc += tl.dot(xt.to(tl.float32), tl.trans(wq.to(tl.float32)), input_precision="ieee")
+                else:
+                    acc += tl.dot(xt, tl.trans(wq.to(dt)))  # int8 codes are exact in 16-bit floats
+            else:  # BLOCK_M == 1: [1, BK] activations broadcast over the [BN, BK] weight tile
+                acc1 += _int8_to_f32(wq) * xt.to(tl.float32)
         else:
-            # each byte serves two neighbouring k: the duplicate addresses are one cache line, one transaction
-            byte = tl.load(w_rows + (kk // 2)[None, :], mask=wmask, other=0).to(tl.int32)
-            code = (byte >> ((kk % 2) * 4)[None, :]) & 0xF
-            g = k0 // GROUP  # a K tile lies inside one group (BLOCK_K divides GROUP)
+            # contiguous packed bytes (vector loads, each byte once) and the even / odd activations apart: the
+            # low nibbles meet x[k0 + 2j], the high ones x[k0 + 2j + 1]; no interleaving in registers
+            ke = k0 + 2 * offs_j
+            k_mask = ke < k_hi  # K and every split bound are even: ke + 1 < k_hi too
+            xm = m_mask[:, None] & k_mask[None, :]
+            xe = tl.load(x_rows + ke[None, :] * stride_xk, mask=xm, other=0.0)
+            xo = tl.load(x_rows + (ke + 1)[None, :] * stride_xk, mask=xm, other=0.0)
+            byte = tl.load(w_rows + (k0 // 2 + offs_j)[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                           other=0).to(tl.int32)
+            g = k0 // GROUP  # a K tile lies inside one group (BLOCK_K divides GROUP): one scale, one zero per row
             if HAS_ZERO:
-                z = tl.load(Z + offs_n.to(tl.int64) * stride_zn + g, mask=n_mask, other=0).to(tl.int32)
-                wq = (code - z[:, None]).to(tl.float32)
+                zf = tl.load(Z + offs_n.to(tl.int64) * stride_zn + g, mask=n_mask, other=0).to(tl.float32)
+                zf = zf + 8388608.0
             else:
-                wq = (code - 8).to(tl.float32)
+                zf = tl.full([BLOCK_N], 8388616.0, tl.float32)  # 2^23 + 8
             s = tl.load(S + offs_n.to(tl.int64) * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
-        if USE_DOT:
-            if UPCAST:  # the interpreter multiplies 16-bit dot operands as raw integers; fp32 stays exact (no tf32)
-                part = tl.dot(xt.to(tl.float32), tl.trans(wq), input_precision="ieee")
-            else:
-                part = tl.dot(xt, tl.trans(wq.to(dt)))  # codes minus zero are small integers: exact in 16 bits
-            if BITS == 8:
-                acc += part
-            else:
+            w_lo = _nibble_minus_zero(byte & 0xF, zf)
+            w_hi = _nibble_minus_zero((byte >> 4) & 0xF, zf)
+            if USE_DOT:
+                if UPCAST:
+                    part = tl.dot(xe.to(tl.float32), tl.trans(w_lo), input_precision="ieee")
+                    part += tl.dot(xo.to(tl.float32), tl.trans(w_hi), input_precision="ieee")
+                else:  # codes minus zero are small integers: exact in 16 bits
+                    part = tl.dot(xe, tl.trans(w_lo.to(dt)))
+                    part += tl.dot(xo, tl.trans(w_hi.to(dt)))
                 acc += part * s[None, :]
-        else:  # BLOCK_M == 1: [1, BK] activations broadcast over the [BN, BK] weight tile
-            if BITS == 8:
-                acc1 += wq * xt.to(tl.float32)
             else:
-                acc1 += (wq * s[:, None]) * xt.to(tl.float32)
+                accn += tl.sum(w_lo * xe.to(tl.float32) + w_hi * xo.to(tl.float32), axis=1) * s
     if not USE_DOT:
-        acc = tl.sum(acc1, axis=1)[None, :]
+        if BITS == 8:
+            acc = tl.sum(acc1, axis=1)[None, :]
+        else:
+            acc = accn[None, :]
     if BITS == 8:
         acc = acc * tl.load(S + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -211,30 +252,59 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
         tl.store(y_ptrs, acc.to(dt), mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _split_k_sum_kernel(P, B, Y, N, SPLIT, stride_ps, stride_pm, stride_ym, HAS_BIAS: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """y[m, :] = sum over splits (in split order: deterministic) of the fp32 partials + bias, rounded once."""
+    m = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for sp in range(0, SPLIT):
+        acc += tl.load(P + sp * stride_ps + m * stride_pm + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + m * stride_ym + offs, acc.to(Y.dtype.element_ty), mask=mask)
+
+
 def split_k_for(M: int, N: int, K: int, block_m: int, block_n: int, block_k: int, sms: int) -> int:
-    """Decode-sized calls (M <= 16): split K until about two programs per SM stream weights, keeping at least
-    four K tiles per split. Larger M fills the GPU with output tiles alone."""
-    if M > 16:
+    """Split K over extra programs where the output tiles alone leave SMs idle, keeping at least four K tiles per
+    split: decode-sized calls (M <= 16) aim at about two programs per SM (a GEMV only streams the weight);
+    batched decode (M <= 64, one row tile of tl.dot) at about one per SM (a 4096-wide layer has only 64 column
+    tiles of 64). Larger M fills the GPU with output tiles alone."""
+    if M > 64:
         return 1
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    want = max(1, (2 * sms) // max(1, tiles))
+    want = max(1, ((2 if M <= 16 else 1) * sms) // max(1, tiles))
     return max(1, min(want, K // (4 * block_k), 16))
 
 
+@functools.lru_cache(maxsize=4096)
+def _wo_config_cached(M: int, N: int, K: int, bits: int, group_size: int, sms: int, interp: bool) -> tuple:
+    return tuple(_wo_config(M, N, K, bits, group_size, sms, interp).items())
+
+
 def wo_config(M: int, N: int, K: int, bits: int, group_size: int, sms: int = 132) -> dict:
-    """Tiles: one row -> CUDA-core GEMV tiles of 8K weights; more rows -> tl.dot tiles growing with M; split-K
-    for M <= 16 (``split_k_for``). For int4, BLOCK_K divides the group size so every K tile has one scale per
-    output row."""
+    """Tiles: one row -> CUDA-core GEMV tiles; more rows -> tl.dot tiles growing with M; split-K for M <= 64
+    (``split_k_for``). For int4, BLOCK_K divides the group size so every K tile has one scale per output row.
+    Cached per shape: no per-call Python work beyond a dict lookup."""
+    return dict(_wo_config_cached(M, N, K, bits, group_size, sms, interpreting()))
+
+
+def _wo_config(M, N, K, bits, group_size, sms, interp):
     kp = max(16, triton.next_power_of_2(K))
-    if interpreting():  # tiny tiles: the interpreter runs every program in Python
+    if interp:  # tiny tiles: the interpreter runs every program in Python
         bm = 1 if M == 1 else 16
         bk = min(32, kp) if bits == 8 else 32
         return dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=bk, USE_DOT=M > 1, SPLIT_K=1, num_warps=4)
     if M == 1:
+        # int8: [64, 128] bytes per step; int4: a whole group of 128 k ([64, 64] packed bytes) per step
         bk = min(128, kp) if bits == 8 else min(128, group_size)
         return dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=bk, USE_DOT=False,
                     SPLIT_K=split_k_for(M, N, K, 1, 64, bk, sms), num_warps=4)
-    bm = 16 if M <= 16 else 32 if M <= 64 else 64 if M <= 128 else 128
+    # batched decode (M <= 64) takes all its rows in one tile: every column tile re-reads the activations, so
+    # two row tiles would double that L2 traffic; split-K then fills the SMs
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 128 else 128
     bn = 64 if M <= 64 else 128
     bk = 64 if bits == 8 else min(64, group_size)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True, SPLIT_K=split_k_for(M, N, K, bm, bn, bk, sms),
@@ -283,11 +353,13 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
         zeros.stride(0) if zeros is not None else 0, target.stride(-2), target.stride(0) if split > 1 else 0,
         BITS=bits, GROUP=max(group_size, 1), HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None and split == 1,
         UPCAST=interpreting() or x.dtype == torch.float32, num_warps=num_warps, **extra, **cfg)
-    if split > 1:  # deterministic reduction of the fp32 partials, then the bias, rounded once
-        acc = target.sum(0)
-        if bias is not None:
-            acc += bias.float()
-        y.copy_(acc)
+    if split > 1:  # one launch: the fp32 partials summed in split order (deterministic), the bias, rounded once
+        if y.stride(-1) != 1:
+            raise ValueError("out must be contiguous in its last dim")
+        bn = min(1024, triton.next_power_of_2(N)) if not interpreting() else 32
+        _split_k_sum_kernel[(M, triton.cdiv(N, bn))](
+            target, bias if bias is not None else target, y, N, split, target.stride(0), target.stride(1),
+            y.stride(0), HAS_BIAS=bias is not None, BLOCK_N=bn, num_warps=4)
     return y.view(*x.shape[:-1], N)
 
 

@@ -134,12 +134,16 @@ def test_weight_only_split_k_decode_tiles_match_reference(bits):
             assert rel_err(y, ref) <= 1e-5, (M, split)
 
 
-def test_weight_only_split_k_heuristic_fills_the_gpu_for_decode_only():
+def test_weight_only_split_k_heuristic_fills_the_gpu_for_decode_only(monkeypatch):
+    monkeypatch.setattr(wo_gemm, "interpreting", lambda: False)  # the GPU tiles, also under the interpreter
     sms = 132
     assert wo_gemm.split_k_for(1, 4096, 4096, 1, 64, 128, sms) == 4  # 64 column tiles x 4 splits = 2 programs per SM
     assert wo_gemm.split_k_for(1, 128256, 2048, 1, 64, 128, sms) == 1  # an LM-head-sized N fills the GPU alone
     assert wo_gemm.split_k_for(256, 4096, 4096, 64, 128, 64, sms) == 1  # prefill-sized M: no split
     assert wo_gemm.split_k_for(8, 1024, 14336, 16, 64, 64, sms) == 16  # capped at 16
+    assert wo_gemm.split_k_for(64, 4096, 4096, 64, 64, 64, sms) == 2  # batched decode: about one program per SM
+    assert wo_gemm.split_k_for(64, 28672, 4096, 64, 64, 64, sms) == 1  # gate_up: enough column tiles
+    assert wo_gemm.wo_config(64, 4096, 4096, 8, 0, sms)["BLOCK_M"] == 64  # one row tile for batched decode
 
 
 def test_weight_only_dispatch_uses_reference_off_cuda_and_with_kiln_ops_ref(monkeypatch):
