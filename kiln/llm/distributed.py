@@ -142,9 +142,17 @@ class WorkerSpec:
     loras: list | None
     load_format: str
     engine_config: dict
-    device: str
+    device: str            # rank 0's device; this rank runs on rank_device(device, rank)
     threads: int
     log_level: int = logging.WARNING
+
+
+def worker_spec(rank: int, size: int, port: int, model: str, loras, load_format: str, engine_config: dict,
+                device: torch.device, threads: int) -> WorkerSpec:
+    """The spec of worker ``rank``. It carries rank 0's device: ``build_rank`` adds the rank itself (cuda:0 ->
+    cuda:1 for rank 1); handing it cuda:1 made rank 1 ask for cuda:2, "invalid device ordinal" on two GPUs."""
+    return WorkerSpec(rank, size, port, model, loras, load_format, engine_config, str(device), threads,
+                      logging.getLogger().getEffectiveLevel())
 
 
 def _worker_main(spec: WorkerSpec, conn) -> None:
@@ -169,7 +177,8 @@ def _worker_main(spec: WorkerSpec, conn) -> None:
         tp = TensorParallel(spec.rank, spec.size)
         _, runner, _ = build_rank(Path(spec.model), spec.loras, spec.load_format, config, device, tp,
                                   connect=lambda: (conn.send(("loaded", None)),
-                                                   init_process_group(spec.rank, spec.size, spec.port, device)))
+                                                   init_process_group(spec.rank, spec.size, spec.port,
+                                                                      rank_device(device, spec.rank))))
         conn.send(("ready", runner.num_blocks))
         while True:
             try:
@@ -220,8 +229,8 @@ class TPWorkers:
         self.procs, self.conns = [], []
         for rank in range(1, size):
             parent, child = ctx.Pipe(duplex=True)
-            spec = WorkerSpec(rank, size, self.store.port, model, loras, load_format, engine_config,
-                              str(rank_device(device, rank)), threads, logging.getLogger().getEffectiveLevel())
+            spec = worker_spec(rank, size, self.store.port, model, loras, load_format, engine_config, device,
+                               threads)
             proc = ctx.Process(target=_worker_main, args=(spec, child), name=f"kiln-tp-rank{rank}", daemon=True)
             proc.start()
             child.close()

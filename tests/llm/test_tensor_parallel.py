@@ -243,3 +243,17 @@ def test_cli_flags_carry_tensor_parallel_size():
 
     args = parser.parse_args(["serve", "--tensor-parallel-size", "2"])
     assert engine_kwargs(args)["tensor_parallel_size"] == 2
+
+
+def test_each_worker_lands_on_its_own_gpu_index():
+    """A worker's spec carries rank 0's device and build_rank adds the rank once: rank r of an engine on cuda:k
+    runs on cuda:(k + r). (Adding it twice sent rank 1 to cuda:2 on a two-GPU machine.) Pure device arithmetic,
+    so it runs without CUDA."""
+    from kiln.llm.distributed import rank_device, worker_spec
+
+    for first in (0, 2):
+        base = torch.device("cuda", first)
+        for rank in (1, 2, 3):
+            spec = worker_spec(rank, 4, 0, "m", None, "auto", {}, base, 0)
+            assert rank_device(torch.device(spec.device), rank) == torch.device("cuda", first + rank)
+    assert rank_device(torch.device("cpu"), 1) == torch.device("cpu")
