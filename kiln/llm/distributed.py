@@ -22,6 +22,7 @@ import logging
 import os
 import pickle
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -314,8 +315,14 @@ class TPWorkers:
                             tb = value
                 except (EOFError, OSError):
                     pass
-            proc.join(timeout=1.0)
+            # another thread (a caller's join) may reap the process between our wait and our poll, making our
+            # waitpid fail and exitcode read None for a moment: poll until whoever reaped it records the code
+            deadline = time.monotonic() + 1.0
+            proc.join(timeout=0.05)
             code = proc.exitcode
+            while code is None and time.monotonic() < deadline:
+                proc.join(timeout=0.05)
+                code = proc.exitcode
             how = "is unresponsive" if code is None else (f"was killed by signal {-code}" if code < 0
                                                           else f"exited with code {code}")
             self.error = (f"tensor-parallel worker rank {index + 1} (pid {proc.pid}) {how}; the engine is stopped "
