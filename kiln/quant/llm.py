@@ -90,27 +90,40 @@ class _WeightOnlyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class Int8WeightOnlyLinear(_WeightOnlyLinear):
-    """W8A16: int8 weight [N, K] and fp32 per-channel scale [N]; activations stay float."""
+class _PerChannelLinear(_WeightOnlyLinear):
+    """A ``QDTYPE`` weight [N, K] with an fp32 per-output-channel scale [N] (int8-wo, w8a8 and fp8 share it)."""
 
-    mode = "int8-wo"
+    QDTYPE: torch.dtype = torch.int8
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device, dtype)
-        self.register_buffer("qweight", torch.empty(out_features, in_features, device=device, dtype=torch.int8))
+        self.register_buffer("qweight", torch.empty(out_features, in_features, device=device, dtype=self.QDTYPE))
         self.register_buffer("scale", torch.empty(out_features, device=device, dtype=torch.float32))
 
+    @staticmethod
+    def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_int8_weight(weight)
+
+    def _fill(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        q, sc = self.quantize_weight(weight)
+        self.qweight.copy_(q)
+        self.scale.copy_(sc)
+        if bias is not None:
+            self.bias.copy_(bias.detach())
+
     @classmethod
-    def from_float(cls, linear: nn.Linear, quantize_weights: bool = True) -> "Int8WeightOnlyLinear":
+    def from_float(cls, linear: nn.Linear, quantize_weights: bool = True):
         w = linear.weight
-        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype)
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device, dtype=w.dtype)
         if quantize_weights:
-            q, s = quantize_int8_weight(w)
-            mod.qweight.copy_(q)
-            mod.scale.copy_(s)
-            if linear.bias is not None:
-                mod.bias.copy_(linear.bias.detach())
+            mod._fill(w, linear.bias)
         return mod
+
+
+class Int8WeightOnlyLinear(_PerChannelLinear):
+    """W8A16: int8 weight [N, K] and fp32 per-channel scale [N]; activations stay float."""
+
+    mode = "int8-wo"
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_int8_weight(self.qweight, self.scale)
@@ -254,7 +267,7 @@ def quantize_fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
-class W8A8Linear(_WeightOnlyLinear):
+class W8A8Linear(_PerChannelLinear):
     """SmoothQuant W8A8: int8 weight [N, K] (smoothed), fp32 per-channel scale [N], optional run-time smoother
     ``smooth`` [K] (= 1/s where no norm absorbed it); activations are quantized per token on the fly."""
 
@@ -263,8 +276,6 @@ class W8A8Linear(_WeightOnlyLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, runtime_smooth: bool = False,
                  device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device, dtype)
-        self.register_buffer("qweight", torch.empty(out_features, in_features, device=device, dtype=torch.int8))
-        self.register_buffer("scale", torch.empty(out_features, device=device, dtype=torch.float32))
         if runtime_smooth:
             self.register_buffer("smooth", torch.empty(in_features, device=device, dtype=torch.float32))
         else:
@@ -285,11 +296,7 @@ class W8A8Linear(_WeightOnlyLinear):
                 s = smoothquant_scales(act_amax.to(wf.device), wf.abs().amax(dim=0), alpha)
                 wf = wf * s[None, :]
                 mod.smooth.copy_(1.0 / s)
-            q, sc = quantize_int8_weight(wf)
-            mod.qweight.copy_(q)
-            mod.scale.copy_(sc)
-            if linear.bias is not None:
-                mod.bias.copy_(linear.bias.detach())
+            mod._fill(wf, linear.bias)
         return mod
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -304,27 +311,15 @@ class W8A8Linear(_WeightOnlyLinear):
         return super().extra_repr() + f", runtime_smooth={self.smooth is not None}"
 
 
-class Fp8Linear(_WeightOnlyLinear):
+class Fp8Linear(_PerChannelLinear):
     """FP8 W8A8: e4m3 weight [N, K] with an fp32 per-channel scale [N]; activations e4m3 per token on the fly."""
 
     mode = "fp8"
+    QDTYPE = FP8_DTYPE
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias, device, dtype)
-        self.register_buffer("qweight", torch.empty(out_features, in_features, device=device, dtype=FP8_DTYPE))
-        self.register_buffer("scale", torch.empty(out_features, device=device, dtype=torch.float32))
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear, quantize_weights: bool = True) -> "Fp8Linear":
-        w = linear.weight
-        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype)
-        if quantize_weights:
-            q, sc = quantize_fp8_weight(w)
-            mod.qweight.copy_(q)
-            mod.scale.copy_(sc)
-            if linear.bias is not None:
-                mod.bias.copy_(linear.bias.detach())
-        return mod
+    @staticmethod
+    def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_fp8_weight(weight)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.qweight.float() * self.scale.float()[:, None]
