@@ -179,14 +179,15 @@ def time_generate(llm, prompts, outs, repeat: int) -> dict:
             "weight_bytes": weight_bytes, "preemptions": llm.engine.scheduler.num_preemptions}
 
 
-def engine_entry(mode: str, kv_cache_dtype: str | None) -> dict | None:
-    """The ``kiln_engine`` entry ``kiln build --quant mode`` writes, for a dummy-weight engine of that mode."""
+def engine_entry(mode: str, kv_cache_dtype: str | None, lm_head: bool = True, embedding: bool = False) -> dict | None:
+    """The ``kiln_engine`` entry ``kiln build --quant mode`` writes, for a dummy-weight engine of that mode
+    (weight-only modes: the LM head quantized as the build's default; ``embedding``: ``--quantize-embedding``)."""
     if mode == "bf16" and kv_cache_dtype is None:
         return None
     quant = None
     if mode in ("int8-wo", "int4-wo"):
-        quant = {"mode": mode, "group_size": 128 if mode == "int4-wo" else None, "lm_head": False,
-                 "embedding": False}
+        quant = {"mode": mode, "group_size": 128 if mode == "int4-wo" else None, "lm_head": lm_head,
+                 "embedding": "int8 per row" if embedding else False}
     elif mode == "w8a8":
         from kiln.llm.quantize import RUNTIME_SMOOTH
 
@@ -212,7 +213,7 @@ def run_quant(args, device: str) -> Table:
         for mode in modes:
             kv = args.kv_cache_dtype if mode != "bf16" else None
             d = Path(tempfile.mkdtemp())
-            entry = engine_entry(mode, kv)
+            entry = engine_entry(mode, kv, lm_head=not args.no_quantize_lm_head, embedding=args.quantize_embedding)
             (d / "config.json").write_text(json.dumps({**cfg, **({"kiln_engine": entry} if entry else {})}))
             label = mode + (f"+kv-{kv}" if kv else "")
             t0 = time.perf_counter()
@@ -336,6 +337,10 @@ def main() -> int:
                     help="compare these quantized engine modes with our bf16 engine (no HF anchor)")
     ap.add_argument("--kv-cache-dtype", default=None, choices=["int8", "fp8"],
                     help="with --quant: the quantized modes also use this KV-cache dtype")
+    ap.add_argument("--no-quantize-lm-head", action="store_true",
+                    help="with --quant: weight-only engines keep the LM head float (kiln build --no-quantize-lm-head)")
+    ap.add_argument("--quantize-embedding", action="store_true",
+                    help="with --quant: weight-only engines store the embedding int8 per row (as kiln build)")
     ap.add_argument("--device", default=None, help="cuda (default when present) or cpu (dry runs, --models tiny)")
     ap.add_argument("--tensor-parallel-size", type=int, nargs="+", default=None, metavar="N",
                     help="compare these tensor-parallel sizes (one GPU per rank) on the workloads (no HF anchor)")

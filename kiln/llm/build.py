@@ -82,8 +82,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
         model = model_class(config)(config, tp)
     model = model.to(dtype=torch_dtype)
     prepare_engine_model_(model, build_info, device)  # W8A8 / FP8 linears, KV-cache scales (empty, on meta)
+    wo_extra = {"lm_head": bool(quant.get("lm_head")), "embedding": bool(quant.get("embedding"))} if quant else {}
     if quant and load_format != "dummy":  # empty quantized linears (on meta), filled from the engine's file
-        quantize_parallel_(model, quant["mode"], quant.get("group_size"), quantize_weights=False)
+        quantize_parallel_(model, quant["mode"], quant.get("group_size"), quantize_weights=False, **wo_extra)
     model = model.to_empty(device=device)
     model.tie_weights()
     model.init_buffers(device)
@@ -98,7 +99,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
                 else:
                     p.normal_(0.0, 0.02, generator=gen)
         if quant:  # random float weights quantized as the engine's build would
-            quantize_parallel_(model, quant["mode"], quant.get("group_size"))
+            quantize_parallel_(model, quant["mode"], quant.get("group_size"), **wo_extra)
         fill_dummy_quant_(model, gen)
         model.eval().requires_grad_(False)
         return LoadedModel(model, config, path, is_engine, hf_cfg.get(ENGINE_KEY, {}))
@@ -117,21 +118,25 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
 def build_engine(checkpoint: str | Path, output_dir: str | Path, dtype: str = "auto",
                  loras: list[tuple[str, float]] | None = None, show_progress: bool = True,
                  quant: str | None = None, group_size: int | None = None, kv_cache_dtype: str | None = None,
-                 smoothquant_alpha: float = 0.5, calibration: CalibrationConfig | None = None) -> Path:
+                 smoothquant_alpha: float = 0.5, calibration: CalibrationConfig | None = None,
+                 quantize_lm_head: bool | None = None, quantize_embedding: bool = False) -> Path:
     """Write an engine directory: config.json (model config + build options + kiln version), model.safetensors
     in the engine's fused layout, tokenizer files.
 
     ``quant`` ("int8-wo" or "int4-wo", with ``group_size`` 32/64/128 for int4, default 128; "w8a8" SmoothQuant
     with migration strength ``smoothquant_alpha``; "fp8") stores the decoder linears quantized (kiln.quant.llm);
     ``kv_cache_dtype`` ("int8" / "fp8") makes the engine's KV cache quantized with calibrated static scales.
-    Calibration (w8a8, KV cache) reads ``calibration``'s text (default: held-out Shakespeare). The embedding and
-    the LM head stay float. Every option is validated before anything is loaded or written (kiln.llm.quantize).
+    Calibration (w8a8, KV cache) reads ``calibration``'s text (default: held-out Shakespeare). Weight-only modes
+    quantize the LM head as well unless ``quantize_lm_head=False``; ``quantize_embedding`` stores the input
+    embedding as int8 rows (kiln.llm.quantize says why and what tied embeddings cost). Every option is validated
+    before anything is loaded or written (kiln.llm.quantize).
     """
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     hf_cfg, is_engine = read_config(checkpoint)
     if is_engine:
         raise ValueError(f"{checkpoint} is already a kiln engine")
-    spec = check_build_quant(hf_cfg, quant, group_size, kv_cache_dtype, smoothquant_alpha, calibration)
+    spec = check_build_quant(hf_cfg, quant, group_size, kv_cache_dtype, smoothquant_alpha, calibration,
+                             quantize_lm_head, quantize_embedding)
     if dtype == "auto":
         dtype = hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32"
     torch_dtype = parse_dtype(dtype, torch.device("cpu"))

@@ -56,7 +56,8 @@ def _build(args) -> int:
                               text_files=tuple(args.calib_text or ()))
     out = build_engine(checkpoint, args.output, dtype=args.dtype, loras=loras, quant=args.quant,
                        group_size=args.group_size, kv_cache_dtype=args.kv_cache_dtype,
-                       smoothquant_alpha=args.smoothquant_alpha, calibration=calib)
+                       smoothquant_alpha=args.smoothquant_alpha, calibration=calib,
+                       quantize_lm_head=args.quantize_lm_head, quantize_embedding=args.quantize_embedding)
     print(f"engine written to {out}")
     return 0
 
@@ -111,8 +112,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--quant", default=None, choices=["int8-wo", "int4-wo", "w8a8", "fp8"],
                    help="quantize the decoder linears: weight-only int8 per channel (W8A16) or grouped int4 "
                         "(W4A16); w8a8 = SmoothQuant int8 weights and per-token int8 activations; fp8 = e4m3 "
-                        "weights and activations (compute capability >= 8.9); embedding and LM head stay float")
+                        "weights and activations (compute capability >= 8.9); the weight-only modes quantize the LM "
+                        "head too (see --no-quantize-lm-head)")
     p.add_argument("--group-size", type=int, default=None, help="int4-wo group size: 32 | 64 | 128 (default 128)")
+    p.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="int8-wo / int4-wo: quantize the LM head with the body's mode and group size (default on; "
+                        "--no-quantize-lm-head keeps it in the float dtype)")
+    p.add_argument("--quantize-embedding", action="store_true",
+                   help="int8-wo / int4-wo: store the input embedding as int8 rows with a per-row scale")
     p.add_argument("--kv-cache-dtype", default=None,
                    help="int8 | fp8: quantized KV cache with calibrated static per-head scales")
     p.add_argument("--smoothquant-alpha", type=float, default=0.5,

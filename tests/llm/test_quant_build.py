@@ -21,14 +21,19 @@ from kiln.quant import Fp8Linear, Int4WeightOnlyLinear, Int8WeightOnlyLinear, W8
 from kiln.quant.llm import WEIGHT_ONLY_MODULES
 from tests.conftest import HAVE_SHAKESPEARE, requires_shakespeare
 
-# name: (quant, group size, kv-cache dtype)
+# name: (quant, group size, kv-cache dtype[, extra build_engine arguments]); weight-only modes quantize the LM
+# head by default (the bundled model ties it to the embedding)
 MODES = {"float": (None, None, None), "int8-wo": ("int8-wo", None, None), "int4-wo-g128": ("int4-wo", 128, None),
          "int4-wo-g64": ("int4-wo", 64, None), "int4-wo-g32": ("int4-wo", 32, None),
+         "int8-wo-emb": ("int8-wo", None, None, {"quantize_embedding": True}),
+         "int4-wo-g128-emb": ("int4-wo", 128, None, {"quantize_embedding": True}),
+         "int4-wo-g128-float-head": ("int4-wo", 128, None, {"quantize_lm_head": False}),
          "w8a8": ("w8a8", None, None), "fp8": ("fp8", None, None), "kv-int8": (None, None, "int8"),
          "kv-fp8": (None, None, "fp8")}
 # allowed held-out perplexity increase over the float engine (issue 8)
-PPL_LIMITS = {"int8-wo": 1.01, "int4-wo-g128": 1.05, "int4-wo-g64": 1.05, "int4-wo-g32": 1.05, "w8a8": 1.03,
-              "fp8": 1.02, "kv-int8": 1.01, "kv-fp8": 1.01}
+PPL_LIMITS = {"int8-wo": 1.01, "int4-wo-g128": 1.05, "int4-wo-g64": 1.05, "int4-wo-g32": 1.05, "int8-wo-emb": 1.01,
+              "int4-wo-g128-emb": 1.05, "w8a8": 1.03, "fp8": 1.02,
+              "kv-int8": 1.01, "kv-fp8": 1.01}
 CALIB = CalibrationConfig(num_samples=4, seq_len=256)  # CI-sized: 1,024 tokens at offset 20,000 (disjoint)
 HELD_OUT_PLAYS = ("macbeth", "twelfth_night", "henry_v", "coriolanus")  # as scripts/train_default_model.py
 WINDOW, WINDOWS_PER_PLAY, OFFSET = 512, 2, 5000  # 8 windows of 512 tokens: 4,088 scored tokens
@@ -41,9 +46,9 @@ def engines(tmp_path_factory):
         pytest.skip(requires_shakespeare.kwargs["reason"])
     root = tmp_path_factory.mktemp("quant_engines")
     out = {}
-    for name, (mode, gs, kv) in MODES.items():
+    for name, (mode, gs, kv, *extra) in MODES.items():
         path = build_engine(default_model_path(), root / name, quant=mode, group_size=gs, kv_cache_dtype=kv,
-                            calibration=CALIB, show_progress=False)
+                            calibration=CALIB, show_progress=False, **(extra[0] if extra else {}))
         out[name] = (path, LLM(str(path), dtype="float32", device="cpu"))
     return out
 
@@ -75,28 +80,37 @@ def perplexity(llm, windows):
 def test_quantized_engine_stores_packed_weights_and_loads_quantized_modules(engines):
     path, llm = engines["int4-wo-g64"]
     cfg = json.loads((path / "config.json").read_text())
-    assert cfg["kiln_engine"]["quant"] == {"mode": "int4-wo", "group_size": 64, "lm_head": False, "embedding": False}
+    assert cfg["kiln_engine"]["quant"] == {"mode": "int4-wo", "group_size": 64, "lm_head": True, "embedding": False}
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
         qkv = f.get_tensor("model.layers.0.self_attn.qkv_proj.qweight")
         scales = f.get_tensor("model.layers.0.self_attn.qkv_proj.scales")
         assert "model.layers.0.self_attn.qkv_proj.weight" not in f.keys()
         assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+        # the tied table's quantized copy for the head (int4, vocab rows)
+        assert f.get_tensor("lm_head.qweight").shape == (4096, 384 // 2) and "lm_head.weight" not in f.keys()
     assert qkv.dtype == torch.uint8 and qkv.shape == (384 + 2 * 64 * 2, 384 // 2)  # two codes per byte
     assert scales.shape == (qkv.shape[0], 384 // 64)
     model = llm.engine.model
     layer = model.model.layers[0]
     for mod in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
         assert isinstance(mod, Int4WeightOnlyLinear) and mod.group_size == 64
-    assert isinstance(model.lm_head, nn.Linear)  # float (tied to the float embedding), not weight-only quantized
+    assert isinstance(model.lm_head, Int4WeightOnlyLinear) and model.lm_head.group_size == 64
+    assert isinstance(model.model.embed_tokens, nn.Embedding)  # float, not tied to the head any more
+    old = engines["int4-wo-g128-float-head"][1].engine.model
+    assert isinstance(old.lm_head, nn.Linear) and old.lm_head.weight is old.model.embed_tokens.weight
     assert isinstance(engines["int8-wo"][1].engine.model.model.layers[3].mlp.down_proj, Int8WeightOnlyLinear)
     assert not any(isinstance(m, nn.Linear) for m in model.model.layers.modules())
 
 
 def test_engine_sizes_shrink(engines):
     size = {k: (p / "model.safetensors").stat().st_size for k, (p, _) in engines.items()}
-    # the float 4096 x 384 embedding (3.1 MB of 15.7 MB) stays bf16 in every mode
-    assert size["int8-wo"] < 0.65 * size["float"]
-    assert size["int4-wo-g128"] < 0.45 * size["float"]
+    # the tied 4096 x 384 bf16 table is 3.1 MB of 15.7 MB; a quantized head adds its own quantized copy unless the
+    # embedding is int8 too, and an int8-wo head and int8 embedding share one table
+    assert size["int8-wo"] < 0.75 * size["float"] and size["int8-wo-emb"] < 0.55 * size["float"]
+    assert size["int4-wo-g128-emb"] < size["int4-wo-g128-float-head"] < size["int4-wo-g128"]
+    assert size["int4-wo-g128"] - size["int4-wo-g128-float-head"] == pytest.approx(4096 * 384 * (0.5 + 5 / 128),
+                                                                                     abs=4096)
+    assert size["int4-wo-g128-emb"] < 0.40 * size["float"]
     assert size["int4-wo-g128"] < size["int4-wo-g64"] < size["int4-wo-g32"] < size["int8-wo"]
     assert size["w8a8"] < 0.65 * size["float"] and size["fp8"] < 0.65 * size["float"]
     assert abs(size["kv-int8"] - size["float"]) < 4096  # only the per-head scales are added
@@ -118,7 +132,8 @@ def test_quantized_engine_generates_and_logits_are_close_to_float(engines, held_
 def test_held_out_perplexity_of_every_mode_within_its_limit(engines, held_out_windows):
     """int8-wo <= +1%, int4-wo <= +5%, w8a8 <= +3%, fp8 <= +2%, int8 / fp8 KV cache <= +1% over the float
     engine (same bf16 weights, fp32 compute), on 4,088 held-out tokens the calibration never saw."""
-    ppl = {name: perplexity(llm, held_out_windows) for name, (_, llm) in engines.items()}
+    ppl = {name: perplexity(llm, held_out_windows) for name, (_, llm) in engines.items()
+           if name == "float" or name in PPL_LIMITS}
     print("held-out Shakespeare perplexity (fp32 compute, 4,088 tokens): "
           + ", ".join(f"{k} {v:.3f} ({100 * (v / ppl['float'] - 1):+.2f}%)" for k, v in ppl.items()))
     base = ppl["float"]
@@ -129,26 +144,123 @@ def test_held_out_perplexity_of_every_mode_within_its_limit(engines, held_out_wi
     assert all(ppl[name] != base for name in PPL_LIMITS)
 
 
-@pytest.mark.parametrize("family, mode, gs", [("qwen2", "int8-wo", None), ("qwen2", "int4-wo", 32),
-                                              ("llama", "int4-wo", 32)])
-def test_quantized_engine_matches_float_model_with_dequantized_weights(checkpoints, tmp_path, family, mode, gs):
-    """The whole model through the quantized linears equals the float model carrying the dequantized weights
-    (qwen2 has a qkv bias: the bias buffers load too)."""
+@pytest.mark.parametrize("family, mode, gs, emb", [("qwen2", "int8-wo", None, False), ("qwen2", "int4-wo", 32, True),
+                                                   ("llama", "int4-wo", 32, False), ("llama", "int8-wo", None, True)])
+def test_quantized_engine_matches_float_model_with_dequantized_weights(checkpoints, tmp_path, family, mode, gs, emb):
+    """The whole model through the quantized linears, LM head and (``emb``) int8 embedding equals the float model
+    carrying the dequantized weights (qwen2 has a qkv bias: the bias buffers load too; llama ties its embeddings:
+    the quantized head is its own tensor, or with int8-wo and an int8 embedding one table serves both)."""
+    from kiln.llm.layers.parallel import Int8VocabParallelEmbedding
+
     path, _ = checkpoints[family]
-    engine = build_engine(path, tmp_path / "e", dtype="float32", quant=mode, group_size=gs, show_progress=False)
+    engine = build_engine(path, tmp_path / "e", dtype="float32", quant=mode, group_size=gs, show_progress=False,
+                          quantize_embedding=emb)
     q_llm = LLM(str(engine), dtype="float32", max_num_seqs=8, block_size=8)
     f_llm = LLM(str(path), dtype="float32", max_num_seqs=8, block_size=8)
-    f_model = f_llm.engine.model
+    q_model, f_model = q_llm.engine.model, f_llm.engine.model
     n = 0
     with torch.no_grad():
-        for name, mod in q_llm.engine.model.named_modules():
+        for name, mod in q_model.named_modules():
             if isinstance(mod, WEIGHT_ONLY_MODULES):
-                f_model.get_submodule(name).weight.copy_(mod.dequantized_weight())
+                if name == "lm_head":  # untie the float model's head from its embedding
+                    f_model.lm_head.weight = nn.Parameter(mod.dequantized_weight().clone())
+                else:
+                    f_model.get_submodule(name).weight.copy_(mod.dequantized_weight())
                 n += 1
-    assert n == 2 * 4  # qkv, o, gate_up, down in each of 2 layers
+        embed = q_model.model.embed_tokens
+        assert isinstance(embed, Int8VocabParallelEmbedding) == emb
+        if emb:
+            f_model.model.embed_tokens.weight.copy_(embed.dequantized_weight())
+    assert n == 2 * 4 + 1  # qkv, o, gate_up, down in each of 2 layers, and the LM head
+    assert isinstance(q_model.lm_head, Int8WeightOnlyLinear if mode == "int8-wo" else Int4WeightOnlyLinear)
+    shared = emb and family == "llama" and mode == "int8-wo"  # tied table, int8 both ways: stored once
+    with safe_open(str(engine / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert "lm_head.qweight" in keys and "lm_head.weight" not in keys
+    assert ("model.embed_tokens.qweight" in keys) == (emb and not shared)
+    assert ("model.embed_tokens.weight" in keys) == (not emb)
+    if shared:
+        assert embed.shared and embed.table()[0] is q_model.lm_head.qweight
     prompts = [[5, 17, 42, 99, 3, 250, 7], [11, 12, 13]]
     for got, ref in zip(q_llm.prompt_logits(prompts), f_llm.prompt_logits(prompts)):
         assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-4
+
+
+def test_engine_round_trip_keeps_the_quantized_head_and_embedding(checkpoints, tmp_path):
+    """build -> load: the loaded engine holds exactly the tensors the build quantized (head from the tied table,
+    int8 embedding rows) and gives the same logits as the quantized model before it was written."""
+    from kiln.llm.build import load_model
+    from kiln.llm.layers.parallel import quantize_parallel_
+    from kiln.quant.llm import quantize_int4_weight, quantize_int8_weight
+
+    path, _ = checkpoints["llama"]  # tied embeddings
+    engine = build_engine(path, tmp_path / "e", dtype="float32", quant="int4-wo", group_size=32,
+                          quantize_embedding=True, show_progress=False)
+    info = json.loads((engine / "config.json").read_text())["kiln_engine"]["quant"]
+    assert info == {"mode": "int4-wo", "group_size": 32, "lm_head": True, "embedding": "int8 per row"}
+    float_model = load_model(path, "cpu", torch.float32).model
+    table = float_model.model.embed_tokens.weight.detach().clone()
+    quantize_parallel_(float_model, "int4-wo", 32, lm_head=True, embedding=True)
+    built = float_model.engine_state_dict()
+    llm = LLM(str(engine), dtype="float32", max_num_seqs=8, block_size=8)
+    loaded = llm.engine.model.engine_state_dict()
+    assert set(loaded) == set(built)
+    for k in built:
+        assert torch.equal(loaded[k], built[k]), k
+    q, s, z = quantize_int4_weight(table, 32)
+    assert torch.equal(loaded["lm_head.qweight"], q) and torch.equal(loaded["lm_head.scales"], s)
+    assert torch.equal(loaded["model.embed_tokens.qweight"], quantize_int8_weight(table)[0])
+    # the in-memory quantized model (no runner: a plain packed prefill through a scratch cache) == the engine
+    from kiln.llm.quantize import _forward_windows
+    prompt = [5, 17, 42, 99, 3, 250, 7]
+    hidden = {}
+    for name, model in (("built", float_model), ("loaded", llm.engine.model)):
+        h = model.register_forward_hook(lambda m, a, out, name=name: hidden.__setitem__(name, out))
+        try:
+            with torch.no_grad():
+                _forward_windows(model, [prompt], torch.device("cpu"))
+        finally:
+            h.remove()
+    with torch.no_grad():
+        ref = float_model.compute_logits(hidden["built"])
+        assert torch.equal(llm.engine.model.compute_logits(hidden["loaded"]), ref)
+    got = llm.prompt_logits([prompt])[0]
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+def test_int4_engine_of_the_8b_shape_is_within_30_percent_of_bf16():
+    """Engine bytes (``engine_state_dict()``, what bench/llm_throughput.py reports) of the Llama-3.1-8B and
+    Llama-3.2-1B shapes on the meta device (exact shapes, no memory), against the formula per tensor."""
+    from bench.llm_throughput import SHAPES
+    from kiln.llm.config import ModelConfig
+    from kiln.llm.layers.parallel import quantize_parallel_
+    from kiln.llm.models import model_class
+
+    def nbytes(shape, mode=None, gs=None, head=False, emb=False):
+        cfg = ModelConfig.from_hf(SHAPES[shape])
+        with torch.device("meta"):
+            model = model_class(cfg)(cfg).to(torch.bfloat16)
+            if mode:
+                quantize_parallel_(model, mode, gs, quantize_weights=False, lm_head=head, embedding=emb)
+        return sum(t.numel() * t.element_size() for t in model.engine_state_dict().values())
+
+    bf16 = nbytes("llama-8b")
+    assert bf16 == 16_060_522_496  # bench/RESULTS.md: 16.06 GB
+    old = nbytes("llama-8b", "int4-wo", 128)  # head and embedding bf16: 36.5% (RESULTS.md)
+    head = nbytes("llama-8b", "int4-wo", 128, head=True)
+    both = nbytes("llama-8b", "int4-wo", 128, head=True, emb=True)
+    V, H = 128256, 4096
+    int4_row = H // 2 + (H // 128) * 5  # packed codes + fp32 scale and uint8 zero per group of 128
+    assert old - head == V * (2 * H - int4_row)
+    assert head - both == V * (2 * H - H - 4)  # bf16 row -> int8 row + fp32 scale
+    assert old / bf16 > 0.36 and head / bf16 > 0.30
+    assert both / bf16 <= 0.30, both / bf16
+    # 1B shape (tied): a quantized head is a second copy of the table unless the embedding is int8 too; int8-wo
+    # with an int8 embedding stores the one table both use
+    b1 = nbytes("llama-1b")
+    V1, H1 = 128256, 2048
+    assert nbytes("llama-1b", "int8-wo", None, True, True) == nbytes("llama-1b", "int8-wo") - V1 * (2 * H1 - H1 - 4)
+    assert nbytes("llama-1b", "int4-wo", 128, True, True) / b1 < nbytes("llama-1b", "int4-wo", 128) / b1 < 0.43
 
 
 def test_dummy_load_of_a_quantized_engine_quantizes_random_weights(engines):
@@ -175,6 +287,11 @@ def test_build_rejects_bad_quant_arguments_before_writing(checkpoints, tmp_path)
         (dict(quant="int2-wo"), "unknown quantization mode 'int2-wo'"),
         (dict(quant="int8-wo", group_size=64), "group_size applies to int4-wo only"),
         (dict(group_size=64), "needs a quantization mode"),
+        (dict(quant="w8a8", quantize_lm_head=True), "quantize_lm_head needs a weight-only mode"),
+        (dict(quantize_embedding=True), "quantize_embedding needs a weight-only mode"),
+        (dict(quant="int8-wo", quantize_lm_head=False, quantize_embedding=True),
+         "quantize_embedding with tied embeddings needs the LM head quantized"),
+        (dict(quant="int8-wo", quantize_lm_head="yes"), "quantize_lm_head must be True or False"),
     ]
     for i, (kwargs, match) in enumerate(cases):
         out = tmp_path / f"bad{i}"
@@ -189,7 +306,17 @@ def test_kiln_build_cli_quant_flags(checkpoints, tmp_path, capsys):
     llama, _ = checkpoints["llama"]
     out = tmp_path / "cli"
     assert main(["build", str(llama), "-o", str(out), "--quant", "int4-wo", "--group-size", "32"]) == 0
-    assert json.loads((out / "config.json").read_text())["kiln_engine"]["quant"]["group_size"] == 32
+    assert json.loads((out / "config.json").read_text())["kiln_engine"]["quant"] == {
+        "mode": "int4-wo", "group_size": 32, "lm_head": True, "embedding": False}
+    for flags, head, emb in ((["--no-quantize-lm-head"], False, False), (["--quantize-embedding"], True, True)):
+        d = tmp_path / "-".join(flags)
+        assert main(["build", str(llama), "-o", str(d), "--quant", "int8-wo", *flags]) == 0
+        q = json.loads((d / "config.json").read_text())["kiln_engine"]["quant"]
+        assert q["lm_head"] is head and bool(q["embedding"]) is emb
+        with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+            # tied table: float for a float head; int8-wo + int8 embedding store it once, as the head
+            assert ("model.embed_tokens.weight" in f.keys()) is (not head)
+            assert ("lm_head.qweight" in f.keys()) is head and "model.embed_tokens.qweight" not in f.keys()
     assert main(["build", str(llama), "-o", str(tmp_path / "x"), "--quant", "int4-wo", "--group-size", "100"]) == 2
     assert "unsupported group size 100" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -62,19 +62,33 @@ def test_tp2_logits_and_greedy_generation_equal_tp1(checkpoints, family):
     assert not two.engine.workers.procs[0].is_alive()
 
 
-@pytest.mark.parametrize("mode, family, group_size", [("int8-wo", "qwen2", None), ("int4-wo", "mistral", 32)])
-def test_tp2_weight_only_quantized_engine_equals_tp1(checkpoints, tmp_path, mode, family, group_size):
+@pytest.mark.parametrize("mode, family, group_size, emb", [("int8-wo", "qwen2", None, False),
+                                                            ("int4-wo", "mistral", 32, True),
+                                                            ("int8-wo", "llama", None, True)])
+def test_tp2_weight_only_quantized_engine_equals_tp1(checkpoints, tmp_path, mode, family, group_size, emb):
+    """Quantized body, quantized vocab-parallel LM head (each rank its vocabulary rows, logits gathered) and with
+    ``emb`` the int8 vocab-parallel embedding (llama: tied, one int8 table shared by head and embedding)."""
     from kiln.llm.build import build_engine
+    from kiln.llm.layers.parallel import Int8VocabParallelEmbedding
     from kiln.quant.llm import WEIGHT_ONLY_MODULES
 
     engine = build_engine(checkpoints[family][0], tmp_path / "engine", dtype="float32", quant=mode,
-                          group_size=group_size, show_progress=False)
-    ref = LLM(str(engine), **ENGINE).prompt_logits(PROMPTS)
+                          group_size=group_size, show_progress=False, quantize_embedding=emb)
+    one = LLM(str(engine), **ENGINE)
+    ref = one.prompt_logits(PROMPTS)
+    assert isinstance(one.engine.model.lm_head, WEIGHT_ONLY_MODULES)
     two = LLM(str(engine), tensor_parallel_size=2, **ENGINE)
     try:
-        layer = two.engine.model.model.layers[0]
+        model = two.engine.model
+        layer = model.model.layers[0]
         assert isinstance(layer.self_attn.o_proj, WEIGHT_ONLY_MODULES)
         assert layer.self_attn.o_proj.in_features == two.engine.model_config.num_heads * 16 // 2
+        vocab = two.engine.model_config.vocab_size
+        assert isinstance(model.lm_head, WEIGHT_ONLY_MODULES) and model.lm_head.out_features == -(-vocab // 2)
+        assert isinstance(model.model.embed_tokens, Int8VocabParallelEmbedding) == emb
+        if emb:
+            assert model.model.embed_tokens.table()[0].shape[0] == -(-vocab // 2)
+            assert model.model.embed_tokens.shared == (family == "llama")
         assert max_rel(two.prompt_logits(PROMPTS), ref) <= 1e-5
     finally:
         two.shutdown()

@@ -26,7 +26,7 @@ from kiln.llm.distributed import SINGLE, TensorParallel, divide
 
 from .linear import FusedLinear
 
-TP_ATTRS = ("tp", "tp_dim", "tp_slices", "shard_offsets")
+TP_ATTRS = ("tp", "tp_dim", "tp_slices", "shard_offsets", "full_vocab")
 
 
 @dataclass(frozen=True)
@@ -112,9 +112,100 @@ class ParallelLMHead(ColumnParallelLinear):
 
     def gather(self, local_logits: torch.Tensor) -> torch.Tensor:
         """This rank's ``[T, V / size]`` logits -> the full ``[T, V]`` on every rank."""
+        return gather_logits(self, local_logits)
+
+
+def gather_logits(head: nn.Module, local_logits: torch.Tensor) -> torch.Tensor:
+    """A vocab-parallel head's (float ``ParallelLMHead`` or its weight-only quantized twin, which keeps ``tp`` and
+    ``full_vocab``) local ``[T, V / size]`` logits -> the full ``[T, V]`` on every rank."""
+    if head.tp.size == 1:
+        return local_logits
+    return head.tp.all_gather_last(local_logits)[..., : head.full_vocab]
+
+
+def lm_head_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits of a float or weight-only quantized LM head (no host syncs: graph-capturable)."""
+    from kiln.ops.gemv import linear
+
+    if isinstance(head, nn.Linear):
+        return gather_logits(head, linear(hidden, head.weight, head.bias))
+    return gather_logits(head, head(hidden))
+
+
+class Int8VocabParallelEmbedding(nn.Module):
+    """``VocabParallelEmbedding`` with int8 rows and one fp32 scale per row (``row ~ qweight[v] * scale[v]``,
+    symmetric, ``scale = amax / 127``): a lookup gathers int8 rows and their scales, so dequantizing is exact and
+    costs nothing beyond the gather. Same vocabulary split, masking and all-reduce as the float table.
+
+    That table is exactly the int8-wo weight (per output channel) of a tied LM head: ``shared_with=head`` (an
+    ``Int8WeightOnlyLinear`` quantized from the same tied table) makes the embedding read the head's ``qweight`` /
+    ``scale`` and hold no tensor of its own, so the engine stores the table once (as ``lm_head.*``)."""
+
+    tp_dim = 0
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp: TensorParallel = SINGLE, full_vocab=None,
+                 device=None, dtype=None, shared_with: nn.Module | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.dtype = dtype or torch.float32
+        if shared_with is None:
+            self.register_buffer("qweight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8,
+                                                        device=device))
+            self.register_buffer("scale", torch.empty(num_embeddings, dtype=torch.float32, device=device))
+        else:  # not a submodule (the head is saved and loaded once, as itself)
+            if tuple(shared_with.qweight.shape) != (num_embeddings, embedding_dim):
+                raise ValueError(f"a shared int8 table must be [{num_embeddings}, {embedding_dim}], the head's is "
+                                 f"{tuple(shared_with.qweight.shape)}")
+            self.__dict__["_shared_with"] = shared_with
+        self.tp, self.full_vocab = tp, full_vocab or num_embeddings
+        self.tp_slices = {None: ShardSlice(self.full_vocab, 0, num_embeddings)}
+
+    @property
+    def shared(self) -> bool:
+        return "_shared_with" in self.__dict__
+
+    @classmethod
+    def from_float(cls, emb: nn.Embedding, quantize_weights: bool = True,
+                   shared_with: nn.Module | None = None) -> "Int8VocabParallelEmbedding":
+        from kiln.quant.llm import quantize_int8_weight
+
+        w = emb.weight
+        mod = cls(emb.num_embeddings, emb.embedding_dim, getattr(emb, "tp", SINGLE),
+                  getattr(emb, "full_vocab", emb.num_embeddings), device=w.device, dtype=w.dtype,
+                  shared_with=shared_with)
+        if hasattr(emb, "tp_slices"):
+            mod.tp_slices = emb.tp_slices
+        if quantize_weights and shared_with is None:
+            q, s = quantize_int8_weight(w)
+            with torch.no_grad():
+                mod.qweight.copy_(q)
+                mod.scale.copy_(s)
+        return mod
+
+    def table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 rows [V_local, H], fp32 scale [V_local]): this module's buffers or the tied head's."""
+        owner = self.__dict__.get("_shared_with", self)
+        return owner.qweight, owner.scale
+
+    def dequantized_weight(self) -> torch.Tensor:
+        q, s = self.table()
+        return (q.float() * s[:, None]).to(self.dtype)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        q, s = self.table()
+        return (F.embedding(ids, q).float() * s[ids].unsqueeze(-1)).to(self.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return local_logits
-        return self.tp.all_gather_last(local_logits)[..., : self.full_vocab]
+            return self._lookup(ids)
+        local = ids - self.tp_slices[None].start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        out = self._lookup(local.masked_fill(outside, 0))
+        out.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return self.tp.all_reduce(out)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row{', shared with lm_head' * self.shared}"
 
 
 def kv_replicas(num_kv_heads: int, tp: TensorParallel) -> int:
@@ -122,9 +213,16 @@ def kv_replicas(num_kv_heads: int, tp: TensorParallel) -> int:
     return max(1, tp.size // num_kv_heads)
 
 
-def quantize_parallel_(model: nn.Module, mode: str, group_size: int | None, quantize_weights: bool = True) -> None:
+def quantize_parallel_(model: nn.Module, mode: str, group_size: int | None, quantize_weights: bool = True,
+                       lm_head: bool = False, embedding: bool = False) -> None:
     """``kiln.quant.llm.quantize_weight_only_`` for a (possibly) tensor-parallel model: the quantized twins keep
-    their layer's shard description, so they load (and all-reduce) like the float layers they replace."""
+    their layer's shard description, so they load (and all-reduce) like the float layers they replace.
+
+    ``lm_head``: the LM head too (same mode and group size; each rank quantizes / loads its vocabulary rows, and
+    its logits are gathered as before). With tied embeddings the head is quantized from the shared table and the
+    embedding keeps that table (float, or int8 per row with ``embedding``): the engine stores both.
+    ``embedding``: the input embedding becomes ``Int8VocabParallelEmbedding`` (int8 rows, fp32 scale per row);
+    tied to an int8-wo head, it reads the head's tensors (one table in the engine)."""
     from kiln.quant.llm import check_weight_only_args, quantize_weight_only_
 
     group_size = check_weight_only_args(mode, group_size)
@@ -137,7 +235,18 @@ def quantize_parallel_(model: nn.Module, mode: str, group_size: int | None, quan
             raise ValueError(f"int4-wo group size {group_size} does not divide the per-rank input of row-parallel "
                              f"layers: {', '.join(bad[:4])}; "
                              "choose a smaller group size or tensor_parallel_size")
-    quantize_weight_only_(model, mode, group_size, quantize_weights=quantize_weights)
+    quantize_weight_only_(model, mode, group_size, skip=() if lm_head else ("lm_head",),
+                          quantize_weights=quantize_weights)
+    if embedding:
+        emb = model.input_embeddings()
+        name = next(n for n, m in model.named_modules() if m is emb)
+        parent, _, child = name.rpartition(".")
+        head = model.get_submodule("lm_head")
+        from kiln.quant.llm import Int8WeightOnlyLinear
+
+        shared = head if model.config.tie_word_embeddings and isinstance(head, Int8WeightOnlyLinear) else None
+        setattr(model.get_submodule(parent), child,
+                Int8VocabParallelEmbedding.from_float(emb, quantize_weights, shared_with=shared))
     for name, attrs in keep.items():
         module = model.get_submodule(name)
         for attr, value in attrs.items():

@@ -43,8 +43,9 @@ class CausalLM(nn.Module, ABC):
         """The token embedding table (tied to the LM head in some checkpoints)."""
 
     def tie_weights(self) -> None:
-        """Share the LM head with the input embedding when the config ties them (``to_empty`` unties)."""
-        if self.config.tie_word_embeddings:
+        """Share the LM head with the input embedding when the config ties them (``to_empty`` unties). A quantized
+        head (``kiln build --quant ...``) holds its own quantized copy of the table: nothing to share."""
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.input_embeddings().weight
 
     def init_buffers(self, device: torch.device) -> None:

@@ -16,7 +16,7 @@ from kiln.llm.distributed import SINGLE, TensorParallel
 from kiln.llm.layers.attention import PagedAttention
 from kiln.llm.layers.norm import RMSNorm
 from kiln.llm.layers.parallel import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
-                                      kv_replicas)
+                                      kv_replicas, lm_head_logits)
 from kiln.ops import rope_cos_sin_cache, silu_and_mul
 from kiln.ops.gemv import linear, rms_norm_linear, silu_mul_linear
 
@@ -153,7 +153,7 @@ class LlamaForCausalLM(CausalLM):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.gather(linear(hidden, self.lm_head.weight, self.lm_head.bias))
+        return lm_head_logits(self.lm_head, hidden)
 
     def input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
