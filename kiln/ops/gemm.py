@@ -29,16 +29,27 @@ K_ALIGN = 16
 
 
 def _check(a, b, a_scale=None, b_scale=None, bias=None, out_dtype=None, scaled=False):
-    check_tensor("a", a, ndim=2, dtypes=(torch.int8,))
-    check_tensor("b", b, ndim=2, dtypes=(torch.int8,), device=a.device)
-    M, K = a.shape
-    if b.shape[1] != K:
-        raise ValueError(f"b.shape[1] ({b.shape[1]}) must equal a.shape[1] ({K}): b is [N, K] like nn.Linear.weight")
+    _check_operands(a, b, torch.int8)
+    K = a.shape[1]
     if K > MAX_K:
         raise ValueError(f"K={K} exceeds {MAX_K}: the int32 accumulator could overflow")
-    if not scaled:
-        return
-    N = b.shape[0]
+    if scaled:
+        _check_epilogue(a, b, a_scale, b_scale, bias, out_dtype)
+
+
+def _check_operands(a, b, qdtype):
+    """a [M, K] and b [N, K] of ``qdtype`` on one device (b laid out like nn.Linear.weight)."""
+    check_tensor("a", a, ndim=2, dtypes=(qdtype,))
+    check_tensor("b", b, ndim=2, dtypes=(qdtype,), device=a.device)
+    if b.shape[1] != a.shape[1]:
+        raise ValueError(f"b.shape[1] ({b.shape[1]}) must equal a.shape[1] ({a.shape[1]}): b is [N, K] like "
+                         "nn.Linear.weight")
+
+
+def _check_epilogue(a, b, a_scale, b_scale, bias, out_dtype):
+    """The rescale's inputs, shared by the INT8 and FP8 GEMMs: per-tensor or per-row / per-column fp32 scales,
+    an optional [N] float bias and a float output dtype."""
+    M, N = a.shape[0], b.shape[0]
     check_tensor("a_scale", a_scale, dtypes=(torch.float32,), device=a.device)
     check_tensor("b_scale", b_scale, dtypes=(torch.float32,), device=a.device)
     if a_scale.numel() not in (1, M):
@@ -608,24 +619,8 @@ def w8a8_linear_ref(x, qweight, w_scale, bias=None, smooth=None):
 
 # ------------------------------------------------------------------------------------------------ FP8 GEMM
 def _check_fp8(a, b, a_scale, b_scale, bias, out_dtype):
-    check_tensor("a", a, ndim=2, dtypes=(FP8_DTYPE,))
-    check_tensor("b", b, ndim=2, dtypes=(FP8_DTYPE,), device=a.device)
-    M, K = a.shape
-    N = b.shape[0]
-    if b.shape[1] != K:
-        raise ValueError(f"b.shape[1] ({b.shape[1]}) must equal a.shape[1] ({K}): b is [N, K] like nn.Linear.weight")
-    check_tensor("a_scale", a_scale, dtypes=(torch.float32,), device=a.device)
-    check_tensor("b_scale", b_scale, dtypes=(torch.float32,), device=a.device)
-    if a_scale.numel() not in (1, M):
-        raise ValueError(f"a_scale must have 1 (per tensor) or M={M} (per row) values, got {a_scale.numel()}")
-    if b_scale.numel() not in (1, N):
-        raise ValueError(f"b_scale must have 1 (per tensor) or N={N} (per channel) values, got {b_scale.numel()}")
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, device=a.device)
-        if bias.shape[0] != N:
-            raise ValueError(f"bias has {bias.shape[0]} values but the output has N={N} columns")
-    if out_dtype not in FLOAT_DTYPES:
-        raise ValueError(f"out_dtype must be one of float32/float16/bfloat16, got {out_dtype}")
+    _check_operands(a, b, FP8_DTYPE)
+    _check_epilogue(a, b, a_scale, b_scale, bias, out_dtype)
     if a.is_cuda and not fp8_supported(a.device):
         raise ValueError(f"FP8 GEMMs need compute capability >= 8.9 (Ada/Hopper); {a.device} has "
                          f"{torch.cuda.get_device_capability(a.device)}")

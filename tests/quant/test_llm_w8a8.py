@@ -9,18 +9,7 @@ from kiln.ops.gemm import quantize_activation_ref
 from kiln.quant import Fp8Linear, W8A8Linear, quantize_activations_
 from kiln.quant.llm import (check_quant_args, fold_smoothing_into_norm_, quantize_fp8_weight, smoothquant_scales)
 
-
-def fresh_gen():
-    return torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
-
-
-def make_linear(K, N, bias, g, dtype=torch.float32):
-    lin = nn.Linear(K, N, bias=bias)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(N, K, generator=g) * 0.05)
-        if bias:
-            lin.bias.copy_(torch.randn(N, generator=g))
-    return lin.to(dtype)
+from .conftest import fresh_gen, make_linear
 
 
 def outlier_input(M, K, g):

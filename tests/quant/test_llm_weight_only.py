@@ -9,18 +9,7 @@ from kiln.ops.wo_gemm import unpack_int4
 from kiln.quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_weight_only_
 from kiln.quant.llm import check_weight_only_args, quantize_int4_weight, quantize_int8_weight
 
-
-def fresh_gen():
-    return torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
-
-
-def make_linear(K, N, bias, g, dtype=torch.float32):
-    lin = nn.Linear(K, N, bias=bias)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(N, K, generator=g) * 0.05)
-        if bias:
-            lin.bias.copy_(torch.randn(N, generator=g))
-    return lin.to(dtype)
+from .conftest import fresh_gen, make_linear
 
 
 def rel_err(a, b):
