@@ -40,6 +40,22 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def generation_eos_ids(path: str | Path) -> list[int]:
+    """End-of-sequence ids from a checkpoint's ``generation_config.json``: Hugging Face ``generate`` and vLLM stop on
+    them too, and models often end a turn with a token other than config.json's ``eos_token_id``."""
+    f = Path(path) / "generation_config.json"
+    if not f.exists():
+        return []
+    try:
+        eos = json.loads(f.read_text()).get("eos_token_id")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{f} is not valid JSON: {exc}") from exc
+    ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"{f}: eos_token_id must be an int or a list of ints, got {eos!r}")
+    return ids
+
+
 @dataclass
 class ModelConfig:
     """The model's shape, read from a Hugging Face config.json (any supported family)."""

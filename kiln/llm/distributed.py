@@ -364,6 +364,17 @@ class TPWorkers:
         self.send("step", step_input)
 
     # -------------------------------------------------------------------------------------------- shutdown
+    def _leave_process_group(self) -> None:
+        if not dist.is_initialized():
+            return
+        try:
+            if self.error is not None and self.device.type == "cuda":
+                dist.distributed_c10d._abort_process_group()
+            else:
+                dist.destroy_process_group()
+        except Exception as exc:  # noqa: BLE001 - a broken group (dead peer) may not tear down cleanly
+            logger.warning("leaving the process group failed: %s", exc)
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the workers (a clean exit if they are idle, else terminate), then leave the process group."""
         if self._closing:
@@ -375,6 +386,10 @@ class TPWorkers:
                 conn.send_bytes(data)
             except (BrokenPipeError, EOFError, OSError):
                 pass
+        # leave the process group while the workers leave theirs: NCCL's communicator teardown waits for every
+        # rank, so a rank 0 that first waited for the workers to exit would wait for its own destroy (and then
+        # terminate them). A group with a dead member is aborted instead of destroyed.
+        self._leave_process_group()
         for proc in self.procs:
             proc.join(timeout=timeout)
             if proc.is_alive():
@@ -390,10 +405,5 @@ class TPWorkers:
             pass
         for conn in self.conns:
             conn.close()
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception as exc:  # noqa: BLE001 - a broken group (dead peer) may not tear down cleanly
-                logger.warning("destroy_process_group failed: %s", exc)
         self.store = None
         logger.info("tensor-parallel workers stopped")

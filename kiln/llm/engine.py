@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .build import LoadedModel, load_model, read_config
-from .config import EngineConfig, ModelConfig, parse_dtype
+from .config import EngineConfig, ModelConfig, generation_eos_ids, parse_dtype
 from .distributed import (SINGLE, EngineDeadError, TensorParallel, TPWorkers, check_tensor_parallel_size,
                           first_gpu, rank_device)
 from .kv_cache import BlockManager
@@ -128,7 +128,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.sampler = Sampler(device, self.config.seed)
         self.requests: dict[str, Request] = {}
-        self.eos_token_ids = set(mcfg.eos_token_id)
+        self.eos_token_ids = set(mcfg.eos_token_id) | set(generation_eos_ids(path))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self._ids = itertools.count()

@@ -67,6 +67,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank (peft)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard the model with FSDP2 instead of replicating it with DDP")
     p.add_argument("--eval-size", type=int, default=32, help="held-out prompts for the before/after reward")
     p.add_argument("--output-dir", default=None, help="checkpoint, stats JSON and ppo_curves.png go here")
     p.add_argument("--no-progress", action="store_true")
@@ -98,7 +100,7 @@ def run(args) -> int:
                     temperature=args.temperature, seed=args.seed, adap_kl_ctrl=args.adaptive_kl is not None,
                     target=args.adaptive_kl or 6.0, horizon=args.kl_horizon,
                     total_episodes=iterations * args.batch_size * world,
-                    output_dir=args.output_dir, num_sample_generations=5)
+                    output_dir=args.output_dir, num_sample_generations=5, fsdp=args.fsdp)
     peft_config = None
     if args.lora_r:
         from peft import LoraConfig
@@ -109,8 +111,10 @@ def run(args) -> int:
     reward = load_reward(args.reward, args.words)
     trainer = PPOTrainer(cfg, model=model, reward_model=reward, train_dataset=train, eval_dataset=evals,
                          peft_config=peft_config, device=args.device)
-    if trainer.rank > 0:  # under torchrun: rank 0 reports and writes; the others train in step with it
+    if trainer.rank > 0:  # under torchrun: rank 0 reports and writes; the others train and evaluate in step with it
+        trainer.evaluate()
         trainer.train(progress=False)
+        trainer.evaluate()
         return 0
     print(f"kiln ppo: {model} on {trainer.device}; {len(train)} train / {len(evals)} eval prompts; "
           f"{cfg.num_total_batches} iterations of {cfg.batch_size}; reward {reward!r}")

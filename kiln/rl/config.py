@@ -9,6 +9,8 @@ logging_steps=10). Where kiln differs it says so in the field's comment:
   asked; the bench sets both sides the same.
 - Adaptive KL control (``adap_kl_ctrl``, ``init_kl_coef``, ``target``, ``horizon``) comes from TRL's earlier
   PPOConfig (the controller of Ziegler et al. 2019); off by default, which gives TRL 1.12's fixed ``kl_coef``.
+- ``fsdp`` is kiln's: TRL takes FSDP from accelerate's launch config; kiln reads it here (PyTorch FSDP2 under
+  torchrun, DDP otherwise).
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ class PPOConfig:
     # kiln: the rollout engine's dtype. "auto" = the training dtype (bf16 under bf16=True, else the policy's
     # weights' dtype, fp32 by default), so rollouts sample the distribution whose log-probs PPO trains on
     rollout_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # kiln (TRL gets FSDP from accelerate's config): under torchrun, shard the trained policy + value model and the
+    # reference with FSDP2 (fully_shard per transformer block, then the root) instead of replicating them with DDP,
+    # for models whose weights, grads and Adam state do not fit one device. One process: ignored, with a warning
+    fsdp: bool = False
 
     # ---- PPO (trl.experimental.ppo.PPOConfig names and defaults)
     num_mini_batches: int = 1
@@ -104,6 +110,8 @@ class PPOConfig:
             raise ValueError("set stop_token or stop_token_id, not both")
         if self.rollout_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"rollout_dtype must be auto, float32, bfloat16 or float16, got {self.rollout_dtype!r}")
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"fsdp must be True or False, got {self.fsdp!r}")
         if self.lr_scheduler_type not in ("linear", "constant"):
             raise ValueError(f"lr_scheduler_type must be 'linear' or 'constant', got {self.lr_scheduler_type!r}")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:

@@ -17,6 +17,10 @@ Masks: a response's tokens (the stop token included) are True, the padding after
 score one position past the last token and trains that position's value too (its ``padding_mask_p1``); kiln places
 it on the last token, as TRL's earlier ``compute_rewards`` and the issue's spec do. GAE over the masked tokens is the
 same telescoped sum either way.
+
+Under ``torchrun`` every rank samples its share of each global batch and trains on its share of every mini-batch:
+with DDP (default) each rank holds the whole model; with ``PPOConfig.fsdp`` the trained model and the reference are
+sharded with FSDP2, and every read of whole weights (engine sync, checkpoints) gathers them one tensor at a time.
 """
 
 from __future__ import annotations
@@ -187,6 +191,69 @@ def _init_distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def _dtensor_type() -> type | tuple:
+    """``DTensor`` (what FSDP2 turns parameters into), or ``()`` where torch has no distributed support."""
+    if not dist.is_available():
+        return ()
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP-sharded parameter (an all-gather: every rank must ask, in the same order);
+    plain tensors pass through."""
+    return t.full_tensor() if isinstance(t, _dtensor_type()) else t
+
+
+def _transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks FSDP shards one by one, outermost only: the classes a Hugging Face model lists in
+    ``_no_split_modules`` (LlamaDecoderLayer, GPT2Block, ...), else classes named ``*DecoderLayer`` or ``*Block``.
+    One all-gather per block keeps only one block's whole weights alive at a time."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    blocks: list[nn.Module] = []
+    inside: set[int] = set()
+    for m in model.modules():  # pre-order: an outer block comes before anything nested in it
+        if id(m) in inside:
+            continue
+        cls = type(m).__name__
+        if (cls in names) if names else cls.endswith(("DecoderLayer", "Block")):
+            blocks.append(m)
+            inside.update(id(c) for c in m.modules())
+    return blocks
+
+
+def _fully_shard(model: nn.Module, frozen: bool = False) -> int:
+    """FSDP2 in place: each transformer block, then the root (embeddings, final norm, LM head, value head; tied
+    weights stay tied). Parameter names do not change. The trained model keeps its root gathered from forward to
+    backward (FSDP2's default); a ``frozen`` one has no backward, so its root reshards after every forward too.
+    Returns the number of blocks."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = _transformer_blocks(model)
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model, reshard_after_forward=True if frozen else None)
+    return len(blocks)
+
+
+def _full_state_dict(module: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` whole and on the CPU, FSDP shards gathered one tensor at a time (every rank must
+    call it); only ranks with ``keep`` hold the result. A tensor under two names (tied embeddings) stays one
+    tensor, so ``save_pretrained`` recognises the tie."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, torch.Tensor | None] = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            full = _full(t.detach())
+            seen[id(t)] = full.cpu() if keep else None
+        if keep:
+            out[name] = seen[id(t)]
+    return out
+
+
 class PPOTrainer:
     """Train a causal LM with PPO against a reward; rollouts by kiln.llm, updates in torch.
 
@@ -207,6 +274,11 @@ class PPOTrainer:
             disabled and the engine receives merged weights.
         engine_kwargs: extra ``kiln.llm.LLM`` options (block_size, max_num_seqs, num_kv_blocks, ...).
         callbacks: functions ``cb(trainer, stats)`` called after every iteration.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the trainer joins the process group and trains data-parallel: DDP, or
+    FSDP2 with ``args.fsdp`` (the policy + value model and a separate reference are sharded; the reward model and
+    the rollout engine stay whole on every rank). Then ``step``, ``train``, ``evaluate``, ``sync_weights`` and
+    ``save_model`` are collective: every rank calls them.
     """
 
     def __init__(self, args: PPOConfig | None = None, *, model: nn.Module | str | Path,
@@ -220,6 +292,17 @@ class PPOTrainer:
         if not isinstance(args, PPOConfig):
             raise TypeError(f"args must be a PPOConfig, got {type(args).__name__}")
         self.rank, self.world_size = _init_distributed()
+        self.fsdp = args.fsdp and self.world_size > 1
+        if args.fsdp and self.world_size == 1:
+            logger.warning("fsdp=True in a single process: nothing to shard, training the unsharded model (launch "
+                           "with torchrun --nproc-per-node N to shard)")
+        if self.fsdp and peft_config is not None:
+            raise ValueError("fsdp with peft_config is not supported: LoRA adapters are small enough for DDP "
+                             "(fsdp=False), and merging them into sharded weights for the rollout engine is not "
+                             "implemented")
+        if self.fsdp and optimizers[0] is not None:
+            raise ValueError("fsdp replaces the model's parameters with sharded ones, so the trainer must build the "
+                             "optimizer: pass optimizers=(None, scheduler) or use fsdp=False")
         if device is None and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if self.world_size > 1 else "cuda"
         self.device = torch.device(device or "cpu")
@@ -242,6 +325,8 @@ class PPOTrainer:
             raise ValueError("model and ref_model are the same object; pass a copy, or None to let the trainer copy "
                              "it (or to use the adapter-disabled policy with peft)")
         self.model_path = Path(model_path) if model_path is not None else _model_dir(model)
+        if self.fsdp and _is_peft(model):
+            raise ValueError("fsdp with a peft model is not supported (see peft_config); use fsdp=False")
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -320,6 +405,14 @@ class PPOTrainer:
         self.dataloader = DataLoader(train_dataset, batch_size=args.batch_size, shuffle=not is_stream,
                                      drop_last=True, collate_fn=list, generator=None if is_stream else gen)
 
+        # ---- FSDP2: before the optimizer, which must see the sharded parameters
+        if self.fsdp:
+            n_blocks = _fully_shard(self.model)
+            if self.ref_model is not None:
+                _fully_shard(self.ref_model, frozen=True)
+            logger.info("FSDP2 over %d ranks: %d transformer blocks sharded one by one, then the root",
+                        self.world_size, n_blocks)
+
         # ---- optimisation
         self.optimizer, self.lr_scheduler = optimizers
         if self.optimizer is None:
@@ -345,9 +438,10 @@ class PPOTrainer:
         self._data_iter: Iterator | None = None
         self._rollout_seed = args.seed * 1_000_003
         self._sync_plan = None  # built on the first sync_weights()
-        # DDP: gradients are averaged across ranks; self.model stays the plain module (saving, scoring, syncing)
+        # DDP: gradients are averaged across ranks; self.model stays the plain module (saving, scoring, syncing).
+        # FSDP: self.model is itself the sharded module, which averages the gradients
         self.ddp_model: nn.Module | None = None
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp_model = DistributedDataParallel(
@@ -419,7 +513,13 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------------- weights
     def engine_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The policy's parameters under Hugging Face names (LoRA merged in when training adapters)."""
+        """The policy's parameters under Hugging Face names (LoRA merged in when training adapters), whole: under
+        FSDP each is gathered as it is yielded, so every rank must consume them in step."""
+        for name, p in self._engine_params():
+            yield name, _full(p)
+
+    def _engine_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``engine_weights`` as the parameters themselves (FSDP shards not gathered)."""
         policy = self.model.policy
         if not self.is_peft_model:
             yield from policy.named_parameters()
@@ -435,13 +535,20 @@ class PPOTrainer:
 
         The first call maps every policy tensor to its destination in the engine (a parameter or a shard of a
         fused one) and later calls replay that plan as one batched ``copy_``; engines the plan cannot describe
-        (tensor-parallel, quantized) go through ``llm.update_weights`` every time."""
+        (tensor-parallel, quantized) go through ``llm.update_weights`` every time. Under FSDP the plan gathers one
+        parameter at a time, so no rank holds a second whole copy of the model."""
+        if self.fsdp:  # the root may still hold gathered weights from a no-grad forward: the plan reads the shards
+            self.model.reshard()
         with torch.no_grad(), (self._merged() if self.is_peft_model else nullcontext()):
             if self._sync_plan is None:
                 self._sync_plan = self._build_sync_plan() or False
             if self._sync_plan:
                 dst, src = self._sync_plan
-                torch._foreach_copy_(dst, src)
+                if self.fsdp:
+                    for d, t in zip(dst, src):
+                        d.copy_(_full(t))
+                else:
+                    torch._foreach_copy_(dst, src)
                 engine = getattr(self.llm, "engine", None)
                 if engine is not None and hasattr(engine, "reset_prefix_cache"):
                     engine.reset_prefix_cache()  # cached prefixes hold KV computed with the old weights
@@ -460,7 +567,7 @@ class PPOTrainer:
                 getattr(getattr(m, "tp", None), "size", 1) > 1 for m in model.modules()):
             return None  # quantized tensors or tensor-parallel slices: the loader knows how to fill those
         dst, src, filled = [], [], set()
-        for hf_name, tensor in self.engine_weights():
+        for hf_name, tensor in self._engine_params():  # under FSDP, DTensors with the whole shape
             target = name_map(hf_name)
             if target is None:
                 continue
@@ -503,6 +610,22 @@ class PPOTrainer:
             with self.model.policy.disable_adapter():
                 yield self.model.policy
 
+    @contextmanager
+    def _no_grad_sync(self, sync: bool):
+        """Skip the cross-rank gradient reduction unless ``sync`` (the last micro-batch of a mini-batch): DDP's
+        ``no_sync()``, FSDP2's ``set_requires_gradient_sync(False)``. The reduced sum is the same, once."""
+        if sync or self.world_size == 1:
+            yield
+        elif self.fsdp:
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        else:
+            with self.ddp_model.no_sync():
+                yield
+
     def _autocast(self):
         if not self.args.bf16:
             return nullcontext()
@@ -518,11 +641,13 @@ class PPOTrainer:
         texts_in, prompt_ids = zip(*encoded)
         base_seed = self._rollout_seed if seed is None else seed
         stop = self.stop_token_id
-        # token ids only (no per-token incremental detokenization in the engine); texts are decoded once below
+        # token ids only (no per-token incremental detokenization in the engine); texts are decoded once below.
+        # A response ends at the model's EOS tokens (generation_config.json too), as TRL's rollouts through
+        # Hugging Face generate do whatever stop_token says; stop_token only adds truncation at its id.
         params = [SamplingParams(temperature=a.temperature if temperature is None else temperature,
                                  max_tokens=a.response_length, seed=base_seed + i,
                                  stop_token_ids=[stop] if stop is not None else None,
-                                 ignore_eos=a.stop_token != "eos", detokenize=False) for i in range(len(batch))]
+                                 detokenize=False) for i in range(len(batch))]
         outs = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], params)
         responses = [list(o.outputs[0].token_ids) for o in outs]
         return self._pack(list(texts_in), [list(p) for p in prompt_ids], responses, self._decode(responses),
@@ -678,28 +803,28 @@ class PPOTrainer:
         lm = a.local_mini_batch_size
         for epoch in range(a.num_ppo_epochs):
             # the same permutation on every rank; rank r trains on its slice of each global mini-batch, in the
-            # micro-batches one process would use, and DDP averages the gradients
+            # micro-batches one process would use, and DDP (or FSDP) averages the gradients
             perm = torch.from_numpy(self._np_rng.permutation(B)).to(self.device)
             for mb_idx, mb_start in enumerate(range(0, B, a.mini_batch_size)):
                 mb = perm[mb_start:mb_start + a.mini_batch_size][self.rank * lm:(self.rank + 1) * lm]
                 chunks = [mb[i:i + micro] for i in range(0, len(mb), micro)]
                 for n_chunk, idx in enumerate(chunks):
-                    sync = self.ddp_model is None or n_chunk == len(chunks) - 1
-                    with self._autocast(), (nullcontext() if sync else self.ddp_model.no_sync()):
+                    sync = n_chunk == len(chunks) - 1
+                    with self._autocast(), self._no_grad_sync(sync):
                         logits, vpred = self._forward(train_module, ro, idx, True)
                     m = mask[idx]
                     new_logprobs = logprobs_from_logits(logits, ro.responses[idx])
                     pg, pg_stats = policy_loss(new_logprobs, logprobs[idx], advantages[idx], m, a.cliprange)
                     vf, vf_stats = value_loss(vpred.float(), values[idx], returns[idx], m, a.cliprange_value)
                     loss = pg + a.vf_coef * vf
-                    with nullcontext() if sync else self.ddp_model.no_sync():
+                    with self._no_grad_sync(sync):
                         (loss / len(chunks)).backward()
                     with torch.no_grad():
                         ent = masked_mean(entropy_from_logits(logits), m)
                         acc_t[:, epoch, mb_idx] += torch.stack(
                             [pg_stats["approxkl"], pg_stats["clipfrac"], pg.detach(), vf.detach(),
                              vf_stats["clipfrac"], ent, pg_stats["ratio"]]).float() / len(chunks)
-                if a.max_grad_norm is not None:
+                if a.max_grad_norm is not None:  # FSDP's DTensor grads: the norm is taken over all shards
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -783,34 +908,60 @@ class PPOTrainer:
     @torch.no_grad()
     def evaluate(self, dataset: Dataset | None = None, temperature: float | None = None, seed: int = 12345,
                  batch_size: int | None = None) -> dict[str, float]:
-        """Mean score of responses to ``dataset`` (default eval_dataset) with the current policy."""
+        """Mean score of responses to ``dataset`` (default eval_dataset) with the current policy.
+
+        Prompt ``i`` is sampled with seed ``seed + i``. Under torchrun every rank must call it: each samples and
+        scores a contiguous share of the prompts, and all ranks return the stats of the whole dataset."""
         dataset = dataset if dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs a dataset (or eval_dataset at construction)")
         self.sync_weights()
-        items = [dataset[i] for i in range(len(dataset))]
+        n = len(dataset)
+        lo, hi = self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size
+        items = [dataset[i] for i in range(lo, hi)]
         bs = batch_size or max(self.args.local_batch_size, 1)
-        scores, lengths = [], []
+        scores: list[float] = []
+        lengths: list[float] = []
         for s in range(0, len(items), bs):
-            ro = self.generate(items[s:s + bs], temperature=temperature, seed=seed + s)
-            scores.append(self.score(ro))
-            lengths.append(ro.mask.sum(1).float())
-        scores_t, lengths_t = torch.cat(scores), torch.cat(lengths)
+            ro = self.generate(items[s:s + bs], temperature=temperature, seed=seed + lo + s)
+            scores += self.score(ro).tolist()
+            lengths += ro.mask.sum(1).float().tolist()
+        if self.world_size > 1:
+            parts = [None] * self.world_size
+            dist.all_gather_object(parts, (scores, lengths))
+            scores, lengths = sum((p[0] for p in parts), []), sum((p[1] for p in parts), [])
+        scores_t, lengths_t = torch.tensor(scores), torch.tensor(lengths)
         return {"eval/scores": scores_t.mean().item(), "eval/scores_std": scores_t.std().item() if len(scores_t) > 1
-                else 0.0, "eval/response_length": lengths_t.mean().item(), "eval/num_prompts": len(items)}
+                else 0.0, "eval/response_length": lengths_t.mean().item(), "eval/num_prompts": n}
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def save_model(self, output_dir: str | Path) -> Path:
         """Write the policy (HF format; LoRA adapters with peft), the value head or value model, the tokenizer
-        files, the config and the stats history."""
+        files, the config and the stats history. Rank 0 writes. Under FSDP every rank must call it: the shards are
+        gathered, the files hold whole tensors that load without FSDP, and every rank returns once they exist."""
+        out = Path(output_dir)
+        if not self.fsdp:
+            if self.rank == 0:  # DDP keeps every rank's weights identical: rank 0 writes them
+                self._write_model(out)
+            return out
+        keep = self.rank == 0
+        self.model.reshard()  # register the (current) shards, not weights gathered by an earlier no-grad forward
+        policy_state = _full_state_dict(self.model.policy, keep)
+        value_state = _full_state_dict(self.model.value_head or self.model.value_model, keep)
+        if keep:
+            self._write_model(out, policy_state, value_state)
+        dist.barrier()
+        return out
+
+    def _write_model(self, out: Path, policy_state: dict | None = None, value_state: dict | None = None) -> None:
+        """``save_model``'s files, from the modules or from given whole state dicts (FSDP)."""
         from safetensors.torch import save_file
 
-        out = Path(output_dir)
-        if self.rank > 0:  # DDP keeps every rank's weights identical: rank 0 writes them
-            return out
         out.mkdir(parents=True, exist_ok=True)
-        self.model.policy.save_pretrained(out, safe_serialization=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.model.value_state_dict().items()}
+        self.model.policy.save_pretrained(out, safe_serialization=True,
+                                          **({} if policy_state is None else {"state_dict": policy_state}))
+        state = {k: v.detach().contiguous().cpu() for k, v in
+                 (value_state if value_state is not None else self.model.value_state_dict()).items()}
         save_file(state, str(out / ("value_head.safetensors" if self.model.value_head is not None
                                     else "value_model.safetensors")))
         if self.model_path is not None:
@@ -823,7 +974,6 @@ class PPOTrainer:
         (out / "trainer_state.json").write_text(json.dumps({
             "iteration": self.iteration, "episode": self.episode, "kl_coef": self.kl_ctl.value,
             "config": self.args.to_dict(), "history": self.history, "samples": self.samples}, indent=1))
-        return out
 
     def load_value_head(self, path: str | Path) -> None:
         """Load a value head (or value model) saved by ``save_model``."""
@@ -832,7 +982,14 @@ class PPOTrainer:
         path = Path(path)
         name = "value_head.safetensors" if self.model.value_head is not None else "value_model.safetensors"
         target = self.model.value_head or self.model.value_model
-        target.load_state_dict(load_file(str(path / name if path.is_dir() else path), device=str(self.device)))
+        state = load_file(str(path / name if path.is_dir() else path), device=str(self.device))
+        if self.fsdp:  # every rank read the whole file: each keeps its own shard, no communication
+            from torch.distributed.tensor import distribute_tensor
+
+            params = target.state_dict(keep_vars=True)
+            state = {k: distribute_tensor(v, params[k].device_mesh, params[k].placements, src_data_rank=None)
+                     if isinstance(params.get(k), _dtensor_type()) else v for k, v in state.items()}
+        target.load_state_dict(state)
 
 
 class _PhaseClock:

@@ -5,7 +5,10 @@
 #      policy sampled by one fp32 engine);
 #   2. a larger `kiln ppo --demo` run (bundled model, word-list reward) with its reward/KL plot;
 #   3. optionally (LORA_ITERS > 0) the LoRA (peft) variant of the demo;
-#   4. a compact table of all of it, printed last.
+#   4. optionally (REWARD_SEEDS="1 2 3 ...") the final-reward comparison over several seeds: kiln and TRL
+#      (+ gc.freeze(), the same updates) trained REWARD_ITERS iterations from each seed, paired mean and spread;
+#   5. a compact table of all of it, printed last.
+# PRECS (default "fp32 bf16") picks the bench precisions; DEMO_ITERS=0 skips the demo.
 #
 #   bash scripts/gpu/ppo.sh            # from the repository root; results go to $OUT (default ./out/ppo)
 #   DEVICE=cpu DEMO_ITERS=2 BENCH_ITERS=2 BENCH_BATCH=8 BENCH_LEN=8 bash scripts/gpu/ppo.sh   # dry run of every step
@@ -26,6 +29,9 @@ BENCH_LEN="${BENCH_LEN:-48}"
 EVAL_SAMPLES="${EVAL_SAMPLES:-8}"   # responses per held-out prompt (32 prompts) for the final reward: 1 is too noisy
 DEMO_ITERS="${DEMO_ITERS:-120}"
 LORA_ITERS="${LORA_ITERS:-0}"
+PRECS="${PRECS:-fp32 bf16}"
+REWARD_SEEDS="${REWARD_SEEDS:-}"
+REWARD_ITERS="${REWARD_ITERS:-30}"
 STEP_LIMIT_S="${STEP_LIMIT_S:-170}"
 DEMO_LIMIT_S="${DEMO_LIMIT_S:-150}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -65,7 +71,7 @@ fi
 echo "== bench/ppo_vs_trl.py, batch $BENCH_BATCH x $BENCH_LEN tokens, $BENCH_ITERS iterations (fp32, then bf16)"
 TRL_FLAG=""
 [ "$HAVE_TRL" = 1 ] || TRL_FLAG="--skip-trl"
-for PREC in fp32 bf16; do
+for PREC in $PRECS; do
   EXTRA=""
   [ "$PREC" = bf16 ] && EXTRA="--bf16"
   echo "-- $PREC"
@@ -74,12 +80,22 @@ for PREC in fp32 bf16; do
       --json "$OUT/ppo_vs_trl_b${BENCH_BATCH}_$PREC.json" || echo "bench $PREC failed or timed out (rc $?)"
 done
 
+for SEED in $REWARD_SEEDS; do
+  echo "-- final reward, seed $SEED: $REWARD_ITERS iterations, kiln and TRL + gc.freeze() (fp32)"
+  timeout "$STEP_LIMIT_S" $PY bench/ppo_vs_trl.py --device "$DEVICE" --iterations "$REWARD_ITERS" \
+      --batch-size "$BENCH_BATCH" --response-length "$BENCH_LEN" --eval-samples "$EVAL_SAMPLES" --seed "$SEED" \
+      --trl-runs gc_freeze $TRL_FLAG --json "$OUT/reward_seed$SEED.json" | grep -E "final eval|train scores" \
+      || echo "reward seed $SEED failed or timed out"
+done
+
+if [ "$DEMO_ITERS" -gt 0 ]; then
 echo "== kiln ppo --demo (bundled Shakespeare model, word-list reward), $DEMO_ITERS iterations"
 timeout "$DEMO_LIMIT_S" $PY -m kiln.cli ppo --demo --device "$DEVICE" --iterations "$DEMO_ITERS" --batch-size 64 \
     --num-mini-batches 4 --response-length 48 --learning-rate 3e-5 --kl-coef 0.02 --adaptive-kl 4 \
     --kl-horizon 2000 --eval-size 64 --seed 0 --no-progress --output-dir "$OUT/demo" \
     || echo "demo failed or timed out (rc $?)"
 cp "$OUT/demo/ppo_curves.png" "$OUT/ppo_curves.png" 2>/dev/null || true
+fi
 
 if [ "$LORA_ITERS" -gt 0 ]; then
   echo "== kiln ppo --demo, LoRA (peft) variant, $LORA_ITERS iterations"
@@ -89,13 +105,13 @@ if [ "$LORA_ITERS" -gt 0 ]; then
 fi
 
 echo "== summary ($(( $(date +%s) - T_START )) s in all; files in $OUT)"
-$PY - "$OUT" "$BENCH_BATCH" <<'PY'
+$PY - "$OUT" "$BENCH_BATCH" "$DEMO_ITERS" "$PRECS" <<'PY'
 import json, sys
 from pathlib import Path
 
 out, batch = Path(sys.argv[1]), sys.argv[2]
 rows = []
-for prec in ("fp32", "bf16"):
+for prec in sys.argv[4].split():
     f = out / f"ppo_vs_trl_b{batch}_{prec}.json"
     if not f.exists():
         print(f"{prec}: no bench result")
@@ -117,6 +133,19 @@ if rows:
     w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     for r in [head] + rows:
         print("  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)))
+pairs = []
+for f in sorted(out.glob("reward_seed*.json")):
+    s = json.loads(f.read_text())["summary"]
+    if "trl_gc_freeze" in s:
+        pairs.append((f.stem, s["kiln"]["final_eval_reward"], s["trl_gc_freeze"]["final_eval_reward"]))
+if pairs:
+    import statistics as st
+    for name, k, t in pairs:
+        print(f"{name}: final eval reward kiln {k:.4f}  TRL+gc {t:.4f}  diff {k - t:+.4f}")
+    d = [k - t for _, k, t in pairs]
+    se = st.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+    print(f"over {len(d)} seeds: kiln {st.mean(k for _, k, _ in pairs):.4f}  TRL {st.mean(t for _, _, t in pairs):.4f}"
+          f"  paired diff {st.mean(d):+.4f} +- {se:.4f} (s.e.)")
 for name in ("demo", "demo_lora"):
     f = out / name / "demo_result.json"
     if f.exists():
@@ -125,6 +154,6 @@ for name in ("demo", "demo_lora"):
         print(f"{name}: {its} iterations, held-out reward {d['before']['eval/scores']:.4f} -> "
               f"{d['after']['eval/scores']:.4f}, KL {d['final_kl']:.2f} nats/response, {d['wall_s']:.0f} s "
               f"({d['wall_s'] / max(its, 1):.3f} s/iteration incl. evals); plot {out / name / 'ppo_curves.png'}")
-    elif name == "demo":
+    elif name == "demo" and int(sys.argv[3]) > 0:
         print("demo: no result")
 PY

@@ -1,0 +1,124 @@
+"""Weight-only decode GEMVs on the GPU (issue 8): kiln's W8A16 / W4A16 Triton kernels vs bf16 (cuBLAS and kiln's
+bf16 GEMV) at batch 1 on the Llama shapes, plus a tile sweep, so the heuristic in ``wo_config`` can be checked
+against the best tile and the speed-up per linear read off directly.
+
+Timing as in ``decode_gemv_bench.py``: a CUDA graph of back-to-back calls over distinct weight copies (>= 512 MB
+of bf16, so L2 cannot serve them). Reported per linear: microseconds, the fraction of the copy bandwidth each
+kernel reaches on its own bytes (codes + scales), and the speed-up over cuBLAS bf16.
+
+  python3 scripts/gpu/wo_gemv_bench.py [--models llama-8b llama-1b] [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.common import copy_bandwidth  # noqa: E402
+from kiln.ops import gemv  # noqa: E402
+from kiln.ops.wo_gemm import _wo_triton, split_k_for, wo_config  # noqa: E402
+from decode_gemv_bench import SHAPES, graph_time, linears  # noqa: E402
+
+GROUP = 128
+# (BLOCK_N, BLOCK_K, num_warps) tried at M=1; SPLIT_K: the heuristic's, 1, and twice the heuristic's
+SWEEP = {8: [(16, 128, 2), (32, 128, 4), (64, 128, 4), (64, 256, 4), (128, 128, 8), (32, 256, 4), (64, 256, 8)],
+         4: [(16, 128, 2), (32, 128, 4), (64, 128, 4), (128, 128, 4), (128, 128, 8), (256, 128, 8), (32, 64, 2)]}
+
+
+def quantized_copies(n: int, k: int, bits: int) -> tuple[list[tuple], int]:
+    """Random codes and scales, enough copies to stream >= 512 MB of bf16-equivalent weights; bytes per copy."""
+    copies = max(2, min(64, (512 * 2**20) // (n * k * 2) + 1))
+    out = []
+    for _ in range(copies):
+        if bits == 8:
+            q = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+            s = torch.rand(n, device="cuda", dtype=torch.bfloat16) / 127
+        else:
+            q = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
+            s = torch.rand(n, k // GROUP, device="cuda", dtype=torch.bfloat16) / 7
+        out.append((q, s))
+    q, s = out[0]
+    return out, q.numel() * q.element_size() + s.numel() * s.element_size()
+
+
+def call(bits: int, x, q, s, config=None):
+    return _wo_triton(x, q, s, None, GROUP if bits == 4 else 0, None, bits, config=config)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["llama-8b", "llama-1b"], choices=list(SHAPES))
+    ap.add_argument("--sweep", action="store_true", help="tile sweep at M=1 on the first model's shapes")
+    args = ap.parse_args()
+    bw = copy_bandwidth()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"{torch.cuda.get_device_name(0)}: copy bandwidth {bw / 1e12:.2f} TB/s, {sms} SMs; torch {torch.__version__}")
+    rows = []
+    for model in args.models:
+        for name, (n, k) in linears(SHAPES[model]).items():
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+                  for _ in range(max(2, min(64, (512 * 2**20) // (n * k * 2) + 1)))]
+            t_cub = graph_time(lambda: [F.linear(x, w) for w in ws], len(ws))
+            t_kbf = graph_time(lambda: [gemv.linear(x, w) for w in ws], len(ws))
+            del ws
+            res = {"cublas": (t_cub, n * k * 2), "kiln-bf16": (t_kbf, n * k * 2)}
+            for bits in (8, 4):
+                qs, nbytes = quantized_copies(n, k, bits)
+                t = graph_time(lambda: [call(bits, x, q, s) for q, s in qs], len(qs))
+                res[f"w{bits}a16"] = (t, nbytes)
+                if args.sweep and model == args.models[0]:
+                    best = (t, "heuristic")
+                    auto = split_k_for(1, n, k, 1, 64, 128, sms)
+                    for bn, bk, nw in SWEEP[bits]:
+                        for split in sorted({1, split_k_for(1, n, k, 1, bn, bk, sms), 2 * auto}):
+                            cfg = dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split, num_warps=nw)
+                            try:
+                                ts = graph_time(lambda: [call(bits, x, q, s, cfg) for q, s in qs], len(qs))
+                            except Exception as exc:  # noqa: BLE001 - a tile that does not compile is skipped
+                                print(f"   {name} w{bits} {bn}x{bk}/w{nw}/s{split}: {type(exc).__name__}")
+                                continue
+                            if ts < best[0]:
+                                best = (ts, f"{bn}x{bk}/w{nw}/split{split}")
+                    res[f"w{bits}a16 best"] = (best[0], nbytes)
+                    pick = wo_config(1, n, k, bits, GROUP, sms)
+                    print(f"   {model} {name} w{bits}: heuristic {pick['BLOCK_N']}x{pick['BLOCK_K']}/"
+                          f"w{pick['num_warps']}/split{pick['SPLIT_K']} {t * 1e6:.1f} us; best {best[1]} "
+                          f"{best[0] * 1e6:.1f} us ({nbytes / best[0] / bw * 100:.0f}% of copy bw)", flush=True)
+                del qs
+            torch.cuda.empty_cache()
+            rows.append((model, name, n, k, res))
+            print(f"{model:9} {name:13} " + " | ".join(
+                f"{key} {t * 1e6:7.1f} us {b / t / bw * 100:5.1f}%" for key, (t, b) in res.items()), flush=True)
+
+    print("\n== batch-1 decode linears: us (fraction of copy bandwidth on own bytes), speed-up vs cuBLAS bf16")
+    keys = ["cublas", "kiln-bf16", "w8a16", "w4a16"] + (["w8a16 best", "w4a16 best"] if args.sweep else [])
+    print(f"{'model':9} {'linear':13} " + " ".join(f"{k:>22}" for k in keys))
+    for model, name, n, k, res in rows:
+        t0 = res["cublas"][0]
+        cells = []
+        for key in keys:
+            if key in res:
+                t, b = res[key]
+                cells.append(f"{t * 1e6:7.1f} ({b / t / bw * 100:3.0f}%) {t0 / t:4.2f}x")
+            else:
+                cells.append(f"{'-':>22}")
+        print(f"{model:9} {name:13} " + " ".join(f"{c:>22}" for c in cells))
+    for model in args.models:
+        layers = {"llama-1b": 16, "llama-8b": 32}[model]
+        sel = [r for r in rows if r[0] == model]
+        tot = {key: sum(r[4][key][0] * (1 if r[1] == "lm_head" else layers) for r in sel)
+               for key in keys if all(key in r[4] for r in sel)}
+        print(f"{model}: one decode step's linears (lm_head once, {layers} layers): "
+              + ", ".join(f"{key} {v * 1e3:.3f} ms ({tot['cublas'] / v:.2f}x)" for key, v in tot.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
