@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 # last resort for a collective that never completes (a live but stuck peer); dead peers are caught much sooner
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("KILN_TP_TIMEOUT_S", "600"))
 STARTUP_TIMEOUT_S = float(os.environ.get("KILN_TP_STARTUP_TIMEOUT_S", "600"))
+TEARDOWN_TIMEOUT_S = 20.0  # how long shutdown waits for the process group to tear down
 
 
 class EngineDeadError(RuntimeError):
@@ -192,6 +193,7 @@ def _worker_main(spec: WorkerSpec, conn) -> None:
             elif kind == "update_weights":
                 runner.load_named_tensors(payload)
             elif kind == "shutdown":
+                runner.release_graphs()
                 break
             else:
                 raise RuntimeError(f"unknown message {kind!r} from rank 0")
@@ -204,7 +206,8 @@ def _worker_main(spec: WorkerSpec, conn) -> None:
             pass
         conn.close()
         os._exit(1)
-    if tp is not None and dist.is_initialized():
+    if tp is not None and dist.is_initialized() and dist.get_backend() != "nccl":
+        # NCCL: no teardown here; it waits on rank 0, which waits for this process to exit (the exit frees it)
         dist.destroy_process_group()
     conn.close()
     logging.shutdown()
@@ -365,15 +368,30 @@ class TPWorkers:
 
     # -------------------------------------------------------------------------------------------- shutdown
     def _leave_process_group(self) -> None:
+        """Destroy the group (an NCCL group with a dead member is aborted), in a helper thread with a deadline:
+        NCCL's teardown can block for good on a dead peer, and shutdown must return either way."""
         if not dist.is_initialized():
             return
-        try:
-            if self.error is not None and self.device.type == "cuda":
-                dist.distributed_c10d._abort_process_group()
-            else:
-                dist.destroy_process_group()
-        except Exception as exc:  # noqa: BLE001 - a broken group (dead peer) may not tear down cleanly
-            logger.warning("leaving the process group failed: %s", exc)
+        dead = self.error is not None and self.device.type == "cuda"
+        errors: list[BaseException] = []
+
+        def leave():
+            try:
+                if dead:
+                    dist.distributed_c10d._abort_process_group()
+                else:
+                    dist.destroy_process_group()
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        t = threading.Thread(target=leave, name="kiln-tp-teardown", daemon=True)
+        t.start()
+        t.join(TEARDOWN_TIMEOUT_S)
+        if t.is_alive():
+            logger.warning("the process group did not tear down within %.0f s; another tensor-parallel engine "
+                           "cannot start in this process", TEARDOWN_TIMEOUT_S)
+        elif errors:
+            logger.warning("leaving the process group failed: %s", errors[0])
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the workers (a clean exit if they are idle, else terminate), then leave the process group."""
@@ -386,10 +404,6 @@ class TPWorkers:
                 conn.send_bytes(data)
             except (BrokenPipeError, EOFError, OSError):
                 pass
-        # leave the process group while the workers leave theirs: NCCL's communicator teardown waits for every
-        # rank, so a rank 0 that first waited for the workers to exit would wait for its own destroy (and then
-        # terminate them). A group with a dead member is aborted instead of destroyed.
-        self._leave_process_group()
         for proc in self.procs:
             proc.join(timeout=timeout)
             if proc.is_alive():
@@ -405,5 +419,7 @@ class TPWorkers:
             pass
         for conn in self.conns:
             conn.close()
+        # last, with the workers gone: NCCL's teardown on rank 0 blocked while a worker was still exiting
+        self._leave_process_group()
         self.store = None
         logger.info("tensor-parallel workers stopped")

@@ -226,7 +226,7 @@ class LLMEngine:
             try:
                 self.workers.check()
             except EngineDeadError:
-                self.workers.shutdown()  # the others too, and the process group: a new engine can start
+                self.shutdown()  # the others too, and the process group: a new engine can start
                 raise
 
     @contextmanager
@@ -246,13 +246,17 @@ class LLMEngine:
             try:
                 self.workers.check(wait=5.0)
             except EngineDeadError as dead:
-                self.workers.shutdown()
+                self.shutdown()
                 raise dead from exc
             raise
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (also done at garbage collection and interpreter exit)."""
         if self.workers is not None:
+            # CUDA graphs that captured NCCL collectives hold the communicator: drop them before its teardown
+            # (not while a replay may still wait on a dead worker: synchronising would wait with it)
+            if self.workers.error is None:
+                self.runner.release_graphs()
             self.workers.shutdown()
 
     # --------------------------------------------------------------------------------------- the step

@@ -226,6 +226,13 @@ class ModelRunner:
         torch.cuda.synchronize(dev)
         logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(sizes), sizes)
 
+    def release_graphs(self) -> None:
+        """Drop the decode CUDA graphs (later steps run eagerly): a graph that captured NCCL collectives keeps
+        its communicator busy, and tearing the process group down under it blocks."""
+        if self.graphs:
+            torch.cuda.synchronize(self.device)
+            self.graphs.clear()
+
     def _replay(self, inp: StepInput) -> torch.Tensor:
         n = inp.input_ids.shape[0]
         b = next(s for s in sorted(self.graphs) if s >= n)
