@@ -366,6 +366,16 @@ class TPWorkers:
     def send_step(self, step_input) -> None:
         self.send("step", step_input)
 
+    def wait_for_device(self, device: torch.device) -> None:
+        """Wait for rank 0's queued work by polling an event instead of a blocking synchronise, so a worker that
+        dies mid-step (its peers' NCCL kernels then wait forever) raises EngineDeadError instead of a hang."""
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        while not event.query():
+            if self.error is not None:
+                raise EngineDeadError(self.error)
+            time.sleep(0)  # let the monitor thread record a death
+
     # -------------------------------------------------------------------------------------------- shutdown
     def _leave_process_group(self) -> None:
         """Destroy the group (an NCCL group with a dead member is aborted), in a helper thread with a deadline:

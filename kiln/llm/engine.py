@@ -254,8 +254,8 @@ class LLMEngine:
         """Stop the tensor-parallel workers (also done at garbage collection and interpreter exit)."""
         if self.workers is not None:
             # CUDA graphs that captured NCCL collectives hold the communicator: drop them before its teardown
-            # (not while a replay may still wait on a dead worker: synchronising would wait with it)
-            if self.workers.error is None:
+            # (not while a step still waits on a dead worker: synchronising would wait with it)
+            if self.workers.error is None or torch.cuda.current_stream(self.device).query():
                 self.runner.release_graphs()
             self.workers.shutdown()
 
@@ -268,6 +268,8 @@ class LLMEngine:
             return []
         with self._worker_errors():
             result = self.runner.execute(batch)
+            if self.workers is not None and self.device.type == "cuda":
+                self.workers.wait_for_device(self.device)  # a dead worker raises here, not in a stuck sync
         self.stats["steps"] += 1
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
