@@ -255,7 +255,8 @@ class LLMEngine:
         if self.workers is not None:
             # CUDA graphs that captured NCCL collectives hold the communicator: drop them before its teardown
             # (not while a step still waits on a dead worker: synchronising would wait with it)
-            if self.workers.error is None or torch.cuda.current_stream(self.device).query():
+            idle = self.device.type != "cuda" or torch.cuda.current_stream(self.device).query()
+            if self.workers.error is None or idle:
                 self.runner.release_graphs()
             self.workers.shutdown()
 
