@@ -176,7 +176,8 @@ def _nibble_minus_zero(code, zf):
 def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk, stride_wn, stride_sn, stride_zn,
                     stride_ym, stride_ys, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    USE_DOT: tl.constexpr, UPCAST: tl.constexpr, SPLIT_K: tl.constexpr):
+                    USE_DOT: tl.constexpr, UPCAST: tl.constexpr, SPLIT_K: tl.constexpr,
+                    REDUCE_EACH_TILE: tl.constexpr = True):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -191,7 +192,8 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
     w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # int8 GEMV: per-element partial sums, reduced once
-    accn = tl.zeros([BLOCK_N], dtype=tl.float32)  # int4 GEMV: one scaled partial per group tile
+    accn = tl.zeros([BLOCK_N], dtype=tl.float32)  # int4 GEMV: one scaled partial per group tile...
+    acc4 = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)  # ...or scaled per element, reduced once
     k_lo = pid_k * k_per_split  # a multiple of BLOCK_K: a K tile never straddles an int4 group
     k_hi = tl.minimum(K, k_lo + k_per_split)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -234,13 +236,17 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
                     part = tl.dot(xe, tl.trans(w_lo.to(dt)))
                     part += tl.dot(xo, tl.trans(w_hi.to(dt)))
                 acc += part * s[None, :]
-            else:
+            elif REDUCE_EACH_TILE:
                 accn += tl.sum(w_lo * xe.to(tl.float32) + w_hi * xo.to(tl.float32), axis=1) * s
+            else:
+                acc4 += (w_lo * xe.to(tl.float32) + w_hi * xo.to(tl.float32)) * s[:, None]
     if not USE_DOT:
         if BITS == 8:
             acc = tl.sum(acc1, axis=1)[None, :]
-        else:
+        elif REDUCE_EACH_TILE:
             acc = accn[None, :]
+        else:
+            acc = tl.sum(acc4, axis=1)[None, :]
     if BITS == 8:
         acc = acc * tl.load(S + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:

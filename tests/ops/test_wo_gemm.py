@@ -95,11 +95,13 @@ def test_weight_only_triton_takes_strided_inputs_and_leading_dims(monkeypatch):
 
 @requires_triton
 def test_weight_only_triton_fixed_configs_cover_gemv_and_dot_paths():
-    """Explicit GPU-style tiles (BLOCK_K 128 = whole group, 64 < group) run correctly in the interpreter too."""
+    """Explicit GPU-style tiles (BLOCK_K 128 = whole group, 64 < group; the int4 GEMV's two accumulation orders)
+    run correctly in the interpreter too."""
     g = fresh_gen()
     N, K, G = 40, 256, 128
     q, s, z = int4_operands(N, K, G, g)
     for M, cfg in ((1, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=128, USE_DOT=False)),
+                   (1, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=128, USE_DOT=False, REDUCE_EACH_TILE=False)),
                    (5, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, USE_DOT=True))):
         x = torch.randn(M, K, device=DEVICE, generator=g)
         y = wo_gemm._wo_triton(x, q, s, z, G, None, bits=4, config=cfg)
