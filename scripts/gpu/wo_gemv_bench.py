@@ -78,8 +78,8 @@ def main() -> int:
                     best = (t, "heuristic")
                     auto = split_k_for(1, n, k, 1, 64, 128, sms)
                     for bn, bk, nw in SWEEP[bits]:
-                        for split, once in [(sp, o) for sp in sorted({1, split_k_for(1, n, k, 1, bn, bk, sms), 2 * auto})
-                                            for o in ((False, True) if bits == 4 else (False,))]:
+                        splits = sorted({1, split_k_for(1, n, k, 1, bn, bk, sms), 2 * auto})
+                        for split, once in [(sp, o) for sp in splits for o in ((False, True) if bits == 4 else (False,))]:
                             cfg = dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split, num_warps=nw,
                                        REDUCE_EACH_TILE=not once)
                             try:
