@@ -79,7 +79,8 @@ def main() -> int:
                     auto = split_k_for(1, n, k, 1, 64, 128, sms)
                     for bn, bk, nw in SWEEP[bits]:
                         splits = sorted({1, split_k_for(1, n, k, 1, bn, bk, sms), 2 * auto})
-                        for split, once in [(sp, o) for sp in splits for o in ((False, True) if bits == 4 else (False,))]:
+                        orders = (False, True) if bits == 4 else (False,)
+                        for split, once in [(sp, o) for sp in splits for o in orders]:
                             cfg = dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split, num_warps=nw,
                                        REDUCE_EACH_TILE=not once)
                             try:
