@@ -118,6 +118,8 @@ def run_kiln(a, model_dir, device, train_texts, reward):
                     adam_epsilon=1e-8, weight_decay=0.0, rollout_dtype=a.kiln_rollout_dtype)
     tr = PPOTrainer(cfg, model=policy, model_path=model_dir, reward_model=reward, value_model=value,
                     train_dataset=PromptDataset(train_texts), device=device)
+    if a.kiln_rollouts == "hf":
+        tr.generate = hf_rollouts(tr)
     iter_s, tok_s, scores, kls, phases = [], [], [], [], {k: [] for k in PHASES}
     for _ in range(cfg.num_total_batches):
         s = tr.step()
@@ -130,6 +132,37 @@ def run_kiln(a, model_dir, device, train_texts, reward):
     return {"iteration_s": iter_s, "tokens_per_s": tok_s, "scores": scores, "kl": kls, "policy": tr.model.policy,
             "phases": phases, "rollout_dtype": str(tr.llm.engine.dtype).replace("torch.", ""),
             "engine_vs_policy": engine_policy_gap(tr, train_texts[:a.batch_size])}
+
+
+def hf_rollouts(tr):
+    """A diagnostic: kiln's trainer with TRL's rollouts (the policy's own Hugging Face ``generate``: left-padded
+    batch, global RNG, sampling at the trainer's temperature, stop at the model's EOS ids), so that a reward gap
+    between kiln and TRL can be pinned on the rollout engine or on the update."""
+
+    @torch.no_grad()
+    def generate(batch, temperature=None, seed=None):
+        texts, ids = zip(*[tr._encode(item, f"prompt {i}") for i, item in enumerate(batch)])
+        pad = tr.tokenizer.pad_token_id if getattr(tr.tokenizer, "pad_token_id", None) is not None else 0
+        ctx = max(map(len, ids))
+        q = torch.tensor([[pad] * (ctx - len(p)) + list(p) for p in ids], device=tr.device)
+        mask = torch.tensor([[0] * (ctx - len(p)) + [1] * len(p) for p in ids], device=tr.device)
+        policy = tr.model.policy
+        was_training = policy.training
+        policy.eval()
+        out = policy.generate(input_ids=q.masked_fill(mask == 0, 0), attention_mask=mask, do_sample=True,
+                              temperature=temperature or tr.args.temperature, top_k=0, top_p=1.0,
+                              max_new_tokens=tr.args.response_length, pad_token_id=pad)
+        policy.train(was_training)
+        eos = policy.generation_config.eos_token_id
+        eos = {eos} if isinstance(eos, int) else set(eos or [])
+        responses = []
+        for row in out[:, ctx:].tolist():
+            end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            responses.append(row[:end])
+        return tr._pack(list(texts), [list(p) for p in ids], responses, tr._decode(responses),
+                        ["stop" if r and r[-1] in eos else "length" for r in responses])
+
+    return generate
 
 
 @torch.no_grad()
@@ -252,6 +285,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-samples", type=int, default=4, help="responses per held-out prompt for the final reward")
     p.add_argument("--kiln-rollout-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="kiln's rollout engine dtype (auto: the training dtype)")
+    p.add_argument("--kiln-rollouts", default="engine", choices=["engine", "hf"],
+                   help="hf: a diagnostic run of kiln's trainer with TRL-style rollouts (the policy's HF generate)")
     p.add_argument("--json", default=None, help="where to write the JSON (default: bench/ppo_vs_trl.json)")
     a = p.parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
