@@ -43,6 +43,26 @@ class StepInput:
     graph: bool = False            # a decode step replayed through a captured CUDA graph
 
 
+def stage_graph_inputs(inp: StepInput, b: int, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
+                       lens: torch.Tensor, tables: torch.Tensor) -> None:
+    """Write a graph decode step's inputs into the (host) buffers its CUDA graph reads, rows ``[0, b)``: the
+    step's ``n`` sequences, then padding rows (token 0 at position 0, KV store skipped with slot -1, one key to
+    attend through block 0). Table columns past the step's width keep stale ids: the kernel never reads past a
+    sequence's length."""
+    n, width = inp.block_tables.shape
+    ids[:n] = inp.input_ids
+    pos[:n] = inp.positions
+    slots[:n] = inp.slot_mapping
+    lens[:n] = inp.seqlens_k
+    tables[:n, :width] = inp.block_tables
+    if b > n:
+        ids[n:b] = 0
+        pos[n:b] = 0
+        slots[n:b] = -1
+        lens[n:b] = 1
+        tables[n:b, :width] = 0
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, model_config: ModelConfig, engine_config: EngineConfig,
                  device: torch.device, dtype: torch.dtype, max_model_len: int):
@@ -201,11 +221,20 @@ class ModelRunner:
         bmax = sizes[-1]
         max_blocks = -(-self.max_model_len // self.block_size)
         dev = self.device
-        self.g_ids = torch.zeros(bmax, dtype=torch.long, device=dev)
-        self.g_pos = torch.zeros(bmax, dtype=torch.long, device=dev)
-        self.g_slots = torch.full((bmax,), -1, dtype=torch.int64, device=dev)
-        self.g_lens = torch.ones(bmax, dtype=torch.int32, device=dev)
-        self.g_tables = torch.zeros(bmax, max_blocks, dtype=torch.int32, device=dev)
+        # the graphs' inputs live in two flat buffers (int64: ids | positions | slots; int32: lens | block tables),
+        # each filled from a pinned host twin by one asynchronous copy per step instead of five small ones
+        self.g_i64 = torch.zeros(3 * bmax, dtype=torch.long, device=dev)
+        self.g_i32 = torch.zeros(bmax * (1 + max_blocks), dtype=torch.int32, device=dev)
+        self.h_i64 = torch.zeros(3 * bmax, dtype=torch.long, pin_memory=True)
+        self.h_i32 = torch.zeros(bmax * (1 + max_blocks), dtype=torch.int32, pin_memory=True)
+        self.g_ids, self.g_pos, self.g_slots = self.g_i64.view(3, bmax)
+        self.g_lens, self.g_tables = self.g_i32[:bmax], self.g_i32[bmax:].view(bmax, max_blocks)
+        self.h_ids, self.h_pos, self.h_slots = self.h_i64.view(3, bmax)
+        self.h_lens, self.h_tables = self.h_i32[:bmax], self.h_i32[bmax:].view(bmax, max_blocks)
+        self.g_slots.fill_(-1)
+        self.g_lens.fill_(1)
+        self.h_copied = torch.cuda.Event()  # the last step's copies have left the host buffers
+        self.h_copied.record(torch.cuda.current_stream(dev))
         self.g_cu = torch.arange(bmax + 1, dtype=torch.int32, device=dev)
         self.g_out = torch.empty(bmax, self.mcfg.vocab_size, dtype=self.dtype, device=dev)  # logits
         pool = torch.cuda.graph_pool_handle()
@@ -236,19 +265,13 @@ class ModelRunner:
     def _replay(self, inp: StepInput) -> torch.Tensor:
         n = inp.input_ids.shape[0]
         b = next(s for s in sorted(self.graphs) if s >= n)
-        width = inp.block_tables.shape[1]
-        if b > n:  # padding rows: token 0 at position 0, its KV store skipped (slot -1), one key to attend
-            self.g_ids[n:b].zero_()
-            self.g_pos[n:b].zero_()
-            self.g_slots[n:b].fill_(-1)
-            self.g_lens[n:b].fill_(1)
-            self.g_tables[n:b, :width].zero_()
-        self.g_ids[:n].copy_(inp.input_ids, non_blocking=True)
-        self.g_pos[:n].copy_(inp.positions, non_blocking=True)
-        self.g_slots[:n].copy_(inp.slot_mapping, non_blocking=True)
-        self.g_lens[:n].copy_(inp.seqlens_k, non_blocking=True)
-        # columns past ``width`` hold stale ids from earlier steps; the kernel never reads past a sequence's length
-        self.g_tables[:n, :width].copy_(inp.block_tables, non_blocking=True)
+        stream = torch.cuda.current_stream(self.device)
+        self.h_copied.synchronize()  # normally long done: the previous step's results have been read since
+        stage_graph_inputs(inp, b, self.h_ids, self.h_pos, self.h_slots, self.h_lens, self.h_tables)
+        self.g_i64.copy_(self.h_i64, non_blocking=True)
+        used = self.h_lens.shape[0] + b * self.h_tables.shape[1]  # the lengths and the first b table rows
+        self.g_i32[:used].copy_(self.h_i32[:used], non_blocking=True)
+        self.h_copied.record(stream)
         self.graphs[b].replay()
         return self.g_out[:n]
 
