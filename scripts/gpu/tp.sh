@@ -30,6 +30,10 @@ fi
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'GPUs', torch.cuda.device_count())"
   git log --oneline -1 2>/dev/null || true
 } 2>&1 | tee "$OUT/env.txt"
+# one CLI test imports the server: fastapi from the offline wheel folder if the image lacks it (carry .whl)
+if ! python3 -c "import fastapi" 2>/dev/null && [ -d .whl ]; then
+  python3 -m pip install -q --no-index --find-links .whl fastapi uvicorn httpx 2>&1 | grep -v WARNING || true
+fi
 if [[ "${DRY_RUN:-0}" != 1 ]] && (( $(python3 -c "import torch; print(torch.cuda.device_count())") < 2 )); then
   echo "tp.sh needs two GPUs (DRY_RUN=1 runs it on the CPU)"
   exit 2
