@@ -32,11 +32,15 @@ from ._triton import tl, triton
 _REF_CHUNK_ELEMS = 1 << 24
 
 
-def _check_common(x, weight):
+def _check_common(x, weight, bias=None):
     check_tensor("features", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=3, dtypes=(x.dtype,), device=x.device)
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight has {weight.shape[1]} input channels but features has {x.shape[1]}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=(x.dtype,), device=x.device)
+        if bias.shape[0] != weight.shape[2]:
+            raise ValueError(f"bias has {bias.shape[0]} values but weight has {weight.shape[2]} output channels")
 
 
 def _accumulate_fp32(x: torch.Tensor) -> bool:
@@ -48,14 +52,16 @@ def _accumulate_fp32(x: torch.Tensor) -> bool:
 
 
 def gather_gemm_scatter(x: torch.Tensor, weight: torch.Tensor, in_idx: torch.Tensor, out_idx: torch.Tensor,
-                        counts: list[int], n_out: int, identity_offset: int = -1) -> torch.Tensor:
-    """``y[out_idx[p]] += x[in_idx[p]] @ weight[k(p)]``, one GEMM per kernel offset; returns y [n_out, Cout].
+                        counts: list[int], n_out: int, identity_offset: int = -1,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y[out_idx[p]] += x[in_idx[p]] @ weight[k(p)]`` (+ ``bias``), one GEMM per kernel offset; y [n_out, Cout].
 
     x: [N, Cin]; weight: [K, Cin, Cout]; in_idx/out_idx: int64 [P] sorted by offset with ``counts`` (host ints,
     length K). ``identity_offset`` names an offset whose pairs are exactly (i, i) for every row (the centre of a
-    submanifold kernel): it becomes a plain GEMM with no gather or scatter.
+    submanifold kernel): it becomes a plain GEMM with no gather or scatter. The bias is added to the fp32 sum,
+    before the one rounding to x's dtype.
     """
-    _check_common(x, weight)
+    _check_common(x, weight, bias)
     if len(counts) != weight.shape[0]:
         raise ValueError(f"counts has {len(counts)} offsets but weight has {weight.shape[0]}")
     fp32 = _accumulate_fp32(x)
@@ -73,6 +79,8 @@ def gather_gemm_scatter(x: torch.Tensor, weight: torch.Tensor, in_idx: torch.Ten
             yk = torch.mm(xc.index_select(0, ii), wc[k])
             y.index_add_(0, out_idx[start:start + c], yk if yk.dtype == acc_dtype else yk.float())
         start += c
+    if bias is not None:
+        y += bias.float()
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -227,13 +235,15 @@ def _reduce_rows(out: torch.Tensor | None, blk: PlanBlock, z: torch.Tensor, n_co
     return out
 
 
-def planned_conv(x: torch.Tensor, weight: torch.Tensor, plan: ConvPlan) -> torch.Tensor:
-    """``y[r] = sum over the plan's pairs (r <- i, k) of x[i] @ weight[k]``; returns y [plan.n_rows, Cout].
+def planned_conv(x: torch.Tensor, weight: torch.Tensor, plan: ConvPlan,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y[r] = sum over the plan's pairs (r <- i, k) of x[i] @ weight[k]`` (+ ``bias``); y [plan.n_rows, Cout].
 
     x: [N, Cin]; weight: [K, Cin, Cout] (any strides). Same result as ``gather_gemm_scatter`` up to summation
-    order (fixed: offset order within a row), computed in fp32 on the CPU for half inputs.
+    order (fixed: offset order within a row), computed in fp32 on the CPU for half inputs (the bias too, before
+    the one rounding).
     """
-    _check_common(x, weight)
+    _check_common(x, weight, bias)
     if plan.kernel_volume != weight.shape[0]:
         raise ValueError(f"plan has {plan.kernel_volume} offsets but weight has {weight.shape[0]}")
     fp32 = _accumulate_fp32(x)
@@ -257,6 +267,8 @@ def planned_conv(x: torch.Tensor, weight: torch.Tensor, plan: ConvPlan) -> torch
         y = _reduce_rows(y, blk, z, cout, dt, dev)
     if y is None:
         y = torch.zeros(0, cout, dtype=dt, device=dev)
+    if bias is not None:
+        y += bias.to(dt)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -321,22 +333,23 @@ def mask_order(masks: torch.Tensor) -> torch.Tensor:
 
 
 def implicit_gemm(x: torch.Tensor, weight: torch.Tensor, pair_map: torch.Tensor, order: torch.Tensor | None = None,
-                  masks: torch.Tensor | None = None) -> torch.Tensor:
-    """``y[r] = sum_k x[pair_map[r, k]] @ weight[k]`` over valid entries; returns y [R, Cout] in x's dtype.
+                  masks: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y[r] = sum_k x[pair_map[r, k]] @ weight[k]`` over valid entries (+ ``bias``, added to the fp32
+    accumulator in the kernel's epilogue); returns y [R, Cout] in x's dtype.
 
     x: [N, Cin]; weight: [K, Cin, Cout]; pair_map: int32 [R, K] with -1 for no pair. ``order`` (int32 [R], a
     permutation) and ``masks`` (int64 [R], from ``offset_masks``) only change the Triton kernel's schedule.
     """
-    _check_common(x, weight)
+    _check_common(x, weight, bias)
     check_tensor("pair_map", pair_map, ndim=2, dtypes=(torch.int32,), device=x.device)
     if pair_map.shape[1] != weight.shape[0]:
         raise ValueError(f"pair_map has {pair_map.shape[1]} offsets but weight has {weight.shape[0]}")
     if backend_for(x, weight, pair_map) == "triton":
-        return _implicit_gemm_triton(x, weight, pair_map, order, masks)
-    return implicit_gemm_ref(x, weight, pair_map)
+        return _implicit_gemm_triton(x, weight, pair_map, order, masks, bias)
+    return implicit_gemm_ref(x, weight, pair_map, bias)
 
 
-def implicit_gemm_ref(x, weight, pair_map):
+def implicit_gemm_ref(x, weight, pair_map, bias=None):
     R, K = pair_map.shape
     cin, cout = weight.shape[1], weight.shape[2]
     fp32 = _accumulate_fp32(x)
@@ -349,6 +362,8 @@ def implicit_gemm_ref(x, weight, pair_map):
     step = max(1, _REF_CHUNK_ELEMS // max(1, K * cin))
     for s in range(0, R, step):
         y[s:s + step] = x_pad[pm[s:s + step]].reshape(-1, K * cin) @ wc
+    if bias is not None:
+        y += bias.to(y.dtype)
     return y.to(x.dtype)
 
 
@@ -386,9 +401,10 @@ def _or_combine(a, b):
 
 
 @triton.jit
-def _implicit_gemm_kernel(X, W, Y, PairMap, Order, Masks, R, CIN: tl.constexpr, COUT: tl.constexpr, K: tl.constexpr,
-                          stride_xm, stride_wk, stride_wc, stride_wn, stride_ym, stride_pm,
-                          HAS_ORDER: tl.constexpr, HAS_MASKS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+def _implicit_gemm_kernel(X, W, Y, PairMap, Order, Masks, Bias, R, CIN: tl.constexpr, COUT: tl.constexpr,
+                          K: tl.constexpr, stride_xm, stride_wk, stride_wc, stride_wn, stride_ym, stride_pm,
+                          HAS_ORDER: tl.constexpr, HAS_MASKS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          IEEE: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -428,6 +444,8 @@ def _implicit_gemm_kernel(X, W, Y, PairMap, Order, Masks, R, CIN: tl.constexpr, 
                     acc += tl.dot(a, b, input_precision="ieee")
                 else:
                     acc += tl.dot(a, b)
+    if HAS_BIAS:
+        acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rows[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
              mask=row_ok[:, None] & n_ok[None, :])
 
@@ -535,21 +553,23 @@ def _upcast(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and interpreting()
 
 
-def _implicit_gemm_triton(x, weight, pair_map, order, masks):
+def _implicit_gemm_triton(x, weight, pair_map, order, masks, bias=None):
     R, K = pair_map.shape
     cin, cout = weight.shape[1], weight.shape[2]
     x = x if x.stride(1) == 1 else x.contiguous()
     pair_map = pair_map if pair_map.stride(1) == 1 else pair_map.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     y = torch.empty(R, cout, dtype=x.dtype, device=x.device)
     if R == 0:
         return y
     if x.shape[0] == 0:
-        return y.zero_()
+        return y.copy_(bias.expand(R, cout)) if bias is not None else y.zero_()
     has_masks = masks is not None and K <= 63
     args = (x, weight, y, pair_map, order if order is not None else pair_map, masks if has_masks else pair_map,
-            R, cin, cout, K, x.stride(0), weight.stride(0), weight.stride(1), weight.stride(2), y.stride(0),
-            pair_map.stride(0))
-    flags = dict(HAS_ORDER=order is not None, HAS_MASKS=has_masks, IEEE=_ieee(x), UPCAST=_upcast(x))
+            bias if bias is not None else y, R, cin, cout, K, x.stride(0), weight.stride(0), weight.stride(1),
+            weight.stride(2), y.stride(0), pair_map.stride(0))
+    flags = dict(HAS_ORDER=order is not None, HAS_MASKS=has_masks, HAS_BIAS=bias is not None, IEEE=_ieee(x),
+                 UPCAST=_upcast(x))
     if interpreting():
         bm, bn, bk = 16, _block(cout, hi=32), _block(cin, hi=32)
         grid = (triton.cdiv(R, bm), triton.cdiv(cout, bn))

@@ -196,9 +196,8 @@ class SparseConvolution(SparseModule):
         feats = input.features
         if w.dtype != feats.dtype:
             w = w.to(feats.dtype)
-        out = Fsp.sparse_conv(feats, w, rb, self.algo)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
+        bias = self.bias.to(feats.dtype) if self.bias is not None else None
+        out = Fsp.sparse_conv(feats, w, rb, self.algo, bias)
         return SparseConvTensor(out, out_indices, out_shape, input.batch_size, indice_dict=input.indice_dict,
                                 benchmark=input.benchmark, validate=False)
 

@@ -39,24 +39,27 @@ def _planned(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def _apply(x: torch.Tensor, w: torch.Tensor, rb: Rulebook, algo: str) -> torch.Tensor:
+def _apply(x: torch.Tensor, w: torch.Tensor, rb: Rulebook, algo: str, bias: torch.Tensor | None = None) -> torch.Tensor:
     if algo == "gather" and _planned(x, w):
-        return sparse_gemm.planned_conv(x, w, rb.plan(sparse_gemm.plan_block_pairs(w.shape[1], w.shape[2])))
+        return sparse_gemm.planned_conv(x, w, rb.plan(sparse_gemm.plan_block_pairs(w.shape[1], w.shape[2])), bias)
     if algo == "implicit":
         order, masks = rb.fwd_schedule()
-        return sparse_gemm.implicit_gemm(x, w, rb.pair_fwd(), order, masks)
-    return sparse_gemm.gather_gemm_scatter(x, w, rb.in_idx, rb.out_idx, rb.counts, rb.n_out, rb.identity_offset)
+        return sparse_gemm.implicit_gemm(x, w, rb.pair_fwd(), order, masks, bias)
+    return sparse_gemm.gather_gemm_scatter(x, w, rb.in_idx, rb.out_idx, rb.counts, rb.n_out, rb.identity_offset,
+                                           bias)
 
 
 class SparseConvFunction(torch.autograd.Function):
-    """y = conv(x, w) over ``rb``: x [n_in, Cin], w [K, Cin, Cout] -> y [n_out, Cout]."""
+    """y = conv(x, w) + b over ``rb``: x [n_in, Cin], w [K, Cin, Cout], b [Cout] or None -> y [n_out, Cout].
+
+    The bias joins the fp32 accumulator before the output is rounded (once) to the features' dtype."""
 
     @staticmethod
-    def forward(ctx, x, w, rb: Rulebook, algo: str):
+    def forward(ctx, x, w, b, rb: Rulebook, algo: str):
         ctx.rb = rb
         ctx.algo = algo
         ctx.save_for_backward(x, w)
-        return _apply(x, w, rb, algo)
+        return _apply(x, w, rb, algo, b)
 
     @staticmethod
     def backward(ctx, dy):
@@ -64,27 +67,30 @@ class SparseConvFunction(torch.autograd.Function):
         rb = ctx.rb
         dx = dw = None
         dy = dy.contiguous()
+        db = dy.float().sum(0).to(dy.dtype) if ctx.needs_input_grad[2] else None
         if ctx.algo == "gather" and _planned(x, w):
             plan_t = rb.swapped().plan(sparse_gemm.plan_block_pairs(w.shape[1], w.shape[2]))
             dx, dw = sparse_gemm.planned_conv_backward(x, w, dy, plan_t, ctx.needs_input_grad[0],
                                                        ctx.needs_input_grad[1])
-            return dx, dw, None, None
+            return dx, dw, db, None, None
         if ctx.needs_input_grad[0]:
             dx = _apply(dy, w.transpose(1, 2), rb.swapped(), ctx.algo)
         if ctx.needs_input_grad[1]:
             dw = sparse_gemm.weight_grad(x, dy, rb.in_idx, rb.out_idx, rb.counts)
-        return dx, dw, None, None
+        return dx, dw, db, None, None
 
 
-def sparse_conv(x: torch.Tensor, w: torch.Tensor, rb: Rulebook, algo: str = "auto") -> torch.Tensor:
-    """Sparse convolution of features ``x`` [n_in, Cin] with ``w`` [K, Cin, Cout] (any strides) over ``rb``."""
+def sparse_conv(x: torch.Tensor, w: torch.Tensor, rb: Rulebook, algo: str = "auto",
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Sparse convolution of features ``x`` [n_in, Cin] with ``w`` [K, Cin, Cout] (any strides) over ``rb``, plus
+    ``bias`` [Cout] (in x's dtype) added before the output's one rounding."""
     if x.shape[0] != rb.n_in:
         raise ValueError(f"features has {x.shape[0]} rows but the rulebook expects {rb.n_in}")
     if w.shape[0] != rb.kernel_volume:
         raise ValueError(f"weight has {w.shape[0]} kernel offsets but the rulebook has {rb.kernel_volume}")
     if w.dtype != x.dtype:
         raise ValueError(f"features dtype {x.dtype} differs from weight dtype {w.dtype}")
-    return SparseConvFunction.apply(x, w, rb, resolve_algo(algo, x))
+    return SparseConvFunction.apply(x, w, bias, rb, resolve_algo(algo, x))
 
 
 def sparse_max_pool(x: torch.Tensor, rb: Rulebook) -> torch.Tensor:

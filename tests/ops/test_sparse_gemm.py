@@ -72,6 +72,33 @@ def test_gather_scatter_and_implicit_references_agree(dtype):
     assert rel_err(a, ref) <= RTOL[dtype] and rel_err(b, ref) <= RTOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_sparse_conv_path_adds_the_bias_before_rounding_once(dtype):
+    """y = conv + bias with the bias in the fp32 sum: each path equals the fp32 result rounded once, so a bias that
+    nearly cancels the convolution costs no more than one rounding of the output (the implicit GEMM's epilogue,
+    the planned CPU path and gather-GEMM-scatter alike)."""
+    g = _gen()
+    x, w, pm = _problem(dtype, g, 61, 45, 9, 12, 10)
+    in_idx, out_idx, counts = sg.pairs_from_map(pm)
+    conv = sg.implicit_gemm_ref(x.float(), w.float(), pm)
+    bias = (-conv[0] + 1e-3 * torch.randn(conv.shape[1], device=DEVICE, generator=g)).to(dtype)  # row 0 ~ 0
+    want = (conv + bias.float()).to(dtype).float()
+    plan = sg.build_plan(out_idx, in_idx, counts, pm.shape[0])
+    got = {"gather": sg.gather_gemm_scatter(x, w, in_idx, out_idx, counts, pm.shape[0], bias=bias),
+           "implicit": sg.implicit_gemm(x, w, pm, bias=bias), "implicit_ref": sg.implicit_gemm_ref(x, w, pm, bias)}
+    if DEVICE.type == "cpu":
+        got["planned"] = sg.planned_conv(x, w, plan, bias)
+    ulp = {torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
+    for name, y in got.items():
+        assert y.dtype == dtype, name
+        # one rounding of the result plus the fp32 summation order; rounding the convolution before adding the
+        # bias would cost ulp * |conv| on row 0, far above this
+        excess = (y.float() - want).abs() - ulp * want.abs() - 1e-5 * conv.abs().max()
+        assert excess.max().item() <= 0, (name, excess.max().item())
+    with pytest.raises(ValueError, match="bias has 3 values but weight has 10 output channels"):
+        sg.implicit_gemm(x, w, pm, bias=torch.zeros(3, device=DEVICE, dtype=dtype))
+
+
 def test_sparse_gemm_rejects_bad_input():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="input channels"):

@@ -7,7 +7,7 @@ Coordinates come from hypothesis (single voxels, empty batch entries, tiny and o
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import kiln.sparse as sp
@@ -129,6 +129,8 @@ def test_transposed_conv_matches_dense_conv_transpose3d_fwd_bwd(dtype, algo, dat
 @settings(**SETTINGS)
 @given(data=sparse_coords(), k=st.sampled_from([2, 3]), stride=st.sampled_from([1, 2]),
        pad=st.sampled_from([0, 1]), seed=st.integers(0, 2**16))
+# a bias that nearly cancels the convolution: adding it after rounding the convolution to bf16 missed by 1.02e-2
+@example(data=(torch.tensor([[0, 1, 0, 0]], dtype=torch.int32), [2, 1, 1], 1), k=2, stride=2, pad=1, seed=1227)
 def test_inverse_conv_matches_dense_conv_transpose3d_fwd_bwd(dtype, algo, data, k, stride, pad, seed):
     idx, shape, batch = data
     assume(all(s + 2 * pad - (k - 1) - 1 >= 0 for s in shape))
