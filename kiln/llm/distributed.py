@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import wait as wait_connections
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -371,7 +371,11 @@ class TPWorkers:
         dies mid-step (its peers' NCCL kernels then wait forever) raises EngineDeadError instead of a hang."""
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(device))
-        while not event.query():
+        self.wait_until(event.query)
+
+    def wait_until(self, done: Callable[[], bool]) -> None:
+        """Poll ``done`` until it is true; raise EngineDeadError as soon as a worker is recorded dead."""
+        while not done():
             if self.error is not None:
                 raise EngineDeadError(self.error)
             time.sleep(0)  # let the monitor thread record a death

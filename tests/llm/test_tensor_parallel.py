@@ -197,6 +197,21 @@ def test_dead_worker_stops_the_engine_with_a_clear_error_not_a_hang(checkpoints)
     assert f"pid {pid2}" in str(box["error"]) and time.time() - t0 < 90
 
 
+def test_a_step_waiting_on_the_device_stops_when_a_worker_dies(checkpoints):
+    """On CUDA, rank 0 waits for each step by polling (``wait_for_device`` -> ``wait_until``) rather than in a
+    blocking synchronise that a dead rank's NCCL peers would never release; here a wait that never completes on
+    its own (standing in for the stuck collective) must end with EngineDeadError once the worker is killed."""
+    llm = LLM(str(checkpoints["llama"][0]), tensor_parallel_size=2, **ENGINE)
+    workers = llm.engine.workers
+    pid = workers.procs[0].pid
+    threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
+    t0 = time.time()
+    box = _run_with_deadline(lambda: workers.wait_until(lambda: False), 30)
+    assert isinstance(box.get("error"), EngineDeadError), box
+    assert f"pid {pid}" in str(box["error"]) and time.time() - t0 < 30
+    llm.shutdown()
+
+
 def _cfg(heads: int, kv: int, inter: int = 96) -> ModelConfig:
     return ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 16 * heads,
                                 "num_hidden_layers": 1, "num_attention_heads": heads, "num_key_value_heads": kv,
