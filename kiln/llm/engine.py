@@ -80,6 +80,18 @@ def build_rank(path: Path, loras, load_format: str, config: EngineConfig, device
     return loaded, runner, max_len
 
 
+def _stop_tensor_parallel(parts: dict) -> None:
+    """Shut a tensor-parallel engine's workers down. CUDA graphs that captured NCCL collectives hold the
+    communicator, so rank 0's graphs go first (not while a step still waits on a dead worker: synchronising
+    would wait with it)."""
+    workers, runner = parts["workers"], parts.get("runner")
+    if runner is not None:
+        idle = runner.device.type != "cuda" or torch.cuda.current_stream(runner.device).query()
+        if workers.error is None or idle:
+            runner.release_graphs()
+    workers.shutdown()
+
+
 class LLMEngine:
     def __init__(self, model: str | Path | None = None, tokenizer: str | Path | None = None,
                  loras: list[tuple[str, float]] | None = None, load_format: str = "auto", **engine_kwargs):
@@ -100,14 +112,17 @@ class LLMEngine:
             if device.type == "cuda":  # rank r on cuda:(first + r)
                 device = self.device = torch.device("cuda", first_gpu(device))
             self.workers = TPWorkers(size, str(path), loras, load_format, self.config.to_dict(), device)
-            # the finaliser holds the workers, not the engine: it also runs at interpreter exit
-            self._finalizer = weakref.finalize(self, self.workers.shutdown)
+            # the finaliser holds the workers (and, once built, the runner), not the engine: it also runs at
+            # interpreter exit
+            self._tp_parts = {"workers": self.workers}
+            self._finalizer = weakref.finalize(self, _stop_tensor_parallel, self._tp_parts)
         try:
             connect = None
             if self.workers is not None:
                 tp, connect = TensorParallel(0, size), self.workers.connect_rank0
             loaded, self.runner, max_len = build_rank(path, loras, load_format, self.config, device, tp, connect)
             if self.workers is not None:
+                self._tp_parts["runner"] = self.runner
                 self.workers.wait_ready(self.runner.num_blocks)
                 self.runner.broadcast = self.workers.send_step
         except Exception as exc:
@@ -253,12 +268,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (also done at garbage collection and interpreter exit)."""
         if self.workers is not None:
-            # CUDA graphs that captured NCCL collectives hold the communicator: drop them before its teardown
-            # (not while a step still waits on a dead worker: synchronising would wait with it)
-            idle = self.device.type != "cuda" or torch.cuda.current_stream(self.device).query()
-            if self.workers.error is None or idle:
-                self.runner.release_graphs()
-            self.workers.shutdown()
+            _stop_tensor_parallel(self._tp_parts)
 
     # --------------------------------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
