@@ -7,9 +7,9 @@ rank; gloo on the CPU). Each step rank 0 sends the step's packed inputs (token i
 tables, ...) to every worker over a pipe; the ranks then run the same forward and meet in its all-reduces.
 
 A worker that dies (killed, crashed, out of memory) stops the engine with ``EngineDeadError`` naming the rank, its
-exit code and its traceback when it sent one: a monitor thread waits on the workers' process sentinels, and on
-death aborts the NCCL communicator so a step in flight on rank 0 fails instead of hanging (gloo fails by itself when
-the peer's sockets close). Workers exit when rank 0 goes away (their pipe reaches EOF), and ``shutdown`` (also run by
+exit code and its traceback when it sent one: a monitor thread waits on the workers' process sentinels and records
+the death; on CUDA rank 0 waits for each step by polling an event, so a step whose collective waits on the dead rank
+raises instead of hanging (gloo fails by itself when the peer's sockets close); shutdown then aborts the NCCL group. Workers exit when rank 0 goes away (their pipe reaches EOF), and ``shutdown`` (also run by
 a finaliser at interpreter exit) stops them cleanly.
 
 As with any spawn-based launcher, a script that builds a tensor-parallel engine at import time needs an
@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("KILN_TP_TIMEOUT_S", "600"))
 STARTUP_TIMEOUT_S = float(os.environ.get("KILN_TP_STARTUP_TIMEOUT_S", "600"))
 TEARDOWN_TIMEOUT_S = 20.0  # how long shutdown waits for the process group to tear down
+# ... and for the abort after a worker died: it returns at once or, with a collective stuck on the dead rank, never
+DEAD_TEARDOWN_TIMEOUT_S = 10.0
 
 
 class EngineDeadError(RuntimeError):
@@ -87,6 +89,13 @@ def check_tensor_parallel_size(size: Any, config, device: torch.device) -> None:
         raise ValueError(f"tensor_parallel_size must be an int >= 1, got {size!r}")
     if size == 1:
         return
+    # the model first: whether a size can split it does not depend on the machine
+    divide(config.num_heads, size, f"the number of attention heads of {config.architecture}")
+    kv = config.num_kv_heads
+    if kv % size and size % kv:
+        raise ValueError(f"tensor_parallel_size={size} and the model's {kv} KV heads: one must divide the other "
+                         "(KV heads are split across ranks, or replicated when there are fewer KV heads than ranks)")
+    divide(config.intermediate_size, size, f"the MLP intermediate size of {config.architecture}")
     if device.type == "cuda":
         count = torch.cuda.device_count()
         first = first_gpu(device) if count else 0
@@ -99,12 +108,6 @@ def check_tensor_parallel_size(size: Any, config, device: torch.device) -> None:
         raise ValueError(f"tensor_parallel_size={size}: this process already initialised torch.distributed (e.g. "
                          "under torchrun); the engine starts its own tensor-parallel workers, so build it in a "
                          "process without a default process group")
-    divide(config.num_heads, size, f"the number of attention heads of {config.architecture}")
-    kv = config.num_kv_heads
-    if kv % size and size % kv:
-        raise ValueError(f"tensor_parallel_size={size} and the model's {kv} KV heads: one must divide the other "
-                         "(KV heads are split across ranks, or replicated when there are fewer KV heads than ranks)")
-    divide(config.intermediate_size, size, f"the MLP intermediate size of {config.architecture}")
 
 
 def first_gpu(device: torch.device) -> int:
@@ -295,13 +298,10 @@ class TPWorkers:
             if s in sentinels:
                 self._record_death(sentinels[s], None)
         if self.error is not None:
+            # Only record and log: a step in flight on rank 0 polls for the error (wait_until) and raises. Aborting
+            # NCCL from this thread while the step's thread was inside a collective call deadlocked both (seen on
+            # 2x H100); the group is aborted by shutdown, once no step runs.
             logger.error("%s", self.error)
-            if self.device.type == "cuda" and dist.is_initialized():
-                # a step in flight on rank 0 waits on the dead rank's NCCL kernels: abort so it raises instead
-                try:
-                    dist.distributed_c10d._abort_process_group()
-                except Exception as exc:  # noqa: BLE001 - best effort; the collective timeout remains
-                    logger.warning("could not abort the NCCL process group: %s", exc)
 
     def _record_death(self, index: int, tb: str | None) -> None:
         with self._lock:
@@ -400,10 +400,11 @@ class TPWorkers:
 
         t = threading.Thread(target=leave, name="kiln-tp-teardown", daemon=True)
         t.start()
-        t.join(TEARDOWN_TIMEOUT_S)
+        limit = DEAD_TEARDOWN_TIMEOUT_S if dead else TEARDOWN_TIMEOUT_S
+        t.join(limit)
         if t.is_alive():
             logger.warning("the process group did not tear down within %.0f s; another tensor-parallel engine "
-                           "cannot start in this process", TEARDOWN_TIMEOUT_S)
+                           "cannot start in this process (restart it)", limit)
         elif errors:
             logger.warning("leaving the process group failed: %s", errors[0])
 

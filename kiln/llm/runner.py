@@ -287,16 +287,20 @@ class ModelRunner:
             seqlens_k=inp.seqlens_k.to(dev, non_blocking=True),
             block_tables=inp.block_tables.to(dev, non_blocking=True),
             max_seqlen_q=inp.max_seqlen_q, max_seqlen_k=inp.max_seqlen_k, is_decode=inp.is_decode)
+        # every input goes to the device before the forward: a host-to-device copy queued behind a tensor-parallel
+        # collective waits for it, and one whose peer died would wait forever
+        logits_idx = None if inp.logits_idx is None else inp.logits_idx.to(dev, non_blocking=True)
         set_context(ctx)
         try:
             hidden = self.model(inp.input_ids.to(dev, non_blocking=True), inp.positions.to(dev, non_blocking=True))
         finally:
             set_context(None)
-        if inp.logits_idx is None:
+        if logits_idx is None:
             return self.model.compute_logits(hidden)
-        if inp.logits_idx.numel() == 0:
+        if logits_idx.numel() == 0:
             return hidden.new_empty(0, self.mcfg.vocab_size)
-        return self.model.compute_logits(hidden[inp.logits_idx.to(dev)])
+        # index_select, not hidden[idx]: indexing blocked the host behind a collective whose peer had died
+        return self.model.compute_logits(hidden.index_select(0, logits_idx))
 
     def _run_everywhere(self, inp: StepInput) -> torch.Tensor:
         if self.broadcast is not None:
