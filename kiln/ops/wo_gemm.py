@@ -21,6 +21,10 @@ for both widths) dequantizes in registers and never materialises a float weight:
   weight stream in a GEMV): ``code | bits(2^23)`` is the float ``2^23 + code``, and subtracting ``2^23 + zero``
   gives ``code - zero`` exactly; int8 uses ``1.5 * 2^23`` the same way (one integer op, one float op).
 - int8's per-channel scale is applied once, at the end.
+- The one-row int4 GEMV (``INT4_WORDS``, its default) reads the same bytes as 32-bit words: word j of a tile holds
+  k = 8j + b in nibble b, and each nibble becomes a float with one masked OR of an exponent whose unit is that
+  nibble's lowest bit (``_nibble_at``). The byte path's per-byte integer work made it ALU-bound (~40% of the copy
+  bandwidth on an H100, where the int8 GEMV reached 95%).
 
 One row (batch-1 decode) takes a CUDA-core GEMV path (no tensor-core padding of M to 16, the weight stream is
 the whole cost); more rows take ``tl.dot`` tiles, so any M works.
@@ -173,11 +177,42 @@ def _nibble_minus_zero(code, zf):
 
 
 @triton.jit
+def _nibble_at(src, SHIFT: tl.constexpr, zero):
+    """The 4-bit code at bits [SHIFT, SHIFT + 4) of int32 ``src`` [BN, W] minus ``zero`` [BN], as fp32 (exact).
+
+    Masking the nibble in place and OR-ing in the exponent of ``2^E`` with ``E = 23 - SHIFT`` (the nibble's lowest
+    bit is then the float's unit) gives the float ``2^E + code``: one LOP3, no shift, no I2F. ``2^E + zero`` is exact
+    too (E >= 11), so the subtraction is exact."""
+    bits = (src & (0xF << SHIFT)) | ((150 - SHIFT) << 23)  # biased exponent 127 + E
+    return bits.to(tl.float32, bitcast=True) - (zero + (1 << (23 - SHIFT)))[:, None]
+
+
+@triton.jit
+def _int4_word_gemv_tile(word, zero, x_rows, kw, k_hi, m_mask, stride_xk):
+    """One K tile of the one-row int4 GEMV from 32-bit words of the usual packing (``word[n, j]`` holds k = 8j + b
+    in nibble b, b = 0..7): sum over b of dequant(nibble b) * x[8j + b] -> fp32 [BN, W] partials, unscaled.
+
+    The byte path spends ~5 integer ops per byte (extract the byte, mask, shift, two ORs) on the 64-lane integer
+    pipe and was ALU-bound at ~40% of the copy bandwidth on an H100; here a word costs one shift and eight LOP3s
+    (bits 16..31 are shifted down once and reuse the low half's four masks)."""
+    hi = word >> 16
+    x_mask = m_mask[:, None] & (kw < k_hi)[None, :]
+    part = tl.zeros(word.shape, dtype=tl.float32)
+    for b in tl.static_range(8):
+        xb = tl.load(x_rows + (kw + b)[None, :] * stride_xk, mask=x_mask, other=0.0).to(tl.float32)  # [1, W]
+        if b < 4:
+            part += _nibble_at(word, 4 * b, zero) * xb
+        else:
+            part += _nibble_at(hi, 4 * (b - 4), zero) * xb
+    return part
+
+
+@triton.jit
 def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk, stride_wn, stride_sn, stride_zn,
                     stride_ym, stride_ys, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     USE_DOT: tl.constexpr, UPCAST: tl.constexpr, SPLIT_K: tl.constexpr,
-                    REDUCE_EACH_TILE: tl.constexpr = True):
+                    REDUCE_EACH_TILE: tl.constexpr = True, INT4_WORDS: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -186,6 +221,7 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_j = tl.arange(0, BLOCK_K // 2)  # int4: the K tile's bytes, each holding k = 2j (low nibble) and 2j + 1 (high)
+    offs_w = tl.arange(0, BLOCK_K // 8)  # int4 words (INT4_WORDS): word j holds k = 8j + b in nibble b
     m_mask = offs_m < M
     n_mask = offs_n < N
     x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm
@@ -194,6 +230,7 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # int8 GEMV: per-element partial sums, reduced once
     accn = tl.zeros([BLOCK_N], dtype=tl.float32)  # int4 GEMV: one scaled partial per group tile...
     acc4 = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)  # ...or scaled per element, reduced once
+    accw = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)  # the same for the word path
     k_lo = pid_k * k_per_split  # a multiple of BLOCK_K: a K tile never straddles an int4 group
     k_hi = tl.minimum(K, k_lo + k_per_split)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -209,6 +246,21 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
                     acc += tl.dot(xt, tl.trans(wq.to(dt)))  # int8 codes are exact in 16-bit floats
             else:  # BLOCK_M == 1: [1, BK] activations broadcast over the [BN, BK] weight tile
                 acc1 += _int8_to_f32(wq) * xt.to(tl.float32)
+        elif INT4_WORDS:  # the GEMV (one row) on 32-bit words: one LOP3 per code, see _int4_word_gemv_tile
+            kw = k0 + 8 * offs_w
+            w_mask = n_mask[:, None] & (kw < k_hi)[None, :]  # K tiles are whole words: 8 | 32 | group size
+            word = tl.load(w_rows + (k0 // 8 + offs_w)[None, :], mask=w_mask, other=0)
+            g = k0 // GROUP
+            if HAS_ZERO:
+                zero = tl.load(Z + offs_n.to(tl.int64) * stride_zn + g, mask=n_mask, other=0).to(tl.float32)
+            else:
+                zero = tl.full([BLOCK_N], 8.0, tl.float32)
+            s = tl.load(S + offs_n.to(tl.int64) * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+            part = _int4_word_gemv_tile(word, zero, x_rows, kw, k_hi, m_mask, stride_xk)
+            if REDUCE_EACH_TILE:
+                accn += tl.sum(part, axis=1) * s
+            else:
+                accw += part * s[:, None]
         else:
             # contiguous packed bytes (vector loads, each byte once) and the even / odd activations apart: the
             # low nibbles meet x[k0 + 2j], the high ones x[k0 + 2j + 1]; no interleaving in registers
@@ -245,6 +297,8 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
             acc = tl.sum(acc1, axis=1)[None, :]
         elif REDUCE_EACH_TILE:
             acc = accn[None, :]
+        elif INT4_WORDS:
+            acc = tl.sum(accw, axis=1)[None, :]
         else:
             acc = tl.sum(acc4, axis=1)[None, :]
     if BITS == 8:
@@ -302,12 +356,16 @@ def _wo_config(M, N, K, bits, group_size, sms, interp):
     if interp:  # tiny tiles: the interpreter runs every program in Python
         bm = 1 if M == 1 else 16
         bk = min(32, kp) if bits == 8 else 32
-        return dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=bk, USE_DOT=M > 1, SPLIT_K=1, num_warps=4)
+        return dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=bk, USE_DOT=M > 1, SPLIT_K=1, num_warps=4,
+                    INT4_WORDS=bits == 4 and M == 1)
     if M == 1:
         # int8: [64, 128] bytes per step; int4: a whole group of 128 k ([64, 64] packed bytes) per step
         bk = min(128, kp) if bits == 8 else min(128, group_size)
-        return dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=bk, USE_DOT=False,
-                    SPLIT_K=split_k_for(M, N, K, 1, 64, bk, sms), num_warps=4)
+        cfg = dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split_k_for(M, N, K, 1, 64, bk, sms),
+                   num_warps=4)
+        if bits == 4:
+            cfg["INT4_WORDS"] = True
+        return cfg
     # batched decode (M <= 64) takes all its rows in one tile: every column tile re-reads the activations, so
     # two row tiles would double that L2 traffic; split-K then fills the SMs
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 128 else 128
@@ -344,6 +402,13 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
         raise ValueError(f"BLOCK_K ({cfg['BLOCK_K']}) must divide group_size ({group_size})")
     if not cfg["USE_DOT"] and cfg["BLOCK_M"] != 1:
         raise ValueError("the CUDA-core path takes one row per program (BLOCK_M=1)")
+    words = bits == 4 and not cfg["USE_DOT"] and cfg.get("INT4_WORDS", False)
+    if words:  # the same bytes read as int32 words (K is a multiple of the group size, so of 8)
+        if cfg["BLOCK_K"] < 8:
+            raise ValueError(f"the int4 word GEMV needs BLOCK_K >= 8, got {cfg['BLOCK_K']}")
+        if qweight.data_ptr() % 4 or qweight.stride(0) % 4:
+            qweight = qweight.contiguous()
+        qweight = qweight.view(torch.int32)
     split = cfg["SPLIT_K"]
     k_per_split = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     split = triton.cdiv(K, k_per_split)  # no empty splits

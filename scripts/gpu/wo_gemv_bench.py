@@ -26,8 +26,8 @@ from kiln.ops.wo_gemm import _wo_triton, split_k_for, wo_config  # noqa: E402
 from decode_gemv_bench import SHAPES, graph_time, linears  # noqa: E402
 
 GROUP = 128
-# (BLOCK_N, BLOCK_K, num_warps) tried at M=1; SPLIT_K: the heuristic's, 1, and twice the heuristic's; int4 also
-# with REDUCE_EACH_TILE off (per-element scaled partials, one reduction at the end)
+# (BLOCK_N, BLOCK_K, num_warps) tried at M=1; SPLIT_K: the heuristic's, 1, and twice the heuristic's; int4 on
+# 32-bit words (both accumulation orders) and on bytes
 SWEEP = {8: [(16, 128, 2), (32, 128, 4), (64, 128, 4), (64, 256, 4), (128, 128, 8), (32, 256, 4), (64, 256, 8)],
          4: [(16, 128, 2), (32, 128, 4), (64, 128, 4), (128, 128, 4), (128, 128, 8), (256, 128, 8), (32, 64, 2)]}
 
@@ -79,17 +79,19 @@ def main() -> int:
                     auto = split_k_for(1, n, k, 1, 64, 128, sms)
                     for bn, bk, nw in SWEEP[bits]:
                         splits = sorted({1, split_k_for(1, n, k, 1, bn, bk, sms), 2 * auto})
-                        orders = (False, True) if bits == 4 else (False,)
-                        for split, once in [(sp, o) for sp in splits for o in orders]:
+                        # int4: 32-bit words in both accumulation orders, and the byte path (per-tile reduction)
+                        variants = ([(False, True), (True, True), (False, False)] if bits == 4 else [(False, False)])
+                        for split, (once, words) in [(sp, v) for sp in splits for v in variants]:
                             cfg = dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split, num_warps=nw,
-                                       REDUCE_EACH_TILE=not once)
+                                       REDUCE_EACH_TILE=not once, INT4_WORDS=words)
                             try:
                                 ts = graph_time(lambda: [call(bits, x, q, s, cfg) for q, s in qs], len(qs))
                             except Exception as exc:  # noqa: BLE001 - a tile that does not compile is skipped
                                 print(f"   {name} w{bits} {bn}x{bk}/w{nw}/s{split}: {type(exc).__name__}")
                                 continue
                             if ts < best[0]:
-                                best = (ts, f"{bn}x{bk}/w{nw}/split{split}" + ("/reduce-once" if once else ""))
+                                best = (ts, f"{bn}x{bk}/w{nw}/split{split}" + ("/reduce-once" if once else "")
+                                        + ("/words" if words else "/bytes" if bits == 4 else ""))
                     res[f"w{bits}a16 best"] = (best[0], nbytes)
                     pick = wo_config(1, n, k, bits, GROUP, sms)
                     print(f"   {model} {name} w{bits}: heuristic {pick['BLOCK_N']}x{pick['BLOCK_K']}/"

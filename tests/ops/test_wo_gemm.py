@@ -95,13 +95,16 @@ def test_weight_only_triton_takes_strided_inputs_and_leading_dims(monkeypatch):
 
 @requires_triton
 def test_weight_only_triton_fixed_configs_cover_gemv_and_dot_paths():
-    """Explicit GPU-style tiles (BLOCK_K 128 = whole group, 64 < group; the int4 GEMV's two accumulation orders)
-    run correctly in the interpreter too."""
+    """Explicit GPU-style tiles (BLOCK_K 128 = whole group, 64 < group; the int4 GEMV on bytes and on 32-bit words,
+    each with both accumulation orders) run correctly in the interpreter too."""
     g = fresh_gen()
     N, K, G = 40, 256, 128
     q, s, z = int4_operands(N, K, G, g)
     for M, cfg in ((1, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=128, USE_DOT=False)),
                    (1, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=128, USE_DOT=False, REDUCE_EACH_TILE=False)),
+                   (1, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=128, USE_DOT=False, INT4_WORDS=True)),
+                   (1, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, USE_DOT=False, INT4_WORDS=True,
+                            REDUCE_EACH_TILE=False)),
                    (5, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, USE_DOT=True))):
         x = torch.randn(M, K, device=DEVICE, generator=g)
         y = wo_gemm._wo_triton(x, q, s, z, G, None, bits=4, config=cfg)
@@ -115,13 +118,15 @@ def test_weight_only_triton_fixed_configs_cover_gemv_and_dot_paths():
 @pytest.mark.parametrize("bits", [8, 4])
 def test_weight_only_split_k_decode_tiles_match_reference(bits):
     """Decode-sized calls split K over extra programs (fp32 partials, one sum, the bias once); every split count,
-    including one that leaves a short last split, gives the reference result and writes every element."""
+    including one that leaves a short last split, gives the reference result and writes every element (int8
+    ignores INT4_WORDS)."""
     g = fresh_gen()
     N, K, G = (37, 320, 32) if not BIG else (4096, 4096, 128)
     ops = int8_operands(N, K, g) if bits == 8 else int4_operands(N, K, G, g)
     bias = torch.randn(N, device=DEVICE, generator=g)
     bk = 32 if not BIG else 128
     for M, cfg in ((1, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=bk, USE_DOT=False)),
+                   (1, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=bk, USE_DOT=False, INT4_WORDS=True)),
                    (5, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk if not BIG else 64, USE_DOT=True))):
         x = torch.randn(M, K, device=DEVICE, generator=g)
         for split in (2, 3, 7):
