@@ -29,8 +29,8 @@ def tile_gemm(a, b, bm, bn, bk, group, stages, warps):
     N = b.shape[0]
     c = torch.empty(M, N, dtype=torch.int32, device=a.device)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    kg._int8_gemm_kernel[grid](a, b, c, c, c, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                               c.stride(0), c.stride(1), SA_PER_ROW=False, SB_PER_COL=False, HAS_BIAS=False,
+    kg._int8_gemm_kernel[grid](a, b, c, c, c, c, M, N, K, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                               c.stride(0), c.stride(1), 0, SA_PER_ROW=False, SB_PER_COL=False, HAS_BIAS=False,
                                RAW=True, EVEN_K=K % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group,
                                num_stages=stages, num_warps=warps)
     return c

@@ -13,6 +13,9 @@ CPU the reference computes the product exactly: int8 x int8 products summed in f
 long as ``K * 128 * 128 < 2**53``, which every K allowed here satisfies. K is limited to 131071 so the int32
 accumulator cannot overflow. K is zero-padded to a multiple of 16 for the kernel's vector loads.
 ``KILN_GEMM_TUNE=0`` skips autotuning and uses a fixed tile shape chosen by M (quicker first calls).
+Decode-sized calls (M <= 64) whose output tiles leave SMs idle take fixed tiles and split K over extra programs
+(``kiln.ops.split_k``, shared with the weight-only and FP8 GEMMs): at M = 64 a 2048-wide layer has only 16
+column tiles of 128, so without it the weight streamed through an eighth of an H100.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting
 from ._triton import triton, tl
+from .split_k import iters_per_split, split_k_for, sum_partials
 
 MAX_K = 131071  # 131071 * 128 * 128 < 2**31: the int32 accumulator cannot overflow
 K_ALIGN = 16
@@ -112,12 +116,13 @@ def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 
 @triton.jit
-def _int8_tile(A, B, C, SA, SB, BIAS, M, N, K, n_iter, pid_m, pid_n,
+def _int8_tile(A, B, C, SA, SB, BIAS, M, N, K, n_iter, k_tile0, pid_m, pid_n,
                stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
                SA_PER_ROW: tl.constexpr, SB_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
                RAW: tl.constexpr, EVEN_K: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One [BLOCK_M, BLOCK_N] output tile: the int32 K loop, then the raw store or the fused rescale."""
+    """One [BLOCK_M, BLOCK_N] output tile over ``n_iter`` K tiles from K tile ``k_tile0`` (a split of K, or all
+    of it): the int32 K loop, then the raw store or the fused rescale."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # wrap rows/cols past the edge onto valid ones (their results are masked at the store): no load masks.
@@ -125,16 +130,17 @@ def _int8_tile(A, B, C, SA, SB, BIAS, M, N, K, n_iter, pid_m, pid_n,
     # not 16-byte aligned, so such hints made the GPU issue misaligned vector loads.
     rm = offs_m % M
     rn = offs_n % N
+    k_start = k_tile0 * BLOCK_K
     rk = tl.arange(0, BLOCK_K)
-    a_ptrs = A + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
-    b_ptrs = B + rn[None, :].to(tl.int64) * stride_bn + rk[:, None] * stride_bk
+    a_ptrs = A + rm[:, None].to(tl.int64) * stride_am + (k_start + rk)[None, :] * stride_ak
+    b_ptrs = B + rn[None, :].to(tl.int64) * stride_bn + (k_start + rk)[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for i in range(0, n_iter):
         if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
-            k_left = K - i * BLOCK_K
+            k_left = K - k_start - i * BLOCK_K
             a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0)
             b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
@@ -173,13 +179,17 @@ def _int8_epilogue(C, SA, SB, BIAS, M, N, acc, offs_m, offs_n, stride_cm, stride
 
 @triton.jit
 def _int8_gemm_body(A, B, C, SA, SB, BIAS, M, N, K, n_iter,
-                    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+                    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_cs,
                     SA_PER_ROW: tl.constexpr, SB_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
                     RAW: tl.constexpr, EVEN_K: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     GROUP_M: tl.constexpr):
+    """Grid (output tiles, K splits): split s takes ``n_iter`` K tiles from tile ``s * n_iter`` and writes its
+    fp32 partial at ``C + s * stride_cs`` (one split: C itself)."""
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    _int8_tile(A, B, C, SA, SB, BIAS, M, N, K, n_iter, pid_m, pid_n,
+    split = tl.program_id(1)
+    _int8_tile(A, B, C + split.to(tl.int64) * stride_cs, SA, SB, BIAS, M, N, K, n_iter, split * n_iter,
+               pid_m, pid_n,
                stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
                SA_PER_ROW, SB_PER_COL, HAS_BIAS, RAW, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
 
@@ -228,20 +238,21 @@ def _int8_gemm_tma_kernel_interp(a_desc, b_desc, C, SA, SB, BIAS, M, N, K, strid
 
 
 @triton.jit
-def _int8_gemm_kernel(A, B, C, SA, SB, BIAS, M, N, K,
-                      stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+def _int8_gemm_kernel(A, B, C, SA, SB, BIAS, M, N, K, k_per_split,
+                      stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_cs,
                       SA_PER_ROW: tl.constexpr, SB_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
                       RAW: tl.constexpr, EVEN_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr):
-    _int8_gemm_body(A, B, C, SA, SB, BIAS, M, N, K, tl.cdiv(K, BLOCK_K),
-                    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+    # k_per_split: K itself without a split (so autotuned tiles need no host-side trip count)
+    _int8_gemm_body(A, B, C, SA, SB, BIAS, M, N, K, tl.cdiv(k_per_split, BLOCK_K),
+                    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_cs,
                     SA_PER_ROW, SB_PER_COL, HAS_BIAS, RAW, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 @triton.jit
 def _int8_gemm_kernel_interp(A, B, C, SA, SB, BIAS, M, N, K,
-                             stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+                             stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_cs,
                              SA_PER_ROW: tl.constexpr, SB_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
                              RAW: tl.constexpr, EVEN_K: tl.constexpr, K_ITERS: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -249,7 +260,7 @@ def _int8_gemm_kernel_interp(A, B, C, SA, SB, BIAS, M, N, K,
     # Triton 3.6's interpreter cannot run range() over a runtime scalar with numpy 2, so the trip count
     # arrives as a constexpr here; the GPU entry above computes it at run time.
     _int8_gemm_body(A, B, C, SA, SB, BIAS, M, N, K, K_ITERS,
-                    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+                    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_cs,
                     SA_PER_ROW, SB_PER_COL, HAS_BIAS, RAW, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
@@ -328,9 +339,10 @@ def _k_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def _int8_gemm_triton(a, b, a_scale, b_scale, bias, out_dtype, schedule: str = "auto"):
+def _int8_gemm_triton(a, b, a_scale, b_scale, bias, out_dtype, schedule: str = "auto", split_k: int | None = None):
     """Launch: ``schedule`` "auto" picks the persistent TMA kernel for M >= TMA_MIN_M on Hopper, else the
-    one-tile-per-program kernel; "tma" / "tile" force one (tests run both under the interpreter)."""
+    one-tile-per-program kernel; "tma" / "tile" force one (tests run both under the interpreter). Decode-sized
+    rescaled calls split K where the tiles leave SMs idle (``split_k`` overrides the count; tests)."""
     raw = a_scale is None
     M, K = a.shape
     N = b.shape[0]
@@ -351,24 +363,46 @@ def _int8_gemm_triton(a, b, a_scale, b_scale, bias, out_dtype, schedule: str = "
     flags = dict(SA_PER_ROW=(not raw) and sa.numel() > 1,
                  SB_PER_COL=(not raw) and sb.numel() > 1, HAS_BIAS=bias is not None, RAW=raw)
     bias_t = bias.contiguous() if bias is not None else sa
-    args = (a, b, c, sa, sb, bias_t, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            c.stride(0), c.stride(1))
+    strides = (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
+    split = 1
+    if not raw and schedule != "tma":
+        tile = INTERPRET_CONFIG if interpreting() else fixed_config(M).kwargs
+        if split_k is None and M <= 64:
+            split_k = split_k_for(M, N, K, tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"], _num_sms(a.device))
+        if split_k is not None and split_k > 1:
+            per, split = iters_per_split(K, tile["BLOCK_K"], split_k)
+    if split > 1:  # fp32 partials (scales applied, no bias), then one ordered sum + bias + rounding
+        part = torch.empty((split, M, N), device=a.device, dtype=torch.float32)
+        even = K % tile["BLOCK_K"] == 0 and triton.cdiv(K, tile["BLOCK_K"]) % per == 0
+        sflags = dict(flags, HAS_BIAS=False, EVEN_K=even)
+        cs = (part.stride(1), part.stride(2), part.stride(0))
+        tiles = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"]), split)
+        if interpreting():
+            _int8_gemm_kernel_interp[tiles](a, b, part, sa, sb, sa, M, N, K, *strides, *cs, **sflags, K_ITERS=per,
+                                            **tile)
+        else:
+            cfg = fixed_config(M)
+            _int8_gemm_kernel[tiles](a, b, part, sa, sb, sa, M, N, K, per * tile["BLOCK_K"], *strides, *cs,
+                                     **sflags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return sum_partials(part, bias, c)
+    cs = (c.stride(0), c.stride(1), 0)
     if schedule == "tma" or (schedule == "auto" and not interpreting() and _tma_ok(a, b)):
         _launch_tma(a, b, c, sa, sb, bias_t, M, N, K, flags)
     elif interpreting():
         cfg = INTERPRET_CONFIG
-        _int8_gemm_kernel_interp[grid](*args, **flags, EVEN_K=K % cfg["BLOCK_K"] == 0,
-                                K_ITERS=triton.cdiv(K, cfg["BLOCK_K"]), **cfg)
+        _int8_gemm_kernel_interp[grid](a, b, c, sa, sb, bias_t, M, N, K, *strides, *cs, **flags,
+                                       EVEN_K=K % cfg["BLOCK_K"] == 0, K_ITERS=triton.cdiv(K, cfg["BLOCK_K"]), **cfg)
     elif os.environ.get("KILN_GEMM_TUNE", "1") == "0":  # fixed tiles: no autotuning (quick GPU test runs)
         cfg = fixed_config(M)
-        _int8_gemm_kernel[grid](*args, **flags, EVEN_K=K % cfg.kwargs["BLOCK_K"] == 0, **cfg.kwargs,
+        _int8_gemm_kernel[grid](a, b, c, sa, sb, bias_t, M, N, K, K, *strides, *cs, **flags,
+                                EVEN_K=K % cfg.kwargs["BLOCK_K"] == 0, **cfg.kwargs,
                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
-        _int8_gemm_tuned[grid](*args, **flags)
+        _int8_gemm_tuned[grid](a, b, c, sa, sb, bias_t, M, N, K, K, *strides, *cs, **flags)
     return c
 
 
@@ -660,11 +694,16 @@ def fp8_linear_ref(x, qweight, w_scale, bias=None, act_scale=None):
 
 
 @triton.jit
-def _fp8_gemm_kernel(A, B, C, SA, SB, BIAS, M, N, K, stride_am, stride_bn, stride_cm,
+def _fp8_gemm_kernel(A, B, C, SA, SB, BIAS, M, N, K, k_per_split, stride_am, stride_bn, stride_cm, stride_cs,
                      SA_PER_ROW: tl.constexpr, SB_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
                      UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr):
+    """Grid (output tiles, K splits): split s covers K [s * k_per_split, (s + 1) * k_per_split) and writes at
+    ``C + s * stride_cs`` (one split: k_per_split = K, C itself)."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
+    k_lo = split * k_per_split
+    C += split.to(tl.int64) * stride_cs
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_pid_n  # grouped ordering for L2 reuse of the weight tiles, as in the int8 kernel
@@ -677,12 +716,13 @@ def _fp8_gemm_kernel(A, B, C, SA, SB, BIAS, M, N, K, stride_am, stride_bn, strid
     rm = offs_m % M  # rows/cols past the edge wrap onto valid ones; the store masks them
     rn = offs_n % N
     rk = tl.arange(0, BLOCK_K)
-    a_ptrs = A + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
-    b_ptrs = B + rn[None, :].to(tl.int64) * stride_bn + rk[:, None]
+    a_ptrs = A + rm[:, None].to(tl.int64) * stride_am + (k_lo + rk)[None, :]
+    b_ptrs = B + rn[None, :].to(tl.int64) * stride_bn + (k_lo + rk)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_ptrs, mask=(k0 + rk)[None, :] < K, other=0.0)
-        b = tl.load(b_ptrs, mask=(k0 + rk)[:, None] < K, other=0.0)
+    for k0 in range(0, k_per_split, BLOCK_K):
+        k_ok = k_lo + k0 + rk < K
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         if UPCAST:  # structure check on devices without fp8 dot (never on the real fp8 path)
             acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         else:
@@ -725,8 +765,10 @@ def fp8_fixed_config(M: int):
     return FP8_GPU_CONFIGS[4] if M <= 16 else FP8_GPU_CONFIGS[2] if M <= 64 else FP8_GPU_CONFIGS[0]
 
 
-def _fp8_gemm_triton(a, b, a_scale, b_scale, bias, out_dtype, out=None, upcast: bool = False):
-    """Launch; ``out`` [M, N] (tests pass a poisoned buffer); ``upcast`` multiplies in fp32 (structure tests)."""
+def _fp8_gemm_triton(a, b, a_scale, b_scale, bias, out_dtype, out=None, upcast: bool = False,
+                     split_k: int | None = None):
+    """Launch; ``out`` [M, N] (tests pass a poisoned buffer); ``upcast`` multiplies in fp32 (structure tests);
+    decode-sized calls split K as the INT8 GEMM does (``split_k`` overrides the count)."""
     M, K = a.shape
     N = b.shape[0]
     a, b = _k_major(a), _k_major(b)
@@ -737,13 +779,30 @@ def _fp8_gemm_triton(a, b, a_scale, b_scale, bias, out_dtype, out=None, upcast: 
         c.copy_(fp8_gemm_ref(a, b, a_scale, b_scale, bias, out_dtype))
         return c
     sa, sb = a_scale.reshape(-1).contiguous(), b_scale.reshape(-1).contiguous()
-    args = (a, b, c, sa, sb, bias.contiguous() if bias is not None else sa, M, N, K, a.stride(0), b.stride(0),
-            c.stride(0))
+    args = (a, b, c, sa, sb, bias.contiguous() if bias is not None else sa, M, N, K, K, a.stride(0), b.stride(0),
+            c.stride(0), 0)
     flags = dict(SA_PER_ROW=sa.numel() > 1, SB_PER_COL=sb.numel() > 1, HAS_BIAS=bias is not None, UPCAST=upcast)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
+    tile = FP8_INTERPRET_CONFIG if interpreting() else fp8_fixed_config(M).kwargs
+    if split_k is None and M <= 64:
+        split_k = split_k_for(M, N, K, tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"], _num_sms(a.device))
+    split = iters_per_split(K, tile["BLOCK_K"], split_k)[1] if split_k is not None and split_k > 1 else 1
+    if split > 1:  # fp32 partials (scales applied, no bias), then one ordered sum + bias + rounding
+        per = iters_per_split(K, tile["BLOCK_K"], split_k)[0]
+        part = torch.empty((split, M, N), device=a.device, dtype=torch.float32)
+        sargs = (a, b, part, sa, sb, sa, M, N, K, per * tile["BLOCK_K"], a.stride(0), b.stride(0), part.stride(1),
+                 part.stride(0))
+        tiles = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"]), split)
+        if interpreting():
+            _fp8_gemm_kernel[tiles](*sargs, **dict(flags, HAS_BIAS=False), **tile)
+        else:
+            cfg = fp8_fixed_config(M)
+            _fp8_gemm_kernel[tiles](*sargs, **dict(flags, HAS_BIAS=False), **cfg.kwargs, num_warps=cfg.num_warps,
+                                    num_stages=cfg.num_stages)
+        return sum_partials(part, bias, c)
     if interpreting():
         _fp8_gemm_kernel[grid](*args, **flags, **FP8_INTERPRET_CONFIG)
     elif os.environ.get("KILN_GEMM_TUNE", "1") == "0":

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting
 from ._triton import triton, tl
+from .split_k import split_k_for, sum_partials
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 
@@ -312,33 +313,6 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
         tl.store(y_ptrs, acc.to(dt), mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
-def _split_k_sum_kernel(P, B, Y, N, SPLIT, stride_ps, stride_pm, stride_ym, HAS_BIAS: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
-    """y[m, :] = sum over splits (in split order: deterministic) of the fp32 partials + bias, rounded once."""
-    m = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = offs < N
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for sp in range(0, SPLIT):
-        acc += tl.load(P + sp * stride_ps + m * stride_pm + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + m * stride_ym + offs, acc.to(Y.dtype.element_ty), mask=mask)
-
-
-def split_k_for(M: int, N: int, K: int, block_m: int, block_n: int, block_k: int, sms: int) -> int:
-    """Split K over extra programs where the output tiles alone leave SMs idle, keeping at least four K tiles per
-    split: decode-sized calls (M <= 16) aim at about two programs per SM (a GEMV only streams the weight);
-    batched decode (M <= 64, one row tile of tl.dot) at about one per SM (a 4096-wide layer has only 64 column
-    tiles of 64). Larger M fills the GPU with output tiles alone."""
-    if M > 64:
-        return 1
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    want = max(1, ((2 if M <= 16 else 1) * sms) // max(1, tiles))
-    return max(1, min(want, K // (4 * block_k), 16))
-
-
 @functools.lru_cache(maxsize=4096)
 def _wo_config_cached(M: int, N: int, K: int, bits: int, group_size: int, sms: int, interp: bool) -> tuple:
     return tuple(_wo_config(M, N, K, bits, group_size, sms, interp).items())
@@ -425,12 +399,7 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
         BITS=bits, GROUP=max(group_size, 1), HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None and split == 1,
         UPCAST=interpreting() or x.dtype == torch.float32, num_warps=num_warps, **extra, **cfg)
     if split > 1:  # one launch: the fp32 partials summed in split order (deterministic), the bias, rounded once
-        if y.stride(-1) != 1:
-            raise ValueError("out must be contiguous in its last dim")
-        bn = min(1024, triton.next_power_of_2(N)) if not interpreting() else 32
-        _split_k_sum_kernel[(M, triton.cdiv(N, bn))](
-            target, bias if bias is not None else target, y, N, split, target.stride(0), target.stride(1),
-            y.stride(0), HAS_BIAS=bias is not None, BLOCK_N=bn, num_warps=4)
+        sum_partials(target, bias, y)
     return y.view(*x.shape[:-1], N)
 
 

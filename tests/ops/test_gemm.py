@@ -25,6 +25,10 @@ def exact_i32(a, b):
     return (a.long() @ b.long().T).to(torch.int32)
 
 
+def rel_err(got, ref):
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
 def rand_i8(shape, g, lo=-128):
     return torch.randint(lo, 128, shape, device=DEVICE, dtype=torch.int8, generator=g)
 
@@ -137,3 +141,34 @@ def test_int8_gemm_full_size_8192_on_gpu_is_bit_exact():
     for schedule in ("tile", "tma"):
         assert torch.equal(gemm._int8_gemm_triton(a, b, None, None, None, torch.int32, schedule=schedule),
                            exact_i32(a, b)), schedule
+
+
+@requires_triton
+@pytest.mark.parametrize("K", [96, 83])  # even K tiles / a ragged last tile (padded K, split past the end)
+def test_int8_gemm_split_k_matches_reference(K):
+    """Decode-sized calls split K over extra programs: fp32 partials with the scales applied, summed in split order
+    with the bias added once. Every split count (including ones that leave a short or empty-looking last split)
+    gives the reference result and writes every element; the raw int32 product never splits."""
+    g = fresh_gen()
+    M, N = (5, 45) if not BIG else (64, 2048)
+    K = K if not BIG else 8192 + K
+    a, b = rand_i8((M, K), g), rand_i8((N, K), g, lo=-127)
+    sa = torch.rand(M, device=DEVICE, generator=g) + 0.01
+    sb = torch.rand(N, device=DEVICE, generator=g) + 0.01
+    bias = torch.randn(N, device=DEVICE, generator=g)
+    for split in (2, 3, 7):
+        for dtype in (torch.float32, torch.bfloat16):
+            got = gemm._int8_gemm_triton(a, b, sa, sb, bias, dtype, split_k=split)
+            assert not torch.isnan(got).any()
+            assert rel_err(got, gemm.int8_gemm_ref(a, b, sa, sb, bias, dtype)) <= RTOL[dtype], (split, dtype)
+    assert torch.equal(gemm._int8_gemm_triton(a, b, None, None, None, torch.int32, split_k=3), exact_i32(a, b))
+
+
+def test_decode_sized_int8_gemm_splits_k_to_fill_the_gpu(monkeypatch):
+    """The count the launcher picks for batch-64 decode on a 132-SM card: a 2048-wide layer (16 tiles of 64x128)
+    splits its 8192-deep K 8 ways; an LM-head-wide N fills the GPU alone; prefill-sized M never splits."""
+    tile = gemm.fixed_config(64).kwargs
+    pick = lambda M, N, K: gemm.split_k_for(M, N, K, tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"], 132)  # noqa: E731
+    assert pick(64, 2048, 8192) == 8
+    assert pick(64, 128256, 2048) == 1
+    assert pick(256, 2048, 8192) == 1
