@@ -447,3 +447,21 @@ def test_activation_quantized_engines_refuse_tensor_parallelism(engines):
         info = read_config(engines[name][0])[0]["kiln_engine"]
         with pytest.raises(ValueError, match=f"tensor parallelism \\(size 2\\) does not support {what}"):
             prepare_engine_model_(model, info, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bench_roofline_counts_the_bytes_a_decode_step_reads(tied):
+    """bench/llm_throughput.py's batch-1 roofline: a tied table is streamed by the LM head every step and counts
+    once; an untied input embedding is only indexed (one row a token) and does not count."""
+    from bench.llm_throughput import engine_bytes, streamed_bytes
+    from kiln.llm.config import ModelConfig
+    from kiln.llm.models import model_class
+
+    cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 96, "hidden_size": 32,
+                               "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                               "num_key_value_heads": 1, "max_position_embeddings": 64,
+                               "tie_word_embeddings": tied})
+    model = model_class(cfg)(cfg)
+    table = 96 * 32 * 4  # fp32
+    assert (model.input_embeddings().weight.data_ptr() == model.lm_head.weight.data_ptr()) == tied
+    assert streamed_bytes(model) == engine_bytes(model) - (0 if tied else table)
