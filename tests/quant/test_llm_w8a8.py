@@ -67,7 +67,9 @@ def test_w8a8_linear_matches_dequantized_reference(bias, smooth):
     # and the dequantized weight (smoother folded back) is the float weight within half an int8 step
     step = (q.scale[:, None] * (q.smooth[None, :] if smooth else 1))
     assert ((q.dequantized_weight() - lin.weight).abs() <= step / 2 + 1e-7).all()
-    assert rel_err(q(x), lin(x)) <= 0.03
+    # against the float layer: per-token int8 of outlier activations costs ~2% on average unsmoothed (4.6% at
+    # worst over 300 seeds) and ~0.6% smoothed (1.0% at worst); the bounds leave room over any seed
+    assert rel_err(q(x), lin(x)) <= (0.015 if smooth else 0.06)
 
 
 def test_smoothing_lowers_w8a8_error_on_outlier_activations():
