@@ -17,7 +17,6 @@ import contextlib
 import itertools
 import math
 import threading
-from dataclasses import dataclass, field
 
 import torch
 
@@ -47,27 +46,76 @@ def deterministic(enabled: bool = True):
         set_deterministic(before)
 
 
-@dataclass
 class Rulebook:
-    """Pairs sorted by kernel offset (``in_idx``, ``out_idx``: int64 [P]; ``counts``: host ints per offset)."""
+    """Pairs sorted by kernel offset (``in_idx``, ``out_idx``: int64 [P]; ``counts``: host ints per offset).
 
-    in_idx: torch.Tensor
-    out_idx: torch.Tensor
-    counts: list[int]
-    n_in: int
-    n_out: int
-    identity_offset: int = -1  # an offset whose pairs are (i, i) for every row (submanifold centre)
-    _cache: dict = field(default_factory=dict, repr=False)
+    A submanifold rulebook built on the GPU starts from its pair map instead (``from_pair_map``): the implicit
+    GEMM reads only that, so an inference forward never materialises the pair lists (a ``nonzero``, a host sync
+    for the counts and a few dozen small kernels); the lists are derived on first use (weight gradients, the
+    gather-scatter path, spconv's ``indice_pairs``)."""
+
+    def __init__(self, in_idx: torch.Tensor | None, out_idx: torch.Tensor | None, counts: list[int] | None,
+                 n_in: int, n_out: int, identity_offset: int = -1):
+        self._in_idx, self._out_idx, self._counts = in_idx, out_idx, counts
+        self.n_in, self.n_out = n_in, n_out
+        self.identity_offset = identity_offset  # an offset whose pairs are (i, i) for every row (subm centre)
+        self._cache: dict = {}
+        self._kernel_volume = len(counts) if counts is not None else 0
+        self._mirrored = False  # pair_bwd is pair_fwd with its offsets reversed (odd-kernel submanifold)
+
+    @classmethod
+    def from_pair_map(cls, pair_fwd: torch.Tensor, n: int, identity_offset: int, mirrored: bool) -> "Rulebook":
+        """A submanifold rulebook (n inputs = n outputs) from int32 ``pair_fwd`` [n, K] (-1: no pair).
+        ``mirrored``: the kernel is odd in every dim, so offset k and K-1-k are opposite and
+        ``pair_bwd = pair_fwd.flip(1)``."""
+        rb = cls(None, None, None, n, n, identity_offset)
+        rb._kernel_volume = pair_fwd.shape[1]
+        rb._cache["pair_fwd"] = pair_fwd
+        rb._mirrored = mirrored
+        return rb
+
+    def __repr__(self) -> str:
+        return (f"Rulebook(n_in={self.n_in}, n_out={self.n_out}, kernel_volume={self.kernel_volume}, "
+                f"identity_offset={self.identity_offset})")
+
+    def _lists(self) -> None:
+        """The pair lists of a rulebook built from its pair map: by offset, then output row."""
+        pm = self._cache["pair_fwd"]
+        kk, oo = torch.nonzero(pm.T >= 0, as_tuple=True)
+        self._in_idx = pm.T[kk, oo].long()
+        self._out_idx = oo
+        self._counts = torch.bincount(kk, minlength=self._kernel_volume).tolist()
+
+    @property
+    def in_idx(self) -> torch.Tensor:
+        if self._in_idx is None:
+            self._lists()
+        return self._in_idx
+
+    @property
+    def out_idx(self) -> torch.Tensor:
+        if self._out_idx is None:
+            self._lists()
+        return self._out_idx
+
+    @property
+    def counts(self) -> list[int]:
+        if self._counts is None:
+            self._lists()
+        return self._counts
 
     @property
     def kernel_volume(self) -> int:
-        return len(self.counts)
+        return self._kernel_volume
 
     def swapped(self) -> "Rulebook":
         """The rulebook with inputs and outputs exchanged (input gradients; inverse convolution)."""
         key = "swapped"
         if key not in self._cache:
-            sw = Rulebook(self.out_idx, self.in_idx, self.counts, self.n_out, self.n_in, self.identity_offset)
+            if self._in_idx is None and self._mirrored:  # its pair map is ours flipped; lists on first use
+                sw = Rulebook.from_pair_map(self.pair_bwd(), self.n_in, self.identity_offset, mirrored=True)
+            else:
+                sw = Rulebook(self.out_idx, self.in_idx, self.counts, self.n_out, self.n_in, self.identity_offset)
             for a, b in (("pair_fwd", "pair_bwd"), ("pair_bwd", "pair_fwd")):
                 if a in self._cache:
                     sw._cache[b] = self._cache[a]
@@ -94,7 +142,10 @@ class Rulebook:
     def pair_bwd(self) -> torch.Tensor:
         """int32 [n_in, K]: output row per (input, offset), -1 where none."""
         if "pair_bwd" not in self._cache:
-            self._cache["pair_bwd"] = self._pair_map(self.in_idx, self.out_idx, self.n_in)
+            if self._mirrored:  # (i -> o) at offset k is (o -> i) at the opposite offset K-1-k
+                self._cache["pair_bwd"] = self.pair_fwd().flip(1).contiguous()
+            else:
+                self._cache["pair_bwd"] = self._pair_map(self.in_idx, self.out_idx, self.n_in)
         return self._cache["pair_bwd"]
 
     def fwd_schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,6 +413,14 @@ def build_subm(indices: torch.Tensor, spatial_shape, ksize, dilation) -> Ruleboo
             # for odd kernels the last run is the centre row's offsets before the centre
             src = _sorted_window_lookup(table, keys, d0, kx, n_look, centre_last=symmetric)
             hit = (src >= 0).logical_and_(ok[:n_look])
+        elif table.backend == "triton":
+            # the GPU hash table: look up every offset (a probe is cheap there) and keep the pair map itself --
+            # no nonzero, no host sync for the counts, no mirrored segments to concatenate
+            q = keys.unsqueeze(0) + delta.unsqueeze(1)
+            q = torch.where(ok, q, torch.full_like(q, -1))
+            pair_fwd = hashing.hash_lookup(table, q).T.contiguous()  # [N, K] int32
+            ident = centre_k if symmetric or n == 0 else -1
+            return Rulebook.from_pair_map(pair_fwd, n, ident, mirrored=symmetric)
         else:
             q = keys.unsqueeze(0) + delta[:n_look].unsqueeze(1)
             q = torch.where(ok[:n_look], q, torch.full_like(q, -1))

@@ -92,18 +92,32 @@ def _sorted(idx, shape):
 @pytest.mark.parametrize("shape", GRIDS)
 @pytest.mark.parametrize("ksize,dilation", [([3, 3, 3], [1, 1, 1]), ([5, 3, 5], [1, 2, 1]), ([2, 3, 2], [1, 1, 1]),
                                             ([3, 3, 3], [2, 1, 2])])
-@pytest.mark.parametrize("lookup", ["dense", "search"])
+@pytest.mark.parametrize("lookup", ["dense", "search", "hash"])
 @pytest.mark.parametrize("order", ["shuffled", "sorted"])
 def test_subm_matches_brute_force(monkeypatch, shape, ksize, dilation, lookup, order):
-    """Both CPU lookups (direct table where the key range is small enough, sorted-key search otherwise)."""
+    """Both CPU lookups (direct table where the key range is small enough, sorted-key search otherwise) and the
+    GPU's (the Triton hash table, every offset looked up, the rulebook kept as its pair map: its pair lists, and
+    for odd kernels the mirrored backward map, are derived from that)."""
     if lookup == "search":
         monkeypatch.setattr(rulebook, "_dense_fits", lambda span, n: False)
+    if lookup == "hash":
+        monkeypatch.setenv("KILN_OPS", "triton")
     idx = _scene(shape, 90, 2, seed=sum(shape) + sum(ksize), line=12)
     if order == "sorted":
         idx = _sorted(idx, shape)
     rb = build_subm(idx, shape, ksize, dilation)
     assert rb.kernel_volume == math.prod(ksize)
     assert _segments(rb) == _ref_subm(idx, shape, ksize, dilation)
+    # the pair maps agree with the lists whichever was built first (the backward map of odd kernels is a flip)
+    fresh = build_subm(idx, shape, ksize, dilation)
+    for name, rows, vals in (("pair_fwd", rb.out_idx, rb.in_idx), ("pair_bwd", rb.in_idx, rb.out_idx)):
+        pm = getattr(fresh, name)()
+        k_of = torch.repeat_interleave(torch.arange(rb.kernel_volume), torch.tensor(rb.counts))
+        expect = torch.full_like(pm, -1)
+        expect[rows, k_of] = vals.int()
+        assert torch.equal(pm, expect), name
+    sw = fresh.swapped()
+    assert _segments(sw) == [{(o, i) for i, o in seg} for seg in _segments(rb)]
     centre = sum((k // 2) * math.prod(ksize[d + 1:]) for d, k in enumerate(ksize))
     assert rb.identity_offset == (centre if all(k % 2 for k in ksize) else -1)
 
