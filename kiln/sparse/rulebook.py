@@ -148,10 +148,15 @@ class Rulebook:
                 self._cache["pair_bwd"] = self._pair_map(self.in_idx, self.out_idx, self.n_in)
         return self._cache["pair_bwd"]
 
+    def set_fwd_masks(self, masks: torch.Tensor) -> None:
+        """Offset masks of ``pair_fwd`` computed with it (``hashing.neighbor_map``): the schedule needs no pass."""
+        self._cache["fwd_masks"] = masks
+
     def fwd_schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(order, masks) for the forward implicit GEMM: per-row offset masks and rows sorted by them."""
         if "fwd_sched" not in self._cache:
-            m = offset_masks(self.pair_fwd())
+            m = self._cache.get("fwd_masks")
+            m = offset_masks(self.pair_fwd()) if m is None else m
             self._cache["fwd_sched"] = (mask_order(m), m)
         return self._cache["fwd_sched"]
 
@@ -180,6 +185,21 @@ class Rulebook:
             pairs[1, k, :c] = self.out_idx[start:start + c].int()
             start += c
         return pairs, torch.tensor(self.counts, dtype=torch.int32, device=self.in_idx.device)
+
+
+_OFFSET_TABLES: dict = {}
+
+
+def offset_table(ksize, dilation, device) -> torch.Tensor:
+    """int32 [ndim, K]: each kernel offset's displacement per dimension (row-major over the kernel, centred,
+    times the dilation), cached per device so a layer does not copy it to the GPU on every call."""
+    key = (tuple(ksize), tuple(dilation), str(device))
+    t = _OFFSET_TABLES.get(key)
+    if t is None:
+        rows = list(itertools.product(*[[(j - k // 2) * dl for j in range(k)] for k, dl in zip(ksize, dilation)]))
+        t = torch.tensor(rows, dtype=torch.int32).T.contiguous().to(device)
+        _OFFSET_TABLES[key] = t
+    return t
 
 
 def kernel_offsets(ksize, device) -> torch.Tensor:
@@ -371,9 +391,11 @@ def release_tables() -> None:
 def build_subm(indices: torch.Tensor, spatial_shape, ksize, dilation) -> Rulebook:
     """Submanifold rulebook: every input is an output; pairs through the hash table of input coordinates.
 
-    Offsets are separable, so validity is computed per dimension ([k_d, N]) and combined; a neighbour's key is
-    the voxel's key plus a constant per offset. For odd kernels only the offsets before the centre are looked
-    up: a pair (o <- i) at offset k is the pair (i <- o) at the mirrored offset K-1-k.
+    On the GPU (the Triton hash table) one kernel looks up every offset of every voxel and writes the pair map
+    with its offset masks, and the rulebook stays that map. On the CPU offsets are separable, so validity is
+    computed per dimension ([k_d, N]) and combined; a neighbour's key is the voxel's key plus a constant per
+    offset. For odd kernels only the offsets before the centre are looked up there: a pair (o <- i) at offset k
+    is the pair (i <- o) at the mirrored offset K-1-k.
     """
     n = indices.shape[0]
     dev = indices.device
@@ -383,6 +405,12 @@ def build_subm(indices: torch.Tensor, spatial_shape, ksize, dilation) -> Ruleboo
     centre_k = sum((k // 2) * math.prod(ksize[d + 1:]) for d, k in enumerate(ksize))
     symmetric = all(k % 2 == 1 for k in ksize)
     n_look = centre_k if symmetric else K
+    if hashing.backend_for(indices) == "triton":  # a handful of launches: host time is this path's cost
+        table = hashing.hash_build(encode(coords.long(), indices[:, 0], shape))
+        pair_fwd, masks = hashing.neighbor_map(table, indices, shape, offset_table(ksize, dilation, dev))
+        rb = Rulebook.from_pair_map(pair_fwd, n, centre_k if symmetric or n == 0 else -1, mirrored=symmetric)
+        rb.set_fwd_masks(masks)
+        return rb
     rels = [(torch.arange(k, device=dev) - k // 2) * dl for k, dl in zip(ksize, dilation)]  # [k_d] per dim
     # CPU: keys in a grid padded by the kernel's reach on every side, so an out-of-bounds neighbour has a key
     # of its own that no voxel holds: a plain miss in the direct table, no bounds mask
@@ -413,14 +441,6 @@ def build_subm(indices: torch.Tensor, spatial_shape, ksize, dilation) -> Ruleboo
             # for odd kernels the last run is the centre row's offsets before the centre
             src = _sorted_window_lookup(table, keys, d0, kx, n_look, centre_last=symmetric)
             hit = (src >= 0).logical_and_(ok[:n_look])
-        elif table.backend == "triton":
-            # the GPU hash table: look up every offset (a probe is cheap there) and keep the pair map itself --
-            # no nonzero, no host sync for the counts, no mirrored segments to concatenate
-            q = keys.unsqueeze(0) + delta.unsqueeze(1)
-            q = torch.where(ok, q, torch.full_like(q, -1))
-            pair_fwd = hashing.hash_lookup(table, q).T.contiguous()  # [N, K] int32
-            ident = centre_k if symmetric or n == 0 else -1
-            return Rulebook.from_pair_map(pair_fwd, n, ident, mirrored=symmetric)
         else:
             q = keys.unsqueeze(0) + delta[:n_look].unsqueeze(1)
             q = torch.where(ok[:n_look], q, torch.full_like(q, -1))

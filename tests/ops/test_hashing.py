@@ -58,3 +58,54 @@ def test_hash_rejects_bad_keys():
 def test_hash_doctor_check_is_exact():
     err, _ = hashing.DOCTOR_CHECKS["hash_lookup"](DEVICE, torch.float32, _gen())
     assert err == 0.0
+
+
+def _voxels(shape, n, batch, g):
+    """n distinct voxels (batch-first int32), a third of them on the grid's faces so neighbours fall outside."""
+    coords = torch.stack([torch.randint(0, s, (4 * n,), device=DEVICE, generator=g) for s in shape], 1)
+    face = torch.randint(0, len(shape), (4 * n,), device=DEVICE, generator=g)
+    edge = torch.rand(4 * n, device=DEVICE, generator=g) < 0.33
+    for d, s in enumerate(shape):
+        sel = edge & (face == d)
+        coords[sel, d] = torch.where(torch.rand(int(sel.sum()), device=DEVICE, generator=g) < 0.5, 0, s - 1)
+    b = torch.randint(0, batch, (4 * n, 1), device=DEVICE, generator=g)
+    idx = torch.unique(torch.cat([b, coords], 1), dim=0)
+    return idx[torch.randperm(idx.shape[0], device=DEVICE, generator=g)[:n]].int()
+
+
+@requires_triton
+@pytest.mark.parametrize("shape, ksize, dilation", [([9, 11, 7], [3, 3, 3], [1, 1, 1]), ([6, 8], [3, 5], [2, 1]),
+                                                    ([40], [4], [1]), ([5, 6, 7], [2, 3, 2], [1, 2, 1]),
+                                                    ([7, 7, 7], [5, 5, 5], [1, 1, 1])])
+def test_triton_neighbor_map_matches_reference(monkeypatch, shape, ksize, dilation):
+    """One kernel per submanifold rulebook: every (voxel, offset) neighbour row and the per-row offset masks, as
+    the reference computes them from tensors -- odd and even kernels, dilation, 1-3 dims, voxels on the faces
+    (neighbours outside the grid), several batch entries, and K > 63 (masks -1)."""
+    from kiln.sparse.rulebook import encode, offset_table
+
+    g = _gen()
+    n = 4000 if BIG else 60
+    idx = _voxels(shape, n, 3, g)
+    rel = offset_table(ksize, dilation, DEVICE)
+    keys = encode(idx[:, 1:].long(), idx[:, 0], shape)
+    monkeypatch.setenv("KILN_OPS", "triton")
+    table = hashing.hash_build(keys)
+    pm, masks = hashing.neighbor_map(table, idx, shape, rel)
+    ref_pm, ref_masks = hashing.neighbor_map_ref(hashing.hash_build_ref(keys, table_values(keys)), idx, shape, rel)
+    assert torch.equal(pm, ref_pm) and torch.equal(masks, ref_masks)
+    assert (pm >= 0).any(1).all() if all(k % 2 for k in ksize) else True  # odd kernels: the centre is the voxel
+    empty_pm, empty_masks = hashing.neighbor_map(table, idx[:0], shape, rel)
+    assert empty_pm.shape == (0, rel.shape[1]) and empty_masks.shape == (0,)
+
+
+def table_values(keys):
+    return torch.arange(keys.numel(), device=keys.device, dtype=torch.int32)
+
+
+def test_neighbor_map_rejects_mismatched_shapes():
+    table = hashing.hash_build_ref(torch.arange(4, device=DEVICE), table_values(torch.arange(4, device=DEVICE)))
+    idx = torch.zeros(4, 3, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"indices \[N, 4\] and rel \[3, K\]"):
+        hashing.neighbor_map(table, idx, [4, 4, 4], torch.zeros(3, 27, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="rel"):
+        hashing.neighbor_map(table, idx[:, :3], [4, 4], torch.zeros(2, 9, dtype=torch.int64, device=DEVICE))
