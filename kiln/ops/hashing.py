@@ -114,6 +114,64 @@ def neighbor_map_ref(table, indices, spatial_shape, rel, masks=True):
     return pm, ((pm >= 0).long() * bits).sum(1)
 
 
+@dataclass
+class ConvMaps:
+    """A regular or transposed convolution's rulebook as pair maps (``conv_maps``)."""
+
+    out_keys: torch.Tensor   # int64 [M]: the output voxels' keys, row o of the output is out_keys[o]
+    pair_fwd: torch.Tensor   # int32 [M, K]: input row feeding output o through offset k, -1 if none
+    pair_bwd: torch.Tensor   # int32 [N, K]: output row input i feeds through offset k, -1 if none
+    masks_fwd: torch.Tensor  # int64 [M]: bit k where pair_fwd[o, k] >= 0 (-1 for K > 63)
+    masks_bwd: torch.Tensor  # int64 [N]: the same for pair_bwd
+
+
+def conv_maps(indices: torch.Tensor, out_shape, taps: torch.Tensor, stride, padding, transposed: bool,
+              sort: bool) -> ConvMaps:
+    """The output voxels and pair maps of a strided (or transposed) sparse convolution on the GPU.
+
+    Input voxel i (``indices`` int32 [N, ndim + 1], batch first) reaches, through kernel tap k (``taps`` int32
+    [ndim, K]: ``k_d * dilation_d`` per dimension), the output at ``(c - padding + tap) / stride`` where that
+    divides exactly (regular) or ``c * stride - padding + tap`` (transposed), if inside ``out_shape``. The outputs
+    are the distinct keys reached (ascending with ``sort``, else in hash-slot order). Two kernels over (voxel,
+    tap): one inserts every reached key into a hash table, one -- after the occupied slots are numbered -- looks
+    each up and writes both pair maps and their offset masks. One host sync (the number of outputs)."""
+    ndim, K = len(out_shape), taps.shape[1]
+    if not 1 <= ndim <= 3:
+        raise ValueError(f"conv_maps handles 1-3 spatial dims, got {ndim}")
+    n = indices.shape[0]
+    dev = indices.device
+    idx = indices if indices.stride(1) == 1 else indices.contiguous()
+    taps = taps.contiguous()
+    table = _empty_table(n * K, dev)
+    kp = max(2, triton.next_power_of_2(K))
+    block = max(1, min(64, 2048 // kp))
+    pad3 = lambda v, fill: list(v) + [fill] * (3 - ndim)  # noqa: E731
+    geom = (*pad3(out_shape, 1), *pad3(stride, 1), *pad3(padding, 0))
+    grid = (triton.cdiv(n, block),)
+    if n:
+        _conv_insert_kernel[grid](idx, taps, table.keys, n, K, table.capacity - 1, idx.stride(0), *geom,
+                                  NDIM=ndim, TRANSPOSED=transposed, KP=kp, BLOCK_R=block)
+    slots = torch.nonzero(table.keys != EMPTY).view(-1)
+    out_keys = table.keys[slots]
+    if sort:
+        out_keys, order = torch.sort(out_keys)
+        slots = slots[order]
+    m = out_keys.numel()
+    table.values[slots] = torch.arange(m, device=dev, dtype=torch.int32)
+    pair_fwd = torch.full((m, K), -1, dtype=torch.int32, device=dev)
+    pair_bwd = torch.empty((n, K), dtype=torch.int32, device=dev)
+    masks = K <= 63
+    masks_fwd = torch.zeros(m, dtype=torch.int64, device=dev) if masks else torch.full((m,), -1, dtype=torch.int64,
+                                                                                       device=dev)
+    masks_bwd = torch.empty(n, dtype=torch.int64, device=dev) if masks else torch.full((n,), -1, dtype=torch.int64,
+                                                                                       device=dev)
+    if n:
+        _conv_pairs_kernel[grid](idx, taps, table.keys, table.values, pair_fwd, pair_bwd, masks_fwd, masks_bwd, n, K,
+                                 table.capacity - 1, idx.stride(0), *geom, NDIM=ndim, TRANSPOSED=transposed,
+                                 WRITE_MASKS=masks, KP=kp, BLOCK_R=block)
+    return ConvMaps(out_keys, pair_fwd, pair_bwd, masks_fwd, masks_bwd)
+
+
 def unique_keys(keys: torch.Tensor, sort: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Distinct keys and, for every input key, the int64 index of its distinct key.
 
@@ -229,6 +287,80 @@ def _neighbor_map_kernel(Idx, Rel, TKeys, TVals, PM, Masks, N, K, cap_mask, stri
     if WRITE_MASKS:
         bit = tl.full([KP], 1, tl.int64) << ks.to(tl.int64)
         tl.store(Masks + rows, tl.sum(tl.where(found >= 0, bit[None, :], 0), axis=1), mask=r_ok)
+
+
+@triton.jit
+def _conv_out_keys(Idx, Taps, rows, ks, r_ok, k_ok, K, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2,
+                   NDIM: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_R: tl.constexpr, KP: tl.constexpr):
+    """[BLOCK_R, KP] output keys reached by each (voxel, tap) and whether each is a real output."""
+    row_ptr = Idx + rows.to(tl.int64) * stride_i
+    key = tl.load(row_ptr, mask=r_ok, other=0).to(tl.int64)[:, None] + tl.zeros([BLOCK_R, KP], tl.int64)
+    ok = r_ok[:, None] & k_ok[None, :]
+    for d in tl.static_range(NDIM):
+        if d == 0:
+            size, st, pd = S0, T0, P0
+        elif d == 1:
+            size, st, pd = S1, T1, P1
+        else:
+            size, st, pd = S2, T2, P2
+        c = tl.load(row_ptr + 1 + d, mask=r_ok, other=0).to(tl.int64)[:, None]
+        tap = tl.load(Taps + d * K + ks, mask=k_ok, other=0).to(tl.int64)[None, :]
+        if TRANSPOSED:
+            o = c * st - pd + tap
+            ok = ok & (o >= 0) & (o < size)
+        else:
+            num = c + pd - tap
+            ok = ok & (num >= 0)
+            num = tl.where(num >= 0, num, 0)  # non-negative: integer division is the floor
+            o = num // st
+            ok = ok & (o * st == num) & (o < size)
+        key = key * size + o
+    return key, ok
+
+
+@triton.jit
+def _conv_insert_kernel(Idx, Taps, TKeys, N, K, cap_mask, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2,
+                        NDIM: tl.constexpr, TRANSPOSED: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ks = tl.arange(0, KP)
+    key, active = _conv_out_keys(Idx, Taps, rows, ks, rows < N, ks < K, K, stride_i, S0, S1, S2, T0, T1, T2,
+                                 P0, P1, P2, NDIM, TRANSPOSED, BLOCK_R, KP)
+    slot = _hash_slot(key, cap_mask)
+    while tl.max(tl.max(active.to(tl.int32), axis=1), axis=0) > 0:
+        cmp = tl.where(active, -1, -2).to(tl.int64)  # finished lanes: a CAS that never matches
+        prev = tl.atomic_cas(TKeys + slot, cmp, key)
+        active = active & (prev != -1) & (prev != key)
+        slot = tl.where(active, (slot + 1) & cap_mask, slot)
+
+
+@triton.jit
+def _conv_pairs_kernel(Idx, Taps, TKeys, TVals, PF, PB, MF, MB, N, K, cap_mask, stride_i, S0, S1, S2, T0, T1, T2,
+                       P0, P1, P2, NDIM: tl.constexpr, TRANSPOSED: tl.constexpr, WRITE_MASKS: tl.constexpr,
+                       KP: tl.constexpr, BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ks = tl.arange(0, KP)
+    r_ok = rows < N
+    k_ok = ks < K
+    key, active = _conv_out_keys(Idx, Taps, rows, ks, r_ok, k_ok, K, stride_i, S0, S1, S2, T0, T1, T2,
+                                 P0, P1, P2, NDIM, TRANSPOSED, BLOCK_R, KP)
+    slot = _hash_slot(key, cap_mask)
+    out = tl.full([BLOCK_R, KP], -1, tl.int32)
+    while tl.max(tl.max(active.to(tl.int32), axis=1), axis=0) > 0:
+        tk = tl.load(TKeys + slot, mask=active, other=-1)
+        hit = active & (tk == key)
+        out = tl.where(hit, tl.load(TVals + slot, mask=hit, other=-1), out)
+        active = active & (tk != key) & (tk != -1)
+        slot = (slot + 1) & cap_mask
+    both = r_ok[:, None] & k_ok[None, :]
+    tl.store(PB + rows[:, None].to(tl.int64) * K + ks[None, :], out, mask=both)
+    found = out >= 0
+    # each (output, tap) has exactly one input: plain scattered stores
+    tl.store(PF + out.to(tl.int64) * K + ks[None, :], rows[:, None] + tl.zeros([BLOCK_R, KP], tl.int32),
+             mask=found)
+    if WRITE_MASKS:
+        bit = (tl.full([KP], 1, tl.int64) << ks.to(tl.int64))[None, :] + tl.zeros([BLOCK_R, KP], tl.int64)
+        tl.store(MB + rows, tl.sum(tl.where(found, bit, 0), axis=1), mask=r_ok)
+        tl.atomic_or(MF + out.to(tl.int64), bit, mask=found)
 
 
 def _neighbor_map_triton(table, indices, shape, rel, masks):

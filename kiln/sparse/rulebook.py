@@ -64,14 +64,19 @@ class Rulebook:
         self._mirrored = False  # pair_bwd is pair_fwd with its offsets reversed (odd-kernel submanifold)
 
     @classmethod
-    def from_pair_map(cls, pair_fwd: torch.Tensor, n: int, identity_offset: int, mirrored: bool) -> "Rulebook":
-        """A submanifold rulebook (n inputs = n outputs) from int32 ``pair_fwd`` [n, K] (-1: no pair).
-        ``mirrored``: the kernel is odd in every dim, so offset k and K-1-k are opposite and
-        ``pair_bwd = pair_fwd.flip(1)``."""
-        rb = cls(None, None, None, n, n, identity_offset)
+    def from_maps(cls, pair_fwd: torch.Tensor, pair_bwd: torch.Tensor | None, n_in: int, n_out: int,
+                  identity_offset: int = -1, mirrored: bool = False, masks_fwd: torch.Tensor | None = None,
+                  masks_bwd: torch.Tensor | None = None) -> "Rulebook":
+        """A rulebook from int32 pair maps (-1: no pair): ``pair_fwd`` [n_out, K] and ``pair_bwd`` [n_in, K], or
+        for a submanifold rulebook with ``mirrored`` (odd kernel in every dim: offsets k and K-1-k are opposite)
+        ``pair_fwd`` alone, ``pair_bwd`` being its flip. Offset masks computed with the maps save a pass."""
+        rb = cls(None, None, None, n_in, n_out, identity_offset)
         rb._kernel_volume = pair_fwd.shape[1]
-        rb._cache["pair_fwd"] = pair_fwd
         rb._mirrored = mirrored
+        for key, value in (("pair_fwd", pair_fwd), ("pair_bwd", pair_bwd), ("fwd_masks", masks_fwd),
+                           ("bwd_masks", masks_bwd)):
+            if value is not None:
+                rb._cache[key] = value
         return rb
 
     def __repr__(self) -> str:
@@ -79,11 +84,16 @@ class Rulebook:
                 f"identity_offset={self.identity_offset})")
 
     def _lists(self) -> None:
-        """The pair lists of a rulebook built from its pair map: by offset, then output row."""
-        pm = self._cache["pair_fwd"]
-        kk, oo = torch.nonzero(pm.T >= 0, as_tuple=True)
-        self._in_idx = pm.T[kk, oo].long()
-        self._out_idx = oo
+        """The pair lists of a rulebook built from its maps: by offset, then input row where the backward map
+        was built (strided: the CPU's order), else by offset, then output row."""
+        if "pair_bwd" in self._cache and not self._mirrored:
+            pm = self._cache["pair_bwd"]
+            kk, ii = torch.nonzero(pm.T >= 0, as_tuple=True)
+            self._in_idx, self._out_idx = ii, pm.T[kk, ii].long()
+        else:
+            pm = self._cache["pair_fwd"]
+            kk, oo = torch.nonzero(pm.T >= 0, as_tuple=True)
+            self._in_idx, self._out_idx = pm.T[kk, oo].long(), oo
         self._counts = torch.bincount(kk, minlength=self._kernel_volume).tolist()
 
     @property
@@ -113,7 +123,12 @@ class Rulebook:
         key = "swapped"
         if key not in self._cache:
             if self._in_idx is None and self._mirrored:  # its pair map is ours flipped; lists on first use
-                sw = Rulebook.from_pair_map(self.pair_bwd(), self.n_in, self.identity_offset, mirrored=True)
+                sw = Rulebook.from_maps(self.pair_bwd(), None, self.n_in, self.n_out, self.identity_offset,
+                                        mirrored=True)
+            elif self._in_idx is None and "pair_bwd" in self._cache:  # both maps: exchanged
+                sw = Rulebook.from_maps(self.pair_bwd(), self.pair_fwd(), self.n_out, self.n_in,
+                                        self.identity_offset, masks_fwd=self._cache.get("bwd_masks"),
+                                        masks_bwd=self._cache.get("fwd_masks"))
             else:
                 sw = Rulebook(self.out_idx, self.in_idx, self.counts, self.n_out, self.n_in, self.identity_offset)
             for a, b in (("pair_fwd", "pair_bwd"), ("pair_bwd", "pair_fwd")):
@@ -148,10 +163,6 @@ class Rulebook:
                 self._cache["pair_bwd"] = self._pair_map(self.in_idx, self.out_idx, self.n_in)
         return self._cache["pair_bwd"]
 
-    def set_fwd_masks(self, masks: torch.Tensor) -> None:
-        """Offset masks of ``pair_fwd`` computed with it (``hashing.neighbor_map``): the schedule needs no pass."""
-        self._cache["fwd_masks"] = masks
-
     def fwd_schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(order, masks) for the forward implicit GEMM: per-row offset masks and rows sorted by them."""
         if "fwd_sched" not in self._cache:
@@ -162,7 +173,8 @@ class Rulebook:
 
     def bwd_schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
         if "bwd_sched" not in self._cache:
-            m = offset_masks(self.pair_bwd())
+            m = self._cache.get("bwd_masks")
+            m = offset_masks(self.pair_bwd()) if m is None else m
             self._cache["bwd_sched"] = (mask_order(m), m)
         return self._cache["bwd_sched"]
 
@@ -190,13 +202,15 @@ class Rulebook:
 _OFFSET_TABLES: dict = {}
 
 
-def offset_table(ksize, dilation, device) -> torch.Tensor:
-    """int32 [ndim, K]: each kernel offset's displacement per dimension (row-major over the kernel, centred,
-    times the dilation), cached per device so a layer does not copy it to the GPU on every call."""
-    key = (tuple(ksize), tuple(dilation), str(device))
+def offset_table(ksize, dilation, device, centred: bool = True) -> torch.Tensor:
+    """int32 [ndim, K]: each kernel offset's displacement per dimension (row-major over the kernel, times the
+    dilation; centred for submanifold neighbours, from 0 for strided taps), cached per device so a layer does
+    not copy it to the GPU on every call."""
+    key = (tuple(ksize), tuple(dilation), str(device), centred)
     t = _OFFSET_TABLES.get(key)
     if t is None:
-        rows = list(itertools.product(*[[(j - k // 2) * dl for j in range(k)] for k, dl in zip(ksize, dilation)]))
+        rows = list(itertools.product(*[[(j - (k // 2 if centred else 0)) * dl for j in range(k)]
+                                        for k, dl in zip(ksize, dilation)]))
         t = torch.tensor(rows, dtype=torch.int32).T.contiguous().to(device)
         _OFFSET_TABLES[key] = t
     return t
@@ -408,9 +422,8 @@ def build_subm(indices: torch.Tensor, spatial_shape, ksize, dilation) -> Ruleboo
     if hashing.backend_for(indices) == "triton":  # a handful of launches: host time is this path's cost
         table = hashing.hash_build(encode(coords.long(), indices[:, 0], shape))
         pair_fwd, masks = hashing.neighbor_map(table, indices, shape, offset_table(ksize, dilation, dev))
-        rb = Rulebook.from_pair_map(pair_fwd, n, centre_k if symmetric or n == 0 else -1, mirrored=symmetric)
-        rb.set_fwd_masks(masks)
-        return rb
+        return Rulebook.from_maps(pair_fwd, None, n, n, centre_k if symmetric or n == 0 else -1,
+                                  mirrored=symmetric, masks_fwd=masks)
     rels = [(torch.arange(k, device=dev) - k // 2) * dl for k, dl in zip(ksize, dilation)]  # [k_d] per dim
     # CPU: keys in a grid padded by the kernel's reach on every side, so an out-of-bounds neighbour has a key
     # of its own that no voxel holds: a plain miss in the direct table, no bounds mask
@@ -476,6 +489,12 @@ def build_conv(indices: torch.Tensor, spatial_shape, ksize, stride, padding, dil
         out_shape = conv_output_size(shape, ksize, stride, padding, dilation)
     n = indices.shape[0]
     K = math.prod(ksize)
+    if hashing.backend_for(indices) == "triton" and 1 <= ndim <= 3:  # the GPU: two kernels, one host sync
+        maps = hashing.conv_maps(indices, out_shape, offset_table(ksize, dilation, dev, centred=False), stride,
+                                 padding, transposed, sort=is_deterministic())
+        rb = Rulebook.from_maps(maps.pair_fwd, maps.pair_bwd, n, maps.out_keys.numel(), masks_fwd=maps.masks_fwd,
+                                masks_bwd=maps.masks_bwd)
+        return decode(maps.out_keys, out_shape), out_shape, rb
     lin = _linear_strides(out_shape)
     # on the CPU, int32 keys where every output key fits: half the memory traffic, a faster sort in unique
     narrow = dev.type == "cpu" and n > 0 and (int(indices[:, 0].max()) + 1) * math.prod(out_shape) < 2**31

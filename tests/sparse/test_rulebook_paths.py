@@ -146,3 +146,59 @@ def test_dense_lookup_tables_are_left_clear_and_reused():
         assert _segments(rb) == _ref_subm(idx, shape, [3, 3, 3], [1, 1, 1])
         tables = rulebook._dense.tables
         assert set(tables) == {"dir", "slots"} and all(int(t.count_nonzero()) == 0 for t in tables.values())
+
+
+def _maps_match_lists(rb):
+    """Both pair maps hold exactly the pairs of the lists (whichever the rulebook was built from)."""
+    k_of = torch.repeat_interleave(torch.arange(rb.kernel_volume), torch.tensor(rb.counts, dtype=torch.long))
+    for pm, rows, vals, n in ((rb.pair_fwd(), rb.out_idx, rb.in_idx, rb.n_out),
+                              (rb.pair_bwd(), rb.in_idx, rb.out_idx, rb.n_in)):
+        expect = torch.full((n, rb.kernel_volume), -1, dtype=torch.int32)
+        expect[rows, k_of] = vals.int()
+        assert torch.equal(pm, expect)
+
+
+@pytest.mark.parametrize("shape", GRIDS)
+@pytest.mark.parametrize("ksize,stride,padding,dilation", [([3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1]),
+                                                           ([3, 1, 1], [2, 1, 1], [0, 0, 0], [1, 1, 1]),
+                                                           ([2, 3, 3], [1, 2, 3], [0, 1, 1], [1, 1, 2])])
+@pytest.mark.parametrize("sort", [True, False])
+def test_conv_hash_path_matches_brute_force(monkeypatch, shape, ksize, stride, padding, dilation, sort):
+    """The GPU's strided rulebook (two kernels over (voxel, tap): insert every reached output key, then number
+    the outputs and write both pair maps): the same outputs as the brute force -- ascending in deterministic
+    mode, any order otherwise -- and the same pairs; lists derived from the maps agree with them."""
+    from kiln.sparse.rulebook import deterministic
+
+    monkeypatch.setenv("KILN_OPS", "triton")
+    idx = _scene(shape, 90, 2, seed=sum(shape) + sum(stride), line=9)
+    with deterministic(sort):
+        out_indices, out_shape, rb = build_conv(idx, shape, ksize, stride, padding, dilation)
+    outs, segs = _ref_conv(idx, shape, ksize, stride, padding, dilation)
+    got = [tuple(r) for r in out_indices.tolist()]
+    assert out_indices.dtype == torch.int32 and out_shape == conv_output_size(shape, ksize, stride, padding, dilation)
+    assert (got == outs) if sort else (sorted(got) == outs and len(set(got)) == len(got))
+    row = {o: j for j, o in enumerate(outs)}
+    remap = [row[o] for o in got]
+    assert [{(i, remap[o]) for i, o in seg} for seg in _segments(rb)] == segs
+    _maps_match_lists(rb)
+    sw = rb.swapped()
+    assert _segments(sw) == [{(o, i) for i, o in seg} for seg in _segments(rb)]
+
+
+@pytest.mark.parametrize("shape", [[7, 9, 11], [12, 10]])
+def test_transposed_conv_hash_path_matches_cpu_path(monkeypatch, shape):
+    from kiln.sparse.rulebook import deterministic
+
+    ndim = len(shape)
+    ksize, stride, padding, dilation = [3] * ndim, [2] * ndim, [1] * ndim, [1] * ndim
+    idx = _scene(shape, 60, 2, seed=5)
+    results = []
+    for backend in ("ref", "triton"):
+        monkeypatch.setenv("KILN_OPS", backend)
+        with deterministic(True):
+            out_indices, out_shape, rb = build_conv(idx, shape, ksize, stride, padding, dilation, transposed=True,
+                                                    output_padding=[1] * ndim)
+        results.append((out_indices.tolist(), out_shape, _segments(rb)))
+        if backend == "triton":
+            _maps_match_lists(rb)
+    assert results[0] == results[1]
