@@ -114,6 +114,70 @@ def neighbor_map_ref(table, indices, spatial_shape, rel, masks=True):
     return pm, ((pm >= 0).long() * bits).sum(1)
 
 
+def voxel_checks(indices: torch.Tensor, spatial_shape, batch_size: int) -> tuple[int, int, bool]:
+    """(first row with a negative entry, first row outside ``batch_size`` / ``spatial_shape``, whether the keys
+    ascend strictly) for int32 [N, ndim + 1] batch-first ``indices``; a row index of N means none. One host
+    sync; on the GPU one kernel (with separate torch ops the checks cost ~30 launches per SparseConvTensor)."""
+    n, ndim = indices.shape[0], len(spatial_shape)
+    if backend_for(indices) == "triton" and 1 <= ndim <= 3 and n:
+        idx = indices if indices.stride(1) == 1 else indices.contiguous()
+        out = torch.tensor([n, n, 0], dtype=torch.int32).to(indices.device, non_blocking=True)
+        block = 256
+        sizes = list(spatial_shape) + [1] * (3 - ndim)
+        _voxel_check_kernel[(triton.cdiv(n, block),)](idx, out, n, idx.stride(0), int(batch_size), *sizes,
+                                                     NDIM=ndim, BLOCK=block)
+        neg, outside, descents = out.tolist()
+        return neg, outside, descents == 0
+    return voxel_checks_ref(indices, spatial_shape, batch_size)
+
+
+def voxel_checks_ref(indices, spatial_shape, batch_size):
+    n = indices.shape[0]
+    if n == 0:
+        return 0, 0, True
+    limits = torch.tensor([int(batch_size)] + list(spatial_shape), device=indices.device)
+    rows = torch.arange(n, device=indices.device)
+    neg = torch.where((indices < 0).any(1), rows, n).min()
+    outside = torch.where((indices.long() >= limits).any(1), rows, n).min()
+    key = indices[:, 0].long()
+    for d, size in enumerate(spatial_shape):
+        key = key * size + indices[:, 1 + d]
+    ascending = (key[1:] > key[:-1]).all().long()
+    neg, outside, ascending = torch.stack([neg, outside, ascending]).tolist()
+    return neg, outside, bool(ascending)
+
+
+@triton.jit
+def _voxel_check_kernel(Idx, Out, N, stride_i, B, S0, S1, S2, NDIM: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < N
+    prev_ok = ok & (rows > 0)
+    ptr = Idx + rows.to(tl.int64) * stride_i
+    b = tl.load(ptr, mask=ok, other=0)
+    bp = tl.load(ptr - stride_i, mask=prev_ok, other=0)
+    neg = b < 0
+    out = b >= B
+    key = b.to(tl.int64)
+    key_prev = bp.to(tl.int64)
+    for d in tl.static_range(NDIM):
+        if d == 0:
+            size = S0
+        elif d == 1:
+            size = S1
+        else:
+            size = S2
+        c = tl.load(ptr + 1 + d, mask=ok, other=0)
+        cp = tl.load(ptr - stride_i + 1 + d, mask=prev_ok, other=0)
+        neg = neg | (c < 0)
+        out = out | (c >= size)
+        key = key * size + c
+        key_prev = key_prev * size + cp
+    big = tl.full([BLOCK], 2147483647, tl.int32)
+    tl.atomic_min(Out, tl.min(tl.where(ok & neg, rows, big), axis=0))
+    tl.atomic_min(Out + 1, tl.min(tl.where(ok & out, rows, big), axis=0))
+    tl.atomic_add(Out + 2, tl.sum((prev_ok & (key <= key_prev)).to(tl.int32), axis=0))
+
+
 @dataclass
 class ConvMaps:
     """A regular or transposed convolution's rulebook as pair maps (``conv_maps``)."""

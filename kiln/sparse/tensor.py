@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kiln.ops import hashing
+
 from kiln.ops._dispatch import FLOAT_DTYPES
 
 
@@ -75,22 +77,17 @@ def validate_sparse_input(features, indices, spatial_shape, batch_size) -> None:
     if indices.shape[0] == 0:
         return
     from .rulebook import encode
-    limits = torch.tensor([int(batch_size)] + list(spatial_shape), device=indices.device)
-    neg_rows = (indices < 0).any(1)
-    bad_rows = (indices.long() >= limits).any(1)
-    keys = encode(indices[:, 1:].long(), indices[:, 0], spatial_shape)
-    # one device sync for the three checks (on the GPU each would be a round trip)
-    negative, outside, ascending = torch.stack([neg_rows.any(), bad_rows.any(),
-                                                (keys[1:] > keys[:-1]).all()]).tolist()
-    if negative:
-        row = int(torch.nonzero(neg_rows)[0])
-        raise ValueError(f"indices has negative entries, e.g. row {row}: {indices[row].tolist()}")
-    if outside:
-        row = int(torch.nonzero(bad_rows)[0])
-        raise ValueError(f"indices row {row} = {indices[row].tolist()} is outside batch_size {batch_size} / "
+    # one device sync for the three checks (one kernel on the GPU)
+    n = indices.shape[0]
+    negative, outside, ascending = hashing.voxel_checks(indices, spatial_shape, batch_size)
+    if negative < n:
+        raise ValueError(f"indices has negative entries, e.g. row {negative}: {indices[negative].tolist()}")
+    if outside < n:
+        raise ValueError(f"indices row {outside} = {indices[outside].tolist()} is outside batch_size {batch_size} / "
                          f"spatial_shape {list(spatial_shape)}")
     if ascending:
         return  # strictly increasing (sorted input, e.g. a layer's output): no duplicates, no sort needed
+    keys = encode(indices[:, 1:].long(), indices[:, 0], spatial_shape)
     sk = torch.sort(keys).values
     dup = sk[1:] == sk[:-1]
     if bool(dup.any()):

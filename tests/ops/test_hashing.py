@@ -109,3 +109,32 @@ def test_neighbor_map_rejects_mismatched_shapes():
         hashing.neighbor_map(table, idx, [4, 4, 4], torch.zeros(3, 27, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="rel"):
         hashing.neighbor_map(table, idx[:, :3], [4, 4], torch.zeros(2, 9, dtype=torch.int64, device=DEVICE))
+
+
+@requires_triton
+@pytest.mark.parametrize("shape", [[9, 11, 7], [6, 8], [40]])
+def test_triton_voxel_checks_match_reference(monkeypatch, shape):
+    """SparseConvTensor's input checks in one kernel: the first negative row, the first row outside the batch or
+    grid, and whether the keys ascend strictly -- on sorted, shuffled, bad and single-row inputs."""
+    g = _gen()
+    idx = _voxels(shape, 300 if BIG else 40, 3, g)
+    key = idx[:, 0].long()
+    for d, s in enumerate(shape):
+        key = key * s + idx[:, 1 + d]
+    ordered = idx[torch.argsort(key)]
+    neg = ordered.clone()
+    neg[7, 1] = -1
+    neg[20, 0] = -3
+    out = ordered.clone()
+    out[5, len(shape)] = shape[-1]
+    out[30, 0] = 3  # batch_size 3
+    cases = [ordered, idx, neg, out, ordered[:1], torch.cat([ordered[:3], ordered[2:3]])]
+    for case in cases:
+        ref = hashing.voxel_checks_ref(case, shape, 3)
+        monkeypatch.setenv("KILN_OPS", "triton")
+        got = hashing.voxel_checks(case, shape, 3)
+        monkeypatch.delenv("KILN_OPS")
+        assert got == ref, (got, ref)
+    assert hashing.voxel_checks_ref(ordered, shape, 3) == (len(ordered), len(ordered), True)
+    assert hashing.voxel_checks_ref(neg, shape, 3)[0] == 7 and hashing.voxel_checks_ref(out, shape, 3)[1] == 5
+    assert not hashing.voxel_checks_ref(cases[-1], shape, 3)[2]  # a repeated row is not strictly ascending
