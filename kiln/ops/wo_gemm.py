@@ -213,7 +213,8 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
                     stride_ym, stride_ys, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     USE_DOT: tl.constexpr, UPCAST: tl.constexpr, SPLIT_K: tl.constexpr,
-                    REDUCE_EACH_TILE: tl.constexpr = True, INT4_WORDS: tl.constexpr = False):
+                    REDUCE_EACH_TILE: tl.constexpr = True, INT4_WORDS: tl.constexpr = False,
+                    INT4_JOIN: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -247,6 +248,30 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
                     acc += tl.dot(xt, tl.trans(wq.to(dt)))  # int8 codes are exact in 16-bit floats
             else:  # BLOCK_M == 1: [1, BK] activations broadcast over the [BN, BK] weight tile
                 acc1 += _int8_to_f32(wq) * xt.to(tl.float32)
+        elif USE_DOT and INT4_JOIN:
+            # the packed bytes as [BK/2, BN] (k pairs down, columns across), both nibbles joined into the [BK, BN]
+            # tile (row k = 2j + t): one contiguous activation tile and one dot per K tile, nothing transposed
+            # (the split-even/odd path below gathers x at stride 2 and transposes two half tiles)
+            kk = k0 + offs_k
+            xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & (kk < k_hi)[None, :], other=0.0)
+            jb = k0 // 2 + offs_j
+            byte = tl.load(W + offs_n[None, :].to(tl.int64) * stride_wn + jb[:, None],
+                           mask=(2 * jb < k_hi)[:, None] & n_mask[None, :], other=0).to(tl.int32)
+            g = k0 // GROUP
+            if HAS_ZERO:
+                zf = tl.load(Z + offs_n.to(tl.int64) * stride_zn + g, mask=n_mask, other=0).to(tl.float32)
+                zf = zf + 8388608.0
+            else:
+                zf = tl.full([BLOCK_N], 8388616.0, tl.float32)  # 2^23 + 8
+            s = tl.load(S + offs_n.to(tl.int64) * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+            lo = ((byte & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zf[None, :]
+            hi = (((byte >> 4) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zf[None, :]
+            w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))
+            if UPCAST:
+                part = tl.dot(xt.to(tl.float32), w, input_precision="ieee")
+            else:  # codes minus zero are small integers: exact in 16 bits
+                part = tl.dot(xt, w.to(dt))
+            acc += part * s[None, :]
         elif INT4_WORDS:  # the GEMV (one row) on 32-bit words: one LOP3 per code, see _int4_word_gemv_tile
             kw = k0 + 8 * offs_w
             w_mask = n_mask[:, None] & (kw < k_hi)[None, :]  # K tiles are whole words: 8 | 32 | group size

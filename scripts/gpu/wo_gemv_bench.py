@@ -7,6 +7,7 @@ of bf16, so L2 cannot serve them). Reported per linear: microseconds, the fracti
 kernel reaches on its own bytes (codes + scales), and the speed-up over cuBLAS bf16.
 
   python3 scripts/gpu/wo_gemv_bench.py [--models llama-8b llama-1b] [--sweep]
+  python3 scripts/gpu/wo_gemv_bench.py --batch 64      # batched decode: the tl.dot paths (int4 split vs joined)
 """
 
 from __future__ import annotations
@@ -52,11 +53,42 @@ def call(bits: int, x, q, s, config=None):
     return _wo_triton(x, q, s, None, GROUP if bits == 4 else 0, None, bits, config=config)
 
 
+def batched(models: list[str], m: int) -> int:
+    """Batched decode (M rows): cuBLAS bf16 against W8A16 and W4A16 through tl.dot, int4 with the nibbles split
+    into even / odd half tiles (the default) and joined into one tile (INT4_JOIN); us and speed-up per linear."""
+    print(f"\n== M = {m}: us per linear (speed-up vs cuBLAS bf16); weights rotated past L2")
+    print(f"{'model':9} {'linear':13} {'cublas':>10} {'w8a16':>16} {'w4a16 split':>16} {'w4a16 join':>16}")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for model in models:
+        for name, (n, k) in linears(SHAPES[model]).items():
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+                  for _ in range(max(2, min(64, (512 * 2**20) // (n * k * 2) + 1)))]
+            t0 = graph_time(lambda: [F.linear(x, w) for w in ws], len(ws))
+            del ws
+            cells = []
+            for bits, extra in ((8, {}), (4, {}), (4, {"INT4_JOIN": True})):
+                qs, _ = quantized_copies(n, k, bits)
+                cfg = dict(wo_config(m, n, k, bits, GROUP, sms), **extra)
+                try:
+                    t = graph_time(lambda: [call(bits, x, q, s, cfg) for q, s in qs], len(qs))
+                    cells.append(f"{t * 1e6:8.1f} {t0 / t:5.2f}x")
+                except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported
+                    cells.append(f"{type(exc).__name__[:14]:>14}")
+                del qs
+            torch.cuda.empty_cache()
+            print(f"{model:9} {name:13} {t0 * 1e6:10.1f} " + " ".join(f"{c:>16}" for c in cells), flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["llama-8b", "llama-1b"], choices=list(SHAPES))
     ap.add_argument("--sweep", action="store_true", help="tile sweep at M=1 on the first model's shapes")
+    ap.add_argument("--batch", type=int, default=0, help="time M = BATCH rows (the tl.dot paths) instead of M=1")
     args = ap.parse_args()
+    if args.batch:
+        return batched(args.models, args.batch)
     bw = copy_bandwidth()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name(0)}: copy bandwidth {bw / 1e12:.2f} TB/s, {sms} SMs; torch {torch.__version__}")

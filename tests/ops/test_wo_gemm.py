@@ -96,7 +96,8 @@ def test_weight_only_triton_takes_strided_inputs_and_leading_dims(monkeypatch):
 @requires_triton
 def test_weight_only_triton_fixed_configs_cover_gemv_and_dot_paths():
     """Explicit GPU-style tiles (BLOCK_K 128 = whole group, 64 < group; the int4 GEMV on bytes and on 32-bit words,
-    each with both accumulation orders) run correctly in the interpreter too."""
+    each with both accumulation orders; the int4 dot on split even/odd halves and on joined nibbles, with split-K)
+    run correctly in the interpreter too."""
     g = fresh_gen()
     N, K, G = 40, 256, 128
     q, s, z = int4_operands(N, K, G, g)
@@ -105,7 +106,9 @@ def test_weight_only_triton_fixed_configs_cover_gemv_and_dot_paths():
                    (1, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=128, USE_DOT=False, INT4_WORDS=True)),
                    (1, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, USE_DOT=False, INT4_WORDS=True,
                             REDUCE_EACH_TILE=False)),
-                   (5, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, USE_DOT=True))):
+                   (5, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, USE_DOT=True)),
+                   (5, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, USE_DOT=True, INT4_JOIN=True)),
+                   (20, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, USE_DOT=True, INT4_JOIN=True, SPLIT_K=2))):
         x = torch.randn(M, K, device=DEVICE, generator=g)
         y = wo_gemm._wo_triton(x, q, s, z, G, None, bits=4, config=cfg)
         assert rel_err(y, wo_gemm.w4a16_linear_ref(x, q, s, z, G)) <= 1e-5
