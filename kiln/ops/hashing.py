@@ -74,6 +74,28 @@ def hash_lookup_ref(table: HashTable, queries: torch.Tensor) -> torch.Tensor:
     return torch.where(found, table.values[pos], torch.full_like(table.values[pos], -1))
 
 
+def hash_build_voxels(indices: torch.Tensor, spatial_shape) -> HashTable:
+    """``hash_build(encode(indices))`` with value = row: on the GPU one kernel encodes each voxel's key from its
+    int32 batch-first row and inserts it (no key tensor, no separate encode ops)."""
+    check_tensor("indices", indices, ndim=2, dtypes=(torch.int32,))
+    ndim = len(spatial_shape)
+    if indices.shape[1] != ndim + 1:
+        raise ValueError(f"indices must be [N, {ndim + 1}] for a {ndim}-d spatial_shape, got {tuple(indices.shape)}")
+    if backend_for(indices) == "triton" and 1 <= ndim <= 3:
+        n = indices.shape[0]
+        table = _empty_table(n, indices.device)
+        if n:
+            idx = indices if indices.stride(1) == 1 else indices.contiguous()
+            sizes = list(spatial_shape) + [1] * (3 - ndim)
+            _insert_voxels_kernel[(triton.cdiv(n, _BLOCK),)](idx, table.keys, table.values, n, table.capacity - 1,
+                                                             idx.stride(0), *sizes, NDIM=ndim, BLOCK=_BLOCK)
+        return table
+    key = indices[:, 0].long()
+    for d, size in enumerate(spatial_shape):
+        key = key * size + indices[:, 1 + d]
+    return hash_build(key)
+
+
 def neighbor_map(table: HashTable, indices: torch.Tensor, spatial_shape, rel: torch.Tensor,
                  masks: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A submanifold rulebook's pair map in one pass: ``pair_map[i, k]`` (int32 [N, K]) is the row of voxel i's
@@ -313,6 +335,31 @@ def _lookup_kernel(Q, TKeys, TVals, Out, N, cap_mask, BLOCK: tl.constexpr):
         active = active & (k != q) & (k != -1)
         slot = (slot + 1) & cap_mask
     tl.store(Out + offs, result, mask=valid)
+
+
+@triton.jit
+def _insert_voxels_kernel(Idx, TKeys, TVals, N, cap_mask, stride_i, S0, S1, S2, NDIM: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    active = rows < N
+    ptr = Idx + rows.to(tl.int64) * stride_i
+    key = tl.load(ptr, mask=active, other=0).to(tl.int64)
+    for d in tl.static_range(NDIM):
+        if d == 0:
+            size = S0
+        elif d == 1:
+            size = S1
+        else:
+            size = S2
+        key = key * size + tl.load(ptr + 1 + d, mask=active, other=0).to(tl.int64)
+    slot = _hash_slot(key, cap_mask)
+    while tl.max(active.to(tl.int32), axis=0) > 0:
+        cmp = tl.where(active, -1, -2).to(tl.int64)  # finished lanes: a CAS that never matches
+        prev = tl.atomic_cas(TKeys + slot, cmp, key)
+        claimed = active & (prev == -1)
+        tl.store(TVals + slot, rows, mask=claimed)
+        active = active & (prev != -1) & (prev != key)
+        slot = tl.where(active, (slot + 1) & cap_mask, slot)
 
 
 @triton.jit

@@ -420,7 +420,7 @@ def build_subm(indices: torch.Tensor, spatial_shape, ksize, dilation) -> Ruleboo
     symmetric = all(k % 2 == 1 for k in ksize)
     n_look = centre_k if symmetric else K
     if hashing.backend_for(indices) == "triton":  # a handful of launches: host time is this path's cost
-        table = hashing.hash_build(encode(coords.long(), indices[:, 0], shape))
+        table = hashing.hash_build_voxels(indices, shape)
         pair_fwd, masks = hashing.neighbor_map(table, indices, shape, offset_table(ksize, dilation, dev))
         return Rulebook.from_maps(pair_fwd, None, n, n, centre_k if symmetric or n == 0 else -1,
                                   mirrored=symmetric, masks_fwd=masks)

@@ -138,3 +138,23 @@ def test_triton_voxel_checks_match_reference(monkeypatch, shape):
     assert hashing.voxel_checks_ref(ordered, shape, 3) == (len(ordered), len(ordered), True)
     assert hashing.voxel_checks_ref(neg, shape, 3)[0] == 7 and hashing.voxel_checks_ref(out, shape, 3)[1] == 5
     assert not hashing.voxel_checks_ref(cases[-1], shape, 3)[2]  # a repeated row is not strictly ascending
+
+
+@requires_triton
+@pytest.mark.parametrize("shape", [[9, 11, 7], [6, 8], [40]])
+def test_triton_hash_build_voxels_matches_encoded_build(monkeypatch, shape):
+    """Encoding the keys inside the insert kernel: every voxel's key maps to its row, absent keys miss."""
+    from kiln.sparse.rulebook import encode
+
+    g = _gen()
+    idx = _voxels(shape, 300 if BIG else 50, 2, g)
+    keys = encode(idx[:, 1:].long(), idx[:, 0], shape)
+    monkeypatch.setenv("KILN_OPS", "triton")
+    table = hashing.hash_build_voxels(idx, shape)
+    assert table.backend == "triton"
+    queries = torch.cat([keys, keys.max() + 1 + torch.arange(5, device=DEVICE)])
+    expect = torch.cat([torch.arange(len(keys), device=DEVICE, dtype=torch.int32),
+                        torch.full((5,), -1, device=DEVICE, dtype=torch.int32)])
+    assert torch.equal(hashing.hash_lookup(table, queries), expect)
+    with pytest.raises(ValueError, match=r"indices must be \[N, 3\]"):
+        hashing.hash_build_voxels(idx[:, :2], [4, 4])
