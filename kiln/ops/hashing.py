@@ -212,15 +212,18 @@ class ConvMaps:
 
 
 def conv_maps(indices: torch.Tensor, out_shape, taps: torch.Tensor, stride, padding, transposed: bool,
-              sort: bool) -> ConvMaps:
+              sort: bool, max_taps: int | None = None) -> ConvMaps:
     """The output voxels and pair maps of a strided (or transposed) sparse convolution on the GPU.
 
     Input voxel i (``indices`` int32 [N, ndim + 1], batch first) reaches, through kernel tap k (``taps`` int32
-    [ndim, K]: ``k_d * dilation_d`` per dimension), the output at ``(c - padding + tap) / stride`` where that
+    [ndim, K]: ``k_d * dilation_d`` per dimension), the output at ``(c + padding - tap) / stride`` where that
     divides exactly (regular) or ``c * stride - padding + tap`` (transposed), if inside ``out_shape``. The outputs
     are the distinct keys reached (ascending with ``sort``, else in hash-slot order). Two kernels over (voxel,
     tap): one inserts every reached key into a hash table, one -- after the occupied slots are numbered -- looks
-    each up and writes both pair maps and their offset masks. One host sync (the number of outputs)."""
+    each up and writes both pair maps and their offset masks. One host sync (the number of outputs).
+
+    ``max_taps``: how many taps one voxel can reach at most (a stride-2 3x3x3 kernel: 8 of 27), which bounds the
+    distinct outputs and so sizes the table (the outputs are typically far fewer: the table stays sparse)."""
     ndim, K = len(out_shape), taps.shape[1]
     if not 1 <= ndim <= 3:
         raise ValueError(f"conv_maps handles 1-3 spatial dims, got {ndim}")
@@ -228,7 +231,8 @@ def conv_maps(indices: torch.Tensor, out_shape, taps: torch.Tensor, stride, padd
     dev = indices.device
     idx = indices if indices.stride(1) == 1 else indices.contiguous()
     taps = taps.contiguous()
-    table = _empty_table(n * K, dev)
+    bound = n * (K if max_taps is None else min(K, max_taps))
+    table = _empty_table((bound + 2) // 2, dev)  # capacity >= bound + 1: never full
     kp = max(2, triton.next_power_of_2(K))
     block = max(1, min(64, 2048 // kp))
     pad3 = lambda v, fill: list(v) + [fill] * (3 - ndim)  # noqa: E731

@@ -490,8 +490,12 @@ def build_conv(indices: torch.Tensor, spatial_shape, ksize, stride, padding, dil
     n = indices.shape[0]
     K = math.prod(ksize)
     if hashing.backend_for(indices) == "triton" and 1 <= ndim <= 3:  # the GPU: two kernels, one host sync
+        # a regular conv's tap k_d hits an output only where (c + p - k_d * dil) divides by the stride: at most
+        # ceil(k / (s / gcd(dil, s))) taps per dimension reach anything from one voxel
+        reach = math.prod(k if transposed else min(k, -(-k * math.gcd(dl, st) // st))
+                          for k, st, dl in zip(ksize, stride, dilation))
         maps = hashing.conv_maps(indices, out_shape, offset_table(ksize, dilation, dev, centred=False), stride,
-                                 padding, transposed, sort=is_deterministic())
+                                 padding, transposed, sort=is_deterministic(), max_taps=reach)
         rb = Rulebook.from_maps(maps.pair_fwd, maps.pair_bwd, n, maps.out_keys.numel(), masks_fwd=maps.masks_fwd,
                                 masks_bwd=maps.masks_bwd)
         return decode(maps.out_keys, out_shape), out_shape, rb
