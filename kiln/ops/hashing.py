@@ -182,12 +182,7 @@ def _voxel_check_kernel(Idx, Out, N, stride_i, B, S0, S1, S2, NDIM: tl.constexpr
     key = b.to(tl.int64)
     key_prev = bp.to(tl.int64)
     for d in tl.static_range(NDIM):
-        if d == 0:
-            size = S0
-        elif d == 1:
-            size = S1
-        else:
-            size = S2
+        size = _pick(d, S0, S1, S2)
         c = tl.load(ptr + 1 + d, mask=ok, other=0)
         cp = tl.load(ptr - stride_i + 1 + d, mask=prev_ok, other=0)
         neg = neg | (c < 0)
@@ -303,24 +298,55 @@ def _hash_slot(key, cap_mask):
 
 
 @triton.jit
+def _pick(D: tl.constexpr, a, b, c):
+    """The D-th of three per-dimension scalars (D a compile-time dimension index; kernels take <= 3 dims)."""
+    if D == 0:
+        v = a
+    elif D == 1:
+        v = b
+    else:
+        v = c
+    return v
+
+
+@triton.jit
+def _insert_keys(TKeys, key, active, cap_mask):
+    """Linear-probing insert of ``key`` where ``active`` (any shape) -> (slot, claimed): each lane's slot, and
+    whether it claimed it (False where the key was already there)."""
+    slot = _hash_slot(key, cap_mask)
+    claimed = active & (key != key)
+    while tl.max(active.to(tl.int32)) > 0:
+        # finished lanes compare against -2, which no slot ever holds: their CAS is a no-op read
+        cmp = tl.where(active, -1, -2).to(tl.int64)
+        prev = tl.atomic_cas(TKeys + slot, cmp, key)
+        claimed = claimed | (active & (prev == -1))
+        active = active & (prev != -1) & (prev != key)
+        slot = tl.where(active, (slot + 1) & cap_mask, slot)
+    return slot, claimed
+
+
+@triton.jit
+def _lookup_keys(TKeys, TVals, key, active, cap_mask):
+    """int32 value of ``key`` where ``active`` (any shape), -1 where absent or inactive."""
+    slot = _hash_slot(key, cap_mask)
+    found = tl.full(key.shape, -1, tl.int32)
+    while tl.max(active.to(tl.int32)) > 0:
+        tk = tl.load(TKeys + slot, mask=active, other=-1)
+        hit = active & (tk == key)
+        found = tl.where(hit, tl.load(TVals + slot, mask=hit, other=-1), found)
+        active = active & (tk != key) & (tk != -1)
+        slot = (slot + 1) & cap_mask
+    return found
+
+
+@triton.jit
 def _insert_kernel(Keys, Vals, TKeys, TVals, N, cap_mask, HAS_VALS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < N
     key = tl.load(Keys + offs, mask=valid, other=0)
+    slot, claimed = _insert_keys(TKeys, key, valid, cap_mask)
     if HAS_VALS:
-        val = tl.load(Vals + offs, mask=valid, other=0)
-    slot = _hash_slot(key, cap_mask)
-    active = valid
-    while tl.max(active.to(tl.int32), axis=0) > 0:
-        # finished lanes compare against -2, which no slot ever holds: their CAS is a no-op read
-        cmp = tl.where(active, -1, -2).to(tl.int64)
-        prev = tl.atomic_cas(TKeys + slot, cmp, key)
-        claimed = active & (prev == -1)
-        if HAS_VALS:
-            tl.store(TVals + slot, val, mask=claimed)
-        done = claimed | (prev == key)
-        active = active & (done == 0)
-        slot = tl.where(active, (slot + 1) & cap_mask, slot)
+        tl.store(TVals + slot, tl.load(Vals + offs, mask=valid, other=0), mask=claimed)
 
 
 @triton.jit
@@ -328,17 +354,7 @@ def _lookup_kernel(Q, TKeys, TVals, Out, N, cap_mask, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < N
     q = tl.load(Q + offs, mask=valid, other=-1)
-    active = valid & (q >= 0)
-    slot = _hash_slot(q, cap_mask)
-    result = tl.full([BLOCK], -1, tl.int32)
-    while tl.max(active.to(tl.int32), axis=0) > 0:
-        k = tl.load(TKeys + slot, mask=active, other=-1)
-        found = active & (k == q)
-        v = tl.load(TVals + slot, mask=found, other=-1)
-        result = tl.where(found, v, result)
-        active = active & (k != q) & (k != -1)
-        slot = (slot + 1) & cap_mask
-    tl.store(Out + offs, result, mask=valid)
+    tl.store(Out + offs, _lookup_keys(TKeys, TVals, q, valid & (q >= 0), cap_mask), mask=valid)
 
 
 @triton.jit
@@ -349,21 +365,9 @@ def _insert_voxels_kernel(Idx, TKeys, TVals, N, cap_mask, stride_i, S0, S1, S2, 
     ptr = Idx + rows.to(tl.int64) * stride_i
     key = tl.load(ptr, mask=active, other=0).to(tl.int64)
     for d in tl.static_range(NDIM):
-        if d == 0:
-            size = S0
-        elif d == 1:
-            size = S1
-        else:
-            size = S2
-        key = key * size + tl.load(ptr + 1 + d, mask=active, other=0).to(tl.int64)
-    slot = _hash_slot(key, cap_mask)
-    while tl.max(active.to(tl.int32), axis=0) > 0:
-        cmp = tl.where(active, -1, -2).to(tl.int64)  # finished lanes: a CAS that never matches
-        prev = tl.atomic_cas(TKeys + slot, cmp, key)
-        claimed = active & (prev == -1)
-        tl.store(TVals + slot, rows, mask=claimed)
-        active = active & (prev != -1) & (prev != key)
-        slot = tl.where(active, (slot + 1) & cap_mask, slot)
+        key = key * _pick(d, S0, S1, S2) + tl.load(ptr + 1 + d, mask=active, other=0).to(tl.int64)
+    slot, claimed = _insert_keys(TKeys, key, active, cap_mask)
+    tl.store(TVals + slot, rows, mask=claimed)
 
 
 @triton.jit
@@ -378,26 +382,13 @@ def _neighbor_map_kernel(Idx, Rel, TKeys, TVals, PM, Masks, N, K, cap_mask, stri
     row_ptr = Idx + rows.to(tl.int64) * stride_i
     key = tl.load(row_ptr, mask=r_ok, other=0).to(tl.int64)[:, None] + tl.zeros([BLOCK_R, KP], tl.int64)
     for d in tl.static_range(NDIM):
-        if d == 0:
-            size = S0
-        elif d == 1:
-            size = S1
-        else:
-            size = S2
+        size = _pick(d, S0, S1, S2)
         c = tl.load(row_ptr + 1 + d, mask=r_ok, other=0).to(tl.int64)
         r = tl.load(Rel + d * K + ks, mask=k_ok, other=0).to(tl.int64)
         nc = c[:, None] + r[None, :]
         inside = inside & (nc >= 0) & (nc < size)
         key = key * size + nc
-    slot = _hash_slot(key, cap_mask)
-    found = tl.full([BLOCK_R, KP], -1, tl.int32)
-    active = inside
-    while tl.max(tl.max(active.to(tl.int32), axis=1), axis=0) > 0:
-        tk = tl.load(TKeys + slot, mask=active, other=-1)
-        hit = active & (tk == key)
-        found = tl.where(hit, tl.load(TVals + slot, mask=hit, other=-1), found)
-        active = active & (tk != key) & (tk != -1)
-        slot = (slot + 1) & cap_mask
+    found = _lookup_keys(TKeys, TVals, key, inside, cap_mask)
     tl.store(PM + rows[:, None].to(tl.int64) * K + ks[None, :], found, mask=r_ok[:, None] & k_ok[None, :])
     if WRITE_MASKS:
         bit = tl.full([KP], 1, tl.int64) << ks.to(tl.int64)
@@ -412,12 +403,7 @@ def _conv_out_keys(Idx, Taps, rows, ks, r_ok, k_ok, K, stride_i, S0, S1, S2, T0,
     key = tl.load(row_ptr, mask=r_ok, other=0).to(tl.int64)[:, None] + tl.zeros([BLOCK_R, KP], tl.int64)
     ok = r_ok[:, None] & k_ok[None, :]
     for d in tl.static_range(NDIM):
-        if d == 0:
-            size, st, pd = S0, T0, P0
-        elif d == 1:
-            size, st, pd = S1, T1, P1
-        else:
-            size, st, pd = S2, T2, P2
+        size, st, pd = _pick(d, S0, S1, S2), _pick(d, T0, T1, T2), _pick(d, P0, P1, P2)
         c = tl.load(row_ptr + 1 + d, mask=r_ok, other=0).to(tl.int64)[:, None]
         tap = tl.load(Taps + d * K + ks, mask=k_ok, other=0).to(tl.int64)[None, :]
         if TRANSPOSED:
@@ -440,12 +426,7 @@ def _conv_insert_kernel(Idx, Taps, TKeys, N, K, cap_mask, stride_i, S0, S1, S2, 
     ks = tl.arange(0, KP)
     key, active = _conv_out_keys(Idx, Taps, rows, ks, rows < N, ks < K, K, stride_i, S0, S1, S2, T0, T1, T2,
                                  P0, P1, P2, NDIM, TRANSPOSED, BLOCK_R, KP)
-    slot = _hash_slot(key, cap_mask)
-    while tl.max(tl.max(active.to(tl.int32), axis=1), axis=0) > 0:
-        cmp = tl.where(active, -1, -2).to(tl.int64)  # finished lanes: a CAS that never matches
-        prev = tl.atomic_cas(TKeys + slot, cmp, key)
-        active = active & (prev != -1) & (prev != key)
-        slot = tl.where(active, (slot + 1) & cap_mask, slot)
+    _insert_keys(TKeys, key, active, cap_mask)
 
 
 @triton.jit
@@ -458,14 +439,7 @@ def _conv_pairs_kernel(Idx, Taps, TKeys, TVals, PF, PB, MF, MB, N, K, cap_mask, 
     k_ok = ks < K
     key, active = _conv_out_keys(Idx, Taps, rows, ks, r_ok, k_ok, K, stride_i, S0, S1, S2, T0, T1, T2,
                                  P0, P1, P2, NDIM, TRANSPOSED, BLOCK_R, KP)
-    slot = _hash_slot(key, cap_mask)
-    out = tl.full([BLOCK_R, KP], -1, tl.int32)
-    while tl.max(tl.max(active.to(tl.int32), axis=1), axis=0) > 0:
-        tk = tl.load(TKeys + slot, mask=active, other=-1)
-        hit = active & (tk == key)
-        out = tl.where(hit, tl.load(TVals + slot, mask=hit, other=-1), out)
-        active = active & (tk != key) & (tk != -1)
-        slot = (slot + 1) & cap_mask
+    out = _lookup_keys(TKeys, TVals, key, active, cap_mask)
     both = r_ok[:, None] & k_ok[None, :]
     tl.store(PB + rows[:, None].to(tl.int64) * K + ks[None, :], out, mask=both)
     found = out >= 0

@@ -178,6 +178,16 @@ def _nibble_minus_zero(code, zf):
 
 
 @triton.jit
+def _group_zero_scale(Z, S, offs_n, n_mask, g, stride_zn, stride_sn, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Group ``g``'s zero point (8 when symmetric) and scale of each output row, as fp32 [BLOCK_N]."""
+    if HAS_ZERO:
+        zero = tl.load(Z + offs_n.to(tl.int64) * stride_zn + g, mask=n_mask, other=0).to(tl.float32)
+    else:
+        zero = tl.full([BLOCK_N], 8.0, tl.float32)
+    return zero, tl.load(S + offs_n.to(tl.int64) * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _nibble_at(src, SHIFT: tl.constexpr, zero):
     """The 4-bit code at bits [SHIFT, SHIFT + 4) of int32 ``src`` [BN, W] minus ``zero`` [BN], as fp32 (exact).
 
@@ -257,13 +267,8 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
             jb = k0 // 2 + offs_j
             byte = tl.load(W + offs_n[None, :].to(tl.int64) * stride_wn + jb[:, None],
                            mask=(2 * jb < k_hi)[:, None] & n_mask[None, :], other=0).to(tl.int32)
-            g = k0 // GROUP
-            if HAS_ZERO:
-                zf = tl.load(Z + offs_n.to(tl.int64) * stride_zn + g, mask=n_mask, other=0).to(tl.float32)
-                zf = zf + 8388608.0
-            else:
-                zf = tl.full([BLOCK_N], 8388616.0, tl.float32)  # 2^23 + 8
-            s = tl.load(S + offs_n.to(tl.int64) * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+            zero, s = _group_zero_scale(Z, S, offs_n, n_mask, k0 // GROUP, stride_zn, stride_sn, HAS_ZERO, BLOCK_N)
+            zf = zero + 8388608.0  # 2^23 + zero: the magic-number conversion's offset
             lo = ((byte & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zf[None, :]
             hi = (((byte >> 4) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zf[None, :]
             w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))
@@ -276,12 +281,7 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
             kw = k0 + 8 * offs_w
             w_mask = n_mask[:, None] & (kw < k_hi)[None, :]  # K tiles are whole words: 8 | 32 | group size
             word = tl.load(w_rows + (k0 // 8 + offs_w)[None, :], mask=w_mask, other=0)
-            g = k0 // GROUP
-            if HAS_ZERO:
-                zero = tl.load(Z + offs_n.to(tl.int64) * stride_zn + g, mask=n_mask, other=0).to(tl.float32)
-            else:
-                zero = tl.full([BLOCK_N], 8.0, tl.float32)
-            s = tl.load(S + offs_n.to(tl.int64) * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+            zero, s = _group_zero_scale(Z, S, offs_n, n_mask, k0 // GROUP, stride_zn, stride_sn, HAS_ZERO, BLOCK_N)
             part = _int4_word_gemv_tile(word, zero, x_rows, kw, k_hi, m_mask, stride_xk)
             if REDUCE_EACH_TILE:
                 accn += tl.sum(part, axis=1) * s
@@ -297,13 +297,9 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
             xo = tl.load(x_rows + (ke + 1)[None, :] * stride_xk, mask=xm, other=0.0)
             byte = tl.load(w_rows + (k0 // 2 + offs_j)[None, :], mask=n_mask[:, None] & k_mask[None, :],
                            other=0).to(tl.int32)
-            g = k0 // GROUP  # a K tile lies inside one group (BLOCK_K divides GROUP): one scale, one zero per row
-            if HAS_ZERO:
-                zf = tl.load(Z + offs_n.to(tl.int64) * stride_zn + g, mask=n_mask, other=0).to(tl.float32)
-                zf = zf + 8388608.0
-            else:
-                zf = tl.full([BLOCK_N], 8388616.0, tl.float32)  # 2^23 + 8
-            s = tl.load(S + offs_n.to(tl.int64) * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+            # a K tile lies inside one group (BLOCK_K divides GROUP): one scale, one zero per row
+            zero, s = _group_zero_scale(Z, S, offs_n, n_mask, k0 // GROUP, stride_zn, stride_sn, HAS_ZERO, BLOCK_N)
+            zf = zero + 8388608.0  # 2^23 + zero: the magic-number conversion's offset
             w_lo = _nibble_minus_zero(byte & 0xF, zf)
             w_hi = _nibble_minus_zero((byte >> 4) & 0xF, zf)
             if USE_DOT:
