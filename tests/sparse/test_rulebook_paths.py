@@ -94,7 +94,7 @@ def _sorted(idx, shape):
                                             ([3, 3, 3], [2, 1, 2])])
 @pytest.mark.parametrize("lookup", ["dense", "search", "hash"])
 @pytest.mark.parametrize("order", ["shuffled", "sorted"])
-def test_subm_matches_brute_force(monkeypatch, shape, ksize, dilation, lookup, order):
+def test_subm_matches_brute_force(monkeypatch, device, shape, ksize, dilation, lookup, order):
     """Both CPU lookups (direct table where the key range is small enough, sorted-key search otherwise) and the
     GPU's (the Triton hash table, every offset looked up, the rulebook kept as its pair map: its pair lists, and
     for odd kernels the mirrored backward map, are derived from that)."""
@@ -105,6 +105,8 @@ def test_subm_matches_brute_force(monkeypatch, shape, ksize, dilation, lookup, o
     idx = _scene(shape, 90, 2, seed=sum(shape) + sum(ksize), line=12)
     if order == "sorted":
         idx = _sorted(idx, shape)
+    if lookup == "hash":
+        idx = idx.to(device)  # the Triton table: compiled on a GPU, interpreted on the CPU
     rb = build_subm(idx, shape, ksize, dilation)
     assert rb.kernel_volume == math.prod(ksize)
     assert _segments(rb) == _ref_subm(idx, shape, ksize, dilation)
@@ -112,7 +114,7 @@ def test_subm_matches_brute_force(monkeypatch, shape, ksize, dilation, lookup, o
     fresh = build_subm(idx, shape, ksize, dilation)
     for name, rows, vals in (("pair_fwd", rb.out_idx, rb.in_idx), ("pair_bwd", rb.in_idx, rb.out_idx)):
         pm = getattr(fresh, name)()
-        k_of = torch.repeat_interleave(torch.arange(rb.kernel_volume), torch.tensor(rb.counts))
+        k_of = torch.repeat_interleave(torch.arange(rb.kernel_volume), torch.tensor(rb.counts)).to(pm.device)
         expect = torch.full_like(pm, -1)
         expect[rows, k_of] = vals.int()
         assert torch.equal(pm, expect), name
@@ -153,7 +155,8 @@ def _maps_match_lists(rb):
     k_of = torch.repeat_interleave(torch.arange(rb.kernel_volume), torch.tensor(rb.counts, dtype=torch.long))
     for pm, rows, vals, n in ((rb.pair_fwd(), rb.out_idx, rb.in_idx, rb.n_out),
                               (rb.pair_bwd(), rb.in_idx, rb.out_idx, rb.n_in)):
-        expect = torch.full((n, rb.kernel_volume), -1, dtype=torch.int32)
+        k_of = k_of.to(pm.device)
+        expect = torch.full((n, rb.kernel_volume), -1, dtype=torch.int32, device=pm.device)
         expect[rows, k_of] = vals.int()
         assert torch.equal(pm, expect)
 
@@ -163,14 +166,14 @@ def _maps_match_lists(rb):
                                                            ([3, 1, 1], [2, 1, 1], [0, 0, 0], [1, 1, 1]),
                                                            ([2, 3, 3], [1, 2, 3], [0, 1, 1], [1, 1, 2])])
 @pytest.mark.parametrize("sort", [True, False])
-def test_conv_hash_path_matches_brute_force(monkeypatch, shape, ksize, stride, padding, dilation, sort):
+def test_conv_hash_path_matches_brute_force(monkeypatch, device, shape, ksize, stride, padding, dilation, sort):
     """The GPU's strided rulebook (two kernels over (voxel, tap): insert every reached output key, then number
     the outputs and write both pair maps): the same outputs as the brute force -- ascending in deterministic
     mode, any order otherwise -- and the same pairs; lists derived from the maps agree with them."""
     from kiln.sparse.rulebook import deterministic
 
     monkeypatch.setenv("KILN_OPS", "triton")
-    idx = _scene(shape, 90, 2, seed=sum(shape) + sum(stride), line=9)
+    idx = _scene(shape, 90, 2, seed=sum(shape) + sum(stride), line=9).to(device)
     with deterministic(sort):
         out_indices, out_shape, rb = build_conv(idx, shape, ksize, stride, padding, dilation)
     outs, segs = _ref_conv(idx, shape, ksize, stride, padding, dilation)
@@ -186,7 +189,7 @@ def test_conv_hash_path_matches_brute_force(monkeypatch, shape, ksize, stride, p
 
 
 @pytest.mark.parametrize("shape", [[7, 9, 11], [12, 10]])
-def test_transposed_conv_hash_path_matches_cpu_path(monkeypatch, shape):
+def test_transposed_conv_hash_path_matches_cpu_path(monkeypatch, device, shape):
     from kiln.sparse.rulebook import deterministic
 
     ndim = len(shape)
@@ -196,7 +199,7 @@ def test_transposed_conv_hash_path_matches_cpu_path(monkeypatch, shape):
     for backend in ("ref", "triton"):
         monkeypatch.setenv("KILN_OPS", backend)
         with deterministic(True):
-            out_indices, out_shape, rb = build_conv(idx, shape, ksize, stride, padding, dilation, transposed=True,
+            out_indices, out_shape, rb = build_conv(idx.to(device) if backend == "triton" else idx, shape, ksize, stride, padding, dilation, transposed=True,
                                                     output_padding=[1] * ndim)
         results.append((out_indices.tolist(), out_shape, _segments(rb)))
         if backend == "triton":
