@@ -19,6 +19,9 @@ from ._triton import tl, triton
 
 EMPTY = -1
 _BLOCK = 256
+# (voxel, offset) probes per program of the neighbour-map and conv-map kernels. A probe loop runs until the
+# longest chain in its program ends, so fewer probes per program wait on fewer unlucky lanes.
+PROBES_PER_PROGRAM = 2048
 
 
 @dataclass
@@ -229,7 +232,7 @@ def conv_maps(indices: torch.Tensor, out_shape, taps: torch.Tensor, stride, padd
     bound = n * (K if max_taps is None else min(K, max_taps))
     table = _empty_table((bound + 2) // 2, dev)  # capacity >= bound + 1: never full
     kp = max(2, triton.next_power_of_2(K))
-    block = max(1, min(64, 2048 // kp))
+    block = _rows_per_program(kp)
     pad3 = lambda v, fill: list(v) + [fill] * (3 - ndim)  # noqa: E731
     geom = (*pad3(out_shape, 1), *pad3(stride, 1), *pad3(padding, 0))
     grid = (triton.cdiv(n, block),)
@@ -279,6 +282,10 @@ def unique_keys_ref(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _capacity(n: int) -> int:
     return max(16, triton.next_power_of_2(2 * max(n, 1)))
+
+
+def _rows_per_program(kp: int) -> int:
+    return max(1, min(64, PROBES_PER_PROGRAM // kp))
 
 
 def _empty_table(n: int, device) -> HashTable:
@@ -461,7 +468,7 @@ def _neighbor_map_triton(table, indices, shape, rel, masks):
         idx = indices if indices.stride(1) == 1 else indices.contiguous()
         rel = rel.contiguous()
         kp = max(2, triton.next_power_of_2(K))
-        block = max(1, min(64, 2048 // kp))  # ~2048 (voxel, offset) probes per program
+        block = _rows_per_program(kp)
         sizes = shape + [1] * (3 - len(shape))
         _neighbor_map_kernel[(triton.cdiv(n, block),)](
             idx, rel, table.keys, table.values, pm, m if write else pm, n, K, table.capacity - 1, idx.stride(0),

@@ -48,6 +48,14 @@ def _accumulate_fp32(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype != torch.float32
 
 
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as fp32: half-precision CUDA operands keep their speed (fp32 accumulation and output, so a per-offset
+    product is not rounded to half before the offsets are summed); anything else is already fp32 here."""
+    if a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b)
+
+
 # ------------------------------------------------------------------------------------ gather-GEMM-scatter
 
 
@@ -69,15 +77,14 @@ def gather_gemm_scatter(x: torch.Tensor, weight: torch.Tensor, in_idx: torch.Ten
     wc = weight.float() if fp32 else weight
     acc_dtype = torch.float32
     if identity_offset >= 0:
-        y = torch.mm(xc, wc[identity_offset]).to(acc_dtype)
+        y = _mm_fp32(xc, wc[identity_offset])
     else:
         y = torch.zeros(n_out, weight.shape[2], dtype=acc_dtype, device=x.device)
     start = 0
     for k, c in enumerate(counts):
         if c and k != identity_offset:
             ii = in_idx[start:start + c]
-            yk = torch.mm(xc.index_select(0, ii), wc[k])
-            y.index_add_(0, out_idx[start:start + c], yk if yk.dtype == acc_dtype else yk.float())
+            y.index_add_(0, out_idx[start:start + c], _mm_fp32(xc.index_select(0, ii), wc[k]))
         start += c
     if bias is not None:
         y += bias.float()
@@ -327,9 +334,11 @@ def offset_masks(pair_map: torch.Tensor) -> torch.Tensor:
     return ((pair_map >= 0).long() * bits).sum(1)
 
 
-def mask_order(masks: torch.Tensor) -> torch.Tensor:
-    """Row processing order: rows grouped by offset mask (stable), so tiles see few distinct offsets."""
-    return torch.sort(masks, stable=True).indices.to(torch.int32)
+def mask_order(masks: torch.Tensor, kernel_volume: int = 63) -> torch.Tensor:
+    """Row processing order: rows grouped by offset mask (stable), so tiles see few distinct offsets. Masks of up
+    to 31 offsets sort as int32: half the radix passes of int64."""
+    keys = masks.to(torch.int32) if kernel_volume <= 31 else masks
+    return torch.sort(keys, stable=True).indices.to(torch.int32)
 
 
 def implicit_gemm(x: torch.Tensor, weight: torch.Tensor, pair_map: torch.Tensor, order: torch.Tensor | None = None,
@@ -367,14 +376,20 @@ def implicit_gemm_ref(x, weight, pair_map, bias=None):
     return y.to(x.dtype)
 
 
-def weight_grad(x: torch.Tensor, dy: torch.Tensor, in_idx: torch.Tensor, out_idx: torch.Tensor,
-                counts: list[int]) -> torch.Tensor:
-    """``dW[k] = sum_{p in k} x[in_idx[p]]^T dy[out_idx[p]]``: [K, Cin, Cout] in x's dtype (fp32 accumulation)."""
+def weight_grad(x: torch.Tensor, dy: torch.Tensor, pair_map: torch.Tensor, order: torch.Tensor | None = None,
+                masks: torch.Tensor | None = None) -> torch.Tensor:
+    """``dW[k] = sum_r x[pair_map[r, k]]^T dy[r]`` over valid entries: [K, Cin, Cout] in x's dtype (fp32
+    accumulation). Driven by the forward pair map (what the forward already holds), so a backward never derives
+    pair lists (a ``nonzero`` and a host sync per layer); ``order``/``masks`` (from ``fwd_schedule``) let a
+    block of rows skip the offsets none of them uses."""
     check_tensor("features", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("grad_out", dy, ndim=2, dtypes=(x.dtype,), device=x.device)
-    if backend_for(x, dy) == "triton":
-        return _weight_grad_triton(x, dy, in_idx, out_idx, counts)
-    return weight_grad_ref(x, dy, in_idx, out_idx, counts)
+    check_tensor("pair_map", pair_map, ndim=2, dtypes=(torch.int32,), device=x.device)
+    if pair_map.shape[0] != dy.shape[0]:
+        raise ValueError(f"pair_map has {pair_map.shape[0]} rows but grad_out has {dy.shape[0]}")
+    if backend_for(x, dy, pair_map) == "triton":
+        return _weight_grad_triton(x, dy, pair_map, order, masks)
+    return weight_grad_ref(x, dy, *pairs_from_map(pair_map))
 
 
 def weight_grad_ref(x, dy, in_idx, out_idx, counts):
@@ -451,36 +466,45 @@ def _implicit_gemm_kernel(X, W, Y, PairMap, Order, Masks, Bias, R, CIN: tl.const
 
 
 @triton.jit
-def _weight_grad_kernel(X, DY, P, InIdx, OutIdx, Offsets, CIN: tl.constexpr, COUT: tl.constexpr, N_SPLIT,
-                        CHUNK: tl.constexpr,
-                        stride_xm, stride_dm, stride_pp,
+def _weight_grad_kernel(X, DY, P, PairMap, Order, Masks, R, CIN: tl.constexpr, COUT: tl.constexpr, N_SPLIT,
+                        CHUNK: tl.constexpr, stride_xm, stride_dm, stride_pm, stride_pp,
+                        HAS_ORDER: tl.constexpr, HAS_MASKS: tl.constexpr,
                         IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program: offset k, a chunk of CHUNK (ordered) rows, a [BLOCK_M, BLOCK_N] tile of dW[k]; its fp32
+    partial goes to P[k * N_SPLIT + chunk] (summed later in a fixed order: deterministic, no atomics)."""
     pid = tl.program_id(0)
     k = pid // N_SPLIT
     s = pid % N_SPLIT
-    start = tl.load(Offsets + k)
-    end = tl.load(Offsets + k + 1)
-    p0 = start + s * CHUNK
-    p1 = tl.minimum(p0 + CHUNK, end)
     rc = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = rc < CIN
     n_ok = rn < COUT
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for i in range(0, CHUNK, BLOCK_K):
-        rp = p0 + i + tl.arange(0, BLOCK_K)
-        ok = rp < p1
-        ii = tl.load(InIdx + rp, mask=ok, other=0)
-        oo = tl.load(OutIdx + rp, mask=ok, other=0)
-        a = tl.load(X + ii[None, :] * stride_xm + rc[:, None], mask=ok[None, :] & c_ok[:, None], other=0.0)
-        b = tl.load(DY + oo[:, None] * stride_dm + rn[None, :], mask=ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")
+        rp = s * CHUNK + i + tl.arange(0, BLOCK_K)
+        ok = rp < R
+        if HAS_ORDER:
+            rows = tl.load(Order + rp, mask=ok, other=0).to(tl.int64)
         else:
-            acc += tl.dot(a, b)
+            rows = rp.to(tl.int64)
+        use = True
+        if HAS_MASKS:
+            m = tl.load(Masks + rows, mask=ok, other=0)
+            use = ((tl.reduce(m, 0, _or_combine) >> k) & 1) != 0
+        if use:
+            src = tl.load(PairMap + rows * stride_pm + k, mask=ok, other=-1)
+            valid = src >= 0
+            src = tl.where(valid, src, 0).to(tl.int64)
+            a = tl.load(X + src[None, :] * stride_xm + rc[:, None], mask=valid[None, :] & c_ok[:, None], other=0.0)
+            b = tl.load(DY + rows[:, None] * stride_dm + rn[None, :], mask=valid[:, None] & n_ok[None, :],
+                        other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:
+                acc += tl.dot(a, b, input_precision="ieee")
+            else:
+                acc += tl.dot(a, b)
     tl.store(P + pid.to(tl.int64) * stride_pp + rc[:, None] * COUT + rn[None, :], acc,
              mask=c_ok[:, None] & n_ok[None, :])
 
@@ -534,7 +558,7 @@ def _tuned():
               for bm, bn, bk, w, s in [(32, 32, 64, 4, 3), (64, 64, 32, 4, 3), (64, 64, 64, 4, 3),
                                        (16, 16, 64, 2, 3), (32, 64, 64, 4, 3), (64, 32, 64, 4, 3),
                                        (128, 128, 32, 8, 3)]]
-        _weight_grad_tuned = triton.autotune(configs=wg, key=["CIN", "COUT", "CHUNK"],
+        _weight_grad_tuned = triton.autotune(configs=wg, key=["CIN", "COUT", "CHUNK", "HAS_MASKS", "IEEE"],
                                              prune_configs_by={"early_config_prune": _prune_wgrad},
                                              do_bench=_bench)(_weight_grad_kernel)
     return _implicit_gemm_tuned, _weight_grad_tuned
@@ -581,31 +605,39 @@ def _implicit_gemm_triton(x, weight, pair_map, order, masks, bias=None):
     return y
 
 
-def _weight_grad_triton(x, dy, in_idx, out_idx, counts):
-    K = len(counts)
+def _wgrad_chunk(R: int, K: int) -> int:
+    """Rows per weight-gradient program: about a thousand (offset, chunk) programs, in powers of two (a
+    compile-time loop bound, so few distinct values)."""
+    if interpreting():
+        return 64
+    per = triton.cdiv(R, max(1, 1024 // K))
+    return max(256, min(8192, triton.next_power_of_2(per)))
+
+
+def _weight_grad_triton(x, dy, pair_map, order=None, masks=None):
+    R, K = pair_map.shape
     cin, cout = x.shape[1], dy.shape[1]
     x = x if x.stride(1) == 1 else x.contiguous()
     dy = dy if dy.stride(1) == 1 else dy.contiguous()
-    max_count = max(counts) if counts else 0
-    if max_count == 0:
+    pair_map = pair_map if pair_map.stride(1) == 1 else pair_map.contiguous()
+    if R == 0 or x.shape[0] == 0:
         return torch.zeros(K, cin, cout, dtype=x.dtype, device=x.device)
-    # enough chunks to fill the GPU, each a multiple of 64 pairs; unused chunk slots write zeros
-    # a fixed chunk (a compile-time loop bound): more chunks for offsets with more pairs
-    chunk = 64 if interpreting() else 2048
-    n_split = triton.cdiv(max_count, chunk)
-    offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(x.device)
+    chunk = _wgrad_chunk(R, K)
+    n_split = triton.cdiv(R, chunk)
+    has_masks = masks is not None and K <= 63
     partial = torch.empty(K * n_split, cin, cout, dtype=torch.float32, device=x.device)
-    args = (x, dy, partial, in_idx, out_idx, offsets, cin, cout, n_split, chunk, x.stride(0), dy.stride(0),
-            partial.stride(0))
+    args = (x, dy, partial, pair_map, order if order is not None else pair_map, masks if has_masks else pair_map,
+            R, cin, cout, n_split, chunk, x.stride(0), dy.stride(0), pair_map.stride(0), partial.stride(0))
+    flags = dict(HAS_ORDER=order is not None, HAS_MASKS=has_masks, IEEE=_ieee(x), UPCAST=_upcast(x))
     if interpreting():
         bm, bn, bk = _block(cin, hi=32), _block(cout, hi=32), 16
         grid = (K * n_split, triton.cdiv(cin, bm), triton.cdiv(cout, bn))
-        _weight_grad_kernel[grid](*args, IEEE=_ieee(x), UPCAST=_upcast(x), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        _weight_grad_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
         _, kern = _tuned()
         grid = lambda meta: (K * n_split, triton.cdiv(cin, meta["BLOCK_M"]),  # noqa: E731
                              triton.cdiv(cout, meta["BLOCK_N"]))
-        kern[grid](*args, IEEE=_ieee(x), UPCAST=False)
+        kern[grid](*args, **flags)
     return partial.view(K, n_split, cin, cout).sum(1).to(x.dtype)
 
 
@@ -640,11 +672,11 @@ def _check_sparse_gemm(device, dtype, g):
     masks = offset_masks(pm)
     # reference in fp32 so the check measures the kernel's rounding, not the reference's
     ref = implicit_gemm_ref(x.float(), w.float(), pm)
-    got = implicit_gemm(x, w, pm, mask_order(masks), masks)
+    got = implicit_gemm(x, w, pm, mask_order(masks, K), masks)
     got2 = gather_gemm_scatter(x, w, in_idx, out_idx, counts, n_out)
     dy = torch.randn(n_out, cout, device=device, dtype=dtype, generator=g)
     dw_ref = weight_grad_ref(x.float(), dy.float(), in_idx, out_idx, counts)
-    dw = weight_grad(x, dy, in_idx, out_idx, counts)
+    dw = weight_grad(x, dy, pm, mask_order(masks, K), masks)
 
     def err(a, b):
         return ((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()

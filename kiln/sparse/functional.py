@@ -4,7 +4,7 @@ The compute goes through ``kiln.ops.sparse_gemm``. ``algo``:
 
 * ``"implicit"`` — the fused masked implicit GEMM over pair maps (forward: outputs gather inputs; input gradient:
   inputs gather output gradients through the backward pair map and the transposed weight), weight gradient from
-  the pair lists in fixed-order chunks. No atomics anywhere: the default on CUDA and always in deterministic mode.
+  the forward pair map in fixed-order chunks. No atomics anywhere: the default on CUDA and always in deterministic mode.
 * ``"gather"`` — gather-GEMM-scatter, one GEMM per kernel offset (the default on the CPU, where it is fastest).
   On the CPU it runs as ``sparse_gemm.planned_conv``: gathers into reused buffers, row sums with ``embedding_bag``
   instead of ``index_add_``, and a backward that gathers each output gradient once for both gradients.
@@ -76,7 +76,7 @@ class SparseConvFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _apply(dy, w.transpose(1, 2), rb.swapped(), ctx.algo)
         if ctx.needs_input_grad[1]:
-            dw = sparse_gemm.weight_grad(x, dy, rb.in_idx, rb.out_idx, rb.counts)
+            dw = sparse_gemm.weight_grad(x, dy, rb.pair_fwd(), *rb.fwd_schedule())
         return dx, dw, db, None, None
 
 

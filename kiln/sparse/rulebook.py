@@ -164,19 +164,19 @@ class Rulebook:
         return self._cache["pair_bwd"]
 
     def fwd_schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(order, masks) for the forward implicit GEMM: per-row offset masks and rows sorted by them."""
+        """(order, masks) for the forward implicit GEMM (and the weight gradient): per-row offset masks and rows
+        sorted by them."""
         if "fwd_sched" not in self._cache:
             m = self._cache.get("fwd_masks")
             m = offset_masks(self.pair_fwd()) if m is None else m
-            self._cache["fwd_sched"] = (mask_order(m), m)
+            mirror = self._cache.get("swapped") if self._mirrored else None
+            if mirror is not None and "fwd_sched" in mirror._cache:
+                # the same rows, every mask bit-reversed: the same groups, so the mirror's order serves (no sort)
+                order = mirror._cache["fwd_sched"][0]
+            else:
+                order = mask_order(m, self.kernel_volume)
+            self._cache["fwd_sched"] = (order, m)
         return self._cache["fwd_sched"]
-
-    def bwd_schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if "bwd_sched" not in self._cache:
-            m = self._cache.get("bwd_masks")
-            m = offset_masks(self.pair_bwd()) if m is None else m
-            self._cache["bwd_sched"] = (mask_order(m), m)
-        return self._cache["bwd_sched"]
 
     def plan(self, block_pairs: int) -> ConvPlan:
         """The CPU gather-GEMM-reduce plan (outputs <- inputs) in blocks of ~``block_pairs`` pairs, cached."""

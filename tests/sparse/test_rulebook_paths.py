@@ -120,6 +120,12 @@ def test_subm_matches_brute_force(monkeypatch, device, shape, ksize, dilation, l
         assert torch.equal(pm, expect), name
     sw = fresh.swapped()
     assert _segments(sw) == [{(o, i) for i, o in seg} for seg in _segments(rb)]
+    order, _ = fresh.fwd_schedule()
+    sw_order, sw_masks = sw.fwd_schedule()
+    if sw._mirrored:  # the input gradient's schedule reuses the forward's order: its masks are bit-reversed
+        assert sw_order is order
+    grouped = sw_masks[sw_order.long()]
+    assert grouped.unique_consecutive().numel() == grouped.unique().numel(), "rows grouped by mask"
     centre = sum((k // 2) * math.prod(ksize[d + 1:]) for d, k in enumerate(ksize))
     assert rb.identity_offset == (centre if all(k % 2 for k in ksize) else -1)
 
