@@ -367,12 +367,12 @@ def implicit_gemm_ref(x, weight, pair_map, bias=None):
     x_pad = torch.cat([xc, xc.new_zeros(1, cin)])
     pm = pair_map.long()
     pm = torch.where(pm < 0, torch.full_like(pm, x.shape[0]), pm)
-    y = torch.empty(R, cout, dtype=xc.dtype, device=x.device)
+    y = torch.empty(R, cout, dtype=torch.float32, device=x.device)
     step = max(1, _REF_CHUNK_ELEMS // max(1, K * cin))
     for s in range(0, R, step):
-        y[s:s + step] = x_pad[pm[s:s + step]].reshape(-1, K * cin) @ wc
+        y[s:s + step] = _mm_fp32(x_pad[pm[s:s + step]].reshape(-1, K * cin), wc)
     if bias is not None:
-        y += bias.to(y.dtype)
+        y += bias.float()
     return y.to(x.dtype)
 
 

@@ -1,0 +1,67 @@
+"""GPU: the sparse weight-gradient kernel's schedule on real rulebooks (issue 6).
+
+The weight gradient reads the forward pair map. Rows can go in the forward's mask order (blocks skip offsets none
+of their rows use, at the price of two more dependent loads per block) or plainly; the rows per program (the
+chunk) trade parallelism against the fp32 partials written. Times each variant next to the forward implicit GEMM
+on the same map, for the submanifold and strided rulebooks of the synthetic nuScenes scene.
+
+    python3 scripts/gpu/wgrad_sweep.py [--channels 16 64] [--dtype fp16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from kiln.ops import sparse_gemm as sg  # noqa: E402
+from kiln.sparse.rulebook import build_conv, build_subm  # noqa: E402
+from kiln.sparse.synthetic import SCENES, synthetic_voxels  # noqa: E402
+
+from hash_sweep import time_ms  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scene", default="nuscenes")
+    ap.add_argument("--channels", nargs="+", type=int, default=[16, 64])
+    ap.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
+    ap.add_argument("--chunks", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192])
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+    shape, n = SCENES[args.scene]
+    idx = synthetic_voxels(shape, n, seed=0).to(dev)
+    books = {"subm": build_subm(idx, shape, [3, 3, 3], [1, 1, 1]),
+             "strided": build_conv(idx, shape, [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1])[2]}
+    default_chunk = sg._wgrad_chunk
+    print(f"{'rulebook':8} {'ch':>3} {'variant':24} {'ms':>7}")
+    for name, rb in books.items():
+        pm = rb.pair_fwd()
+        order, masks = rb.fwd_schedule()
+        fill = float((pm >= 0).float().mean())
+        for c in args.channels:
+            g = torch.Generator(device=dev).manual_seed(0)
+            x = torch.randn(rb.n_in, c, device=dev, dtype=dtype, generator=g)
+            w = torch.randn(rb.kernel_volume, c, c, device=dev, dtype=dtype, generator=g)
+            dy = torch.randn(rb.n_out, c, device=dev, dtype=dtype, generator=g)
+            ref = sg.weight_grad(x, dy, pm, order, masks).float()
+            print(f"{name:8} {c:3d} {'forward implicit GEMM':24} {time_ms(lambda: sg.implicit_gemm(x, w, pm, order, masks)):7.3f}"
+                  f"   (rows {pm.shape[0]}, K {pm.shape[1]}, map filled {fill:.1%})")
+            for chunk in [None] + args.chunks:
+                sg._wgrad_chunk = default_chunk if chunk is None else (lambda R, K, c_=chunk: c_)
+                for sched in (True, False):
+                    o, m = (order, masks) if sched else (None, None)
+                    got = sg.weight_grad(x, dy, pm, o, m).float()
+                    err = float((got - ref).abs().max() / ref.abs().max())
+                    t = time_ms(lambda: sg.weight_grad(x, dy, pm, o, m))
+                    label = f"wgrad chunk {chunk or 'auto'} {'ordered' if sched else 'plain'}"
+                    print(f"{name:8} {c:3d} {label:24} {t:7.3f}   err {err:.1e}", flush=True)
+            sg._wgrad_chunk = default_chunk
+
+
+if __name__ == "__main__":
+    main()
