@@ -376,19 +376,18 @@ def implicit_gemm_ref(x, weight, pair_map, bias=None):
     return y.to(x.dtype)
 
 
-def weight_grad(x: torch.Tensor, dy: torch.Tensor, pair_map: torch.Tensor, order: torch.Tensor | None = None,
-                masks: torch.Tensor | None = None) -> torch.Tensor:
+def weight_grad(x: torch.Tensor, dy: torch.Tensor, pair_map: torch.Tensor) -> torch.Tensor:
     """``dW[k] = sum_r x[pair_map[r, k]]^T dy[r]`` over valid entries: [K, Cin, Cout] in x's dtype (fp32
     accumulation). Driven by the forward pair map (what the forward already holds), so a backward never derives
-    pair lists (a ``nonzero`` and a host sync per layer); ``order``/``masks`` (from ``fwd_schedule``) let a
-    block of rows skip the offsets none of them uses."""
+    pair lists (a ``nonzero`` and a host sync per layer). Rows go in plain order: on an H100 the forward's mask
+    order made it slower (two more dependent loads per block, few blocks skipped; scripts/gpu/wgrad_sweep.py)."""
     check_tensor("features", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("grad_out", dy, ndim=2, dtypes=(x.dtype,), device=x.device)
     check_tensor("pair_map", pair_map, ndim=2, dtypes=(torch.int32,), device=x.device)
     if pair_map.shape[0] != dy.shape[0]:
         raise ValueError(f"pair_map has {pair_map.shape[0]} rows but grad_out has {dy.shape[0]}")
     if backend_for(x, dy, pair_map) == "triton":
-        return _weight_grad_triton(x, dy, pair_map, order, masks)
+        return _weight_grad_triton(x, dy, pair_map)
     return weight_grad_ref(x, dy, *pairs_from_map(pair_map))
 
 
@@ -466,12 +465,11 @@ def _implicit_gemm_kernel(X, W, Y, PairMap, Order, Masks, Bias, R, CIN: tl.const
 
 
 @triton.jit
-def _weight_grad_kernel(X, DY, P, PairMap, Order, Masks, R, CIN: tl.constexpr, COUT: tl.constexpr, N_SPLIT,
-                        CHUNK: tl.constexpr, stride_xm, stride_dm, stride_pm, stride_pp,
-                        HAS_ORDER: tl.constexpr, HAS_MASKS: tl.constexpr,
-                        IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program: offset k, a chunk of CHUNK (ordered) rows, a [BLOCK_M, BLOCK_N] tile of dW[k]; its fp32
-    partial goes to P[k * N_SPLIT + chunk] (summed later in a fixed order: deterministic, no atomics)."""
+def _weight_grad_kernel(X, DY, P, PairMap, R, CIN: tl.constexpr, COUT: tl.constexpr, N_SPLIT, CHUNK: tl.constexpr,
+                        stride_xm, stride_dm, stride_pm, stride_pp, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program: offset k, a chunk of CHUNK rows, a [BLOCK_M, BLOCK_N] tile of dW[k]; its fp32 partial goes
+    to P[k * N_SPLIT + chunk] (summed later in a fixed order: deterministic, no atomics)."""
     pid = tl.program_id(0)
     k = pid // N_SPLIT
     s = pid % N_SPLIT
@@ -481,30 +479,19 @@ def _weight_grad_kernel(X, DY, P, PairMap, Order, Masks, R, CIN: tl.constexpr, C
     n_ok = rn < COUT
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for i in range(0, CHUNK, BLOCK_K):
-        rp = s * CHUNK + i + tl.arange(0, BLOCK_K)
-        ok = rp < R
-        if HAS_ORDER:
-            rows = tl.load(Order + rp, mask=ok, other=0).to(tl.int64)
+        rows = (s * CHUNK + i + tl.arange(0, BLOCK_K)).to(tl.int64)
+        src = tl.load(PairMap + rows * stride_pm + k, mask=rows < R, other=-1)
+        valid = src >= 0
+        src = tl.where(valid, src, 0).to(tl.int64)
+        a = tl.load(X + src[None, :] * stride_xm + rc[:, None], mask=valid[None, :] & c_ok[:, None], other=0.0)
+        b = tl.load(DY + rows[:, None] * stride_dm + rn[None, :], mask=valid[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc += tl.dot(a, b, input_precision="ieee")
         else:
-            rows = rp.to(tl.int64)
-        use = True
-        if HAS_MASKS:
-            m = tl.load(Masks + rows, mask=ok, other=0)
-            use = ((tl.reduce(m, 0, _or_combine) >> k) & 1) != 0
-        if use:
-            src = tl.load(PairMap + rows * stride_pm + k, mask=ok, other=-1)
-            valid = src >= 0
-            src = tl.where(valid, src, 0).to(tl.int64)
-            a = tl.load(X + src[None, :] * stride_xm + rc[:, None], mask=valid[None, :] & c_ok[:, None], other=0.0)
-            b = tl.load(DY + rows[:, None] * stride_dm + rn[None, :], mask=valid[:, None] & n_ok[None, :],
-                        other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if IEEE:
-                acc += tl.dot(a, b, input_precision="ieee")
-            else:
-                acc += tl.dot(a, b)
+            acc += tl.dot(a, b)
     tl.store(P + pid.to(tl.int64) * stride_pp + rc[:, None] * COUT + rn[None, :], acc,
              mask=c_ok[:, None] & n_ok[None, :])
 
@@ -558,7 +545,7 @@ def _tuned():
               for bm, bn, bk, w, s in [(32, 32, 64, 4, 3), (64, 64, 32, 4, 3), (64, 64, 64, 4, 3),
                                        (16, 16, 64, 2, 3), (32, 64, 64, 4, 3), (64, 32, 64, 4, 3),
                                        (128, 128, 32, 8, 3)]]
-        _weight_grad_tuned = triton.autotune(configs=wg, key=["CIN", "COUT", "CHUNK", "HAS_MASKS", "IEEE"],
+        _weight_grad_tuned = triton.autotune(configs=wg, key=["CIN", "COUT", "CHUNK", "IEEE"],
                                              prune_configs_by={"early_config_prune": _prune_wgrad},
                                              do_bench=_bench)(_weight_grad_kernel)
     return _implicit_gemm_tuned, _weight_grad_tuned
@@ -606,15 +593,15 @@ def _implicit_gemm_triton(x, weight, pair_map, order, masks, bias=None):
 
 
 def _wgrad_chunk(R: int, K: int) -> int:
-    """Rows per weight-gradient program: about a thousand (offset, chunk) programs, in powers of two (a
+    """Rows per weight-gradient program: about two thousand (offset, chunk) programs, in powers of two (a
     compile-time loop bound, so few distinct values)."""
     if interpreting():
         return 64
-    per = triton.cdiv(R, max(1, 1024 // K))
+    per = triton.cdiv(R, max(1, 2048 // K))
     return max(256, min(8192, triton.next_power_of_2(per)))
 
 
-def _weight_grad_triton(x, dy, pair_map, order=None, masks=None):
+def _weight_grad_triton(x, dy, pair_map):
     R, K = pair_map.shape
     cin, cout = x.shape[1], dy.shape[1]
     x = x if x.stride(1) == 1 else x.contiguous()
@@ -624,11 +611,10 @@ def _weight_grad_triton(x, dy, pair_map, order=None, masks=None):
         return torch.zeros(K, cin, cout, dtype=x.dtype, device=x.device)
     chunk = _wgrad_chunk(R, K)
     n_split = triton.cdiv(R, chunk)
-    has_masks = masks is not None and K <= 63
     partial = torch.empty(K * n_split, cin, cout, dtype=torch.float32, device=x.device)
-    args = (x, dy, partial, pair_map, order if order is not None else pair_map, masks if has_masks else pair_map,
-            R, cin, cout, n_split, chunk, x.stride(0), dy.stride(0), pair_map.stride(0), partial.stride(0))
-    flags = dict(HAS_ORDER=order is not None, HAS_MASKS=has_masks, IEEE=_ieee(x), UPCAST=_upcast(x))
+    args = (x, dy, partial, pair_map, R, cin, cout, n_split, chunk, x.stride(0), dy.stride(0), pair_map.stride(0),
+            partial.stride(0))
+    flags = dict(IEEE=_ieee(x), UPCAST=_upcast(x))
     if interpreting():
         bm, bn, bk = _block(cin, hi=32), _block(cout, hi=32), 16
         grid = (K * n_split, triton.cdiv(cin, bm), triton.cdiv(cout, bn))
@@ -676,7 +662,7 @@ def _check_sparse_gemm(device, dtype, g):
     got2 = gather_gemm_scatter(x, w, in_idx, out_idx, counts, n_out)
     dy = torch.randn(n_out, cout, device=device, dtype=dtype, generator=g)
     dw_ref = weight_grad_ref(x.float(), dy.float(), in_idx, out_idx, counts)
-    dw = weight_grad(x, dy, pm, mask_order(masks, K), masks)
+    dw = weight_grad(x, dy, pm)
 
     def err(a, b):
         return ((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()

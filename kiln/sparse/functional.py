@@ -76,7 +76,7 @@ class SparseConvFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _apply(dy, w.transpose(1, 2), rb.swapped(), ctx.algo)
         if ctx.needs_input_grad[1]:
-            dw = sparse_gemm.weight_grad(x, dy, rb.pair_fwd(), *rb.fwd_schedule())
+            dw = sparse_gemm.weight_grad(x, dy, rb.pair_fwd())
         return dx, dw, db, None, None
 
 

@@ -66,6 +66,26 @@ def report(name, fn, dev, top):
     return ms
 
 
+def python_profile(fn, dev, top):
+    """cProfile of 5 calls: the backbone is host-bound when its wall time exceeds its GPU time, and this says
+    which Python functions (kernel launchers, checks, autograd glue) the host time goes to."""
+    import cProfile
+    import pstats
+
+    fn()
+    sync(dev)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(5):
+        fn()
+    sync(dev)
+    prof.disable()
+    print("\n== backbone fwd+bwd, Python profile of 5 calls (by own time, then cumulative)")
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top + 12)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scene", default="nuscenes", choices=sorted(SCENES))
@@ -73,6 +93,8 @@ def main() -> int:
     ap.add_argument("--channels", type=int, default=64)
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
     ap.add_argument("--top", type=int, default=18)
+    ap.add_argument("--cprofile", action="store_true",
+                    help="also the Python-level profile of the backbone (where host time goes, by function)")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if args.dtype == "fp16" and dev.type == "cuda" else torch.float32
@@ -118,6 +140,8 @@ def main() -> int:
             ("subm cached fwd", subm_cached), ("strided rulebook+fwd", strided_fwd),
             ("backbone fwd+bwd", backbone)]
     summary = [(name, report(name, fn, dev, args.top)) for name, fn in rows]
+    if args.cprofile:
+        python_profile(backbone, dev, args.top)
     print("\n== summary (ms per call)")
     for name, ms in summary:
         print(f"{name:<40} {ms:8.3f}")
