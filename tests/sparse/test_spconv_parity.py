@@ -7,9 +7,9 @@ import torch
 
 import kiln.sparse as ksp
 
-from .helpers import random_voxels, rel_err
+from .helpers import import_spconv_cpu, random_voxels, rel_err
 
-spconv = pytest.importorskip("spconv.pytorch")
+spconv = import_spconv_cpu(module_level=True)
 
 
 def _chain(lib, inverse=True):

@@ -8,7 +8,7 @@ from kiln.sparse.backbone import VoxelBackBone8x
 from kiln.sparse.synthetic import synthetic_voxels
 from kiln.sparse.voxelize import PointToVoxel
 
-from .helpers import rel_err
+from .helpers import import_spconv_cpu, rel_err
 
 
 def test_point_to_voxel_matches_spconv():
@@ -36,7 +36,7 @@ def test_synthetic_voxels_are_unique_in_range_and_lidar_like():
 
 
 def test_voxel_backbone_matches_spconv_with_same_state_dict():
-    spconv = pytest.importorskip("spconv.pytorch")
+    spconv = import_spconv_cpu()
     idx = synthetic_voxels([41, 160, 144], 1500, seed=torch.randint(0, 1000, ()).item())
     feats = torch.randn(idx.shape[0], 4)
     ours = VoxelBackBone8x(4).eval()
