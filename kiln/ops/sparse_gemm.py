@@ -418,7 +418,7 @@ def _or_combine(a, b):
 def _implicit_gemm_kernel(X, W, Y, PairMap, Order, Masks, Bias, R, CIN: tl.constexpr, COUT: tl.constexpr,
                           K: tl.constexpr, stride_xm, stride_wk, stride_wc, stride_wn, stride_ym, stride_pm,
                           HAS_ORDER: tl.constexpr, HAS_MASKS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                          PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -454,10 +454,7 @@ def _implicit_gemm_kernel(X, W, Y, PairMap, Order, Masks, Bias, R, CIN: tl.const
                 if UPCAST:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
-                if IEEE:
-                    acc += tl.dot(a, b, input_precision="ieee")
-                else:
-                    acc += tl.dot(a, b)
+                acc += tl.dot(a, b, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rows[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
@@ -466,7 +463,7 @@ def _implicit_gemm_kernel(X, W, Y, PairMap, Order, Masks, Bias, R, CIN: tl.const
 
 @triton.jit
 def _weight_grad_kernel(X, DY, P, PairMap, R, CIN: tl.constexpr, COUT: tl.constexpr, N_SPLIT, CHUNK: tl.constexpr,
-                        stride_xm, stride_dm, stride_pm, stride_pp, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                        stride_xm, stride_dm, stride_pm, stride_pp, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program: offset k, a chunk of CHUNK rows, a [BLOCK_M, BLOCK_N] tile of dW[k]; its fp32 partial goes
     to P[k * N_SPLIT + chunk] (summed later in a fixed order: deterministic, no atomics)."""
@@ -488,10 +485,7 @@ def _weight_grad_kernel(X, DY, P, PairMap, R, CIN: tl.constexpr, COUT: tl.conste
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")
-        else:
-            acc += tl.dot(a, b)
+        acc += tl.dot(a, b, input_precision=PRECISION)
     tl.store(P + pid.to(tl.int64) * stride_pp + rc[:, None] * COUT + rn[None, :], acc,
              mask=c_ok[:, None] & n_ok[None, :])
 
@@ -539,13 +533,13 @@ def _tuned():
     if _implicit_gemm_tuned is None:
         import triton.testing  # noqa: F401  (for _bench)
         _implicit_gemm_tuned = triton.autotune(
-            configs=_configs(), key=["CIN", "COUT", "K", "HAS_MASKS", "IEEE"],
+            configs=_configs(), key=["CIN", "COUT", "K", "HAS_MASKS", "PRECISION"],
             prune_configs_by={"early_config_prune": _prune_fwd}, do_bench=_bench)(_implicit_gemm_kernel)
         wg = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
               for bm, bn, bk, w, s in [(32, 32, 64, 4, 3), (64, 64, 32, 4, 3), (64, 64, 64, 4, 3),
                                        (16, 16, 64, 2, 3), (32, 64, 64, 4, 3), (64, 32, 64, 4, 3),
                                        (128, 128, 32, 8, 3)]]
-        _weight_grad_tuned = triton.autotune(configs=wg, key=["CIN", "COUT", "CHUNK", "IEEE"],
+        _weight_grad_tuned = triton.autotune(configs=wg, key=["CIN", "COUT", "CHUNK", "PRECISION"],
                                              prune_configs_by={"early_config_prune": _prune_wgrad},
                                              do_bench=_bench)(_weight_grad_kernel)
     return _implicit_gemm_tuned, _weight_grad_tuned
@@ -555,8 +549,15 @@ def _block(n: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-def _ieee(x: torch.Tensor) -> bool:
-    return x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+def _precision(x: torch.Tensor) -> str:
+    """The tl.dot precision of fp32 features: split-operand 3xTF32 on tensor cores, which keeps products to about
+    fp32 accuracy (the dropped low*low term is ~2^-22 relative) at several times the speed of FMA ("ieee"), which
+    the interpreter keeps; plain TF32 only where torch allows it for matmuls. Half inputs ignore it."""
+    if x.dtype != torch.float32:
+        return "tf32"
+    if torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee" if interpreting() else "tf32x3"
 
 
 def _upcast(x: torch.Tensor) -> bool:
@@ -579,7 +580,7 @@ def _implicit_gemm_triton(x, weight, pair_map, order, masks, bias=None):
     args = (x, weight, y, pair_map, order if order is not None else pair_map, masks if has_masks else pair_map,
             bias if bias is not None else y, R, cin, cout, K, x.stride(0), weight.stride(0), weight.stride(1),
             weight.stride(2), y.stride(0), pair_map.stride(0))
-    flags = dict(HAS_ORDER=order is not None, HAS_MASKS=has_masks, HAS_BIAS=bias is not None, IEEE=_ieee(x),
+    flags = dict(HAS_ORDER=order is not None, HAS_MASKS=has_masks, HAS_BIAS=bias is not None, PRECISION=_precision(x),
                  UPCAST=_upcast(x))
     if interpreting():
         bm, bn, bk = 16, _block(cout, hi=32), _block(cin, hi=32)
@@ -614,7 +615,7 @@ def _weight_grad_triton(x, dy, pair_map):
     partial = torch.empty(K * n_split, cin, cout, dtype=torch.float32, device=x.device)
     args = (x, dy, partial, pair_map, R, cin, cout, n_split, chunk, x.stride(0), dy.stride(0), pair_map.stride(0),
             partial.stride(0))
-    flags = dict(IEEE=_ieee(x), UPCAST=_upcast(x))
+    flags = dict(PRECISION=_precision(x), UPCAST=_upcast(x))
     if interpreting():
         bm, bn, bk = _block(cin, hi=32), _block(cout, hi=32), 16
         grid = (K * n_split, triton.cdiv(cin, bm), triton.cdiv(cout, bn))
