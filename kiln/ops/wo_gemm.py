@@ -354,13 +354,18 @@ def _wo_config(M, N, K, bits, group_size, sms, interp):
         return dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=bk, USE_DOT=M > 1, SPLIT_K=1, num_warps=4,
                     INT4_WORDS=bits == 4 and M == 1)
     if M == 1:
-        # int8: [64, 128] bytes per step; int4: a whole group of 128 k ([64, 64] packed bytes) per step
-        bk = min(128, kp) if bits == 8 else min(128, group_size)
-        cfg = dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split_k_for(M, N, K, 1, 64, bk, sms),
-                   num_warps=4)
-        if bits == 4:
-            cfg["INT4_WORDS"] = True
-        return cfg
+        # From the H100 tile sweep (scripts/gpu/wo_gemv_bench.py --sweep, Llama-3.1-8B / 3.2-1B linears):
+        # int8 [64, 256] bytes per step with 8 warps was the best tile or within a few % on every linear; int4
+        # 128 rows x one group of 128 k on 32-bit words, reduced once at the end, 8 warps (one decode step's
+        # linears: int8 1.48x -> 1.71x cuBLAS, int4 1.41x -> 1.80x with the per-linear best tiles)
+        if bits == 8:
+            bn, bk = 64, min(256, kp)
+            extra = {}
+        else:
+            bn, bk = 128, min(128, group_size)
+            extra = dict(INT4_WORDS=True, REDUCE_EACH_TILE=False)
+        return dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split_k_for(M, N, K, 1, bn, bk, sms),
+                    num_warps=8, **extra)
     # batched decode (M <= 64) takes all its rows in one tile: every column tile re-reads the activations, so
     # two row tiles would double that L2 traffic; split-K then fills the SMs
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 128 else 128
