@@ -352,7 +352,7 @@ def _wo_config(M, N, K, bits, group_size, sms, interp):
         bm = 1 if M == 1 else 16
         bk = min(32, kp) if bits == 8 else 32
         return dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=bk, USE_DOT=M > 1, SPLIT_K=1, num_warps=4,
-                    INT4_WORDS=bits == 4 and M == 1)
+                    INT4_WORDS=bits == 4 and M == 1, INT4_JOIN=bits == 4 and M > 1)
     if M == 1:
         # From the H100 tile sweep (scripts/gpu/wo_gemv_bench.py --sweep, Llama-3.1-8B / 3.2-1B linears):
         # int8 [64, 256] bytes per step with 8 warps was the best tile or within a few % on every linear; int4
@@ -371,8 +371,11 @@ def _wo_config(M, N, K, bits, group_size, sms, interp):
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 128 else 128
     bn = 64 if M <= 64 else 128
     bk = 64 if bits == 8 else min(64, group_size)
+    # int4: both nibbles joined into one [BK, BN] tile and one dot (3-5x the split even/odd path at M = 64 on an
+    # H100: scripts/gpu/wo_gemv_bench.py --batch 64)
+    extra = dict(INT4_JOIN=True) if bits == 4 else {}
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True, SPLIT_K=split_k_for(M, N, K, bm, bn, bk, sms),
-                num_warps=4 if bm <= 32 else 8, num_stages=3 if bm <= 64 else 4)
+                num_warps=4 if bm <= 32 else 8, num_stages=3 if bm <= 64 else 4, **extra)
 
 
 def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, config=None):

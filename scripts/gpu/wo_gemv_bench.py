@@ -55,7 +55,7 @@ def call(bits: int, x, q, s, config=None):
 
 def batched(models: list[str], m: int) -> int:
     """Batched decode (M rows): cuBLAS bf16 against W8A16 and W4A16 through tl.dot, int4 with the nibbles split
-    into even / odd half tiles (the default) and joined into one tile (INT4_JOIN); us and speed-up per linear."""
+    into even / odd half tiles and joined into one tile (INT4_JOIN, the default); us and speed-up per linear."""
     print(f"\n== M = {m}: us per linear (speed-up vs cuBLAS bf16); weights rotated past L2")
     print(f"{'model':9} {'linear':13} {'cublas':>10} {'w8a16':>16} {'w4a16 split':>16} {'w4a16 join':>16}")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -67,7 +67,7 @@ def batched(models: list[str], m: int) -> int:
             t0 = graph_time(lambda: [F.linear(x, w) for w in ws], len(ws))
             del ws
             cells = []
-            for bits, extra in ((8, {}), (4, {}), (4, {"INT4_JOIN": True})):
+            for bits, extra in ((8, {}), (4, {"INT4_JOIN": False}), (4, {"INT4_JOIN": True})):
                 qs, _ = quantized_copies(n, k, bits)
                 cfg = dict(wo_config(m, n, k, bits, GROUP, sms), **extra)
                 try:
