@@ -10,6 +10,7 @@ negative query key always misses, which is how callers mark out-of-range neighbo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -212,7 +213,7 @@ class ConvMaps:
 
 
 def conv_maps(indices: torch.Tensor, out_shape, taps: torch.Tensor, stride, padding, transposed: bool,
-              sort: bool, max_taps: int | None = None) -> ConvMaps:
+              sort: bool, max_taps: int | None = None, ksize=None, dilation=None) -> ConvMaps:
     """The output voxels and pair maps of a strided (or transposed) sparse convolution on the GPU.
 
     Input voxel i (``indices`` int32 [N, ndim + 1], batch first) reaches, through kernel tap k (``taps`` int32
@@ -223,7 +224,9 @@ def conv_maps(indices: torch.Tensor, out_shape, taps: torch.Tensor, stride, padd
     each up and writes both pair maps and their offset masks. One host sync (the number of outputs).
 
     ``max_taps``: how many taps one voxel can reach at most (a stride-2 3x3x3 kernel: 8 of 27), which bounds the
-    distinct outputs and so sizes the table (the outputs are typically far fewer: the table stays sparse)."""
+    distinct outputs and so sizes the table (the outputs are typically far fewer: the table stays sparse).
+    ``ksize`` and ``dilation`` (a regular convolution's) let the kernels visit only those reachable taps per voxel
+    instead of all K (``taps`` must then be their ``offset_table``)."""
     ndim, K = len(out_shape), taps.shape[1]
     if not 1 <= ndim <= 3:
         raise ValueError(f"conv_maps handles 1-3 spatial dims, got {ndim}")
@@ -233,14 +236,22 @@ def conv_maps(indices: torch.Tensor, out_shape, taps: torch.Tensor, stride, padd
     taps = taps.contiguous()
     bound = n * (K if max_taps is None else min(K, max_taps))
     table = _empty_table((bound + 2) // 2, dev)  # capacity >= bound + 1: never full
-    kp = max(2, triton.next_power_of_2(K))
-    block = _rows_per_program(kp)
     pad3 = lambda v, fill: list(v) + [fill] * (3 - ndim)  # noqa: E731
-    geom = (*pad3(out_shape, 1), *pad3(stride, 1), *pad3(padding, 0))
+    reach_mode = not transposed and ksize is not None
+    if reach_mode:
+        dilation = list(dilation) if dilation is not None else [1] * ndim
+        reach = [min(k, -(-k * math.gcd(dl, st) // st)) for k, st, dl in zip(ksize, stride, dilation)]
+        kp = max(2, triton.next_power_of_2(math.prod(reach)))
+    else:
+        reach = [1] * ndim
+        kp = max(2, triton.next_power_of_2(K))
+    block = _rows_per_program(kp)
+    geom = (*pad3(out_shape, 1), *pad3(stride, 1), *pad3(padding, 0), *pad3(ksize or [1] * ndim, 1),
+            *pad3(dilation or [1] * ndim, 1), *pad3(reach, 1))
+    flags = dict(NDIM=ndim, TRANSPOSED=transposed, REACH=reach_mode, MAXSTEP=max(stride), KP=kp, BLOCK_R=block)
     grid = (triton.cdiv(n, block),)
     if n:
-        _conv_insert_kernel[grid](idx, taps, table.keys, n, K, table.capacity - 1, idx.stride(0), *geom,
-                                  NDIM=ndim, TRANSPOSED=transposed, KP=kp, BLOCK_R=block)
+        _conv_insert_kernel[grid](idx, taps, table.keys, n, K, table.capacity - 1, idx.stride(0), *geom, **flags)
     slots = torch.nonzero(table.keys != EMPTY).view(-1)
     out_keys = table.keys[slots]
     if sort:
@@ -249,7 +260,8 @@ def conv_maps(indices: torch.Tensor, out_shape, taps: torch.Tensor, stride, padd
     m = out_keys.numel()
     table.values[slots] = torch.arange(m, device=dev, dtype=torch.int32)
     pair_fwd = torch.full((m, K), -1, dtype=torch.int32, device=dev)
-    pair_bwd = torch.empty((n, K), dtype=torch.int32, device=dev)
+    pair_bwd = (torch.full((n, K), -1, dtype=torch.int32, device=dev) if reach_mode  # only reached taps written
+                else torch.empty((n, K), dtype=torch.int32, device=dev))
     masks = K <= 63
     masks_fwd = torch.zeros(m, dtype=torch.int64, device=dev) if masks else torch.full((m,), -1, dtype=torch.int64,
                                                                                        device=dev)
@@ -257,8 +269,7 @@ def conv_maps(indices: torch.Tensor, out_shape, taps: torch.Tensor, stride, padd
                                                                                        device=dev)
     if n:
         _conv_pairs_kernel[grid](idx, taps, table.keys, table.values, pair_fwd, pair_bwd, masks_fwd, masks_bwd, n, K,
-                                 table.capacity - 1, idx.stride(0), *geom, NDIM=ndim, TRANSPOSED=transposed,
-                                 WRITE_MASKS=masks, KP=kp, BLOCK_R=block)
+                                 table.capacity - 1, idx.stride(0), *geom, WRITE_MASKS=masks, **flags)
     return ConvMaps(out_keys, pair_fwd, pair_bwd, masks_fwd, masks_bwd)
 
 
@@ -429,34 +440,96 @@ def _conv_out_keys(Idx, Taps, rows, ks, r_ok, k_ok, K, stride_i, S0, S1, S2, T0,
 
 
 @triton.jit
-def _conv_insert_kernel(Idx, Taps, TKeys, N, K, cap_mask, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2,
-                        NDIM: tl.constexpr, TRANSPOSED: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _conv_reach_keys(Idx, rows, js, r_ok, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2, KS0, KS1, KS2, D0, D1, D2,
+                     R0, R1, R2, NDIM: tl.constexpr, MAXSTEP: tl.constexpr, BLOCK_R: tl.constexpr,
+                     RP: tl.constexpr):
+    """A regular convolution's [BLOCK_R, RP] (voxel, reachable tap) lanes: lane j is the j-th tap combination that
+    can divide by the stride (R_d per dimension, row-major), so no lane is spent on the taps a stride rules out
+    (a stride-2 3x3x3 kernel: 8 lanes, not 32). Returns the output key, whether it is a real output, and the
+    tap's kernel offset k (row-major over the kernel)."""
+    row_ptr = Idx + rows.to(tl.int64) * stride_i
+    key = tl.load(row_ptr, mask=r_ok, other=0).to(tl.int64)[:, None] + tl.zeros([BLOCK_R, RP], tl.int64)
+    ok = r_ok[:, None] & (js < R0 * R1 * R2)[None, :]
+    kcol = tl.zeros([BLOCK_R, RP], tl.int32)
+    inner = R0 * R1 * R2
+    for d in tl.static_range(NDIM):
+        size, st, pd = _pick(d, S0, S1, S2), _pick(d, T0, T1, T2), _pick(d, P0, P1, P2)
+        ksz, dil, reach = _pick(d, KS0, KS1, KS2), _pick(d, D0, D1, D2), _pick(d, R0, R1, R2)
+        inner = inner // reach
+        jd = (js // inner) % reach
+        c = tl.load(row_ptr + 1 + d, mask=r_ok, other=0).to(tl.int64)
+        # the first tap whose displacement leaves a multiple of the stride; then every st / gcd(dil, st) taps
+        t0 = tl.full([BLOCK_R], -1, tl.int64)
+        for t in tl.static_range(MAXSTEP):
+            t0 = tl.where((t0 < 0) & (t < st) & ((c + pd - t * dil) % st == 0), t, t0)
+        step = st // _gcd_small(dil, st, MAXSTEP)
+        tap = t0[:, None] + jd[None, :].to(tl.int64) * step
+        num = c[:, None] + pd - tap * dil
+        o = tl.where(num >= 0, num, 0) // st
+        ok = ok & (t0 >= 0)[:, None] & (tap < ksz) & (num >= 0) & (o < size)
+        key = key * size + o
+        kcol = kcol * ksz + tl.where(tap < ksz, tap, 0).to(tl.int32)
+    return key, ok, kcol
+
+
+@triton.jit
+def _gcd_small(a, b, MAXSTEP: tl.constexpr):
+    """gcd(a, b) for b <= MAXSTEP (a stride): the largest g <= b dividing both."""
+    g = 1
+    for v in tl.static_range(1, MAXSTEP + 1):
+        g = tl.where((v <= b) & (a % v == 0) & (b % v == 0), v, g)
+    return g
+
+
+@triton.jit
+def _conv_lanes(Idx, Taps, rows, r_ok, N, K, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2, KS0, KS1, KS2, D0, D1, D2,
+                R0, R1, R2, NDIM: tl.constexpr, TRANSPOSED: tl.constexpr, REACH: tl.constexpr,
+                MAXSTEP: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(output key, valid, kernel offset) of each [BLOCK_R, KP] lane: every tap, or (REACH) only those a
+    regular convolution's stride lets reach an output."""
     ks = tl.arange(0, KP)
-    key, active = _conv_out_keys(Idx, Taps, rows, ks, rows < N, ks < K, K, stride_i, S0, S1, S2, T0, T1, T2,
+    if REACH:
+        key, ok, kcol = _conv_reach_keys(Idx, rows, ks, r_ok, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2, KS0, KS1,
+                                         KS2, D0, D1, D2, R0, R1, R2, NDIM, MAXSTEP, BLOCK_R, KP)
+    else:
+        key, ok = _conv_out_keys(Idx, Taps, rows, ks, r_ok, ks < K, K, stride_i, S0, S1, S2, T0, T1, T2,
                                  P0, P1, P2, NDIM, TRANSPOSED, BLOCK_R, KP)
+        kcol = ks[None, :] + tl.zeros([BLOCK_R, KP], tl.int32)
+    return key, ok, kcol
+
+
+@triton.jit
+def _conv_insert_kernel(Idx, Taps, TKeys, N, K, cap_mask, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2,
+                        KS0, KS1, KS2, D0, D1, D2, R0, R1, R2, NDIM: tl.constexpr, TRANSPOSED: tl.constexpr,
+                        REACH: tl.constexpr, MAXSTEP: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    key, active, _ = _conv_lanes(Idx, Taps, rows, rows < N, N, K, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2,
+                                 KS0, KS1, KS2, D0, D1, D2, R0, R1, R2, NDIM, TRANSPOSED, REACH, MAXSTEP, KP,
+                                 BLOCK_R)
     _insert_keys(TKeys, key, active, cap_mask)
 
 
 @triton.jit
 def _conv_pairs_kernel(Idx, Taps, TKeys, TVals, PF, PB, MF, MB, N, K, cap_mask, stride_i, S0, S1, S2, T0, T1, T2,
-                       P0, P1, P2, NDIM: tl.constexpr, TRANSPOSED: tl.constexpr, WRITE_MASKS: tl.constexpr,
-                       KP: tl.constexpr, BLOCK_R: tl.constexpr):
+                       P0, P1, P2, KS0, KS1, KS2, D0, D1, D2, R0, R1, R2, NDIM: tl.constexpr,
+                       TRANSPOSED: tl.constexpr, REACH: tl.constexpr, MAXSTEP: tl.constexpr,
+                       WRITE_MASKS: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Both pair maps (pair_bwd must start all -1 under REACH: only reachable taps are written) and masks."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ks = tl.arange(0, KP)
     r_ok = rows < N
-    k_ok = ks < K
-    key, active = _conv_out_keys(Idx, Taps, rows, ks, r_ok, k_ok, K, stride_i, S0, S1, S2, T0, T1, T2,
-                                 P0, P1, P2, NDIM, TRANSPOSED, BLOCK_R, KP)
+    key, active, kcol = _conv_lanes(Idx, Taps, rows, r_ok, N, K, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2,
+                                    KS0, KS1, KS2, D0, D1, D2, R0, R1, R2, NDIM, TRANSPOSED, REACH, MAXSTEP, KP,
+                                    BLOCK_R)
     out = _lookup_keys(TKeys, TVals, key, active, cap_mask)
-    both = r_ok[:, None] & k_ok[None, :]
-    tl.store(PB + rows[:, None].to(tl.int64) * K + ks[None, :], out, mask=both)
     found = out >= 0
+    if REACH:
+        tl.store(PB + rows[:, None].to(tl.int64) * K + kcol, out, mask=found)
+    else:
+        tl.store(PB + rows[:, None].to(tl.int64) * K + kcol, out, mask=r_ok[:, None] & (kcol < K))
     # each (output, tap) has exactly one input: plain scattered stores
-    tl.store(PF + out.to(tl.int64) * K + ks[None, :], rows[:, None] + tl.zeros([BLOCK_R, KP], tl.int32),
-             mask=found)
+    tl.store(PF + out.to(tl.int64) * K + kcol, rows[:, None] + tl.zeros([BLOCK_R, KP], tl.int32), mask=found)
     if WRITE_MASKS:
-        bit = (tl.full([KP], 1, tl.int64) << ks.to(tl.int64))[None, :] + tl.zeros([BLOCK_R, KP], tl.int64)
+        bit = tl.full([BLOCK_R, KP], 1, tl.int64) << kcol.to(tl.int64)
         tl.store(MB + rows, tl.sum(tl.where(found, bit, 0), axis=1), mask=r_ok)
         tl.atomic_or(MF + out.to(tl.int64), bit, mask=found)
 

@@ -495,7 +495,8 @@ def build_conv(indices: torch.Tensor, spatial_shape, ksize, stride, padding, dil
         reach = math.prod(k if transposed else min(k, -(-k * math.gcd(dl, st) // st))
                           for k, st, dl in zip(ksize, stride, dilation))
         maps = hashing.conv_maps(indices, out_shape, offset_table(ksize, dilation, dev, centred=False), stride,
-                                 padding, transposed, sort=is_deterministic(), max_taps=reach)
+                                 padding, transposed, sort=is_deterministic(), max_taps=reach, ksize=ksize,
+                                 dilation=dilation)
         rb = Rulebook.from_maps(maps.pair_fwd, maps.pair_bwd, n, maps.out_keys.numel(), masks_fwd=maps.masks_fwd,
                                 masks_bwd=maps.masks_bwd)
         return decode(maps.out_keys, out_shape), out_shape, rb

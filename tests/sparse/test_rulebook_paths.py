@@ -170,7 +170,10 @@ def _maps_match_lists(rb):
 @pytest.mark.parametrize("shape", GRIDS)
 @pytest.mark.parametrize("ksize,stride,padding,dilation", [([3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1]),
                                                            ([3, 1, 1], [2, 1, 1], [0, 0, 0], [1, 1, 1]),
-                                                           ([2, 3, 3], [1, 2, 3], [0, 1, 1], [1, 1, 2])])
+                                                           ([2, 3, 3], [1, 2, 3], [0, 1, 1], [1, 1, 2]),
+                                                           # dilation sharing a factor with the stride: voxels
+                                                           # of odd c + padding reach no tap at all
+                                                           ([3, 3, 3], [2, 2, 2], [1, 0, 1], [2, 1, 2])])
 @pytest.mark.parametrize("sort", [True, False])
 def test_conv_hash_path_matches_brute_force(monkeypatch, device, shape, ksize, stride, padding, dilation, sort):
     """The GPU's strided rulebook (two kernels over (voxel, tap): insert every reached output key, then number
