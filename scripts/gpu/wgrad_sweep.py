@@ -30,6 +30,8 @@ def main():
     ap.add_argument("--channels", nargs="+", type=int, default=[16, 64])
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
     ap.add_argument("--chunks", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192])
+    ap.add_argument("--precisions", nargs="+", default=[None],
+                    help="fp32 only: tl.dot precisions to time (default: the library's choice)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
@@ -37,7 +39,7 @@ def main():
     idx = synthetic_voxels(shape, n, seed=0).to(dev)
     books = {"subm": build_subm(idx, shape, [3, 3, 3], [1, 1, 1]),
              "strided": build_conv(idx, shape, [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1])[2]}
-    default_chunk = sg._wgrad_chunk
+    default_chunk, default_precision = sg._wgrad_chunk, sg._precision
     print(f"{'rulebook':8} {'ch':>3} {'variant':24} {'ms':>7}")
     for name, rb in books.items():
         pm = rb.pair_fwd()
@@ -51,13 +53,18 @@ def main():
             ref = sg.weight_grad(x, dy, pm).float()
             print(f"{name:8} {c:3d} {'forward implicit GEMM':24} {time_ms(lambda: sg.implicit_gemm(x, w, pm, order, masks)):7.3f}"
                   f"   (rows {pm.shape[0]}, K {pm.shape[1]}, map filled {fill:.1%})")
-            for chunk in [None] + args.chunks:
-                sg._wgrad_chunk = default_chunk if chunk is None else (lambda R, K, c_=chunk: c_)
-                got = sg.weight_grad(x, dy, pm).float()
-                err = float((got - ref).abs().max() / ref.abs().max())
-                t = time_ms(lambda: sg.weight_grad(x, dy, pm))
-                print(f"{name:8} {c:3d} {'wgrad chunk ' + str(chunk or 'auto'):24} {t:7.3f}   err {err:.1e}", flush=True)
-            sg._wgrad_chunk = default_chunk
+            for prec in args.precisions:
+                if prec is not None:
+                    sg._precision = lambda x_, p_=prec: p_ if x_.dtype == torch.float32 else "tf32"
+                for chunk in [None] + args.chunks:
+                    sg._wgrad_chunk = default_chunk if chunk is None else (lambda R, K, c_=chunk: c_)
+                    got = sg.weight_grad(x, dy, pm).float()
+                    err = float((got - ref).abs().max() / ref.abs().max())
+                    t = time_ms(lambda: sg.weight_grad(x, dy, pm))
+                    label = f"wgrad chunk {chunk or 'auto'} {prec or ''}"
+                    print(f"{name:8} {c:3d} {label:24} {t:7.3f}   err {err:.1e}", flush=True)
+                sg._wgrad_chunk = default_chunk
+            sg._precision = default_precision
 
 
 if __name__ == "__main__":
