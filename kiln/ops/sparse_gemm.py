@@ -615,7 +615,10 @@ def _weight_grad_triton(x, dy, pair_map):
     partial = torch.empty(K * n_split, cin, cout, dtype=torch.float32, device=x.device)
     args = (x, dy, partial, pair_map, R, cin, cout, n_split, chunk, x.stride(0), dy.stride(0), pair_map.stride(0),
             partial.stride(0))
-    flags = dict(PRECISION=_precision(x), UPCAST=_upcast(x))
+    # fp32: FMA, not 3xTF32 -- both operands have the rows (the reduction) strided, which tensor-core TF32 cannot
+    # take directly (H100, 64 ch: 0.93 ms against 1.16-1.23 ms; scripts/gpu/wgrad_sweep.py --precisions)
+    prec = _precision(x)
+    flags = dict(PRECISION="ieee" if prec == "tf32x3" else prec, UPCAST=_upcast(x))
     if interpreting():
         bm, bn, bk = _block(cin, hi=32), _block(cout, hi=32), 16
         grid = (K * n_split, triton.cdiv(cin, bm), triton.cdiv(cout, bn))
