@@ -1,0 +1,128 @@
+"""GPU A/B of host-side choices in kiln.sparse, interleaved in one process (issue 6).
+
+The backbone is host-bound on the device machines and its time moves by tens of percent between machine starts,
+so variants are only compared inside one process, round-robin: each round times every variant once per row.
+
+Variants:
+* ``default`` -- as shipped.
+* ``unordered`` -- rows not sorted by offset mask (no ``torch.sort`` per rulebook; the kernels still skip the
+  offsets a tile does not use, but unsorted tiles skip fewer).
+* ``no-validate`` -- ``SparseConvTensor(..., validate=False)``: what the input checks (one kernel, one host sync)
+  cost; spconv does not check its input.
+
+    python3 scripts/gpu/sparse_host_ab.py [--scene nuscenes] [--dtype fp16] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import kiln.sparse as ksp  # noqa: E402
+from kiln.sparse import rulebook as rbmod  # noqa: E402
+from kiln.sparse.backbone import VoxelBackBone8x  # noqa: E402
+from kiln.sparse.synthetic import SCENES, synthetic_voxels  # noqa: E402
+
+ORIGINAL_SCHEDULE = rbmod.Rulebook.fwd_schedule
+
+
+def _unordered(self):
+    order, masks = ORIGINAL_SCHEDULE(self) if "fwd_sched" in self._cache else (None, None)
+    if masks is None:
+        m = self._cache.get("fwd_masks")
+        masks = rbmod.offset_masks(self.pair_fwd()) if m is None else m
+        self._cache["fwd_sched"] = (None, masks)
+    return None, masks
+
+
+def wall_ms(fn, repeat=7):
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scene", default="nuscenes", choices=sorted(SCENES))
+    ap.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
+    ap.add_argument("--channels", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+    shape, n = SCENES[args.scene]
+    idx = synthetic_voxels(shape, n, seed=0).to(dev)
+    feats = torch.randn(idx.shape[0], args.channels, device=dev, dtype=dtype)
+    validate = {"on": True}
+
+    def make(f=feats):
+        return ksp.SparseConvTensor(f, idx, shape, 1, validate=validate["on"])
+
+    subm = ksp.SubMConv3d(args.channels, args.channels, 3, padding=1, bias=False, indice_key="k").to(dev, dtype)
+    strided = ksp.SparseConv3d(args.channels, 2 * args.channels, 3, stride=2, padding=1, bias=False,
+                               indice_key="s").to(dev, dtype)
+    net = VoxelBackBone8x(args.channels).to(dev).to(dtype).train()
+    leaf = feats.clone().requires_grad_()
+
+    def subm_rb():
+        with torch.no_grad():
+            subm(make())
+
+    def strided_rb():
+        with torch.no_grad():
+            strided(make())
+
+    def strided_fwd_bwd():
+        x = make(leaf)
+        y = strided(x)
+        y.features.float().sum().backward()
+        leaf.grad = None
+
+    def backbone():
+        out, _ = net(make(leaf))
+        out.features.float().sum().backward()
+        leaf.grad = None
+        net.zero_grad(set_to_none=True)
+
+    rows = {"subm rulebook+fwd": subm_rb, "strided rulebook+fwd": strided_rb,
+            "strided rb+fwd+bwd": strided_fwd_bwd, "backbone fwd+bwd": backbone}
+
+    def set_variant(v):
+        rbmod.Rulebook.fwd_schedule = _unordered if v == "unordered" else ORIGINAL_SCHEDULE
+        validate["on"] = v != "no-validate"
+
+    variants = ["default", "unordered", "no-validate"]
+    res = {(r, v): [] for r in rows for v in variants}
+    for _ in range(args.rounds):
+        for v in variants:
+            set_variant(v)
+            for r, fn in rows.items():
+                res[(r, v)].append(wall_ms(fn))
+    set_variant("default")
+    print(f"\n{args.scene} {args.dtype}, {args.channels} ch, {torch.cuda.get_device_name(0)}: ms, median of "
+          f"{args.rounds} interleaved rounds (each a median of 7)")
+    print(f"{'row':24}" + "".join(f"{v:>14}" for v in variants))
+    for r in rows:
+        base = statistics.median(res[(r, 'default')])
+        cells = []
+        for v in variants:
+            m = statistics.median(res[(r, v)])
+            cells.append(f"{m:8.3f} {base / m:4.2f}x")
+        print(f"{r:24}" + "".join(f"{c:>14}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
