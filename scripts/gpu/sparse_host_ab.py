@@ -33,12 +33,10 @@ ORIGINAL_SCHEDULE = rbmod.Rulebook.fwd_schedule
 
 
 def _unordered(self):
-    order, masks = ORIGINAL_SCHEDULE(self) if "fwd_sched" in self._cache else (None, None)
-    if masks is None:
+    if "fwd_sched" not in self._cache:
         m = self._cache.get("fwd_masks")
-        masks = rbmod.offset_masks(self.pair_fwd()) if m is None else m
-        self._cache["fwd_sched"] = (None, masks)
-    return None, masks
+        self._cache["fwd_sched"] = (None, rbmod.offset_masks(self.pair_fwd()) if m is None else m)
+    return self._cache["fwd_sched"]
 
 
 def wall_ms(fn, repeat=7):
