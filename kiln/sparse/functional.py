@@ -43,6 +43,10 @@ def _apply(x: torch.Tensor, w: torch.Tensor, rb: Rulebook, algo: str, bias: torc
     if algo == "gather" and _planned(x, w):
         return sparse_gemm.planned_conv(x, w, rb.plan(sparse_gemm.plan_block_pairs(w.shape[1], w.shape[2])), bias)
     if algo == "implicit":
+        src = rb.mirror_source()
+        if src is not None:  # sum_k x[flip(pm)[r, k]] w[k] = sum_k x[pm[r, k]] w[K-1-k]: a tiny weight copy only
+            order, masks = src.fwd_schedule()
+            return sparse_gemm.implicit_gemm(x, w.flip(0), src.pair_fwd(), order, masks, bias)
         order, masks = rb.fwd_schedule()
         return sparse_gemm.implicit_gemm(x, w, rb.pair_fwd(), order, masks, bias)
     return sparse_gemm.gather_gemm_scatter(x, w, rb.in_idx, rb.out_idx, rb.counts, rb.n_out, rb.identity_offset,

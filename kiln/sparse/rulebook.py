@@ -91,7 +91,7 @@ class Rulebook:
             kk, ii = torch.nonzero(pm.T >= 0, as_tuple=True)
             self._in_idx, self._out_idx = ii, pm.T[kk, ii].long()
         else:
-            pm = self._cache["pair_fwd"]
+            pm = self.pair_fwd()
             kk, oo = torch.nonzero(pm.T >= 0, as_tuple=True)
             self._in_idx, self._out_idx = pm.T[kk, oo].long(), oo
         self._counts = torch.bincount(kk, minlength=self._kernel_volume).tolist()
@@ -122,9 +122,9 @@ class Rulebook:
         """The rulebook with inputs and outputs exchanged (input gradients; inverse convolution)."""
         key = "swapped"
         if key not in self._cache:
-            if self._in_idx is None and self._mirrored:  # its pair map is ours flipped; lists on first use
-                sw = Rulebook.from_maps(self.pair_bwd(), None, self.n_in, self.n_out, self.identity_offset,
-                                        mirrored=True)
+            if self._in_idx is None and self._mirrored:  # its pair map is ours flipped: made only on demand
+                sw = Rulebook(None, None, None, self.n_out, self.n_in, self.identity_offset)
+                sw._kernel_volume, sw._mirrored = self.kernel_volume, True
             elif self._in_idx is None and "pair_bwd" in self._cache:  # both maps: exchanged
                 sw = Rulebook.from_maps(self.pair_bwd(), self.pair_fwd(), self.n_out, self.n_in,
                                         self.identity_offset, masks_fwd=self._cache.get("bwd_masks"),
@@ -148,10 +148,23 @@ class Rulebook:
             pm[rows_idx, k_of] = vals_idx.to(torch.int32)
         return pm
 
+    def mirror_source(self) -> "Rulebook | None":
+        """For the swapped rulebook of an odd-kernel submanifold one (whose pair map is the original's with the
+        offsets reversed) not yet materialised: the original. Its map, schedule and the weight reversed along the
+        offsets compute this rulebook's convolution with no flipped copy of the map and no new masks or sort."""
+        src = self._cache.get("swapped")
+        if self._mirrored and src is not None and "pair_fwd" not in self._cache and "pair_fwd" in src._cache:
+            return src
+        return None
+
     def pair_fwd(self) -> torch.Tensor:
         """int32 [n_out, K]: input row per (output, offset), -1 where none."""
         if "pair_fwd" not in self._cache:
-            self._cache["pair_fwd"] = self._pair_map(self.out_idx, self.in_idx, self.n_out)
+            src = self.mirror_source()
+            if src is not None:
+                self._cache["pair_fwd"] = src.pair_fwd().flip(1).contiguous()
+            else:
+                self._cache["pair_fwd"] = self._pair_map(self.out_idx, self.in_idx, self.n_out)
         return self._cache["pair_fwd"]
 
     def pair_bwd(self) -> torch.Tensor:
