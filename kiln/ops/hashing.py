@@ -206,6 +206,7 @@ class ConvMaps:
     """A regular or transposed convolution's rulebook as pair maps (``conv_maps``)."""
 
     out_keys: torch.Tensor   # int64 [M]: the output voxels' keys, row o of the output is out_keys[o]
+    out_indices: torch.Tensor  # int32 [M, ndim + 1]: the same outputs as batch-first coordinates
     pair_fwd: torch.Tensor   # int32 [M, K]: input row feeding output o through offset k, -1 if none
     pair_bwd: torch.Tensor   # int32 [N, K]: output row input i feeds through offset k, -1 if none
     masks_fwd: torch.Tensor  # int64 [M]: bit k where pair_fwd[o, k] >= 0 (-1 for K > 63)
@@ -260,6 +261,7 @@ def conv_maps(indices: torch.Tensor, out_shape, taps: torch.Tensor, stride, padd
     m = out_keys.numel()
     table.values[slots] = torch.arange(m, device=dev, dtype=torch.int32)
     pair_fwd = torch.full((m, K), -1, dtype=torch.int32, device=dev)
+    out_indices = torch.empty((m, ndim + 1), dtype=torch.int32, device=dev)  # every output is reached: all set
     pair_bwd = (torch.full((n, K), -1, dtype=torch.int32, device=dev) if reach_mode  # only reached taps written
                 else torch.empty((n, K), dtype=torch.int32, device=dev))
     masks = K <= 63
@@ -268,9 +270,10 @@ def conv_maps(indices: torch.Tensor, out_shape, taps: torch.Tensor, stride, padd
     masks_bwd = torch.empty(n, dtype=torch.int64, device=dev) if masks else torch.full((n,), -1, dtype=torch.int64,
                                                                                        device=dev)
     if n:
-        _conv_pairs_kernel[grid](idx, taps, table.keys, table.values, pair_fwd, pair_bwd, masks_fwd, masks_bwd, n, K,
+        _conv_pairs_kernel[grid](idx, taps, table.keys, table.values, pair_fwd, pair_bwd, masks_fwd, masks_bwd,
+                                 out_indices, n, K,
                                  table.capacity - 1, idx.stride(0), *geom, WRITE_MASKS=masks, **flags)
-    return ConvMaps(out_keys, pair_fwd, pair_bwd, masks_fwd, masks_bwd)
+    return ConvMaps(out_keys, out_indices, pair_fwd, pair_bwd, masks_fwd, masks_bwd)
 
 
 def unique_keys(keys: torch.Tensor, sort: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -510,11 +513,13 @@ def _conv_insert_kernel(Idx, Taps, TKeys, N, K, cap_mask, stride_i, S0, S1, S2, 
 
 
 @triton.jit
-def _conv_pairs_kernel(Idx, Taps, TKeys, TVals, PF, PB, MF, MB, N, K, cap_mask, stride_i, S0, S1, S2, T0, T1, T2,
+def _conv_pairs_kernel(Idx, Taps, TKeys, TVals, PF, PB, MF, MB, OutIdx, N, K, cap_mask, stride_i, S0, S1, S2, T0, T1, T2,
                        P0, P1, P2, KS0, KS1, KS2, D0, D1, D2, R0, R1, R2, NDIM: tl.constexpr,
                        TRANSPOSED: tl.constexpr, REACH: tl.constexpr, MAXSTEP: tl.constexpr,
                        WRITE_MASKS: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Both pair maps (pair_bwd must start all -1 under REACH: only reachable taps are written) and masks."""
+    """Both pair maps (pair_bwd must start all -1 under REACH: only reachable taps are written), their masks,
+    and each output's batch-first coordinates (decoded from its key by every lane that reaches it: the same
+    values, so the repeated stores are harmless)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rows < N
     key, active, kcol = _conv_lanes(Idx, Taps, rows, r_ok, N, K, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2,
@@ -528,6 +533,13 @@ def _conv_pairs_kernel(Idx, Taps, TKeys, TVals, PF, PB, MF, MB, N, K, cap_mask, 
         tl.store(PB + rows[:, None].to(tl.int64) * K + kcol, out, mask=r_ok[:, None] & (kcol < K))
     # each (output, tap) has exactly one input: plain scattered stores
     tl.store(PF + out.to(tl.int64) * K + kcol, rows[:, None] + tl.zeros([BLOCK_R, KP], tl.int32), mask=found)
+    rest = key
+    for d in tl.static_range(NDIM):
+        size = _pick(NDIM - 1 - d, S0, S1, S2)
+        q = rest // size  # keys are non-negative: the floor
+        tl.store(OutIdx + out.to(tl.int64) * (NDIM + 1) + (NDIM - d), (rest - q * size).to(tl.int32), mask=found)
+        rest = q
+    tl.store(OutIdx + out.to(tl.int64) * (NDIM + 1), rest.to(tl.int32), mask=found)
     if WRITE_MASKS:
         bit = tl.full([BLOCK_R, KP], 1, tl.int64) << kcol.to(tl.int64)
         tl.store(MB + rows, tl.sum(tl.where(found, bit, 0), axis=1), mask=r_ok)

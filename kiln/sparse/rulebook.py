@@ -512,7 +512,7 @@ def build_conv(indices: torch.Tensor, spatial_shape, ksize, stride, padding, dil
                                  dilation=dilation)
         rb = Rulebook.from_maps(maps.pair_fwd, maps.pair_bwd, n, maps.out_keys.numel(), masks_fwd=maps.masks_fwd,
                                 masks_bwd=maps.masks_bwd)
-        return decode(maps.out_keys, out_shape), out_shape, rb
+        return maps.out_indices, out_shape, rb
     lin = _linear_strides(out_shape)
     # on the CPU, int32 keys where every output key fits: half the memory traffic, a faster sort in unique
     narrow = dev.type == "cpu" and n > 0 and (int(indices[:, 0].max()) + 1) * math.prod(out_shape) < 2**31
