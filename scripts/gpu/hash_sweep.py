@@ -56,7 +56,8 @@ def main():
             hashing.PROBES_PER_PROGRAM = probes
             t_build = time_ms(lambda: hashing.hash_build_voxels(idx, shape))
             t_nb = time_ms(lambda: hashing.neighbor_map(table, idx, shape, rel))
-            t_cm = time_ms(lambda: hashing.conv_maps(idx, out_shape, taps, [2, 2, 2], [1, 1, 1], False, False, 8))
+            t_cm = time_ms(lambda: hashing.conv_maps(idx, out_shape, taps, [2, 2, 2], [1, 1, 1], False, False, 8,
+                                                        ksize=[3, 3, 3], dilation=[1, 1, 1]))
             t_subm = time_ms(lambda: build_subm(idx, shape, [3, 3, 3], [1, 1, 1]))
             t_conv = time_ms(lambda: build_conv(idx, shape, [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1]))
             rows.append((scene, idx.shape[0], probes, t_build, t_nb, t_cm, t_subm, t_conv))
