@@ -376,18 +376,51 @@ def implicit_gemm_ref(x, weight, pair_map, bias=None):
     return y.to(x.dtype)
 
 
-def weight_grad(x: torch.Tensor, dy: torch.Tensor, pair_map: torch.Tensor) -> torch.Tensor:
+# The weight gradient from compacted pair lists (``compact_pairs``, once per rulebook) instead of the dense pair map:
+# the map path reads every (row, offset) while a LiDAR map is 10-22% filled. Off until timed on a GPU
+# (scripts/gpu/wgrad_sweep.py prints both); the functional backward reads this flag.
+WGRAD_FROM_LISTS = False
+
+
+def compact_pairs(pair_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The valid entries of a pair map [R, K] grouped by offset, with no host sync: (src, rows, offsets) where
+    offset k's pairs are ``src[offsets[k]:offsets[k+1]]`` (int32 source rows) and ``rows[...]`` (int32 map rows,
+    ascending); offsets is int64 [K + 1] on the device. The buffers are sized for a full map (R * K): the count
+    stays on the device, so nothing waits for it."""
+    check_tensor("pair_map", pair_map, ndim=2, dtypes=(torch.int32,))
+    R, K = pair_map.shape
+    dev = pair_map.device
+    pm = pair_map.contiguous()
+    pos = torch.cumsum(pm >= 0, 0, dtype=torch.int32)  # [R, K]: valid entries of column k up to row r
+    offsets = torch.zeros(K + 1, dtype=torch.int64, device=dev)
+    if R:
+        torch.cumsum(pos[-1], 0, out=offsets[1:])
+    src = torch.empty(R * K, dtype=torch.int32, device=dev)
+    rows = torch.empty(R * K, dtype=torch.int32, device=dev)
+    if R * K and backend_for(pm) == "triton":
+        block = 1024
+        _compact_pairs_kernel[(triton.cdiv(R * K, block),)](pm, pos, offsets, src, rows, R, K, BLOCK=block)
+    elif R * K:
+        kk, rr = torch.nonzero(pm.t() >= 0, as_tuple=True)  # by offset, then row
+        src[: kk.numel()] = pm[rr, kk]
+        rows[: kk.numel()] = rr.int()
+    return src, rows, offsets
+
+
+def weight_grad(x: torch.Tensor, dy: torch.Tensor, pair_map: torch.Tensor,
+                lists: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``dW[k] = sum_r x[pair_map[r, k]]^T dy[r]`` over valid entries: [K, Cin, Cout] in x's dtype (fp32
     accumulation). Driven by the forward pair map (what the forward already holds), so a backward never derives
     pair lists (a ``nonzero`` and a host sync per layer). Rows go in plain order: on an H100 the forward's mask
-    order made it slower (two more dependent loads per block, few blocks skipped; scripts/gpu/wgrad_sweep.py)."""
+    order made it slower (two more dependent loads per block, few blocks skipped; scripts/gpu/wgrad_sweep.py).
+    ``lists`` (``compact_pairs(pair_map)``) visits only the valid pairs instead."""
     check_tensor("features", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("grad_out", dy, ndim=2, dtypes=(x.dtype,), device=x.device)
     check_tensor("pair_map", pair_map, ndim=2, dtypes=(torch.int32,), device=x.device)
     if pair_map.shape[0] != dy.shape[0]:
         raise ValueError(f"pair_map has {pair_map.shape[0]} rows but grad_out has {dy.shape[0]}")
     if backend_for(x, dy, pair_map) == "triton":
-        return _weight_grad_triton(x, dy, pair_map)
+        return _weight_grad_triton(x, dy, pair_map, lists)
     return weight_grad_ref(x, dy, *pairs_from_map(pair_map))
 
 
@@ -462,11 +495,13 @@ def _implicit_gemm_kernel(X, W, Y, PairMap, Order, Masks, Bias, R, CIN: tl.const
 
 
 @triton.jit
-def _weight_grad_kernel(X, DY, P, PairMap, R, CIN: tl.constexpr, COUT: tl.constexpr, N_SPLIT, CHUNK: tl.constexpr,
-                        stride_xm, stride_dm, stride_pm, stride_pp, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+def _weight_grad_kernel(X, DY, P, PairMap, Src, Rows, Offsets, R, CIN: tl.constexpr, COUT: tl.constexpr, N_SPLIT,
+                        CHUNK: tl.constexpr, stride_xm, stride_dm, stride_pm, stride_pp, LISTS: tl.constexpr,
+                        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program: offset k, a chunk of CHUNK rows, a [BLOCK_M, BLOCK_N] tile of dW[k]; its fp32 partial goes
-    to P[k * N_SPLIT + chunk] (summed later in a fixed order: deterministic, no atomics)."""
+    """One program: offset k, a chunk of CHUNK rows of the pair map -- or (LISTS) CHUNK of offset k's compacted
+    pairs -- and a [BLOCK_M, BLOCK_N] tile of dW[k]; its fp32 partial goes to P[k * N_SPLIT + chunk] (summed
+    later in a fixed order: deterministic, no atomics)."""
     pid = tl.program_id(0)
     k = pid // N_SPLIT
     s = pid % N_SPLIT
@@ -475,19 +510,46 @@ def _weight_grad_kernel(X, DY, P, PairMap, R, CIN: tl.constexpr, COUT: tl.conste
     c_ok = rc < CIN
     n_ok = rn < COUT
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for i in range(0, CHUNK, BLOCK_K):
-        rows = (s * CHUNK + i + tl.arange(0, BLOCK_K)).to(tl.int64)
-        src = tl.load(PairMap + rows * stride_pm + k, mask=rows < R, other=-1)
-        valid = src >= 0
-        src = tl.where(valid, src, 0).to(tl.int64)
-        a = tl.load(X + src[None, :] * stride_xm + rc[:, None], mask=valid[None, :] & c_ok[:, None], other=0.0)
-        b = tl.load(DY + rows[:, None] * stride_dm + rn[None, :], mask=valid[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc += tl.dot(a, b, input_precision=PRECISION)
+    if LISTS:
+        lo = tl.load(Offsets + k) + s * CHUNK
+        hi = tl.load(Offsets + k + 1)
+    else:
+        lo = s * CHUNK
+        hi = R
+    if lo < hi:  # a chunk past its offset's pairs (LISTS: the grid is sized for a full column) only writes zeros
+        for i in range(0, CHUNK, BLOCK_K):
+            p = lo + i + tl.arange(0, BLOCK_K)
+            if LISTS:
+                valid = p < hi
+                rows = tl.load(Rows + p, mask=valid, other=0).to(tl.int64)
+                src = tl.load(Src + p, mask=valid, other=0).to(tl.int64)
+            else:
+                rows = p.to(tl.int64)
+                src = tl.load(PairMap + rows * stride_pm + k, mask=p < hi, other=-1)
+                valid = src >= 0
+                src = tl.where(valid, src, 0).to(tl.int64)
+            a = tl.load(X + src[None, :] * stride_xm + rc[:, None], mask=valid[None, :] & c_ok[:, None], other=0.0)
+            b = tl.load(DY + rows[:, None] * stride_dm + rn[None, :], mask=valid[:, None] & n_ok[None, :],
+                        other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc += tl.dot(a, b, input_precision=PRECISION)
     tl.store(P + pid.to(tl.int64) * stride_pp + rc[:, None] * COUT + rn[None, :], acc,
              mask=c_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _compact_pairs_kernel(PairMap, Pos, Offsets, Src, Rows, R, K, BLOCK: tl.constexpr):
+    """Scatter each valid pair-map entry (r, k) to slot offsets[k] + pos[r, k] - 1 of the offset-grouped lists."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < R * K
+    v = tl.load(PairMap + e, mask=ok, other=-1)
+    hit = v >= 0
+    k = e % K
+    dest = tl.load(Offsets + k, mask=hit, other=0) + tl.load(Pos + e, mask=hit, other=1).to(tl.int64) - 1
+    tl.store(Src + dest, v, mask=hit)
+    tl.store(Rows + dest, (e // K).to(tl.int32), mask=hit)
 
 
 def _configs():
@@ -539,7 +601,7 @@ def _tuned():
               for bm, bn, bk, w, s in [(32, 32, 64, 4, 3), (64, 64, 32, 4, 3), (64, 64, 64, 4, 3),
                                        (16, 16, 64, 2, 3), (32, 64, 64, 4, 3), (64, 32, 64, 4, 3),
                                        (128, 128, 32, 8, 3)]]
-        _weight_grad_tuned = triton.autotune(configs=wg, key=["CIN", "COUT", "CHUNK", "PRECISION"],
+        _weight_grad_tuned = triton.autotune(configs=wg, key=["CIN", "COUT", "CHUNK", "LISTS", "PRECISION"],
                                              prune_configs_by={"early_config_prune": _prune_wgrad},
                                              do_bench=_bench)(_weight_grad_kernel)
     return _implicit_gemm_tuned, _weight_grad_tuned
@@ -602,7 +664,7 @@ def _wgrad_chunk(R: int, K: int) -> int:
     return max(256, min(8192, triton.next_power_of_2(per)))
 
 
-def _weight_grad_triton(x, dy, pair_map):
+def _weight_grad_triton(x, dy, pair_map, lists=None):
     R, K = pair_map.shape
     cin, cout = x.shape[1], dy.shape[1]
     x = x if x.stride(1) == 1 else x.contiguous()
@@ -613,8 +675,9 @@ def _weight_grad_triton(x, dy, pair_map):
     chunk = _wgrad_chunk(R, K)
     n_split = triton.cdiv(R, chunk)
     partial = torch.empty(K * n_split, cin, cout, dtype=torch.float32, device=x.device)
-    args = (x, dy, partial, pair_map, R, cin, cout, n_split, chunk, x.stride(0), dy.stride(0), pair_map.stride(0),
-            partial.stride(0))
+    src, rows, offsets = lists if lists is not None else (pair_map, pair_map, pair_map)
+    args = (x, dy, partial, pair_map, src, rows, offsets, R, cin, cout, n_split, chunk, x.stride(0), dy.stride(0),
+            pair_map.stride(0), partial.stride(0), lists is not None)
     # fp32: FMA, not 3xTF32 -- both operands have the rows (the reduction) strided, which tensor-core TF32 cannot
     # take directly (H100, 64 ch: 0.93 ms against 1.16-1.23 ms; scripts/gpu/wgrad_sweep.py --precisions)
     prec = _precision(x)

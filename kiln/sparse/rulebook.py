@@ -22,6 +22,7 @@ import torch
 
 from kiln.ops import hashing
 from kiln.ops.sparse_gemm import ConvPlan, build_plan, mask_order, offset_masks
+from kiln.ops.sparse_gemm import compact_pairs as sparse_gemm_compact
 
 _state = threading.local()
 
@@ -175,6 +176,13 @@ class Rulebook:
             else:
                 self._cache["pair_bwd"] = self._pair_map(self.in_idx, self.out_idx, self.n_in)
         return self._cache["pair_bwd"]
+
+    def compact_pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The forward map's valid pairs grouped by offset on the device (``sparse_gemm.compact_pairs``), cached:
+        the weight gradients of every layer sharing this rulebook read them."""
+        if "compact" not in self._cache:
+            self._cache["compact"] = sparse_gemm_compact(self.pair_fwd())
+        return self._cache["compact"]
 
     def fwd_schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(order, masks) for the forward implicit GEMM (and the weight gradient): per-row offset masks and rows

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kiln.ops import sparse_gemm as sg
+from kiln.ops._dispatch import triton_available
 from tests.conftest import DEVICE, requires_triton
 
 BIG = DEVICE.type == "cuda"
@@ -61,8 +62,33 @@ def test_weight_grad_triton_matches_reference(dtype):
     ref = sg.weight_grad_ref(x.float(), dy.float(), in_idx, out_idx, counts)
     assert rel_err(got, ref) <= RTOL[dtype]
     assert torch.equal(got, sg._weight_grad_triton(x, dy, pm))
+    lists = sg.compact_pairs(pm)
+    got_lists = sg._weight_grad_triton(x, dy, pm, lists)
+    assert rel_err(got_lists, ref) <= RTOL[dtype]
+    assert torch.equal(got_lists, sg._weight_grad_triton(x, dy, pm, lists))
     with pytest.raises(ValueError, match="rows but grad_out"):
         sg.weight_grad(x, dy[1:], pm)
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_compact_pairs_groups_the_valid_entries_by_offset(monkeypatch, backend):
+    """compact_pairs: per offset, exactly the map's valid (row, source) entries, rows ascending, the count kept
+    on the device; an empty map and a map without pairs give empty groups."""
+    if backend == "triton" and not triton_available():
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("KILN_OPS", backend)
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    pm = sg._random_rulebook(40, 33, 7, DEVICE, g)
+    pm[5] = -1
+    src, rows, offsets = sg.compact_pairs(pm)
+    want_src, want_rows, counts = sg.pairs_from_map(pm)
+    assert offsets.tolist() == [0] + torch.tensor(counts).cumsum(0).tolist()
+    n = int(offsets[-1])
+    assert torch.equal(src[:n].long(), want_src) and torch.equal(rows[:n].long(), want_rows)
+    for empty in (torch.full((0, 7), -1, dtype=torch.int32, device=DEVICE),
+                  torch.full((6, 7), -1, dtype=torch.int32, device=DEVICE)):
+        _, _, off = sg.compact_pairs(empty)
+        assert off.tolist() == [0] * 8
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import kiln.sparse as sp
+from kiln.ops import sparse_gemm
 from tests.conftest import DEVICE, requires_triton
 
 from .helpers import random_voxels, rel_err
@@ -37,7 +38,10 @@ def _forward_backward(net, feats, idx, shape, batch, seed=1):
 
 
 @requires_triton
-def test_triton_path_matches_reference_path_fwd_bwd(monkeypatch):
+@pytest.mark.parametrize("wgrad_lists", [False, True])
+def test_triton_path_matches_reference_path_fwd_bwd(monkeypatch, wgrad_lists):
+    """Weight gradients from the dense pair map, or (wgrad_lists) from its compacted pairs."""
+    monkeypatch.setattr(sparse_gemm, "WGRAD_FROM_LISTS", wgrad_lists)
     feats, idx, shape, batch = _scene(seed=torch.randint(0, 2**31, ()).item())
     torch.manual_seed(0)
     net = _net()
