@@ -378,8 +378,9 @@ def implicit_gemm_ref(x, weight, pair_map, bias=None):
 
 # The weight gradient from compacted pair lists (``compact_pairs``, once per rulebook) instead of the dense pair map:
 # the map path reads every (row, offset) while a LiDAR map is 10-22% filled. Off until timed on a GPU
-# (scripts/gpu/wgrad_sweep.py prints both); the functional backward reads this flag.
-WGRAD_FROM_LISTS = False
+# (scripts/gpu/wgrad_sweep.py prints both; KILN_SPARSE_WGRAD=lists turns it on for a whole benchmark run); the
+# functional backward reads this flag.
+WGRAD_FROM_LISTS = os.environ.get("KILN_SPARSE_WGRAD", "map") == "lists"
 
 
 def compact_pairs(pair_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
