@@ -84,6 +84,30 @@ def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> f
     return statistics.median(times)
 
 
+def cuda_time(fn, repeat=7, warmup=5, calls=10) -> float:
+    """Median seconds per call by CUDA events around ``calls`` back-to-back launches (wall clock on a CPU).
+
+    Timing a single launch would also count the Python launch path (checks, autotuner lookup) as GPU time;
+    back-to-back calls keep the GPU queue full, as a model's layers do, like triton.testing.do_bench.
+    """
+    if not torch.cuda.is_available():
+        return median_time(fn, repeat=3, warmup=1)
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(calls):
+            fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3 / calls)
+    times.sort()
+    return times[len(times) // 2]
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second (the roofline's bandwidth)."""
     x = torch.empty(2**30, dtype=torch.uint8, device="cuda")

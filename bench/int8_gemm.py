@@ -19,32 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import Table, median_time  # noqa: E402
+from bench.common import Table, cuda_time  # noqa: E402
 from kiln.ops.gemm import int8_gemm, int8_gemm_i32  # noqa: E402
-
-
-def cuda_time(fn, repeat=7, warmup=5, calls=10) -> float:
-    """Median seconds per call by CUDA events around ``calls`` back-to-back launches (wall clock on a CPU).
-
-    Timing a single launch would also count the Python launch path (checks, autotuner lookup) as GPU time;
-    back-to-back calls keep the GPU queue full, as a model's layers do, like triton.testing.do_bench.
-    """
-    if not torch.cuda.is_available():
-        return median_time(fn, repeat=3, warmup=1)
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(calls):
-            fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3 / calls)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def gemm_rows(table: Table, shapes, dev):

@@ -213,46 +213,40 @@ class ConvMaps:
     masks_bwd: torch.Tensor  # int64 [N]: the same for pair_bwd
 
 
-def conv_maps(indices: torch.Tensor, out_shape, taps: torch.Tensor, stride, padding, transposed: bool,
-              sort: bool, max_taps: int | None = None, ksize=None, dilation=None) -> ConvMaps:
+def conv_maps(indices: torch.Tensor, out_shape, ksize, stride, padding, dilation, transposed: bool,
+              sort: bool) -> ConvMaps:
     """The output voxels and pair maps of a strided (or transposed) sparse convolution on the GPU.
 
-    Input voxel i (``indices`` int32 [N, ndim + 1], batch first) reaches, through kernel tap k (``taps`` int32
-    [ndim, K]: ``k_d * dilation_d`` per dimension), the output at ``(c + padding - tap) / stride`` where that
-    divides exactly (regular) or ``c * stride - padding + tap`` (transposed), if inside ``out_shape``. The outputs
-    are the distinct keys reached (ascending with ``sort``, else in hash-slot order). Two kernels over (voxel,
-    tap): one inserts every reached key into a hash table, one -- after the occupied slots are numbered -- looks
-    each up and writes both pair maps and their offset masks. One host sync (the number of outputs).
-
-    ``max_taps``: how many taps one voxel can reach at most (a stride-2 3x3x3 kernel: 8 of 27), which bounds the
-    distinct outputs and so sizes the table (the outputs are typically far fewer: the table stays sparse).
-    ``ksize`` and ``dilation`` (a regular convolution's) let the kernels visit only those reachable taps per voxel
-    instead of all K (``taps`` must then be their ``offset_table``)."""
-    ndim, K = len(out_shape), taps.shape[1]
+    Input voxel i (``indices`` int32 [N, ndim + 1], batch first) reaches, through kernel tap t (per dimension,
+    displacement ``t_d * dilation_d``), the output at ``(c + padding - t * dilation) / stride`` where that
+    divides exactly (regular) or ``c * stride - padding + t * dilation`` (transposed), if inside ``out_shape``.
+    The outputs are the distinct keys reached (ascending with ``sort``, else in hash-slot order). Two kernels
+    over (voxel, reachable tap) -- only the taps a regular convolution's stride lets reach anything (a stride-2
+    3x3x3 kernel: 8 of 27) -- one inserts every reached key into a hash table, one (after the occupied slots are
+    numbered) looks each up and writes both pair maps, their offset masks and the outputs' coordinates. One host
+    sync (the number of outputs). The taps one voxel can reach also bound the distinct outputs, which sizes the
+    table (the outputs are typically far fewer: it stays sparse)."""
+    ndim = len(out_shape)
     if not 1 <= ndim <= 3:
         raise ValueError(f"conv_maps handles 1-3 spatial dims, got {ndim}")
     n = indices.shape[0]
+    K = math.prod(ksize)
     dev = indices.device
     idx = indices if indices.stride(1) == 1 else indices.contiguous()
-    taps = taps.contiguous()
-    bound = n * (K if max_taps is None else min(K, max_taps))
-    table = _empty_table((bound + 2) // 2, dev)  # capacity >= bound + 1: never full
+    # a regular conv's tap t_d hits an output only where (c + p - t_d * dil) divides by the stride: at most
+    # ceil(k / (s / gcd(dil, s))) taps per dimension reach anything from one voxel
+    reach = [k if transposed else min(k, -(-k * math.gcd(dl, st) // st))
+             for k, st, dl in zip(ksize, stride, dilation)]
+    table = _empty_table((n * math.prod(reach) + 2) // 2, dev)  # capacity >= bound + 1: never full
+    rp = max(2, triton.next_power_of_2(math.prod(reach)))
+    block = _rows_per_program(rp)
     pad3 = lambda v, fill: list(v) + [fill] * (3 - ndim)  # noqa: E731
-    reach_mode = not transposed and ksize is not None
-    if reach_mode:
-        dilation = list(dilation) if dilation is not None else [1] * ndim
-        reach = [min(k, -(-k * math.gcd(dl, st) // st)) for k, st, dl in zip(ksize, stride, dilation)]
-        kp = max(2, triton.next_power_of_2(math.prod(reach)))
-    else:
-        reach = [1] * ndim
-        kp = max(2, triton.next_power_of_2(K))
-    block = _rows_per_program(kp)
-    geom = (*pad3(out_shape, 1), *pad3(stride, 1), *pad3(padding, 0), *pad3(ksize or [1] * ndim, 1),
-            *pad3(dilation or [1] * ndim, 1), *pad3(reach, 1))
-    flags = dict(NDIM=ndim, TRANSPOSED=transposed, REACH=reach_mode, MAXSTEP=max(stride), KP=kp, BLOCK_R=block)
+    geom = (*pad3(out_shape, 1), *pad3(stride, 1), *pad3(padding, 0), *pad3(ksize, 1), *pad3(dilation, 1),
+            *pad3(reach, 1))
+    flags = dict(NDIM=ndim, TRANSPOSED=transposed, MAXSTEP=max(stride), RP=rp, BLOCK_R=block)
     grid = (triton.cdiv(n, block),)
     if n:
-        _conv_insert_kernel[grid](idx, taps, table.keys, n, K, table.capacity - 1, idx.stride(0), *geom, **flags)
+        _conv_insert_kernel[grid](idx, table.keys, n, table.capacity - 1, idx.stride(0), *geom, **flags)
     slots = torch.nonzero(table.keys != EMPTY).view(-1)
     out_keys = table.keys[slots]
     if sort:
@@ -261,18 +255,16 @@ def conv_maps(indices: torch.Tensor, out_shape, taps: torch.Tensor, stride, padd
     m = out_keys.numel()
     table.values[slots] = torch.arange(m, device=dev, dtype=torch.int32)
     pair_fwd = torch.full((m, K), -1, dtype=torch.int32, device=dev)
+    pair_bwd = torch.full((n, K), -1, dtype=torch.int32, device=dev)
     out_indices = torch.empty((m, ndim + 1), dtype=torch.int32, device=dev)  # every output is reached: all set
-    pair_bwd = (torch.full((n, K), -1, dtype=torch.int32, device=dev) if reach_mode  # only reached taps written
-                else torch.empty((n, K), dtype=torch.int32, device=dev))
     masks = K <= 63
     masks_fwd = torch.zeros(m, dtype=torch.int64, device=dev) if masks else torch.full((m,), -1, dtype=torch.int64,
                                                                                        device=dev)
     masks_bwd = torch.empty(n, dtype=torch.int64, device=dev) if masks else torch.full((n,), -1, dtype=torch.int64,
                                                                                        device=dev)
     if n:
-        _conv_pairs_kernel[grid](idx, taps, table.keys, table.values, pair_fwd, pair_bwd, masks_fwd, masks_bwd,
-                                 out_indices, n, K,
-                                 table.capacity - 1, idx.stride(0), *geom, WRITE_MASKS=masks, **flags)
+        _conv_pairs_kernel[grid](idx, table.keys, table.values, pair_fwd, pair_bwd, masks_fwd, masks_bwd, out_indices,
+                                 n, K, table.capacity - 1, idx.stride(0), *geom, WRITE_MASKS=masks, **flags)
     return ConvMaps(out_keys, out_indices, pair_fwd, pair_bwd, masks_fwd, masks_bwd)
 
 
@@ -419,37 +411,14 @@ def _neighbor_map_kernel(Idx, Rel, TKeys, TVals, PM, Masks, N, K, cap_mask, stri
 
 
 @triton.jit
-def _conv_out_keys(Idx, Taps, rows, ks, r_ok, k_ok, K, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2,
-                   NDIM: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_R: tl.constexpr, KP: tl.constexpr):
-    """[BLOCK_R, KP] output keys reached by each (voxel, tap) and whether each is a real output."""
-    row_ptr = Idx + rows.to(tl.int64) * stride_i
-    key = tl.load(row_ptr, mask=r_ok, other=0).to(tl.int64)[:, None] + tl.zeros([BLOCK_R, KP], tl.int64)
-    ok = r_ok[:, None] & k_ok[None, :]
-    for d in tl.static_range(NDIM):
-        size, st, pd = _pick(d, S0, S1, S2), _pick(d, T0, T1, T2), _pick(d, P0, P1, P2)
-        c = tl.load(row_ptr + 1 + d, mask=r_ok, other=0).to(tl.int64)[:, None]
-        tap = tl.load(Taps + d * K + ks, mask=k_ok, other=0).to(tl.int64)[None, :]
-        if TRANSPOSED:
-            o = c * st - pd + tap
-            ok = ok & (o >= 0) & (o < size)
-        else:
-            num = c + pd - tap
-            ok = ok & (num >= 0)
-            num = tl.where(num >= 0, num, 0)  # non-negative: integer division is the floor
-            o = num // st
-            ok = ok & (o * st == num) & (o < size)
-        key = key * size + o
-    return key, ok
-
-
-@triton.jit
-def _conv_reach_keys(Idx, rows, js, r_ok, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2, KS0, KS1, KS2, D0, D1, D2,
-                     R0, R1, R2, NDIM: tl.constexpr, MAXSTEP: tl.constexpr, BLOCK_R: tl.constexpr,
-                     RP: tl.constexpr):
-    """A regular convolution's [BLOCK_R, RP] (voxel, reachable tap) lanes: lane j is the j-th tap combination that
-    can divide by the stride (R_d per dimension, row-major), so no lane is spent on the taps a stride rules out
-    (a stride-2 3x3x3 kernel: 8 lanes, not 32). Returns the output key, whether it is a real output, and the
-    tap's kernel offset k (row-major over the kernel)."""
+def _conv_lanes(Idx, rows, r_ok, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2, KS0, KS1, KS2, D0, D1, D2,
+                R0, R1, R2, NDIM: tl.constexpr, TRANSPOSED: tl.constexpr, MAXSTEP: tl.constexpr,
+                BLOCK_R: tl.constexpr, RP: tl.constexpr):
+    """[BLOCK_R voxels, RP lanes]: lane j is the j-th (row-major) combination of the taps that can reach an output
+    -- R_d per dimension: every tap of a transposed convolution; for a regular one only the taps whose
+    displacement leaves a multiple of the stride (a stride-2 3x3x3 kernel: 8 lanes, not 27). Returns each lane's
+    output key, whether it is a real output, and its kernel offset k (row-major over the kernel)."""
+    js = tl.arange(0, RP)
     row_ptr = Idx + rows.to(tl.int64) * stride_i
     key = tl.load(row_ptr, mask=r_ok, other=0).to(tl.int64)[:, None] + tl.zeros([BLOCK_R, RP], tl.int64)
     ok = r_ok[:, None] & (js < R0 * R1 * R2)[None, :]
@@ -459,17 +428,21 @@ def _conv_reach_keys(Idx, rows, js, r_ok, stride_i, S0, S1, S2, T0, T1, T2, P0, 
         size, st, pd = _pick(d, S0, S1, S2), _pick(d, T0, T1, T2), _pick(d, P0, P1, P2)
         ksz, dil, reach = _pick(d, KS0, KS1, KS2), _pick(d, D0, D1, D2), _pick(d, R0, R1, R2)
         inner = inner // reach
-        jd = (js // inner) % reach
+        jd = ((js // inner) % reach).to(tl.int64)[None, :]
         c = tl.load(row_ptr + 1 + d, mask=r_ok, other=0).to(tl.int64)
-        # the first tap whose displacement leaves a multiple of the stride; then every st / gcd(dil, st) taps
-        t0 = tl.full([BLOCK_R], -1, tl.int64)
-        for t in tl.static_range(MAXSTEP):
-            t0 = tl.where((t0 < 0) & (t < st) & ((c + pd - t * dil) % st == 0), t, t0)
-        step = st // _gcd_small(dil, st, MAXSTEP)
-        tap = t0[:, None] + jd[None, :].to(tl.int64) * step
-        num = c[:, None] + pd - tap * dil
-        o = tl.where(num >= 0, num, 0) // st
-        ok = ok & (t0 >= 0)[:, None] & (tap < ksz) & (num >= 0) & (o < size)
+        if TRANSPOSED:
+            tap = jd + tl.zeros([BLOCK_R, RP], tl.int64)
+            o = c[:, None] * st - pd + tap * dil
+            ok = ok & (o >= 0) & (o < size)
+        else:
+            # the first tap whose displacement leaves a multiple of the stride; then every st / gcd(dil, st) taps
+            t0 = tl.full([BLOCK_R], -1, tl.int64)
+            for t in tl.static_range(MAXSTEP):
+                t0 = tl.where((t0 < 0) & (t < st) & ((c + pd - t * dil) % st == 0), t, t0)
+            tap = t0[:, None] + jd * (st // _gcd_small(dil, st, MAXSTEP))
+            num = c[:, None] + pd - tap * dil
+            o = tl.where(num >= 0, num, 0) // st
+            ok = ok & (t0 >= 0)[:, None] & (tap < ksz) & (num >= 0) & (o < size)
         key = key * size + o
         kcol = kcol * ksz + tl.where(tap < ksz, tap, 0).to(tl.int32)
     return key, ok, kcol
@@ -485,54 +458,32 @@ def _gcd_small(a, b, MAXSTEP: tl.constexpr):
 
 
 @triton.jit
-def _conv_lanes(Idx, Taps, rows, r_ok, N, K, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2, KS0, KS1, KS2, D0, D1, D2,
-                R0, R1, R2, NDIM: tl.constexpr, TRANSPOSED: tl.constexpr, REACH: tl.constexpr,
-                MAXSTEP: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr):
-    """(output key, valid, kernel offset) of each [BLOCK_R, KP] lane: every tap, or (REACH) only those a
-    regular convolution's stride lets reach an output."""
-    ks = tl.arange(0, KP)
-    if REACH:
-        key, ok, kcol = _conv_reach_keys(Idx, rows, ks, r_ok, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2, KS0, KS1,
-                                         KS2, D0, D1, D2, R0, R1, R2, NDIM, MAXSTEP, BLOCK_R, KP)
-    else:
-        key, ok = _conv_out_keys(Idx, Taps, rows, ks, r_ok, ks < K, K, stride_i, S0, S1, S2, T0, T1, T2,
-                                 P0, P1, P2, NDIM, TRANSPOSED, BLOCK_R, KP)
-        kcol = ks[None, :] + tl.zeros([BLOCK_R, KP], tl.int32)
-    return key, ok, kcol
-
-
-@triton.jit
-def _conv_insert_kernel(Idx, Taps, TKeys, N, K, cap_mask, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2,
-                        KS0, KS1, KS2, D0, D1, D2, R0, R1, R2, NDIM: tl.constexpr, TRANSPOSED: tl.constexpr,
-                        REACH: tl.constexpr, MAXSTEP: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr):
+def _conv_insert_kernel(Idx, TKeys, N, cap_mask, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2, KS0, KS1, KS2,
+                        D0, D1, D2, R0, R1, R2, NDIM: tl.constexpr, TRANSPOSED: tl.constexpr,
+                        MAXSTEP: tl.constexpr, RP: tl.constexpr, BLOCK_R: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    key, active, _ = _conv_lanes(Idx, Taps, rows, rows < N, N, K, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2,
-                                 KS0, KS1, KS2, D0, D1, D2, R0, R1, R2, NDIM, TRANSPOSED, REACH, MAXSTEP, KP,
-                                 BLOCK_R)
+    key, active, _ = _conv_lanes(Idx, rows, rows < N, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2, KS0, KS1, KS2,
+                                 D0, D1, D2, R0, R1, R2, NDIM, TRANSPOSED, MAXSTEP, BLOCK_R, RP)
     _insert_keys(TKeys, key, active, cap_mask)
 
 
 @triton.jit
-def _conv_pairs_kernel(Idx, Taps, TKeys, TVals, PF, PB, MF, MB, OutIdx, N, K, cap_mask, stride_i, S0, S1, S2, T0, T1, T2,
+def _conv_pairs_kernel(Idx, TKeys, TVals, PF, PB, MF, MB, OutIdx, N, K, cap_mask, stride_i, S0, S1, S2, T0, T1, T2,
                        P0, P1, P2, KS0, KS1, KS2, D0, D1, D2, R0, R1, R2, NDIM: tl.constexpr,
-                       TRANSPOSED: tl.constexpr, REACH: tl.constexpr, MAXSTEP: tl.constexpr,
-                       WRITE_MASKS: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Both pair maps (pair_bwd must start all -1 under REACH: only reachable taps are written), their masks,
-    and each output's batch-first coordinates (decoded from its key by every lane that reaches it: the same
-    values, so the repeated stores are harmless)."""
+                       TRANSPOSED: tl.constexpr, MAXSTEP: tl.constexpr, WRITE_MASKS: tl.constexpr,
+                       RP: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Both pair maps (they must start all -1: only the pairs found are written), their masks, and each
+    output's batch-first coordinates (decoded from its key by every lane that reaches it: the same values, so
+    the repeated stores are harmless)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rows < N
-    key, active, kcol = _conv_lanes(Idx, Taps, rows, r_ok, N, K, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2,
-                                    KS0, KS1, KS2, D0, D1, D2, R0, R1, R2, NDIM, TRANSPOSED, REACH, MAXSTEP, KP,
-                                    BLOCK_R)
+    key, active, kcol = _conv_lanes(Idx, rows, r_ok, stride_i, S0, S1, S2, T0, T1, T2, P0, P1, P2, KS0, KS1, KS2,
+                                    D0, D1, D2, R0, R1, R2, NDIM, TRANSPOSED, MAXSTEP, BLOCK_R, RP)
     out = _lookup_keys(TKeys, TVals, key, active, cap_mask)
     found = out >= 0
-    if REACH:
-        tl.store(PB + rows[:, None].to(tl.int64) * K + kcol, out, mask=found)
-    else:
-        tl.store(PB + rows[:, None].to(tl.int64) * K + kcol, out, mask=r_ok[:, None] & (kcol < K))
+    tl.store(PB + rows[:, None].to(tl.int64) * K + kcol, out, mask=found)
     # each (output, tap) has exactly one input: plain scattered stores
-    tl.store(PF + out.to(tl.int64) * K + kcol, rows[:, None] + tl.zeros([BLOCK_R, KP], tl.int32), mask=found)
+    tl.store(PF + out.to(tl.int64) * K + kcol, rows[:, None] + tl.zeros([BLOCK_R, RP], tl.int32), mask=found)
     rest = key
     for d in tl.static_range(NDIM):
         size = _pick(NDIM - 1 - d, S0, S1, S2)
@@ -541,7 +492,7 @@ def _conv_pairs_kernel(Idx, Taps, TKeys, TVals, PF, PB, MF, MB, OutIdx, N, K, ca
         rest = q
     tl.store(OutIdx + out.to(tl.int64) * (NDIM + 1), rest.to(tl.int32), mask=found)
     if WRITE_MASKS:
-        bit = tl.full([BLOCK_R, KP], 1, tl.int64) << kcol.to(tl.int64)
+        bit = tl.full([BLOCK_R, RP], 1, tl.int64) << kcol.to(tl.int64)
         tl.store(MB + rows, tl.sum(tl.where(found, bit, 0), axis=1), mask=r_ok)
         tl.atomic_or(MF + out.to(tl.int64), bit, mask=found)
 

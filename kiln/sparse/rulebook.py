@@ -223,15 +223,13 @@ class Rulebook:
 _OFFSET_TABLES: dict = {}
 
 
-def offset_table(ksize, dilation, device, centred: bool = True) -> torch.Tensor:
-    """int32 [ndim, K]: each kernel offset's displacement per dimension (row-major over the kernel, times the
-    dilation; centred for submanifold neighbours, from 0 for strided taps), cached per device so a layer does
-    not copy it to the GPU on every call."""
-    key = (tuple(ksize), tuple(dilation), str(device), centred)
+def offset_table(ksize, dilation, device) -> torch.Tensor:
+    """int32 [ndim, K]: each submanifold kernel offset's displacement per dimension (row-major over the kernel,
+    centred, times the dilation), cached per device so a layer does not copy it to the GPU on every call."""
+    key = (tuple(ksize), tuple(dilation), str(device))
     t = _OFFSET_TABLES.get(key)
     if t is None:
-        rows = list(itertools.product(*[[(j - (k // 2 if centred else 0)) * dl for j in range(k)]
-                                        for k, dl in zip(ksize, dilation)]))
+        rows = list(itertools.product(*[[(j - k // 2) * dl for j in range(k)] for k, dl in zip(ksize, dilation)]))
         t = torch.tensor(rows, dtype=torch.int32).T.contiguous().to(device)
         _OFFSET_TABLES[key] = t
     return t
@@ -511,13 +509,8 @@ def build_conv(indices: torch.Tensor, spatial_shape, ksize, stride, padding, dil
     n = indices.shape[0]
     K = math.prod(ksize)
     if hashing.backend_for(indices) == "triton" and 1 <= ndim <= 3:  # the GPU: two kernels, one host sync
-        # a regular conv's tap k_d hits an output only where (c + p - k_d * dil) divides by the stride: at most
-        # ceil(k / (s / gcd(dil, s))) taps per dimension reach anything from one voxel
-        reach = math.prod(k if transposed else min(k, -(-k * math.gcd(dl, st) // st))
-                          for k, st, dl in zip(ksize, stride, dilation))
-        maps = hashing.conv_maps(indices, out_shape, offset_table(ksize, dilation, dev, centred=False), stride,
-                                 padding, transposed, sort=is_deterministic(), max_taps=reach, ksize=ksize,
-                                 dilation=dilation)
+        maps = hashing.conv_maps(indices, out_shape, ksize, stride, padding, dilation, transposed,
+                                 sort=is_deterministic())
         rb = Rulebook.from_maps(maps.pair_fwd, maps.pair_bwd, n, maps.out_keys.numel(), masks_fwd=maps.masks_fwd,
                                 masks_bwd=maps.masks_bwd)
         return maps.out_indices, out_shape, rb

@@ -11,31 +11,21 @@ synthetic nuScenes / KITTI scenes for each setting, and the whole subm / strided
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.common import cuda_time  # noqa: E402
 from kiln.ops import hashing  # noqa: E402
 from kiln.sparse.rulebook import build_conv, build_subm, conv_output_size, offset_table  # noqa: E402
 from kiln.sparse.synthetic import SCENES, synthetic_voxels  # noqa: E402
 
 
-def time_ms(fn, repeat=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+def time_ms(fn) -> float:
+    """ms per call: CUDA events around one call, median of 20 (bench.common.cuda_time)."""
+    return cuda_time(fn, repeat=20, warmup=3, calls=1) * 1e3
 
 
 def main():
@@ -49,15 +39,14 @@ def main():
         shape, n = SCENES[scene]
         idx = synthetic_voxels(shape, n, seed=0).to(dev)
         rel = offset_table([3, 3, 3], [1, 1, 1], dev)
-        taps = offset_table([3, 3, 3], [1, 1, 1], dev, centred=False)
         out_shape = conv_output_size(shape, [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1])
         table = hashing.hash_build_voxels(idx, shape)
         for probes in args.probes:
             hashing.PROBES_PER_PROGRAM = probes
             t_build = time_ms(lambda: hashing.hash_build_voxels(idx, shape))
             t_nb = time_ms(lambda: hashing.neighbor_map(table, idx, shape, rel))
-            t_cm = time_ms(lambda: hashing.conv_maps(idx, out_shape, taps, [2, 2, 2], [1, 1, 1], False, False, 8,
-                                                        ksize=[3, 3, 3], dilation=[1, 1, 1]))
+            t_cm = time_ms(lambda: hashing.conv_maps(idx, out_shape, [3, 3, 3], [2, 2, 2], [1, 1, 1],
+                                                        [1, 1, 1], False, False))
             t_subm = time_ms(lambda: build_subm(idx, shape, [3, 3, 3], [1, 1, 1]))
             t_conv = time_ms(lambda: build_conv(idx, shape, [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1]))
             rows.append((scene, idx.shape[0], probes, t_build, t_nb, t_cm, t_subm, t_conv))

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import kiln.sparse as ksp  # noqa: E402
+from bench.common import median_time  # noqa: E402
 from kiln.sparse import rulebook as rbmod  # noqa: E402
 from kiln.sparse.backbone import VoxelBackBone8x  # noqa: E402
 from kiln.sparse.synthetic import SCENES, synthetic_voxels  # noqa: E402
@@ -39,17 +39,9 @@ def _unordered(self):
     return self._cache["fwd_sched"]
 
 
-def wall_ms(fn, repeat=7):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(out)
+def wall_ms(fn) -> float:
+    """ms per call, wall clock synchronised around each call (host time included: the point here)."""
+    return median_time(fn, repeat=7, warmup=2) * 1e3
 
 
 def main():

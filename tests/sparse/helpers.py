@@ -10,15 +10,16 @@ from hypothesis import strategies as st
 
 import kiln.sparse as sp
 
-def import_spconv_cpu(module: str = "spconv.pytorch", module_level: bool = False):
-    """spconv's CPU build (the test extras), or a skip: its CUDA wheels (the GPU benchmark's anchor) have no CPU
-    implicit GEMM, and these references run on CPU tensors."""
-    mod = pytest.importorskip(module)
+def _spconv_cuda_build() -> bool:
     dists = packages_distributions().get("spconv", [])
-    if dists and "spconv" not in dists:
-        pytest.skip(f"spconv is installed as {dists} (a CUDA build without the CPU convolution); the CPU parity "
-                    "references need the CPU build (pip install spconv==2.3.8)", allow_module_level=module_level)
-    return mod
+    return bool(dists) and "spconv" not in dists
+
+
+# spconv's CUDA wheels (the GPU benchmark's anchor) have no CPU implicit GEMM, and the parity references run on
+# CPU tensors: they need its CPU build (the test extras)
+requires_spconv_cpu = pytest.mark.skipif(
+    _spconv_cuda_build(), reason="spconv is installed as a CUDA build without the CPU convolution; the CPU parity "
+                                 "references need the CPU build (pip install spconv==2.3.8)")
 
 
 RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}

@@ -198,11 +198,12 @@ def test_conv_hash_path_matches_brute_force(monkeypatch, device, shape, ksize, s
 
 
 @pytest.mark.parametrize("shape", [[7, 9, 11], [12, 10]])
-def test_transposed_conv_hash_path_matches_cpu_path(monkeypatch, device, shape):
+@pytest.mark.parametrize("dil", [1, 2])
+def test_transposed_conv_hash_path_matches_cpu_path(monkeypatch, device, shape, dil):
     from kiln.sparse.rulebook import deterministic
 
     ndim = len(shape)
-    ksize, stride, padding, dilation = [3] * ndim, [2] * ndim, [1] * ndim, [1] * ndim
+    ksize, stride, padding, dilation = [3] * ndim, [2] * ndim, [1] * ndim, [dil] + [1] * (ndim - 1)
     idx = _scene(shape, 60, 2, seed=5)
     results = []
     for backend in ("ref", "triton"):

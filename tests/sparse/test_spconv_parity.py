@@ -7,9 +7,10 @@ import torch
 
 import kiln.sparse as ksp
 
-from .helpers import import_spconv_cpu, random_voxels, rel_err
+from .helpers import random_voxels, rel_err, requires_spconv_cpu
 
-spconv = import_spconv_cpu(module_level=True)
+spconv = pytest.importorskip("spconv.pytorch")
+pytestmark = requires_spconv_cpu
 
 
 def _chain(lib, inverse=True):

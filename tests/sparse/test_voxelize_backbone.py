@@ -8,7 +8,7 @@ from kiln.sparse.backbone import VoxelBackBone8x
 from kiln.sparse.synthetic import synthetic_voxels
 from kiln.sparse.voxelize import PointToVoxel
 
-from .helpers import import_spconv_cpu, rel_err
+from .helpers import rel_err, requires_spconv_cpu
 
 
 def test_point_to_voxel_matches_spconv():
@@ -35,8 +35,9 @@ def test_synthetic_voxels_are_unique_in_range_and_lidar_like():
     assert x.indices[:, 1].float().median() < 12, "most voxels are on the ground band"
 
 
+@requires_spconv_cpu
 def test_voxel_backbone_matches_spconv_with_same_state_dict():
-    spconv = import_spconv_cpu()
+    spconv = pytest.importorskip("spconv.pytorch")
     idx = synthetic_voxels([41, 160, 144], 1500, seed=torch.randint(0, 1000, ()).item())
     feats = torch.randn(idx.shape[0], 4)
     ours = VoxelBackBone8x(4).eval()
