@@ -24,4 +24,26 @@ except Exception:  # CPU-only installs without triton
                                    autotune=lambda *a, **k: (lambda f: f), Config=lambda *a, **k: None)
     tl = types.SimpleNamespace(constexpr=int)
 
-__all__ = ["triton", "tl"]
+
+
+class TunedLauncher:
+    """Launch an autotuned kernel, remembering each key's tuned config: after a key's first (tuning) call, launches go
+    straight to the JIT function with that config. Triton's autotuner rebuilds its key from every argument and
+    merges the config's keyword dicts on each call; on the device hosts that was a large share of a sparse layer's
+    host time, and the sparse backbone is host-bound. ``key`` must determine the autotuner's key (its key
+    arguments and the tensor dtypes)."""
+
+    def __init__(self, tuned):
+        self.tuned = tuned
+        self.best: dict = {}
+
+    def __call__(self, key, grid, *args, **kwargs):
+        cfg = self.best.get(key)
+        if cfg is None:
+            self.tuned[grid](*args, **kwargs)
+            self.best[key] = self.tuned.best_config.all_kwargs()
+        else:
+            self.tuned.fn[grid](*args, **kwargs, **cfg)
+
+
+__all__ = ["triton", "tl", "TunedLauncher"]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting
-from ._triton import tl, triton
+from ._triton import TunedLauncher, tl, triton
 
 # rows per chunk when the reference materialises gathered inputs ([rows, K * Cin])
 _REF_CHUNK_ELEMS = 1 << 24
@@ -335,10 +335,11 @@ def offset_masks(pair_map: torch.Tensor) -> torch.Tensor:
 
 
 def mask_order(masks: torch.Tensor, kernel_volume: int = 63) -> torch.Tensor:
-    """Row processing order: rows grouped by offset mask (stable), so tiles see few distinct offsets. Masks of up
-    to 31 offsets sort as int32: half the radix passes of int64."""
+    """Row processing order (int64 [R], the sort's own indices: the kernels read either width, and a conversion is
+    one more launch on a host-bound path): rows grouped by offset mask (stable), so tiles see few distinct offsets.
+    Masks of up to 31 offsets sort as int32: half the radix passes of int64."""
     keys = masks.to(torch.int32) if kernel_volume <= 31 else masks
-    return torch.sort(keys, stable=True).indices.to(torch.int32)
+    return torch.sort(keys, stable=True).indices
 
 
 def implicit_gemm(x: torch.Tensor, weight: torch.Tensor, pair_map: torch.Tensor, order: torch.Tensor | None = None,
@@ -346,8 +347,8 @@ def implicit_gemm(x: torch.Tensor, weight: torch.Tensor, pair_map: torch.Tensor,
     """``y[r] = sum_k x[pair_map[r, k]] @ weight[k]`` over valid entries (+ ``bias``, added to the fp32
     accumulator in the kernel's epilogue); returns y [R, Cout] in x's dtype.
 
-    x: [N, Cin]; weight: [K, Cin, Cout]; pair_map: int32 [R, K] with -1 for no pair. ``order`` (int32 [R], a
-    permutation) and ``masks`` (int64 [R], from ``offset_masks``) only change the Triton kernel's schedule.
+    x: [N, Cin]; weight: [K, Cin, Cout]; pair_map: int32 [R, K] with -1 for no pair. ``order`` (int32 or int64 [R],
+    a permutation) and ``masks`` (int64 [R], from ``offset_masks``) only change the Triton kernel's schedule.
     """
     _check_common(x, weight, bias)
     check_tensor("pair_map", pair_map, ndim=2, dtypes=(torch.int32,), device=x.device)
@@ -376,11 +377,21 @@ def implicit_gemm_ref(x, weight, pair_map, bias=None):
     return y.to(x.dtype)
 
 
-# The weight gradient from compacted pair lists (``compact_pairs``, once per rulebook) instead of the dense pair map:
-# the map path reads every (row, offset) while a LiDAR map is 10-22% filled. Off until timed on a GPU
-# (scripts/gpu/wgrad_sweep.py prints both; KILN_SPARSE_WGRAD=lists turns it on for a whole benchmark run); the
-# functional backward reads this flag.
-WGRAD_FROM_LISTS = os.environ.get("KILN_SPARSE_WGRAD", "map") == "lists"
+# The weight gradient from compacted pair lists (``compact_pairs``, once per rulebook) or from the dense pair map,
+# which reads every (row, offset) while a LiDAR map is 10-22% filled. ``KILN_SPARSE_WGRAD``: "auto" (default) takes
+# the lists for fp32 only. On an H100 (scripts/gpu/sparse_host_ab.py, wgrad_sweep.py) the lists made the fp32 weight
+# gradient 2.7-4.5x faster (the map path's fp32 runs on FMA: 3xTF32 cannot take operands strided along the
+# reduction) and a strided fp32 layer's fwd+bwd 1.8x; in fp16 the GPU gain was small and the compaction's launches
+# made the host-bound backbone 6-13% slower.
+WGRAD_MODES = ("auto", "map", "lists")
+WGRAD_MODE = os.environ.get("KILN_SPARSE_WGRAD", "auto")
+if WGRAD_MODE not in WGRAD_MODES:
+    raise ValueError(f"KILN_SPARSE_WGRAD must be one of {WGRAD_MODES}, got {WGRAD_MODE!r}")
+
+
+def wgrad_from_lists(dtype: torch.dtype) -> bool:
+    """Whether a weight gradient in ``dtype`` should read compacted pair lists (``WGRAD_MODE``)."""
+    return WGRAD_MODE == "lists" or (WGRAD_MODE == "auto" and dtype == torch.float32)
 
 
 def compact_pairs(pair_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -391,19 +402,25 @@ def compact_pairs(pair_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     check_tensor("pair_map", pair_map, ndim=2, dtypes=(torch.int32,))
     R, K = pair_map.shape
     dev = pair_map.device
-    pm = pair_map.contiguous()
-    pos = torch.cumsum(pm >= 0, 0, dtype=torch.int32)  # [R, K]: valid entries of column k up to row r
-    offsets = torch.zeros(K + 1, dtype=torch.int64, device=dev)
-    if R:
-        torch.cumsum(pos[-1], 0, out=offsets[1:])
+    # one flat scan over the offset-major validity mask gives every valid entry its slot in the offset-grouped
+    # lists (a column-wise cumsum of the [R, K] map ran one thread per column on CUDA: 31-46 ms at 150k rows)
+    valid_t = (pair_map.t() >= 0).contiguous().view(-1)  # [K * R], offset-major
+    slot = torch.cumsum(valid_t, 0, dtype=torch.int32)  # slot[k * R + r]: valid entries up to (k, r), inclusive
     src = torch.empty(R * K, dtype=torch.int32, device=dev)
     rows = torch.empty(R * K, dtype=torch.int32, device=dev)
-    if R * K and backend_for(pm) == "triton":
+    if R * K and backend_for(pair_map) == "triton":
+        pm = pair_map if pair_map.stride(1) == 1 else pair_map.contiguous()
+        offsets = torch.empty(K + 1, dtype=torch.int64, device=dev)  # the kernel writes it (no fill, no copy)
         block = 1024
-        _compact_pairs_kernel[(triton.cdiv(R * K, block),)](pm, pos, offsets, src, rows, R, K, BLOCK=block)
-    elif R * K:
-        kk, rr = torch.nonzero(pm.t() >= 0, as_tuple=True)  # by offset, then row
-        src[: kk.numel()] = pm[rr, kk]
+        _compact_pairs_kernel[(triton.cdiv(R * K, block),)](pm, slot, src, rows, offsets, R, K, pm.stride(0),
+                                                             BLOCK=block)
+        return src, rows, offsets
+    offsets = torch.zeros(K + 1, dtype=torch.int64, device=dev)
+    if R:
+        offsets[1:] = slot.view(K, R)[:, -1]
+    if R * K:
+        kk, rr = torch.nonzero(pair_map.t() >= 0, as_tuple=True)  # by offset, then row
+        src[: kk.numel()] = pair_map[rr, kk]
         rows[: kk.numel()] = rr.int()
     return src, rows, offsets
 
@@ -517,7 +534,7 @@ def _weight_grad_kernel(X, DY, P, PairMap, Src, Rows, Offsets, R, CIN: tl.conste
     else:
         lo = s * CHUNK
         hi = R
-    if lo < hi:  # a chunk past its offset's pairs (LISTS: the grid is sized for a full column) only writes zeros
+    if lo < hi:  # LISTS: the grid is sized for full columns; a chunk past its offset's pairs writes nothing
         for i in range(0, CHUNK, BLOCK_K):
             p = lo + i + tl.arange(0, BLOCK_K)
             if LISTS:
@@ -536,21 +553,41 @@ def _weight_grad_kernel(X, DY, P, PairMap, Src, Rows, Offsets, R, CIN: tl.conste
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc += tl.dot(a, b, input_precision=PRECISION)
-    tl.store(P + pid.to(tl.int64) * stride_pp + rc[:, None] * COUT + rn[None, :], acc,
-             mask=c_ok[:, None] & n_ok[None, :])
+        tl.store(P + pid.to(tl.int64) * stride_pp + rc[:, None] * COUT + rn[None, :], acc,
+                 mask=c_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _compact_pairs_kernel(PairMap, Pos, Offsets, Src, Rows, R, K, BLOCK: tl.constexpr):
-    """Scatter each valid pair-map entry (r, k) to slot offsets[k] + pos[r, k] - 1 of the offset-grouped lists."""
-    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _compact_pairs_kernel(PairMap, Slot, Src, Rows, Offsets, R, K, stride_pm, BLOCK: tl.constexpr):
+    """Offset-major entry e = k * R + r: a valid pair-map entry (r, k) goes to slot[e] - 1 of the lists (writes
+    in list order; the map is read with stride K, from L2). Each offset's last row also writes the running count
+    as offsets[k + 1]; entry 0 writes offsets[0] = 0."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = e < R * K
-    v = tl.load(PairMap + e, mask=ok, other=-1)
+    k = e // R
+    r = e - k * R
+    v = tl.load(PairMap + r * stride_pm + k, mask=ok, other=-1)
     hit = v >= 0
-    k = e % K
-    dest = tl.load(Offsets + k, mask=hit, other=0) + tl.load(Pos + e, mask=hit, other=1).to(tl.int64) - 1
-    tl.store(Src + dest, v, mask=hit)
-    tl.store(Rows + dest, (e // K).to(tl.int32), mask=hit)
+    last = ok & (r == R - 1)
+    count = tl.load(Slot + e, mask=hit | last, other=1).to(tl.int64)
+    tl.store(Src + count - 1, v, mask=hit)
+    tl.store(Rows + count - 1, r.to(tl.int32), mask=hit)
+    tl.store(Offsets + k + 1, count, mask=last)
+    tl.store(Offsets + e, tl.zeros_like(count), mask=e == 0)
+
+
+@triton.jit
+def _wgrad_lists_sum_kernel(P, Offsets, DW, N_SPLIT, CHUNK, ELEMS, BLOCK: tl.constexpr):
+    """dW[k] = the sum, in split order (deterministic), of offset k's partials from the splits that held pairs
+    (the others wrote nothing), rounded once."""
+    k = tl.program_id(0)
+    e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < ELEMS
+    n = tl.load(Offsets + k + 1) - tl.load(Offsets + k)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, tl.cdiv(n, CHUNK)):
+        acc += tl.load(P + (k * N_SPLIT + s).to(tl.int64) * ELEMS + e, mask=ok, other=0.0)
+    tl.store(DW + k.to(tl.int64) * ELEMS + e, acc.to(DW.dtype.element_ty), mask=ok)
 
 
 def _configs():
@@ -595,17 +632,23 @@ def _tuned():
     global _implicit_gemm_tuned, _weight_grad_tuned
     if _implicit_gemm_tuned is None:
         import triton.testing  # noqa: F401  (for _bench)
-        _implicit_gemm_tuned = triton.autotune(
+        _implicit_gemm_tuned = TunedLauncher(triton.autotune(
             configs=_configs(), key=["CIN", "COUT", "K", "HAS_MASKS", "PRECISION"],
-            prune_configs_by={"early_config_prune": _prune_fwd}, do_bench=_bench)(_implicit_gemm_kernel)
+            prune_configs_by={"early_config_prune": _prune_fwd}, do_bench=_bench)(_implicit_gemm_kernel))
         wg = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
               for bm, bn, bk, w, s in [(32, 32, 64, 4, 3), (64, 64, 32, 4, 3), (64, 64, 64, 4, 3),
                                        (16, 16, 64, 2, 3), (32, 64, 64, 4, 3), (64, 32, 64, 4, 3),
                                        (128, 128, 32, 8, 3)]]
-        _weight_grad_tuned = triton.autotune(configs=wg, key=["CIN", "COUT", "CHUNK", "LISTS", "PRECISION"],
-                                             prune_configs_by={"early_config_prune": _prune_wgrad},
-                                             do_bench=_bench)(_weight_grad_kernel)
+        _weight_grad_tuned = TunedLauncher(triton.autotune(
+            configs=wg, key=["CIN", "COUT", "CHUNK", "LISTS", "PRECISION"],
+            prune_configs_by={"early_config_prune": _prune_wgrad}, do_bench=_bench)(_weight_grad_kernel))
     return _implicit_gemm_tuned, _weight_grad_tuned
+
+
+def _launch_key(args: tuple, flags: dict, *shape) -> tuple:
+    """What decides a tuned kernel's config and compiled variant, for ``TunedLauncher``: the autotune key's sizes,
+    every tensor argument's dtype and the compile-time flags."""
+    return (*shape, *(a.dtype for a in args if isinstance(a, torch.Tensor)), *flags.values())
 
 
 def _block(n: int, lo: int = 16, hi: int = 64) -> int:
@@ -652,7 +695,7 @@ def _implicit_gemm_triton(x, weight, pair_map, order, masks, bias=None):
     else:
         kern, _ = _tuned()
         grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
-        kern[grid](*args, **flags)
+        kern(_launch_key(args, flags, cin, cout, K), grid, *args, **flags)
     return y
 
 
@@ -665,6 +708,14 @@ def _wgrad_chunk(R: int, K: int) -> int:
     return max(256, min(8192, triton.next_power_of_2(per)))
 
 
+def _wgrad_lists_chunk(R: int, K: int) -> int:
+    """Pairs per weight-gradient program from compacted lists: half the map chunk. Only the programs inside an
+    offset's pairs work (a LiDAR map is 10-22% filled; the rest exit at once), so smaller chunks keep the SMs busy;
+    on an H100 (nuScenes scale, 16/64 ch, fp16/fp32; scripts/gpu/wgrad_sweep.py) half was best or within 10% of it
+    on every rulebook, a quarter lost up to 25% on fp16 submanifold ones."""
+    return max(64 if interpreting() else 128, _wgrad_chunk(R, K) // 2)
+
+
 def _weight_grad_triton(x, dy, pair_map, lists=None):
     R, K = pair_map.shape
     cin, cout = x.shape[1], dy.shape[1]
@@ -673,7 +724,7 @@ def _weight_grad_triton(x, dy, pair_map, lists=None):
     pair_map = pair_map if pair_map.stride(1) == 1 else pair_map.contiguous()
     if R == 0 or x.shape[0] == 0:
         return torch.zeros(K, cin, cout, dtype=x.dtype, device=x.device)
-    chunk = _wgrad_chunk(R, K)
+    chunk = _wgrad_chunk(R, K) if lists is None else _wgrad_lists_chunk(R, K)
     n_split = triton.cdiv(R, chunk)
     partial = torch.empty(K * n_split, cin, cout, dtype=torch.float32, device=x.device)
     src, rows, offsets = lists if lists is not None else (pair_map, pair_map, pair_map)
@@ -691,8 +742,13 @@ def _weight_grad_triton(x, dy, pair_map, lists=None):
         _, kern = _tuned()
         grid = lambda meta: (K * n_split, triton.cdiv(cin, meta["BLOCK_M"]),  # noqa: E731
                              triton.cdiv(cout, meta["BLOCK_N"]))
-        kern[grid](*args, **flags)
-    return partial.view(K, n_split, cin, cout).sum(1).to(x.dtype)
+        kern(_launch_key(args, flags, cin, cout, chunk), grid, *args, **flags)
+    if lists is None:
+        return partial.view(K, n_split, cin, cout).sum(1).to(x.dtype)
+    dw = torch.empty(K, cin, cout, dtype=x.dtype, device=x.device)
+    elems, block = cin * cout, 1024
+    _wgrad_lists_sum_kernel[(K, triton.cdiv(elems, block))](partial, lists[2], dw, n_split, chunk, elems, BLOCK=block)
+    return dw
 
 
 # --------------------------------------------------------------------------------------- doctor check

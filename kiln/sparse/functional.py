@@ -80,7 +80,7 @@ class SparseConvFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _apply(dy, w.transpose(1, 2), rb.swapped(), ctx.algo)
         if ctx.needs_input_grad[1]:
-            lists = rb.compact_pairs() if sparse_gemm.WGRAD_FROM_LISTS else None
+            lists = rb.compact_pairs() if sparse_gemm.wgrad_from_lists(x.dtype) else None
             dw = sparse_gemm.weight_grad(x, dy, rb.pair_fwd(), lists)
         return dx, dw, db, None, None
 

@@ -7,6 +7,7 @@
 #   3. optionally (LORA_ITERS > 0) the LoRA (peft) variant of the demo;
 #   4. optionally (REWARD_SEEDS="1 2 3 ...") the final-reward comparison over several seeds: kiln and TRL
 #      (+ gc.freeze(), the same updates) trained REWARD_ITERS iterations from each seed, paired mean and spread;
+#      REWARD_PARALLEL seeds run at once (default 1);
 #   5. a compact table of all of it, printed last.
 # PRECS (default "fp32 bf16") picks the bench precisions; DEMO_ITERS=0 skips the demo.
 #
@@ -32,6 +33,7 @@ LORA_ITERS="${LORA_ITERS:-0}"
 PRECS="${PRECS:-fp32 bf16}"
 REWARD_SEEDS="${REWARD_SEEDS:-}"
 REWARD_ITERS="${REWARD_ITERS:-30}"
+REWARD_PARALLEL="${REWARD_PARALLEL:-1}"
 STEP_LIMIT_S="${STEP_LIMIT_S:-170}"
 DEMO_LIMIT_S="${DEMO_LIMIT_S:-150}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -71,6 +73,7 @@ fi
 echo "== bench/ppo_vs_trl.py, batch $BENCH_BATCH x $BENCH_LEN tokens, $BENCH_ITERS iterations (fp32, then bf16)"
 TRL_FLAG=""
 [ "$HAVE_TRL" = 1 ] || TRL_FLAG="--skip-trl"
+[ "$BENCH_ITERS" -gt 0 ] || PRECS=""   # BENCH_ITERS=0: final-reward seeds and/or the demo only
 for PREC in $PRECS; do
   EXTRA=""
   [ "$PREC" = bf16 ] && EXTRA="--bf16"
@@ -80,13 +83,28 @@ for PREC in $PRECS; do
       --json "$OUT/ppo_vs_trl_b${BENCH_BATCH}_$PREC.json" || echo "bench $PREC failed or timed out (rc $?)"
 done
 
-for SEED in $REWARD_SEEDS; do
-  echo "-- final reward, seed $SEED: $REWARD_ITERS iterations, kiln and TRL + gc.freeze() (fp32)"
+reward_seed() {  # one seed's paired kiln / TRL run; its lines printed together when it ends
+  local seed=$1 log
+  log=$(mktemp)
   timeout "$STEP_LIMIT_S" $PY bench/ppo_vs_trl.py --device "$DEVICE" --iterations "$REWARD_ITERS" \
-      --batch-size "$BENCH_BATCH" --response-length "$BENCH_LEN" --eval-samples "$EVAL_SAMPLES" --seed "$SEED" \
-      --trl-runs gc_freeze $TRL_FLAG --json "$OUT/reward_seed$SEED.json" | grep -E "final eval|train scores" \
-      || echo "reward seed $SEED failed or timed out"
+      --batch-size "$BENCH_BATCH" --response-length "$BENCH_LEN" --eval-samples "$EVAL_SAMPLES" --seed "$seed" \
+      --trl-runs gc_freeze $TRL_FLAG --json "$OUT/reward_seed$seed.json" > "$log" 2>&1 \
+      || echo "reward seed $seed failed or timed out" >> "$log"
+  { echo "-- final reward, seed $seed: $REWARD_ITERS iterations, kiln and TRL + gc.freeze() (fp32)"
+    grep -E "final eval|train scores|failed or timed out" "$log"; } || true
+  rm -f "$log"
+}
+# REWARD_PARALLEL seeds at once: the bundled model leaves the GPU mostly idle, and rewards do not depend on timing
+running=()
+for SEED in $REWARD_SEEDS; do
+  reward_seed "$SEED" &
+  running+=($!)
+  if (( ${#running[@]} >= REWARD_PARALLEL )); then
+    wait "${running[0]}" || true
+    running=("${running[@]:1}")
+  fi
 done
+for pid in "${running[@]}"; do wait "$pid" || true; done
 
 if [ "$DEMO_ITERS" -gt 0 ]; then
 echo "== kiln ppo --demo (bundled Shakespeare model, word-list reward), $DEMO_ITERS iterations"

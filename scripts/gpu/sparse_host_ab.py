@@ -9,8 +9,10 @@ Variants:
   offsets a tile does not use, but unsorted tiles skip fewer).
 * ``no-validate`` -- ``SparseConvTensor(..., validate=False)``: what the input checks (one kernel, one host sync)
   cost; spconv does not check its input.
+* ``wgrad-map`` / ``wgrad-lists`` -- weight gradients from the dense pair map, or from its compacted pairs
+  (``sparse_gemm.WGRAD_MODE``; the default, ``auto``, takes the lists for fp32 only).
 
-    python3 scripts/gpu/sparse_host_ab.py [--scene nuscenes] [--dtype fp16] [--rounds 5]
+    python3 scripts/gpu/sparse_host_ab.py [--scene nuscenes] [--dtype fp16] [--rounds 5] [--variants ...]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import kiln.sparse as ksp  # noqa: E402
 from bench.common import median_time  # noqa: E402
+from kiln.ops import sparse_gemm  # noqa: E402
 from kiln.sparse import rulebook as rbmod  # noqa: E402
 from kiln.sparse.backbone import VoxelBackBone8x  # noqa: E402
 from kiln.sparse.synthetic import SCENES, synthetic_voxels  # noqa: E402
@@ -50,6 +53,8 @@ def main():
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
     ap.add_argument("--channels", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--variants", nargs="+", default=["default", "unordered", "no-validate"],
+                    choices=["default", "unordered", "no-validate", "wgrad-map", "wgrad-lists"])
     args = ap.parse_args()
     dev = torch.device("cuda")
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
@@ -90,11 +95,14 @@ def main():
     rows = {"subm rulebook+fwd": subm_rb, "strided rulebook+fwd": strided_rb,
             "strided rb+fwd+bwd": strided_fwd_bwd, "backbone fwd+bwd": backbone}
 
+    shipped_mode = sparse_gemm.WGRAD_MODE
+
     def set_variant(v):
         rbmod.Rulebook.fwd_schedule = _unordered if v == "unordered" else ORIGINAL_SCHEDULE
         validate["on"] = v != "no-validate"
+        sparse_gemm.WGRAD_MODE = {"wgrad-map": "map", "wgrad-lists": "lists"}.get(v, shipped_mode)
 
-    variants = ["default", "unordered", "no-validate"]
+    variants = args.variants
     res = {(r, v): [] for r in rows for v in variants}
     for _ in range(args.rounds):
         for v in variants:
@@ -106,7 +114,7 @@ def main():
           f"{args.rounds} interleaved rounds (each a median of 7)")
     print(f"{'row':24}" + "".join(f"{v:>14}" for v in variants))
     for r in rows:
-        base = statistics.median(res[(r, 'default')])
+        base = statistics.median(res[(r, variants[0])])
         cells = []
         for v in variants:
             m = statistics.median(res[(r, v)])

@@ -1,7 +1,7 @@
 """GPU: the sparse weight-gradient kernel's schedule on real rulebooks (issue 6).
 
 The weight gradient reads the forward pair map densely, or (``lists``) only its valid pairs, compacted once per
-rulebook (``sparse_gemm.compact_pairs``; the library's default is ``sparse_gemm.WGRAD_FROM_LISTS``); the rows per
+rulebook (``sparse_gemm.compact_pairs``; the library picks with ``sparse_gemm.wgrad_from_lists``); the rows per
 program (the chunk) trade parallelism against the fp32 partials written. (Rows in the forward's mask order, so blocks could skip unused offsets, measured slower on an
 H100: 0.14-0.40 ms against 0.11-0.30 ms plain, 16/64 channels -- two more dependent loads per block.) Times each variant next to the forward implicit GEMM
 on the same map, for the submanifold and strided rulebooks of the synthetic nuScenes scene.
@@ -31,6 +31,8 @@ def main():
     ap.add_argument("--channels", nargs="+", type=int, default=[16, 64])
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
     ap.add_argument("--chunks", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192])
+    ap.add_argument("--list-chunks", nargs="+", type=int, default=[128, 256, 512, 1024, 2048],
+                    help="pairs per program for the weight gradient from compacted lists")
     ap.add_argument("--precisions", nargs="+", default=[None],
                     help="fp32 only: tl.dot precisions to time (default: the library's choice)")
     args = ap.parse_args()
@@ -67,12 +69,17 @@ def main():
                 sg._wgrad_chunk = default_chunk
                 # the compacted lists (once per rulebook) and the weight gradient reading only valid pairs
                 lists = sg.compact_pairs(pm)
-                got = sg.weight_grad(x, dy, pm, lists).float()
-                err = float((got - ref).abs().max() / ref.abs().max())
                 t_c = time_ms(lambda: sg.compact_pairs(pm))
-                t = time_ms(lambda: sg.weight_grad(x, dy, pm, lists))
-                print(f"{name:8} {c:3d} {'wgrad lists ' + (prec or ''):24} {t:7.3f}   err {err:.1e}   "
-                      f"(compact_pairs {t_c:.3f} ms per rulebook)", flush=True)
+                default_lists_chunk = sg._wgrad_lists_chunk
+                for chunk in [None] + args.list_chunks:
+                    sg._wgrad_lists_chunk = default_lists_chunk if chunk is None else (lambda R, K, c_=chunk: c_)
+                    got = sg.weight_grad(x, dy, pm, lists).float()
+                    err = float((got - ref).abs().max() / ref.abs().max())
+                    t = time_ms(lambda: sg.weight_grad(x, dy, pm, lists))
+                    label = f"wgrad lists {chunk or 'auto'} {prec or ''}"
+                    print(f"{name:8} {c:3d} {label:24} {t:7.3f}   err {err:.1e}   "
+                          f"(compact_pairs {t_c:.3f} ms per rulebook)", flush=True)
+                sg._wgrad_lists_chunk = default_lists_chunk
             sg._precision = default_precision
 
 

@@ -55,6 +55,7 @@ def test_weight_grad_triton_matches_reference(dtype):
     shape = (20000, 15000, 27, 64, 96) if BIG else (150, 300, 5, 20, 18)
     x, _, pm = _problem(dtype, g, *shape)
     pm[: pm.shape[0] // 3] = -1  # a run of rows without any pair
+    pm[:, 1] = -1  # an offset without pairs: its dW is zero, its list splits write nothing
     in_idx, out_idx, counts = sg.pairs_from_map(pm)
     dy = torch.randn(pm.shape[0], shape[4], device=DEVICE, dtype=dtype, generator=g)
     got = sg._weight_grad_triton(x, dy, pm)
@@ -222,3 +223,18 @@ def test_planned_conv_needs_only_what_is_asked_and_handles_empty_rulebooks():
     assert dw is None and torch.equal(dx, torch.zeros(6, 3))
     with pytest.raises(ValueError, match="offsets"):
         sg.planned_conv(x, torch.randn(3, 3, 2), plan)
+
+
+@pytest.mark.parametrize("mode,fp32,fp16", [("auto", True, False), ("map", False, False), ("lists", True, True)])
+def test_weight_gradient_pair_source_follows_the_mode(monkeypatch, mode, fp32, fp16):
+    monkeypatch.setattr(sg, "WGRAD_MODE", mode)
+    assert sg.wgrad_from_lists(torch.float32) is fp32 and sg.wgrad_from_lists(torch.float16) is fp16
+
+
+def test_unknown_weight_gradient_mode_is_refused_at_import():
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, KILN_SPARSE_WGRAD="dense")
+    r = subprocess.run([sys.executable, "-c", "import kiln.ops.sparse_gemm"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "KILN_SPARSE_WGRAD must be one of" in r.stderr

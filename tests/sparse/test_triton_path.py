@@ -41,7 +41,7 @@ def _forward_backward(net, feats, idx, shape, batch, seed=1):
 @pytest.mark.parametrize("wgrad_lists", [False, True])
 def test_triton_path_matches_reference_path_fwd_bwd(monkeypatch, wgrad_lists):
     """Weight gradients from the dense pair map, or (wgrad_lists) from its compacted pairs."""
-    monkeypatch.setattr(sparse_gemm, "WGRAD_FROM_LISTS", wgrad_lists)
+    monkeypatch.setattr(sparse_gemm, "WGRAD_MODE", "lists" if wgrad_lists else "map")
     feats, idx, shape, batch = _scene(seed=torch.randint(0, 2**31, ()).item())
     torch.manual_seed(0)
     net = _net()
