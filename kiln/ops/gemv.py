@@ -49,8 +49,9 @@ PROLOGUE_NONE, PROLOGUE_SILU_MUL, PROLOGUE_RMS_NORM = 0, 1, 2
 
 def gemv_enabled() -> bool:
     """Opt-in (``KILN_GEMV=on``). On an H100 (session 7) its GPU tests pass and batch-1 decode on the Llama-3.1-8B
-    shape went from 78.5% to 81% of the memory roofline (1B: within noise), but the same run's time to first token
-    rose from 28 to ~200 ms, cause not yet found, so cuBLAS stays the default."""
+    shape went from 78.5% to 81% of the memory roofline (1B: within noise). But a prefix-cache-hit prefill (a few
+    rows) then runs through it too: the first at a new row count compiles a variant (~0.3 s), and later ones
+    took 19 ms against 15-16 ms on cuBLAS (scripts/gpu/ttft_probe.py). So cuBLAS stays the default."""
     v = os.environ.get("KILN_GEMV", "off").lower()
     if v not in ("on", "off", "1", "0"):
         raise ValueError(f"KILN_GEMV must be 'on' or 'off', got {v!r}")
