@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 
-from kiln.ops import backend_for
+from kiln.ops import backend_for, gemv
 
 from .config import EngineConfig, ModelConfig
 from .context import AttentionContext, set_context
@@ -290,17 +291,20 @@ class ModelRunner:
         # every input goes to the device before the forward: a host-to-device copy queued behind a tensor-parallel
         # collective waits for it, and one whose peer died would wait forever
         logits_idx = None if inp.logits_idx is None else inp.logits_idx.to(dev, non_blocking=True)
-        set_context(ctx)
-        try:
-            hidden = self.model(inp.input_ids.to(dev, non_blocking=True), inp.positions.to(dev, non_blocking=True))
-        finally:
-            set_context(None)
-        if logits_idx is None:
-            return self.model.compute_logits(hidden)
-        if logits_idx.numel() == 0:
-            return hidden.new_empty(0, self.mcfg.vocab_size)
-        # index_select, not hidden[idx]: indexing blocked the host behind a collective whose peer had died
-        return self.model.compute_logits(hidden.index_select(0, logits_idx))
+        # the skinny-GEMM kernels are for decode steps; a prefill (even a few rows after a prefix-cache hit) uses cuBLAS
+        with nullcontext() if inp.is_decode else gemv.cublas_only():
+            set_context(ctx)
+            try:
+                hidden = self.model(inp.input_ids.to(dev, non_blocking=True),
+                                    inp.positions.to(dev, non_blocking=True))
+            finally:
+                set_context(None)
+            if logits_idx is None:
+                return self.model.compute_logits(hidden)
+            if logits_idx.numel() == 0:
+                return hidden.new_empty(0, self.mcfg.vocab_size)
+            # index_select, not hidden[idx]: indexing blocked the host behind a collective whose peer had died
+            return self.model.compute_logits(hidden.index_select(0, logits_idx))
 
     def _run_everywhere(self, inp: StepInput) -> torch.Tensor:
         if self.broadcast is not None:

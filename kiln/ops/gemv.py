@@ -17,13 +17,16 @@ recomputed on the activations, which are a few KB and sit in L2):
 Both keep Hugging Face's 16-bit rounding points (silu rounded before the product, the normalised value rounded
 before the weight multiply), so bf16 greedy decoding follows the unfused ops.
 
-Switches: ``KILN_GEMV=off`` sends every call to the unfused ops and cuBLAS (end-to-end A/B timing);
+Switches: ``KILN_GEMV=off`` sends every call to the unfused ops and cuBLAS (end-to-end A/B timing; ``cublas_only()`` does so
+for a block, as the engine does for prefill steps);
 ``KILN_PDL=1`` launches the GEMVs with programmatic dependent launch on sm_90 (each CTA loads its first weight
 tile, then waits for the previous kernel: the weight stream starts under the previous kernel's tail).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 
@@ -48,14 +51,29 @@ PROLOGUE_NONE, PROLOGUE_SILU_MUL, PROLOGUE_RMS_NORM = 0, 1, 2
 
 
 def gemv_enabled() -> bool:
-    """Opt-in (``KILN_GEMV=on``). On an H100 (session 7) its GPU tests pass and batch-1 decode on the Llama-3.1-8B
-    shape went from 78.5% to 81% of the memory roofline (1B: within noise). But a prefix-cache-hit prefill (a few
-    rows) then runs through it too: the first at a new row count compiles a variant (~0.3 s), and later ones
-    took 19 ms against 15-16 ms on cuBLAS (scripts/gpu/ttft_probe.py). So cuBLAS stays the default."""
-    v = os.environ.get("KILN_GEMV", "off").lower()
+    """On by default (``KILN_GEMV=off`` sends every call to cuBLAS and the unfused ops). On an H100 (session 7) batch-1
+    decode on the Llama-3.1-8B shape went from 78.5% to 81% of the memory roofline with it (1B: within noise), and
+    its GPU tests pass. Prefill steps run under ``cublas_only()``: a prefix-cache hit leaves a prefill of a few rows,
+    which through the GEMV took 19 ms against 15-16 ms on cuBLAS (scripts/gpu/ttft_probe.py)."""
+    v = os.environ.get("KILN_GEMV", "on").lower()
     if v not in ("on", "off", "1", "0"):
         raise ValueError(f"KILN_GEMV must be 'on' or 'off', got {v!r}")
-    return v in ("on", "1")
+    return v in ("on", "1") and not _CUBLAS_ONLY.get()
+
+
+_CUBLAS_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("kiln_gemv_cublas_only", default=False)
+
+
+@contextlib.contextmanager
+def cublas_only():
+    """Inside this block every linear goes to cuBLAS and the unfused ops, whatever its row count. The engine runs
+    prefill steps in it: the GEMV is built for decode steps (one row per sequence), while a prefill with few new
+    rows (a prefix-cache hit) is faster on cuBLAS and would compile kernel variants on the request path."""
+    token = _CUBLAS_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _CUBLAS_ONLY.reset(token)
 
 
 def _pdl() -> bool:

@@ -154,3 +154,26 @@ def test_tokenizer_matches_transformers(checkpoints):
         assert ours.decode(ours.encode(text)) == ref.decode(ref(text)["input_ids"], skip_special_tokens=True)
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     assert ours.apply_chat_template(msgs) == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def test_prefill_steps_keep_linears_off_the_decode_gemv(llm, monkeypatch):
+    """The runner runs prefill forwards (even a prefix-cache hit's few rows) under ``gemv.cublas_only()`` and
+    decode forwards without it, so only decode steps can take the skinny-GEMM kernels."""
+    from kiln.llm import context
+    from kiln.llm.models import llama
+    from kiln.ops import gemv
+
+    seen = []
+    real = llama._norm_proj
+
+    def spy(norm, proj, x, residual):
+        seen.append((context.get_context().is_decode, gemv._CUBLAS_ONLY.get()))
+        return real(norm, proj, x, residual)
+
+    monkeypatch.setattr(llama, "_norm_proj", spy)
+    p = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    llm.generate("To be, or not to be", p)
+    llm.generate("To be, or not to be", p)  # the same prompt again: a prefix-cache hit, a short prefill
+    assert {d for d, _ in seen} == {True, False}
+    assert all(off == (not decode) for decode, off in seen)
+    assert not gemv._CUBLAS_ONLY.get()
