@@ -40,7 +40,7 @@ def main():
     g = torch.Generator().manual_seed(0)
     vocab = SHAPES[args.model]["vocab_size"]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, detokenize=False)
-    print(f"KILN_GEMV={os.environ.get('KILN_GEMV', 'off')} {args.model}")
+    print(f"KILN_GEMV={os.environ.get('KILN_GEMV', 'on (default)')} {args.model}")
     ids = None
     for i in range(args.requests):
         repeat = i % 2 == 1  # odd requests resend the previous prompt: a prefix-cache hit leaves a few rows to prefill

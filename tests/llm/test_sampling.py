@@ -174,6 +174,7 @@ def test_prefill_steps_keep_linears_off_the_decode_gemv(llm, monkeypatch):
     p = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     llm.generate("To be, or not to be", p)
     llm.generate("To be, or not to be", p)  # the same prompt again: a prefix-cache hit, a short prefill
-    assert {d for d, _ in seen} == {True, False}
+    # decode steps run eagerly on the CPU; on a GPU they replay a CUDA graph (captured outside cublas_only)
+    assert False in {d for d, _ in seen} and (True in {d for d, _ in seen} or torch.cuda.is_available())
     assert all(off == (not decode) for decode, off in seen)
     assert not gemv._CUBLAS_ONLY.get()
