@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import threading
 
 import torch
@@ -25,6 +26,15 @@ from kiln.ops.sparse_gemm import ConvPlan, build_plan, mask_order, offset_masks
 from kiln.ops.sparse_gemm import compact_pairs as sparse_gemm_compact
 
 _state = threading.local()
+
+# Rulebooks with fewer output rows than this skip the mask sort (their implicit GEMM then runs rows in plain order,
+# each tile over the union of its rows' offsets). A sort costs ~80-120 µs of host time on the device machines, where
+# the sparse backbone is host-bound, and buys little GPU time on a small layer; on a 150k-row layer the sort is worth
+# it (strided rulebook+fwd 1.23 vs 1.63 ms unsorted, H100, session 6). Default 0: always sort, until a GPU A/B
+# (scripts/gpu/sparse_host_ab.py --variants default sort-min-64k) picks a threshold.
+SORT_MIN_ROWS = int(os.environ.get("KILN_SPARSE_SORT_MIN_ROWS", "0"))
+if SORT_MIN_ROWS < 0:
+    raise ValueError(f"KILN_SPARSE_SORT_MIN_ROWS must be >= 0, got {SORT_MIN_ROWS}")
 
 
 def is_deterministic() -> bool:
@@ -186,7 +196,7 @@ class Rulebook:
 
     def fwd_schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(order, masks) for the forward implicit GEMM (and the weight gradient): per-row offset masks and rows
-        sorted by them."""
+        sorted by them (order None, plain row order, below ``SORT_MIN_ROWS`` rows)."""
         if "fwd_sched" not in self._cache:
             m = self._cache.get("fwd_masks")
             m = offset_masks(self.pair_fwd()) if m is None else m
@@ -194,8 +204,10 @@ class Rulebook:
             if mirror is not None and "fwd_sched" in mirror._cache:
                 # the same rows, every mask bit-reversed: the same groups, so the mirror's order serves (no sort)
                 order = mirror._cache["fwd_sched"][0]
-            else:
+            elif self.n_out >= SORT_MIN_ROWS:
                 order = mask_order(m, self.kernel_volume)
+            else:
+                order = None
             self._cache["fwd_sched"] = (order, m)
         return self._cache["fwd_sched"]
 

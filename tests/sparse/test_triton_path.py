@@ -6,6 +6,7 @@ import torch
 
 import kiln.sparse as sp
 from kiln.ops import sparse_gemm
+from kiln.sparse import rulebook as rbmod
 from tests.conftest import DEVICE, requires_triton
 
 from .helpers import random_voxels, rel_err
@@ -38,10 +39,12 @@ def _forward_backward(net, feats, idx, shape, batch, seed=1):
 
 
 @requires_triton
-@pytest.mark.parametrize("wgrad_lists", [False, True])
-def test_triton_path_matches_reference_path_fwd_bwd(monkeypatch, wgrad_lists):
-    """Weight gradients from the dense pair map, or (wgrad_lists) from its compacted pairs."""
+@pytest.mark.parametrize("wgrad_lists,sorted_rows", [(False, True), (True, True), (False, False)])
+def test_triton_path_matches_reference_path_fwd_bwd(monkeypatch, wgrad_lists, sorted_rows):
+    """Weight gradients from the dense pair map, or (wgrad_lists) from its compacted pairs; rows in mask order, or
+    (not sorted_rows: every rulebook below ``SORT_MIN_ROWS``) in plain order."""
     monkeypatch.setattr(sparse_gemm, "WGRAD_MODE", "lists" if wgrad_lists else "map")
+    monkeypatch.setattr(rbmod, "SORT_MIN_ROWS", 0 if sorted_rows else 10**9)
     feats, idx, shape, batch = _scene(seed=torch.randint(0, 2**31, ()).item())
     torch.manual_seed(0)
     net = _net()
@@ -120,3 +123,14 @@ def test_triton_path_inverse_conv_reuses_the_strided_maps(monkeypatch):
     assert rel_err(got[2], ref[2]) <= 1e-5 and rel_err(got[3], ref[3]) <= 1e-5
     for name, g in ref[4].items():
         assert rel_err(got[4][name], g) <= 1e-5, name
+
+
+@requires_triton
+def test_rulebooks_below_the_sort_threshold_keep_plain_row_order(monkeypatch):
+    monkeypatch.setenv("KILN_OPS", "triton")
+    feats, idx, shape, batch = _scene(seed=3)
+    for min_rows, sorted_expected in [(0, True), (10**9, False)]:
+        monkeypatch.setattr(rbmod, "SORT_MIN_ROWS", min_rows)
+        rb = rbmod.build_subm(idx, shape, [3, 3, 3], [1, 1, 1])
+        order, masks = rb.fwd_schedule()
+        assert (order is not None) == sorted_expected and masks.shape == (idx.shape[0],)
