@@ -25,7 +25,6 @@ except Exception:  # CPU-only installs without triton
     tl = types.SimpleNamespace(constexpr=int)
 
 
-
 class TunedLauncher:
     """Launch an autotuned kernel, remembering each key's tuned config: after a key's first (tuning) call, launches go
     straight to the JIT function with that config. Triton's autotuner rebuilds its key from every argument and

@@ -17,6 +17,7 @@ import torch
 
 from ._dispatch import backend_for, check_tensor
 from ._triton import tl, triton
+from .sparse_gemm import offset_masks
 
 EMPTY = -1
 _BLOCK = 256
@@ -133,13 +134,7 @@ def neighbor_map_ref(table, indices, spatial_shape, rel, masks=True):
         ok &= (coords[..., d] >= 0) & (coords[..., d] < size)
         key = key * size + coords[..., d]
     pm = hash_lookup(table, torch.where(ok, key, torch.full_like(key, -1)))
-    if not masks:
-        return pm, None
-    K = rel.shape[1]
-    if K > 63:
-        return pm, torch.full((pm.shape[0],), -1, dtype=torch.int64, device=pm.device)
-    bits = torch.ones(K, dtype=torch.int64, device=pm.device) << torch.arange(K, device=pm.device)
-    return pm, ((pm >= 0).long() * bits).sum(1)
+    return pm, offset_masks(pm) if masks else None
 
 
 def voxel_checks(indices: torch.Tensor, spatial_shape, batch_size: int) -> tuple[int, int, bool]:

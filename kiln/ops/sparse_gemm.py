@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting
 from ._triton import TunedLauncher, tl, triton
+from .split_k import sum_partials
 
 # rows per chunk when the reference materialises gathered inputs ([rows, K * Cin])
 _REF_CHUNK_ELEMS = 1 << 24
@@ -576,20 +577,6 @@ def _compact_pairs_kernel(PairMap, Slot, Src, Rows, Offsets, R, K, stride_pm, BL
     tl.store(Offsets + e, tl.zeros_like(count), mask=e == 0)
 
 
-@triton.jit
-def _wgrad_lists_sum_kernel(P, Offsets, DW, N_SPLIT, CHUNK, ELEMS, BLOCK: tl.constexpr):
-    """dW[k] = the sum, in split order (deterministic), of offset k's partials from the splits that held pairs
-    (the others wrote nothing), rounded once."""
-    k = tl.program_id(0)
-    e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = e < ELEMS
-    n = tl.load(Offsets + k + 1) - tl.load(Offsets + k)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, tl.cdiv(n, CHUNK)):
-        acc += tl.load(P + (k * N_SPLIT + s).to(tl.int64) * ELEMS + e, mask=ok, other=0.0)
-    tl.store(DW + k.to(tl.int64) * ELEMS + e, acc.to(DW.dtype.element_ty), mask=ok)
-
-
 def _configs():
     # in order of preference: pruning keeps the first few that suit the channel counts
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -745,9 +732,10 @@ def _weight_grad_triton(x, dy, pair_map, lists=None):
         kern(_launch_key(args, flags, cin, cout, chunk), grid, *args, **flags)
     if lists is None:
         return partial.view(K, n_split, cin, cout).sum(1).to(x.dtype)
+    # splits past an offset's pairs wrote nothing: the shared split-K sum reads only each offset's active ones
     dw = torch.empty(K, cin, cout, dtype=x.dtype, device=x.device)
-    elems, block = cin * cout, 1024
-    _wgrad_lists_sum_kernel[(K, triton.cdiv(elems, block))](partial, lists[2], dw, n_split, chunk, elems, BLOCK=block)
+    sum_partials(partial.view(K, n_split, cin * cout).transpose(0, 1), None, dw.view(K, cin * cout),
+                 row_offsets=lists[2], chunk=chunk)
     return dw
 
 

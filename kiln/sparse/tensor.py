@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from kiln.ops import hashing
-
 from kiln.ops._dispatch import FLOAT_DTYPES
 
 
