@@ -1,0 +1,119 @@
+"""GPU: where a batch-1 decode step's time goes (issue 4's roofline bar).
+
+Prints, for one engine on a random checkpoint of a bench shape:
+  * the engine's TPOT for one 128-in / N-out greedy request (what bench/llm_throughput.py (b) reports);
+  * the host time of each phase of ``LLMEngine.step`` during that request (schedule, pack, launch, sample = wait
+    for the GPU + read the token, append, collect);
+  * the GPU time of the decode graph alone, replayed back to back (no host work in between), so
+    ``TPOT - replay`` is the time the GPU sits idle per step;
+  * the kernels of one replay (torch profiler): count and the largest by total time.
+
+    python3 scripts/gpu/decode_step_probe.py --model llama-1b [--tokens 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.common import copy_bandwidth  # noqa: E402
+from bench.llm_throughput import SHAPES, streamed_bytes  # noqa: E402
+
+
+def timed(obj, name: str, totals: dict) -> None:
+    """Wrap ``obj.name`` so each call adds its host time to ``totals[name]``."""
+    fn = getattr(obj, name)
+
+    def wrapper(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            totals[name].append(time.perf_counter() - t0)
+
+    setattr(obj, name, wrapper)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-1b", choices=list(SHAPES))
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--replays", type=int, default=200)
+    args = ap.parse_args()
+    from kiln.llm import LLM, SamplingParams
+
+    d = Path(tempfile.mkdtemp())
+    (d / "config.json").write_text(json.dumps(SHAPES[args.model]))
+    llm = LLM(str(d), dtype="bfloat16", device="cuda", load_format="dummy", max_num_seqs=8,
+              max_num_batched_tokens=8192, max_model_len=4096, gpu_memory_utilization=0.85)
+    eng = llm.engine
+    vocab = SHAPES[args.model]["vocab_size"]
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True, detokenize=False)
+
+    def request():
+        ids = torch.randint(0, vocab, (128,), generator=g).tolist()
+        return llm.generate([{"prompt_token_ids": ids}], [params])[0]
+
+    request()  # warm-up
+    totals: dict[str, list[float]] = defaultdict(list)
+    timed(eng.scheduler, "schedule", totals)
+    timed(eng.runner, "pack", totals)
+    timed(eng.runner, "_run_everywhere", totals)
+    timed(eng, "sampler", totals)
+    timed(eng, "_append_token", totals)
+    timed(eng, "_collect_outputs", totals)
+    timed(eng, "step", totals)
+    out = request()
+    m = out.metrics
+    tpot = (m.finished_time - m.first_token_time) / (len(out.outputs[0].token_ids) - 1)
+    bw = copy_bandwidth()
+    nbytes = streamed_bytes(eng.model)
+    print(f"{args.model}: TPOT {1e3 * tpot:.3f} ms; roofline {nbytes / 1e9:.3f} GB at {bw / 1e12:.2f} TB/s = "
+          f"{1e3 * nbytes / bw:.3f} ms -> {100 * nbytes / bw / tpot:.1f}%")
+    print("host time per step (median / mean us):")
+    for k, v in totals.items():
+        v = v[1:]  # the first step is the prefill
+        print(f"  {k:18s} {1e6 * statistics.median(v):8.1f} {1e6 * statistics.fmean(v):8.1f}  (n={len(v)})")
+
+    graph = eng.runner.graphs[1]
+    torch.cuda.synchronize()
+    for _ in range(10):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(args.replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    replay = start.elapsed_time(end) / 1e3 / args.replays
+    print(f"graph replay back to back: {1e3 * replay:.3f} ms ({100 * nbytes / bw / replay:.1f}% of the roofline); "
+          f"GPU idle per step ~{1e3 * (tpot - replay):.3f} ms")
+
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+    total = sum(getattr(e, "self_device_time_total", 0) for e in rows) / 5
+    kernels = sum(e.count for e in rows) / 5
+    print(f"kernels per replay: {kernels:.0f}, summed kernel time {total / 1e3:.3f} ms")
+    rows.sort(key=lambda e: -getattr(e, "self_device_time_total", 0))
+    for e in rows[:16]:
+        t = getattr(e, "self_device_time_total", 0) / 5
+        print(f"  {t:8.1f} us  x{e.count // 5:3d}  {e.key[:90]}")
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
