@@ -153,6 +153,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False
+    # decode steps queued one ahead of the host's token processing (LLMEngine.step); None: on CUDA, single rank
+    async_scheduling: bool | None = None
     seed: int = 0
     tensor_parallel_size: int = 1              # ranks (one GPU each; gloo processes on the CPU); rank 0 schedules
 

@@ -25,6 +25,7 @@ CPU_DEFAULT_KV_BYTES = 512 * 2**20
 class StepResult:
     logits: torch.Tensor           # [S, V] for the sequences that sample this step
     sample_rows: list[int]         # index into batch.seqs of each logits row
+    decode: bool = False           # one token per sequence, every row samples
 
 
 @dataclass
@@ -163,9 +164,9 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------ steps
     def pack(self, batch: ScheduledBatch, all_logits: bool = False) -> tuple[StepInput, list[int]]:
         """The batch's packed host inputs, and the rows of ``batch.seqs`` that sample this step."""
-        if (not all_logits and self.graphs and len(batch.seqs) <= max(self.graphs)
-                and all(n == 1 for n in batch.num_new_tokens)):
-            return self._pack_graph(batch), list(range(len(batch.seqs)))
+        if not all_logits and all(n == 1 for n in batch.num_new_tokens) and all(
+                s.num_computed_tokens + 1 == s.num_tokens for s in batch.seqs):
+            return self._pack_decode(batch.seqs), list(range(len(batch.seqs)))
         bs = self.block_size
         input_ids, positions, slots, cu, lens, sample_rows, sample_idx = [], [], [], [0], [], [], []
         max_blocks = 1
@@ -192,22 +193,27 @@ class ModelRunner:
             logits_idx=None if all_logits else torch.tensor(sample_idx, dtype=torch.long))
         return inp, sample_rows
 
-    def _pack_graph(self, batch: ScheduledBatch) -> StepInput:
+    def _pack_decode(self, seqs: list, ahead: bool = False) -> StepInput:
+        """One token per sequence, at position ``num_computed_tokens``, replayed through a CUDA graph when one holds
+        the batch; ``ahead``: that token is not on the host yet (a placeholder id, replaced on the device)."""
         bs = self.block_size
+        graph = bool(self.graphs) and len(seqs) <= max(self.graphs)
         ids, pos, slots, lens = [], [], [], []
-        width = max(len(seq.block_table) for seq in batch.seqs)
+        width = max(len(seq.block_table) for seq in seqs)
         tables = []
-        for seq in batch.seqs:
+        for seq in seqs:
             p = seq.num_computed_tokens
-            ids.append(seq.token_ids[p])
+            ids.append(0 if ahead else seq.token_ids[p])
             pos.append(p)
             slots.append(seq.block_table[p // bs] * bs + p % bs)
             lens.append(p + 1)
-            tables.append(seq.block_table + [0] * (width - len(seq.block_table)))
+            tables.append(seq.block_table + [0 if graph else -1] * (width - len(seq.block_table)))
         return StepInput(input_ids=torch.tensor(ids, dtype=torch.long), positions=torch.tensor(pos, dtype=torch.long),
                          slot_mapping=torch.tensor(slots, dtype=torch.int64),
                          seqlens_k=torch.tensor(lens, dtype=torch.int32),
-                         block_tables=torch.tensor(tables, dtype=torch.int32), is_decode=True, graph=True)
+                         block_tables=torch.tensor(tables, dtype=torch.int32),
+                         cu_seqlens_q=None if graph else torch.arange(len(seqs) + 1, dtype=torch.int32),
+                         max_seqlen_k=max(lens), is_decode=True, graph=graph)
 
     # ------------------------------------------------------------------------------------------ CUDA graphs
     def graph_batch_sizes(self) -> list[int]:
@@ -263,7 +269,7 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
             self.graphs.clear()
 
-    def _replay(self, inp: StepInput) -> torch.Tensor:
+    def _replay(self, inp: StepInput, device_ids: torch.Tensor | None = None) -> torch.Tensor:
         n = inp.input_ids.shape[0]
         b = next(s for s in sorted(self.graphs) if s >= n)
         stream = torch.cuda.current_stream(self.device)
@@ -273,6 +279,8 @@ class ModelRunner:
         used = self.h_lens.shape[0] + b * self.h_tables.shape[1]  # the lengths and the first b table rows
         self.g_i32[:used].copy_(self.h_i32[:used], non_blocking=True)
         self.h_copied.record(stream)
+        if device_ids is not None:
+            self.g_ids[:n].copy_(device_ids)
         self.graphs[b].replay()
         return self.g_out[:n]
 
@@ -313,7 +321,25 @@ class ModelRunner:
 
     def execute(self, batch: ScheduledBatch) -> StepResult:
         inp, sample_rows = self.pack(batch)
-        return StepResult(self._run_everywhere(inp), sample_rows)
+        return StepResult(self._run_everywhere(inp), sample_rows, inp.is_decode and inp.logits_idx is None)
+
+    def can_run_ahead(self) -> bool:
+        """``execute_ahead`` needs the step's token ids only on this process: no tensor-parallel worker reads them
+        from its host."""
+        return self.broadcast is None
+
+    def execute_ahead(self, seqs: list, tokens: torch.Tensor) -> StepResult:
+        """The decode step after one whose sampled ``tokens`` [len(seqs)] are still on the device (not yet read by
+        the host): each sequence feeds that token, copied into the step's input on the device, so the host can
+        queue this step before it reads the previous one's tokens."""
+        inp = self._pack_decode(seqs, ahead=True)
+        if inp.graph:
+            with torch.inference_mode():
+                logits = self._replay(inp, device_ids=tokens)
+        else:
+            inp.input_ids = tokens
+            logits = self.run(inp)
+        return StepResult(logits, list(range(len(seqs))), True)
 
     def all_logits(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits at every new token of the batch, [T, V] (parity checks, prompt scoring)."""

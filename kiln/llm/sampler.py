@@ -65,21 +65,68 @@ class SampleResult:
     top_logprobs: list[tuple[list[int], list[float], int]] | None  # (top ids, their logprobs, sampled rank)
 
 
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Queue a copy of ``t`` into pinned host memory (no wait): CUDA tensors only; host tensors as they are."""
+    if t is None or not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+class PendingSample:
+    """A step's sampled tokens (and logprobs) on their way to the host.
+
+    The copies are queued behind the sampling kernels and an event marks their end, so the engine can queue the
+    next decode step (whose input ids are ``tokens``, still on the device) before it waits for these; a plain
+    ``.tolist()`` would wait for everything queued on the stream, the next step included."""
+
+    def __init__(self, tokens: torch.Tensor, chosen: torch.Tensor | None = None, ranks: torch.Tensor | None = None,
+                 top: tuple[torch.Tensor, torch.Tensor] | None = None, top_counts: list[int] | None = None):
+        self.tokens = tokens
+        self._host = [_to_host(t) for t in (tokens, chosen, ranks, *(top or (None, None)))]
+        self._top_counts = top_counts
+        self._event = None
+        if tokens.is_cuda:
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(tokens.device))
+
+    def result(self) -> SampleResult:
+        if self._event is not None:
+            self._event.synchronize()
+        tokens, chosen, ranks, top_vals, top_ids = self._host
+        token_list = tokens.tolist()
+        if chosen is None:
+            return SampleResult(token_list, None, None)
+        top = []
+        for i, kk in enumerate(self._top_counts):
+            top.append((top_ids[i, :kk].tolist() if kk else [], top_vals[i, :kk].tolist() if kk else [],
+                        int(ranks[i])))
+        return SampleResult(token_list, chosen.tolist(), top)
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  histories: list[tuple[list[int], int]], generators: list[torch.Generator | None],
                  banned: list[list[int]]) -> SampleResult:
+        """Sample and read the result (see ``sample``)."""
+        return self.sample(logits, params, histories, generators, banned).result()
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
+               histories: list[tuple[list[int], int]], generators: list[torch.Generator | None],
+               banned: list[list[int]]) -> PendingSample:
         """logits [B, V] (any float dtype); one entry per row in the lists. ``histories`` holds each row's
         (prompt + output token list, prompt length), read only for penalties (no per-step copies). ``banned``
-        token ids get -inf (EOS and stop ids before ``min_tokens``)."""
+        token ids get -inf (EOS and stop ids before ``min_tokens``). Queues the work and the copies to the host
+        without waiting for them."""
         if (all(p.greedy and p.logprobs is None and not p.needs_penalties() for p in params)
                 and not any(banned)):  # the common serving case: one argmax, one read
-            return SampleResult(logits.argmax(dim=-1).tolist(), None, None)
+            return PendingSample(logits.argmax(dim=-1))
         logits = logits.float()
         B, V = logits.shape
         dev = logits.device
@@ -128,16 +175,10 @@ class Sampler:
             sampled = (probs / noise).argmax(dim=-1)
             tokens = torch.where(greedy, tokens, sampled)
 
-        token_list = tokens.tolist()
         if not want_lp:
-            return SampleResult(token_list, None, None)
+            return PendingSample(tokens)
         chosen = raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
         ranks = (raw_logprobs > chosen[:, None]).sum(-1) + 1
         k = max(p.logprobs or 0 for p in params)
-        top_vals, top_ids = raw_logprobs.topk(k, dim=-1) if k else (None, None)
-        top = []
-        for i, p in enumerate(params):
-            kk = p.logprobs or 0
-            top.append((top_ids[i, :kk].tolist() if kk else [], top_vals[i, :kk].tolist() if kk else [],
-                        int(ranks[i])))
-        return SampleResult(token_list, chosen.tolist(), top)
+        top = tuple(raw_logprobs.topk(k, dim=-1)) if k else None
+        return PendingSample(tokens, chosen, ranks, top, [p.logprobs or 0 for p in params])

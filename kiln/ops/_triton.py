@@ -30,10 +30,13 @@ class TunedLauncher:
     straight to the JIT function with that config. Triton's autotuner rebuilds its key from every argument and
     merges the config's keyword dicts on each call; on the device hosts that was a large share of a sparse layer's
     host time, and the sparse backbone is host-bound. ``key`` must determine the autotuner's key (its key
-    arguments and the tensor dtypes)."""
+    arguments and the tensor dtypes) up to what may share a config: the GEMMs key on a bucket of M, so a serving
+    engine, whose prefill M differs nearly every step, tunes once per bucket instead of once per M. ``pre_hook``
+    is the configs' pre-hook (it sees the named arguments and the config), run before a remembered launch too."""
 
-    def __init__(self, tuned):
+    def __init__(self, tuned, pre_hook=None):
         self.tuned = tuned
+        self.pre_hook = pre_hook
         self.best: dict = {}
 
     def __call__(self, key, grid, *args, **kwargs):
@@ -42,6 +45,8 @@ class TunedLauncher:
             self.tuned[grid](*args, **kwargs)
             self.best[key] = self.tuned.best_config.all_kwargs()
         else:
+            if self.pre_hook is not None:
+                self.pre_hook({**dict(zip(self.tuned.arg_names, args)), **kwargs, **cfg})
             self.tuned.fn[grid](*args, **kwargs, **cfg)
 
 

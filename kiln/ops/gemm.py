@@ -25,7 +25,7 @@ import os
 import torch
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting
-from ._triton import triton, tl
+from ._triton import TunedLauncher, tl, triton
 from .split_k import iters_per_split, split_k_for, sum_partials
 
 MAX_K = 131071  # 131071 * 128 * 128 < 2**31: the int32 accumulator cannot overflow
@@ -310,12 +310,20 @@ INTERPRET_TMA_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 
 
 _heuristics = getattr(triton, "heuristics", None)
 if _heuristics is not None:
-    _int8_gemm_tuned = triton.autotune(configs=GPU_CONFIGS, key=["M", "N", "K"])(
-        _heuristics({"EVEN_K": lambda meta: meta["K"] % meta["BLOCK_K"] == 0})(_int8_gemm_kernel))
-    _int8_gemm_tma_tuned = triton.autotune(configs=TMA_CONFIGS, key=["M", "N", "K"])(_int8_gemm_tma_kernel)
+    _int8_gemm_tuned = TunedLauncher(triton.autotune(configs=GPU_CONFIGS, key=["M", "N", "K"])(
+        _heuristics({"EVEN_K": lambda meta: meta["K"] % meta["BLOCK_K"] == 0})(_int8_gemm_kernel)))
+    _int8_gemm_tma_tuned = TunedLauncher(triton.autotune(configs=TMA_CONFIGS, key=["M", "N", "K"])(
+        _int8_gemm_tma_kernel), pre_hook=_set_tma_blocks)
 else:  # stand-in triton (not installed): never launched
     _int8_gemm_tuned = _int8_gemm_kernel
     _int8_gemm_tma_tuned = _int8_gemm_tma_kernel
+
+
+def _tune_key(M: int, N: int, K: int, c: torch.Tensor, flags: dict) -> tuple:
+    """A tuned GEMM's config is shared by every M up to the next power of two: tiles tuned at one M serve its
+    neighbours, and an engine's prefill steps (a different M nearly every step) would otherwise autotune in the
+    request path each time (seconds per new M)."""
+    return (triton.next_power_of_2(M), N, K, c.dtype, *flags.values())
 
 
 def _tensor_descriptor():
@@ -402,7 +410,8 @@ def _int8_gemm_triton(a, b, a_scale, b_scale, bias, out_dtype, schedule: str = "
                                 EVEN_K=K % cfg.kwargs["BLOCK_K"] == 0, **cfg.kwargs,
                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
-        _int8_gemm_tuned[grid](a, b, c, sa, sb, bias_t, M, N, K, K, *strides, *cs, **flags)
+        _int8_gemm_tuned(_tune_key(M, N, K, c, flags), grid, a, b, c, sa, sb, bias_t, M, N, K, K, *strides, *cs,
+                         **flags)
     return c
 
 
@@ -427,7 +436,7 @@ def _launch_tma(a, b, c, sa, sb, bias_t, M, N, K, flags):
 
     args = (a_desc, b_desc, c, sa, sb, bias_t, M, N, K, c.stride(0), c.stride(1))
     if cfg is None:
-        _int8_gemm_tma_tuned[grid](*args, **flags)
+        _int8_gemm_tma_tuned(_tune_key(M, N, K, c, flags), grid, *args, **flags)
         return
     meta = cfg.kwargs if isinstance(cfg, triton.Config) else cfg
     _set_tma_blocks({"a_desc": a_desc, "b_desc": b_desc, **meta})
@@ -755,7 +764,7 @@ FP8_GPU_CONFIGS = [
 FP8_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
 if _heuristics is not None:
-    _fp8_gemm_tuned = triton.autotune(configs=FP8_GPU_CONFIGS, key=["M", "N", "K"])(_fp8_gemm_kernel)
+    _fp8_gemm_tuned = TunedLauncher(triton.autotune(configs=FP8_GPU_CONFIGS, key=["M", "N", "K"])(_fp8_gemm_kernel))
 else:
     _fp8_gemm_tuned = _fp8_gemm_kernel
 
@@ -809,7 +818,7 @@ def _fp8_gemm_triton(a, b, a_scale, b_scale, bias, out_dtype, out=None, upcast: 
         cfg = fp8_fixed_config(M)
         _fp8_gemm_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
-        _fp8_gemm_tuned[grid](*args, **flags)
+        _fp8_gemm_tuned(_tune_key(M, N, K, c, flags), grid, *args, **flags)
     return c
 
 

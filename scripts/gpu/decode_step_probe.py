@@ -1,9 +1,11 @@
 """GPU: where a batch-1 decode step's time goes (issue 4's roofline bar).
 
 Prints, for one engine on a random checkpoint of a bench shape:
-  * the engine's TPOT for one 128-in / N-out greedy request (what bench/llm_throughput.py (b) reports);
-  * the host time of each phase of ``LLMEngine.step`` during that request (schedule, pack, launch, sample = wait
-    for the GPU + read the token, append, collect);
+  * the engine's TPOT for one 128-in / N-out greedy request (what bench/llm_throughput.py (b) reports), with
+    synchronous steps and with run-ahead decode (``async_scheduling``), alternating on one engine;
+  * the host time of each phase of ``LLMEngine.step`` during that request (schedule, execute = pack + launch,
+    execute_ahead (run-ahead decode), sample = queue the sampling, complete = wait for the GPU + read the
+    token + append + collect);
   * the GPU time of the decode graph alone, replayed back to back (no host work in between), so
     ``TPOT - replay`` is the time the GPU sits idle per step;
   * the kernels of one replay (torch profiler): count and the largest by total time.
@@ -48,6 +50,7 @@ def main():
     ap.add_argument("--model", default="llama-1b", choices=list(SHAPES))
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--replays", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     from kiln.llm import LLM, SamplingParams
 
@@ -65,25 +68,34 @@ def main():
         return llm.generate([{"prompt_token_ids": ids}], [params])[0]
 
     request()  # warm-up
-    totals: dict[str, list[float]] = defaultdict(list)
-    timed(eng.scheduler, "schedule", totals)
-    timed(eng.runner, "pack", totals)
-    timed(eng.runner, "_run_everywhere", totals)
-    timed(eng, "sampler", totals)
-    timed(eng, "_append_token", totals)
-    timed(eng, "_collect_outputs", totals)
-    timed(eng, "step", totals)
-    out = request()
-    m = out.metrics
-    tpot = (m.finished_time - m.first_token_time) / (len(out.outputs[0].token_ids) - 1)
     bw = copy_bandwidth()
     nbytes = streamed_bytes(eng.model)
-    print(f"{args.model}: TPOT {1e3 * tpot:.3f} ms; roofline {nbytes / 1e9:.3f} GB at {bw / 1e12:.2f} TB/s = "
-          f"{1e3 * nbytes / bw:.3f} ms -> {100 * nbytes / bw / tpot:.1f}%")
-    print("host time per step (median / mean us):")
-    for k, v in totals.items():
-        v = v[1:]  # the first step is the prefill
-        print(f"  {k:18s} {1e6 * statistics.median(v):8.1f} {1e6 * statistics.fmean(v):8.1f}  (n={len(v)})")
+    print(f"{args.model}: roofline {nbytes / 1e9:.3f} GB at {bw / 1e12:.2f} TB/s = {1e3 * nbytes / bw:.3f} ms")
+    tpots: dict[bool, list[float]] = defaultdict(list)
+    totals: dict[bool, dict[str, list[float]]] = {m: defaultdict(list) for m in (False, True)}
+    for _ in range(args.rounds):
+        for mode in (False, True):  # alternating on one engine: synchronous steps, then run-ahead decode
+            eng.async_scheduling = mode
+            wrapped = [(obj, name, getattr(obj, name)) for obj, name in (
+                (eng.scheduler, "schedule"), (eng.runner, "execute"), (eng.runner, "execute_ahead"),
+                (eng.sampler, "sample"), (eng, "_complete"), (eng, "_append_token"), (eng, "_collect_outputs"),
+                (eng, "step"))]
+            for obj, name, _ in wrapped:
+                timed(obj, name, totals[mode])
+            out = request()
+            for obj, name, fn in wrapped:
+                setattr(obj, name, fn)
+            m = out.metrics
+            tpots[mode].append((m.finished_time - m.first_token_time) / (len(out.outputs[0].token_ids) - 1))
+    for mode in (False, True):
+        t = statistics.median(tpots[mode])
+        print(f"async_scheduling={mode}: TPOT {' '.join(f'{1e3 * x:.3f}' for x in tpots[mode])} ms -> "
+              f"{100 * nbytes / bw / t:.1f}% of the roofline (median)")
+        print("  host time per call (median / mean us):")
+        for k, v in totals[mode].items():
+            v = v[1:] or v  # the first step is the prefill
+            print(f"    {k:18s} {1e6 * statistics.median(v):8.1f} {1e6 * statistics.fmean(v):8.1f}  (n={len(v)})")
+    tpot = statistics.median(tpots[False])
 
     graph = eng.runner.graphs[1]
     torch.cuda.synchronize()
@@ -97,7 +109,7 @@ def main():
     end.synchronize()
     replay = start.elapsed_time(end) / 1e3 / args.replays
     print(f"graph replay back to back: {1e3 * replay:.3f} ms ({100 * nbytes / bw / replay:.1f}% of the roofline); "
-          f"GPU idle per step ~{1e3 * (tpot - replay):.3f} ms")
+          f"GPU idle per synchronous step ~{1e3 * (tpot - replay):.3f} ms")
 
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

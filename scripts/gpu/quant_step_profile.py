@@ -91,7 +91,9 @@ def main() -> int:
         llm = LLM(str(d), dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device,
                   load_format="dummy", max_num_seqs=max(args.batch, 1), max_num_batched_tokens=8192,
                   max_model_len=args.prompt_len + args.decode_tokens + 16, gpu_memory_utilization=0.85)
-        timed_generate(llm, prompts[:2], 2, args.device)  # compile / tune outside the timings
+        t0 = time.perf_counter()
+        timed_generate(llm, prompts, 2, args.device)  # compile / tune (per M bucket) outside the timings
+        print(f"{mode}: warm-up (the timed shapes once) {time.perf_counter() - t0:.1f} s", flush=True)
         llm.engine.reset_prefix_cache()
         prefill = timed_generate(llm, prompts, 1, args.device)
         llm.engine.reset_prefix_cache()

@@ -56,10 +56,11 @@ def test_penalties_follow_their_formulas():
     torch.testing.assert_close(out, expected)
 
 
-@pytest.fixture(scope="module")
-def llm(checkpoints):
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def llm(checkpoints, request):
+    """Every sampling test runs with decode steps synchronous and run ahead of the host (``async_scheduling``)."""
     path, _ = checkpoints["llama"]
-    return LLM(str(path), dtype="float32", max_num_seqs=16, block_size=8)
+    return LLM(str(path), dtype="float32", max_num_seqs=16, block_size=8, async_scheduling=request.param)
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
