@@ -97,7 +97,23 @@ def main() -> int:
         llm.engine.reset_prefix_cache()
         prefill = timed_generate(llm, prompts, 1, args.device)
         llm.engine.reset_prefix_cache()
+        steps = []  # (host seconds, running, waiting) of every engine step of the timed prefill + decode run
+        eng, real_step = llm.engine, llm.engine.step
+
+        def timed_step():
+            t0 = time.perf_counter()
+            shape = (len(eng.scheduler.running), len(eng.scheduler.waiting))
+            out = real_step()
+            steps.append((time.perf_counter() - t0, *shape))
+            return out
+
+        eng.step = timed_step
         both = timed_generate(llm, prompts, 1 + args.decode_tokens, args.device)
+        del eng.step
+        slow = sorted(range(len(steps)), key=lambda i: -steps[i][0])[:6]
+        print(f"{mode}: {len(steps)} steps; slowest (index: ms, running, waiting before it): "
+              + ", ".join(f"{i}: {1e3 * steps[i][0]:.1f}, {steps[i][1]}, {steps[i][2]}" for i in sorted(slow)),
+              flush=True)
         decode_ms = 1e3 * max(0.0, both - prefill) / args.decode_tokens
         table, kernels, graphs = profile_decode(llm, prompts, args.device, args.top)
         print(f"\n== {args.model} {mode}: prefill {1e3 * prefill:.1f} ms ({args.batch} x {args.prompt_len} tokens), "

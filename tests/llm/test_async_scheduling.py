@@ -10,7 +10,8 @@ from kiln.llm import LLM, SamplingParams
 @pytest.fixture(scope="module")
 def engines(checkpoints):
     path, _ = checkpoints["llama"]
-    kw = dict(dtype="float32", max_num_seqs=16, block_size=4, max_num_batched_tokens=64)
+    kw = dict(dtype="float32", max_num_seqs=16, block_size=4, max_num_batched_tokens=64,
+              num_kv_blocks=1024)  # two engines share one GPU
     return LLM(str(path), async_scheduling=False, **kw), LLM(str(path), async_scheduling=True, **kw)
 
 

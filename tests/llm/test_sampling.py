@@ -60,7 +60,8 @@ def test_penalties_follow_their_formulas():
 def llm(checkpoints, request):
     """Every sampling test runs with decode steps synchronous and run ahead of the host (``async_scheduling``)."""
     path, _ = checkpoints["llama"]
-    return LLM(str(path), dtype="float32", max_num_seqs=16, block_size=8, async_scheduling=request.param)
+    return LLM(str(path), dtype="float32", max_num_seqs=16, block_size=8, async_scheduling=request.param,
+               num_kv_blocks=512)  # both engines fit on one GPU
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
