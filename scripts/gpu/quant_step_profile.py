@@ -46,6 +46,24 @@ def timed_generate(llm, prompts, max_tokens: int, device: str) -> float:
     return time.perf_counter() - t0
 
 
+def generate_with_step_times(llm, prompts, max_tokens: int, device: str) -> tuple[float, list[tuple]]:
+    """``timed_generate``, also recording (host seconds, running, waiting) of every engine step."""
+    eng, real_step, steps = llm.engine, llm.engine.step, []
+
+    def timed_step():
+        t0 = time.perf_counter()
+        shape = (len(eng.scheduler.running), len(eng.scheduler.waiting))
+        out = real_step()
+        steps.append((time.perf_counter() - t0, *shape))
+        return out
+
+    eng.step = timed_step
+    try:
+        return timed_generate(llm, prompts, max_tokens, device), steps
+    finally:
+        del eng.step
+
+
 def profile_decode(llm, prompts, device: str, top: int) -> tuple[str, int, int]:
     """Profile short generations whose steps are nearly all decode: (kernel table, kernels, graph launches)."""
     from torch.profiler import ProfilerActivity, profile
@@ -97,19 +115,7 @@ def main() -> int:
         llm.engine.reset_prefix_cache()
         prefill = timed_generate(llm, prompts, 1, args.device)
         llm.engine.reset_prefix_cache()
-        steps = []  # (host seconds, running, waiting) of every engine step of the timed prefill + decode run
-        eng, real_step = llm.engine, llm.engine.step
-
-        def timed_step():
-            t0 = time.perf_counter()
-            shape = (len(eng.scheduler.running), len(eng.scheduler.waiting))
-            out = real_step()
-            steps.append((time.perf_counter() - t0, *shape))
-            return out
-
-        eng.step = timed_step
-        both = timed_generate(llm, prompts, 1 + args.decode_tokens, args.device)
-        del eng.step
+        both, steps = generate_with_step_times(llm, prompts, 1 + args.decode_tokens, args.device)
         slow = sorted(range(len(steps)), key=lambda i: -steps[i][0])[:6]
         print(f"{mode}: {len(steps)} steps; slowest (index: ms, running, waiting before it): "
               + ", ".join(f"{i}: {1e3 * steps[i][0]:.1f}, {steps[i][1]}, {steps[i][2]}" for i in sorted(slow)),
