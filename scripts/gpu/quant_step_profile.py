@@ -47,21 +47,27 @@ def timed_generate(llm, prompts, max_tokens: int, device: str) -> float:
 
 
 def generate_with_step_times(llm, prompts, max_tokens: int, device: str) -> tuple[float, list[tuple]]:
-    """``timed_generate``, also recording (host seconds, running, waiting) of every engine step."""
-    eng, real_step, steps = llm.engine, llm.engine.step, []
+    """``timed_generate``, also recording (host seconds, running, waiting, tokens) of every engine step."""
+    eng, real_step, real_schedule, steps, tokens = llm.engine, llm.engine.step, llm.engine.scheduler.schedule, [], [0]
+
+    def schedule():
+        batch = real_schedule()
+        tokens[0] = batch.num_tokens
+        return batch
 
     def timed_step():
         t0 = time.perf_counter()
         shape = (len(eng.scheduler.running), len(eng.scheduler.waiting))
+        tokens[0] = 0  # a run-ahead decode step does not call the scheduler
         out = real_step()
-        steps.append((time.perf_counter() - t0, *shape))
+        steps.append((time.perf_counter() - t0, *shape, tokens[0]))
         return out
 
-    eng.step = timed_step
+    eng.step, eng.scheduler.schedule = timed_step, schedule
     try:
         return timed_generate(llm, prompts, max_tokens, device), steps
     finally:
-        del eng.step
+        del eng.step, eng.scheduler.schedule
 
 
 def profile_decode(llm, prompts, device: str, top: int) -> tuple[str, int, int]:
@@ -117,8 +123,9 @@ def main() -> int:
         llm.engine.reset_prefix_cache()
         both, steps = generate_with_step_times(llm, prompts, 1 + args.decode_tokens, args.device)
         slow = sorted(range(len(steps)), key=lambda i: -steps[i][0])[:6]
-        print(f"{mode}: {len(steps)} steps; slowest (index: ms, running, waiting before it): "
-              + ", ".join(f"{i}: {1e3 * steps[i][0]:.1f}, {steps[i][1]}, {steps[i][2]}" for i in sorted(slow)),
+        print(f"{mode}: {len(steps)} steps; slowest (index: ms, running, waiting before it, tokens scheduled): "
+              + ", ".join(f"{i}: {1e3 * steps[i][0]:.1f}, {steps[i][1]}, {steps[i][2]}, {steps[i][3]}"
+                          for i in sorted(slow)),
               flush=True)
         decode_ms = 1e3 * max(0.0, both - prefill) / args.decode_tokens
         table, kernels, graphs = profile_decode(llm, prompts, args.device, args.top)
