@@ -8,11 +8,13 @@ the layout Hopper's int8 tensor cores want), so ``out = a @ b.T``.
   ``(acc.float() * a_scale[:, None] * b_scale[None, :] + bias)`` in ``out_dtype``; ``a_scale`` is per tensor
   (one value) or per row [M] (per token), ``b_scale`` per tensor or per output channel [N].
 
-On CUDA a Triton kernel (autotuned over a few tile shapes, keyed on M/N/K, 128x256x128 among them) runs; on the
+On CUDA a Triton kernel runs with a tile shape chosen by M from the H100/H200 sweeps; on the
 CPU the reference computes the product exactly: int8 x int8 products summed in float64 are exact integers as
 long as ``K * 128 * 128 < 2**53``, which every K allowed here satisfies. K is limited to 131071 so the int32
 accumulator cannot overflow. K is zero-padded to a multiple of 16 for the kernel's vector loads.
-``KILN_GEMM_TUNE=0`` skips autotuning and uses a fixed tile shape chosen by M (quicker first calls).
+Autotuning is opt-in (``KILN_GEMM_TUNE=1``: once per power-of-two bucket of M, for benchmarks): in a serving
+engine every new bucket tuned in the request path (1.8-4.9 s for one step of a 1B engine on an H100), which made
+batch-64 quantized decoding look 2x slower than bf16 (bench/RESULTS.md, session 8).
 Decode-sized calls (M <= 64) whose output tiles leave SMs idle take fixed tiles and split K over extra programs
 (``kiln.ops.split_k``, shared with the weight-only and FP8 GEMMs): at M = 64 a 2048-wide layer has only 16
 column tiles of 128, so without it the weight streamed through an eighth of an H100.
@@ -319,6 +321,12 @@ else:  # stand-in triton (not installed): never launched
     _int8_gemm_tma_tuned = _int8_gemm_tma_kernel
 
 
+def autotune() -> bool:
+    """``KILN_GEMM_TUNE=1``: autotune the INT8 / FP8 GEMM tiles instead of taking the fixed ones (see the module
+    docstring)."""
+    return os.environ.get("KILN_GEMM_TUNE", "0") == "1"
+
+
 def _tune_key(M: int, N: int, K: int, c: torch.Tensor, flags: dict) -> tuple:
     """A tuned GEMM's config is shared by every M up to the next power of two: tiles tuned at one M serve its
     neighbours, and an engine's prefill steps (a different M nearly every step) would otherwise autotune in the
@@ -404,7 +412,7 @@ def _int8_gemm_triton(a, b, a_scale, b_scale, bias, out_dtype, schedule: str = "
         cfg = INTERPRET_CONFIG
         _int8_gemm_kernel_interp[grid](a, b, c, sa, sb, bias_t, M, N, K, *strides, *cs, **flags,
                                        EVEN_K=K % cfg["BLOCK_K"] == 0, K_ITERS=triton.cdiv(K, cfg["BLOCK_K"]), **cfg)
-    elif os.environ.get("KILN_GEMM_TUNE", "1") == "0":  # fixed tiles: no autotuning (quick GPU test runs)
+    elif not autotune():
         cfg = fixed_config(M)
         _int8_gemm_kernel[grid](a, b, c, sa, sb, bias_t, M, N, K, K, *strides, *cs, **flags,
                                 EVEN_K=K % cfg.kwargs["BLOCK_K"] == 0, **cfg.kwargs,
@@ -420,7 +428,7 @@ def _launch_tma(a, b, c, sa, sb, bias_t, M, N, K, flags):
     a, b = (t if t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 else t.contiguous() for t in (a, b))
     if interpreting():
         cfg = INTERPRET_TMA_CONFIG
-    elif os.environ.get("KILN_GEMM_TUNE", "1") == "0":
+    elif not autotune():
         # 256x128 tiles only where C's rows are 16-aligned: otherwise the epilogue's store layout needs more
         # shared memory than Hopper has (seen on an H100 with N = 1003 and 257); autotuning skips it there too
         cfg = TMA_CONFIGS[0 if M >= 256 and N % 16 == 0 else 1]
@@ -455,7 +463,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 def fixed_config(M: int):
-    """The tile shape used without autotuning (``KILN_GEMM_TUNE=0``): by M, from GPU_CONFIGS."""
+    """The tile shape used without autotuning (the default): by M, from GPU_CONFIGS."""
     if M <= 16:
         return GPU_CONFIGS[8]
     if M <= 64:
@@ -770,7 +778,7 @@ else:
 
 
 def fp8_fixed_config(M: int):
-    """Tiles without autotuning (``KILN_GEMM_TUNE=0``), by M."""
+    """Tiles without autotuning (the default), by M."""
     return FP8_GPU_CONFIGS[4] if M <= 16 else FP8_GPU_CONFIGS[2] if M <= 64 else FP8_GPU_CONFIGS[0]
 
 
@@ -814,7 +822,7 @@ def _fp8_gemm_triton(a, b, a_scale, b_scale, bias, out_dtype, out=None, upcast: 
         return sum_partials(part, bias, c)
     if interpreting():
         _fp8_gemm_kernel[grid](*args, **flags, **FP8_INTERPRET_CONFIG)
-    elif os.environ.get("KILN_GEMM_TUNE", "1") == "0":
+    elif not autotune():
         cfg = fp8_fixed_config(M)
         _fp8_gemm_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:

@@ -8,7 +8,7 @@
 #   DRY_RUN=1 bash scripts/gpu/quant_engine.sh    # CPU: interpreter tests + the bench on a tiny shape
 #
 # Bounded to < 9 min: tests <= 150 s, 1B bench <= 140 s, 8B bench <= 230 s (each bench prints and saves every
-# run as it finishes, so a timeout keeps what was measured). Fixed GEMM tiles (KILN_GEMM_TUNE=0): autotuning every
+# run as it finishes, so a timeout keeps what was measured). Fixed GEMM tiles (the default; KILN_GEMM_TUNE=0 kept for older checkouts): autotuning every
 # decode batch size's M would eat the budget.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
