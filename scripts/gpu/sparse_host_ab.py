@@ -9,7 +9,8 @@ Variants:
   offsets a tile does not use, but unsorted tiles skip fewer).
 * ``no-validate`` -- ``SparseConvTensor(..., validate=False)``: what the input checks (one kernel, one host sync)
   cost; spconv does not check its input.
-* ``sort-min-64k`` -- rulebooks under 65,536 output rows skip the mask sort (``rulebook.SORT_MIN_ROWS``).
+* ``sort-min-64k`` / ``sort-all`` -- rulebooks under 65,536 output rows skip the mask sort (the default since
+  session 8), or every rulebook is sorted (``rulebook.SORT_MIN_ROWS`` = 0, the earlier default).
 * ``wgrad-map`` / ``wgrad-lists`` -- weight gradients from the dense pair map, or from its compacted pairs
   (``sparse_gemm.WGRAD_MODE``; the default, ``auto``, takes the lists for fp32 only).
 
@@ -55,7 +56,8 @@ def main():
     ap.add_argument("--channels", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--variants", nargs="+", default=["default", "unordered", "no-validate"],
-                    choices=["default", "unordered", "no-validate", "sort-min-64k", "wgrad-map", "wgrad-lists"])
+                    choices=["default", "unordered", "no-validate", "sort-min-64k", "sort-all", "wgrad-map",
+                             "wgrad-lists"])
     args = ap.parse_args()
     dev = torch.device("cuda")
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
@@ -103,7 +105,7 @@ def main():
         rbmod.Rulebook.fwd_schedule = _unordered if v == "unordered" else ORIGINAL_SCHEDULE
         validate["on"] = v != "no-validate"
         sparse_gemm.WGRAD_MODE = {"wgrad-map": "map", "wgrad-lists": "lists"}.get(v, shipped_mode)
-        rbmod.SORT_MIN_ROWS = 65536 if v == "sort-min-64k" else shipped_sort_min
+        rbmod.SORT_MIN_ROWS = {"sort-min-64k": 65536, "sort-all": 0}.get(v, shipped_sort_min)
 
     variants = args.variants
     res = {(r, v): [] for r in rows for v in variants}
