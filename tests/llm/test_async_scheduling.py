@@ -99,3 +99,17 @@ def test_abort_while_a_step_is_in_flight(engines):
     expected = sync.generate([[0, 5, 6], [0, 11, 12]], p)
     assert [finished["a"], finished["c"]] == [o.outputs[0].token_ids for o in expected]
     assert eng.get_stats()["kv_blocks_used"] == 0
+
+
+def test_one_token_prompt_chunks_beside_decode_rows_do_not_sample(checkpoints):
+    """A token budget of 2 splits a prompt into one-token chunks scheduled beside another sequence's decode row: an
+    all-one-token batch, but only rows at their sequence's last token may sample (once, such a batch went to the
+    decode path, which samples every row)."""
+    path, _ = checkpoints["llama"]
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    alone = LLM(str(path), dtype="float32", block_size=4).generate([[0, 9, 10, 11, 12, 13, 14]], p)[0]
+    for run_ahead in (False, True):
+        llm = LLM(str(path), dtype="float32", block_size=4, max_num_batched_tokens=2, async_scheduling=run_ahead)
+        outs = llm.generate([[0, 5, 6], [0, 9, 10, 11, 12, 13, 14]], p)
+        assert outs[1].outputs[0].token_ids == alone.outputs[0].token_ids
+        assert llm.engine.get_stats()["kv_blocks_used"] == 0
