@@ -124,7 +124,47 @@ def main():
     for e in rows[:16]:
         t = getattr(e, "self_device_time_total", 0) / 5
         print(f"  {t:8.1f} us  x{e.count // 5:3d}  {e.key[:90]}")
+    gaps_in_run_ahead(llm, eng, request, args.tokens)
     llm.shutdown()
+
+
+def gaps_in_run_ahead(llm, eng, request, tokens: int) -> None:
+    """Profile one run-ahead request and split each decode step's GPU time into the graph's kernels, the work
+    outside the graph (copies, sampling) and idle gaps, so ``TPOT - replay`` is accounted for."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng.async_scheduling = True
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        request()
+        torch.cuda.synchronize()
+    ev = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    if len(ev) < 10:
+        print("run-ahead trace: too few device events")
+        return
+    ev = ev[len(ev) // 4:]  # skip the prefill and the first steps
+    span = ev[-1].time_range.end - ev[0].time_range.start
+    busy = sum(e.time_range.end - e.time_range.start for e in ev)
+    layers = eng.runner.mcfg.num_layers
+    steps = max(1.0, sum(1 for e in ev if "_decode_rope_kernel" in e.name or "_decode_split_kernel" in e.name)
+                / layers)
+    outside: dict[str, list[float]] = defaultdict(list)
+    gaps: dict[str, list[float]] = defaultdict(list)
+    for a, b in zip(ev, ev[1:]):
+        gap = b.time_range.start - a.time_range.end
+        if gap > 0:
+            gaps[f"{a.name[:40]} -> {b.name[:40]}"].append(gap)
+    for e in ev:
+        if "memcpy" in e.name.lower() or "memset" in e.name.lower() or "argmax" in e.name.lower() or \
+                "sampl" in e.name.lower() or "copy" in e.name.lower() or "index" in e.name.lower():
+            outside[e.name[:60]].append(e.time_range.end - e.time_range.start)
+    print(f"run-ahead trace: {span / steps:.1f} us per step, device busy {busy / steps:.1f} us, "
+          f"idle {(span - busy) / steps:.1f} us")
+    print("  copies / sampling ops (per step us, count):")
+    for k, v in sorted(outside.items(), key=lambda kv: -sum(kv[1]))[:8]:
+        print(f"    {sum(v) / steps:7.2f}  x{len(v) / steps:4.1f}  {k}")
+    print("  largest idle gaps by neighbours (per step us, count):")
+    for k, v in sorted(gaps.items(), key=lambda kv: -sum(kv[1]))[:10]:
+        print(f"    {sum(v) / steps:7.2f}  x{len(v) / steps:4.1f}  {k}")
 
 
 if __name__ == "__main__":

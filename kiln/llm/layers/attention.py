@@ -8,6 +8,7 @@ from torch import nn
 from kiln.llm.context import get_context
 from kiln.ops import store_kv
 from kiln.ops.attention import paged_attention
+from kiln.ops.fused_decode import decode_attention_rope, fused_decode_supported
 from kiln.ops.kv_cache import rope_and_store_kv
 
 
@@ -23,13 +24,18 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary=None) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D].
 
-        ``rotary=(positions, cos_sin_cache, is_neox)`` rotates q and k in place first, fused with the KV store.
+        ``rotary=(positions, cos_sin_cache, is_neox)`` rotates q and k first, fused with the KV store; in a decode
+        step on the GPU (float cache, neox rotary over whole heads) also fused with the attention itself.
         """
         ctx = get_context()
         if self.k_cache is None:
             raise RuntimeError("PagedAttention has no KV cache: the runner must allocate it before a forward")
         # an int8 / fp8 cache carries per-head scales (buffers set by kiln.llm.quantize); a float one none
         ks, vs = getattr(self, "k_scale", None), getattr(self, "v_scale", None)
+        if rotary is not None and ctx.is_decode and fused_decode_supported(q, self.k_cache, rotary[1], rotary[2], ks):
+            o = decode_attention_rope(q, k, v, rotary[0], rotary[1], self.k_cache, self.v_cache, ctx.slot_mapping,
+                                      ctx.seqlens_k, ctx.block_tables, self.scale)
+            return o.reshape(q.shape[0], -1)
         if rotary is None:
             store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, ks, vs)
         else:

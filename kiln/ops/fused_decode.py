@@ -1,0 +1,294 @@
+"""A decode step's attention in one launch: rotary on q and the new k, the KV store, split-K paged attention and
+the split reduction.
+
+Unfused, a decode layer runs three kernels between its qkv and o projections (``rope_and_store_kv``, the split-K
+decode kernel and its log-sum-exp reduction). Each is a few microseconds of launch and ramp for almost no bytes,
+which at batch 1 on a 1B model is ~8% of a step (H100, session 8 probe: 43 us of rope + store and 90 us of
+attention per step over 16 layers). Here one grid (sequence, KV head, split) does it all:
+
+- every program rotates its query group (a few hundred bytes) and the sequence's new key itself;
+- the new token is key ``L - 1``: split 0 takes it from registers (and is the one that writes it, with v, to the
+  cache), so no program reads a slot that is being written in the same launch; the other splits cover the cached
+  keys ``0 .. L - 2``;
+- each split writes its partial output and log-sum-exp, then bumps a per-(sequence, KV head) counter; the program
+  that finishes last reduces the splits and resets the counter to zero for the next launch (the "last block"
+  pattern: no second kernel, no spinning).
+
+Rounding follows the unfused ops (cos/sin and each rotary product rounded to the dtype, fp32 accumulation), so it
+agrees with ``rope_and_store_kv`` + ``paged_attention`` to fp32 summation order. Float caches with neox rotary
+over the whole head only; the layer keeps the unfused path for quantized caches, partial or GPT-J rotary, and on
+the CPU. ``KILN_FUSED_DECODE=0`` turns it off (A/B timing).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._dispatch import FLOAT_DTYPES, backend_for, check_same, check_tensor, interpreting
+from ._triton import tl, triton
+from .attention import _precision, _upcast, decode_num_splits, paged_attention_ref
+from .kv_cache import rope_and_store_kv_ref
+
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+MIN_LOCKS = 4096
+
+
+def fused_decode_enabled() -> bool:
+    v = os.environ.get("KILN_FUSED_DECODE", "1").lower()
+    if v not in ("0", "1", "on", "off"):
+        raise ValueError(f"KILN_FUSED_DECODE must be 0 or 1, got {v!r}")
+    return v in ("1", "on")
+
+
+def fused_decode_supported(q: torch.Tensor, k_cache: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool,
+                           k_scale: torch.Tensor | None = None) -> bool:
+    """True when ``decode_attention_rope`` runs its Triton kernel for these inputs (else use the unfused ops)."""
+    d = q.shape[-1]
+    return (fused_decode_enabled() and is_neox and k_scale is None and q.dim() == 3 and q.dtype in FLOAT_DTYPES
+            and k_cache.dtype == q.dtype and cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] == d
+            and d >= 32 and d & (d - 1) == 0 and k_cache.stride(-1) == 1
+            and backend_for(q, k_cache, cos_sin_cache) == "triton")
+
+
+def _locks(device: torch.device, n: int) -> torch.Tensor | None:
+    """Zeroed split counters, one per (sequence, KV head), shared by every launch on the device (kernels on one
+    stream run in order, and each launch leaves them at zero). None while a CUDA graph is being captured and the
+    buffer is too small: a buffer allocated inside a capture would only be zeroed on replay."""
+    t = _LOCKS.get(device)
+    if t is None or t.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        t = torch.zeros(max(n, MIN_LOCKS, 2 * (0 if t is None else t.numel())), dtype=torch.int32, device=device)
+        _LOCKS[device] = t
+    return t
+
+
+def decode_attention_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                          cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor, seqlens_k: torch.Tensor, block_tables: torch.Tensor,
+                          scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """One new token per sequence: q [B, Hq, D], k / v [B, Hkv, D] (unrotated, e.g. views of a fused qkv) ->
+    attention output [B, Hq, D].
+
+    Same result as ``rope_and_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)``
+    followed by ``paged_attention(q, ..., is_decode=True)``: the rotated key and v go to ``slot_mapping[b]`` (-1:
+    not stored) and sequence b attends to its cached keys ``0 .. seqlens_k[b] - 2`` plus the new one. Unlike
+    ``rope_and_store_kv``, q and k are left unrotated.
+    """
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, ndim=3, dtypes=(q.dtype,), device=q.device)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=q.device)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,), device=q.device)
+    check_tensor("positions", positions, ndim=1, dtypes=(torch.int32, torch.int64), device=q.device)
+    check_tensor("cos_sin_cache", cos_sin_cache, ndim=2, dtypes=(torch.float32,), device=q.device)
+    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int32, torch.int64), device=q.device)
+    check_tensor("seqlens_k", seqlens_k, ndim=1, dtypes=(torch.int32, torch.int64), device=q.device)
+    check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32, torch.int64), device=q.device)
+    B, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    check_same("k.shape", tuple(k.shape), "(B, Hkv, D)", (B, hkv, d))
+    check_same("v.shape", tuple(v.shape), "k.shape", tuple(k.shape))
+    check_same("v_cache.shape", tuple(v_cache.shape), "k_cache.shape", tuple(k_cache.shape))
+    check_same("k_cache.shape[3]", k_cache.shape[3], "head_dim", d)
+    for name, t in (("positions", positions), ("slot_mapping", slot_mapping), ("seqlens_k", seqlens_k),
+                    ("block_tables", block_tables)):
+        check_same(f"{name}.shape[0]", t.shape[0], "the batch size", B)
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    if cos_sin_cache.shape[1] != d or d < 32 or d & (d - 1):
+        raise ValueError(f"decode_attention_rope rotates whole heads: cos_sin_cache.shape[1] "
+                         f"({cos_sin_cache.shape[1]}) must equal head_dim ({d}), a power of two >= 32")
+    locks = _locks(q.device, B * hkv) if backend_for(q, k_cache, block_tables) == "triton" else None
+    if locks is None:
+        return decode_attention_rope_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                                         seqlens_k, block_tables, scale)
+    return _decode_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                                         seqlens_k, block_tables, scale, locks, num_splits)
+
+
+def decode_attention_rope_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, seqlens_k,
+                              block_tables, scale):
+    """The unfused ops on copies of q and k (for rows whose slot is stored; a row with slot -1 is padding)."""
+    q2, k2 = q.clone(), k.clone()
+    rope_and_store_kv_ref(q2, k2, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, True)
+    cu = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+    return paged_attention_ref(q2, k_cache, v_cache, cu, seqlens_k, block_tables, scale)
+
+
+@triton.jit
+def _rotate(x1, x2, cos, sin, DT: tl.constexpr):
+    """Neox rotary of the two halves, rounded where the reference rounds (each product, then the sum)."""
+    o1 = ((x1 * cos).to(DT).to(tl.float32) - (x2 * sin).to(DT).to(tl.float32)).to(DT)
+    o2 = ((x2 * cos).to(DT).to(tl.float32) + (x1 * sin).to(DT).to(tl.float32)).to(DT)
+    return o1, o2
+
+
+@triton.jit
+def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_LSE, LOCKS, O, scale_log2e,
+                        sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, s_cs, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
+                        bt_stride, block_size, so_t, so_h, HKV,
+                        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+                        SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, UPCAST: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    seq = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    dt = O.dtype.element_ty
+    D: tl.constexpr = 2 * HALF
+    HQ = HKV * GROUP
+    cached = tl.load(LENS_K + seq) - 1  # keys already in the cache; the new token is key `cached`
+    chunk = tl.cdiv(tl.cdiv(cached, SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, cached)
+
+    # rotary for the query group and the new key (every program; a few hundred bytes)
+    pos = tl.load(POS + seq).to(tl.int64)
+    h = tl.arange(0, HALF)
+    cos = tl.load(CS + pos * s_cs + h).to(dt).to(tl.float32)
+    sin = tl.load(CS + pos * s_cs + HALF + h).to(dt).to(tl.float32)
+    g = tl.arange(0, BLOCK_G)
+    g_ok = g < GROUP
+    head = kvh * GROUP + g
+    qp = Q + seq * sq_t + head[:, None] * sq_h + h[None, :]
+    q1 = tl.load(qp, mask=g_ok[:, None], other=0.0).to(tl.float32)
+    q2 = tl.load(qp + HALF, mask=g_ok[:, None], other=0.0).to(tl.float32)
+    r1, r2 = _rotate(q1, q2, cos[None, :], sin[None, :], dt)
+    kp = K + seq * sk_t + kvh * sk_h
+    kn1, kn2 = _rotate(tl.load(kp + h).to(tl.float32), tl.load(kp + HALF + h).to(tl.float32), cos, sin, dt)
+    d = tl.arange(0, D)
+    vn = tl.load(V + seq * sv_t + kvh * sv_h + d)
+
+    # split 0 owns the new token: it stores it and counts it in its softmax
+    slot = tl.load(SLOTS + seq).to(tl.int64)
+    own = (split == 0) & (slot >= 0)
+    safe = tl.maximum(slot, 0)
+    kc_new = KC + (safe // block_size) * skc_b + (safe % block_size) * skc_s + kvh * skc_h
+    tl.store(kc_new + h, kn1, mask=own)
+    tl.store(kc_new + HALF + h, kn2, mask=own)
+    tl.store(VC + (safe // block_size) * svc_b + (safe % block_size) * svc_s + kvh * svc_h + d, vn, mask=own)
+    if UPCAST:
+        r1 = r1.to(tl.float32)
+        r2 = r2.to(tl.float32)
+    s_new = (tl.sum(r1.to(tl.float32) * kn1.to(tl.float32)[None, :], 1)
+             + tl.sum(r2.to(tl.float32) * kn2.to(tl.float32)[None, :], 1)) * scale_log2e
+    first = split == 0
+    m_i = tl.where(first, s_new, float("-inf"))
+    l_i = tl.where(first, 1.0, 0.0) + tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.where(first, vn.to(tl.float32)[None, :], 0.0) + tl.zeros([BLOCK_G, D], tl.float32)
+
+    for s0 in range(start, end, BLOCK_N):
+        n = s0 + tl.arange(0, BLOCK_N)
+        n_ok = n < end
+        blk = tl.load(BT + seq * bt_stride + n // block_size, mask=n_ok, other=0).to(tl.int64)
+        sl = n % block_size
+        kb = KC + blk * skc_b + sl * skc_s + kvh * skc_h
+        ka = tl.load(kb[None, :] + h[:, None], mask=n_ok[None, :], other=0.0)  # [HALF, BLOCK_N]
+        kz = tl.load(kb[None, :] + HALF + h[:, None], mask=n_ok[None, :], other=0.0)
+        if UPCAST:
+            ka = ka.to(tl.float32)
+            kz = kz.to(tl.float32)
+        s = tl.dot(r2, kz, tl.dot(r1, ka, input_precision=PRECISION), input_precision=PRECISION) * scale_log2e
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vv = tl.load(VC + (blk * svc_b + sl * svc_s + kvh * svc_h)[:, None] + d[None, :], mask=n_ok[:, None],
+                     other=0.0)
+        if UPCAST:
+            vv = vv.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
+        m_i = m_new
+
+    if SPLITS == 1:
+        tl.store(O + seq * so_t + head[:, None] * so_h + d[None, :], (acc / l_i[:, None]).to(dt),
+                 mask=g_ok[:, None])
+    else:
+        has = l_i > 0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        row = seq * HQ + head
+        tl.store(MID_O + (row[:, None] * SPLITS + split) * D + d[None, :], out, mask=g_ok[:, None])
+        tl.store(MID_LSE + row * SPLITS + split, lse, mask=g_ok)
+        tl.debug_barrier()  # every thread's partials are issued before the counter moves
+        lock = LOCKS + seq * HKV + kvh
+        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
+            s_idx = tl.arange(0, BLOCK_S)
+            s_ok = s_idx < SPLITS
+            for gi in range(GROUP):
+                r = seq * HQ + kvh * GROUP + gi
+                lse_s = tl.load(MID_LSE + r * SPLITS + s_idx, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+                w = tl.where(s_ok & (lse_s > float("-inf")), tl.exp2(lse_s - tl.max(lse_s, 0)), 0.0)
+                w = w / tl.sum(w, 0)
+                parts = tl.load(MID_O + (r * SPLITS + s_idx[:, None]) * D + d[None, :], mask=s_ok[:, None],
+                                other=0.0, cache_modifier=".cg")
+                tl.store(O + seq * so_t + (kvh * GROUP + gi) * so_h + d, tl.sum(parts * w[:, None], 0).to(dt))
+            tl.atomic_xchg(lock, 0)
+
+
+def _decode_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, seqlens_k,
+                                  block_tables, scale, locks, num_splits=None):
+    B, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    group = hq // hkv
+    out = torch.empty_like(q)
+    if B == 0:
+        return out
+    if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("q, k, v and the caches must be contiguous in their last dim")
+    splits = num_splits or decode_num_splits(B, hkv, q.device)
+    if splits > 1:
+        mid_o = torch.empty(B, hq, splits, d, dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty(B, hq, splits, dtype=torch.float32, device=q.device)
+    else:
+        mid_o = mid_lse = out
+    cs = cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous()
+    _decode_rope_kernel[(B, hkv, splits)](
+        q, k, v, positions, cs, k_cache, v_cache, slot_mapping, seqlens_k, block_tables, mid_o, mid_lse, locks,
+        out, scale * 1.4426950408889634, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), cs.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
+        k_cache.shape[1], out.stride(0), out.stride(1), hkv,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HALF=d // 2,
+        BLOCK_N=64 if q.is_cuda and not interpreting() else 16, SPLITS=splits,
+        BLOCK_S=max(2, triton.next_power_of_2(splits)), UPCAST=_upcast(q), PRECISION=_precision(q), num_warps=4,
+        num_stages=2)
+    return out
+
+
+def _doctor_fused_decode(device, dtype, g):
+    """Four sequences (one with no cached keys) with GQA, against the unfused reference ops."""
+    bs, hq, hkv, d = 16, 8, 2, 64
+    lens = [1, 18, 70, 133]
+    nb = sum(-(-L // bs) for L in lens) + 1
+    kc = torch.randn(nb, bs, hkv, d, device=device, dtype=dtype, generator=g)
+    vc = torch.randn(nb, bs, hkv, d, device=device, dtype=dtype, generator=g)
+    perm = torch.randperm(nb, device=device, generator=g).tolist()
+    tables, slots, i = [], [], 0
+    for L in lens:
+        n = -(-L // bs)
+        tables.append(perm[i:i + n] + [-1] * (9 - n))
+        slots.append(perm[i + (L - 1) // bs] * bs + (L - 1) % bs)
+        i += n
+    bt = torch.tensor(tables, dtype=torch.int32, device=device)
+    lk = torch.tensor(lens, dtype=torch.int32, device=device)
+    sl = torch.tensor(slots, dtype=torch.int64, device=device)
+    pos = (lk - 1).long()
+    qkv = torch.randn(4, (hq + 2 * hkv) * d, device=device, dtype=dtype, generator=g)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=1)
+    q, k, v = q.view(4, hq, d), k.view(4, hkv, d), v.view(4, hkv, d)
+    from .rotary import rope_cos_sin_cache
+
+    cs = rope_cos_sin_cache(d, 256, 10000.0, device=device)
+    ref = decode_attention_rope_ref(q, k, v, pos, cs, kc.clone(), vc.clone(), sl, lk, bt, d ** -0.5)
+    if backend_for(q, kc) != "triton":
+        return 0.0, "ref"
+    got = _decode_attention_rope_triton(q, k, v, pos, cs, kc, vc, sl, lk, bt, d ** -0.5, _locks(kc.device, 8),
+                                        num_splits=3)
+    err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    return err / (8 if dtype != torch.float32 else 1e2), "triton"
+
+
+DOCTOR_CHECKS = {"decode_attention_rope": _doctor_fused_decode}
