@@ -228,16 +228,17 @@ class ModelRunner:
         bmax = sizes[-1]
         max_blocks = -(-self.max_model_len // self.block_size)
         dev = self.device
-        # the graphs' inputs live in two flat buffers (int64: ids | positions | slots; int32: lens | block tables),
-        # each filled from a pinned host twin by one asynchronous copy per step instead of five small ones
-        self.g_i64 = torch.zeros(3 * bmax, dtype=torch.long, device=dev)
-        self.g_i32 = torch.zeros(bmax * (1 + max_blocks), dtype=torch.int32, device=dev)
-        self.h_i64 = torch.zeros(3 * bmax, dtype=torch.long, pin_memory=True)
-        self.h_i32 = torch.zeros(bmax * (1 + max_blocks), dtype=torch.int32, pin_memory=True)
-        self.g_ids, self.g_pos, self.g_slots = self.g_i64.view(3, bmax)
-        self.g_lens, self.g_tables = self.g_i32[:bmax], self.g_i32[bmax:].view(bmax, max_blocks)
-        self.h_ids, self.h_pos, self.h_slots = self.h_i64.view(3, bmax)
-        self.h_lens, self.h_tables = self.h_i32[:bmax], self.h_i32[bmax:].view(bmax, max_blocks)
+        # the graphs' inputs live in one flat byte buffer (int64: ids | positions | slots, then int32: lens | block
+        # tables), filled from a pinned host twin by one asynchronous copy per step instead of five small ones
+        n64, n32 = 3 * bmax, bmax * (1 + max_blocks)
+        self.g_bytes = torch.zeros(8 * n64 + 4 * n32, dtype=torch.uint8, device=dev)
+        self.h_bytes = torch.zeros(8 * n64 + 4 * n32, dtype=torch.uint8, pin_memory=True)
+        g_i64, g_i32 = self.g_bytes[:8 * n64].view(torch.long), self.g_bytes[8 * n64:].view(torch.int32)
+        h_i64, h_i32 = self.h_bytes[:8 * n64].view(torch.long), self.h_bytes[8 * n64:].view(torch.int32)
+        self.g_ids, self.g_pos, self.g_slots = g_i64.view(3, bmax)
+        self.g_lens, self.g_tables = g_i32[:bmax], g_i32[bmax:].view(bmax, max_blocks)
+        self.h_ids, self.h_pos, self.h_slots = h_i64.view(3, bmax)
+        self.h_lens, self.h_tables = h_i32[:bmax], h_i32[bmax:].view(bmax, max_blocks)
         self.g_slots.fill_(-1)
         self.g_lens.fill_(1)
         self.h_copied = torch.cuda.Event()  # the last step's copies have left the host buffers
@@ -275,9 +276,9 @@ class ModelRunner:
         stream = torch.cuda.current_stream(self.device)
         self.h_copied.synchronize()  # normally long done: the previous step's results have been read since
         stage_graph_inputs(inp, b, self.h_ids, self.h_pos, self.h_slots, self.h_lens, self.h_tables)
-        self.g_i64.copy_(self.h_i64, non_blocking=True)
-        used = self.h_lens.shape[0] + b * self.h_tables.shape[1]  # the lengths and the first b table rows
-        self.g_i32[:used].copy_(self.h_i32[:used], non_blocking=True)
+        # the int64 rows, the lengths and the first b table rows
+        used = 8 * 3 * self.h_lens.shape[0] + 4 * (self.h_lens.shape[0] + b * self.h_tables.shape[1])
+        self.g_bytes[:used].copy_(self.h_bytes[:used], non_blocking=True)
         self.h_copied.record(stream)
         if device_ids is not None:
             self.g_ids[:n].copy_(device_ids)

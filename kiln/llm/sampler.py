@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.ops.argmax import argmax_rows
+
 from .sampling_params import SamplingParams
 
 
@@ -126,7 +128,7 @@ class Sampler:
         without waiting for them."""
         if (all(p.greedy and p.logprobs is None and not p.needs_penalties() for p in params)
                 and not any(banned)):  # the common serving case: one argmax, one read
-            return PendingSample(logits.argmax(dim=-1))
+            return PendingSample(argmax_rows(logits))
         logits = logits.float()
         B, V = logits.shape
         dev = logits.device
@@ -157,7 +159,7 @@ class Sampler:
                 logits[i, torch.tensor(ids, device=dev)] = float("-inf")
 
         greedy = torch.tensor([p.greedy for p in params], device=dev)
-        tokens = logits.argmax(dim=-1)
+        tokens = argmax_rows(logits)
         if not bool(all(p.greedy for p in params)):
             temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
             x = logits / temps[:, None]
@@ -172,7 +174,7 @@ class Sampler:
             for i, g in enumerate(generators):
                 if g is not None and not params[i].greedy:
                     noise[i].exponential_(generator=g)
-            sampled = (probs / noise).argmax(dim=-1)
+            sampled = argmax_rows(probs / noise)
             tokens = torch.where(greedy, tokens, sampled)
 
         if not want_lp:

@@ -26,13 +26,12 @@ import os
 
 import torch
 
+from ._counters import split_counters
 from ._dispatch import FLOAT_DTYPES, backend_for, check_same, check_tensor, interpreting
 from ._triton import tl, triton
 from .attention import _precision, _upcast, decode_num_splits, paged_attention_ref
 from .kv_cache import rope_and_store_kv_ref
 
-_LOCKS: dict[torch.device, torch.Tensor] = {}
-MIN_LOCKS = 4096
 
 
 def fused_decode_enabled() -> bool:
@@ -50,19 +49,6 @@ def fused_decode_supported(q: torch.Tensor, k_cache: torch.Tensor, cos_sin_cache
             and k_cache.dtype == q.dtype and cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] == d
             and d >= 32 and d & (d - 1) == 0 and k_cache.stride(-1) == 1
             and backend_for(q, k_cache, cos_sin_cache) == "triton")
-
-
-def _locks(device: torch.device, n: int) -> torch.Tensor | None:
-    """Zeroed split counters, one per (sequence, KV head), shared by every launch on the device (kernels on one
-    stream run in order, and each launch leaves them at zero). None while a CUDA graph is being captured and the
-    buffer is too small: a buffer allocated inside a capture would only be zeroed on replay."""
-    t = _LOCKS.get(device)
-    if t is None or t.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        t = torch.zeros(max(n, MIN_LOCKS, 2 * (0 if t is None else t.numel())), dtype=torch.int32, device=device)
-        _LOCKS[device] = t
-    return t
 
 
 def decode_attention_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -101,7 +87,7 @@ def decode_attention_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos
     if cos_sin_cache.shape[1] != d or d < 32 or d & (d - 1):
         raise ValueError(f"decode_attention_rope rotates whole heads: cos_sin_cache.shape[1] "
                          f"({cos_sin_cache.shape[1]}) must equal head_dim ({d}), a power of two >= 32")
-    locks = _locks(q.device, B * hkv) if backend_for(q, k_cache, block_tables) == "triton" else None
+    locks = split_counters(q.device, B * hkv) if backend_for(q, k_cache, block_tables) == "triton" else None
     if locks is None:
         return decode_attention_rope_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
                                          seqlens_k, block_tables, scale)
@@ -131,7 +117,7 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
                         sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, s_cs, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
                         bt_stride, block_size, so_t, so_h, HKV,
                         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
-                        SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, UPCAST: tl.constexpr,
+                        SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, RED_G: tl.constexpr, UPCAST: tl.constexpr,
                         PRECISION: tl.constexpr):
     seq = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
@@ -216,16 +202,25 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
         tl.debug_barrier()  # every thread's partials are issued before the counter moves
         lock = LOCKS + seq * HKV + kvh
         if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
+            # the last split of this (sequence, KV head) merges all of them, RED_G heads at a time: every load
+            # of a chunk is issued at once (one L2 round trip), not one head after another
             s_idx = tl.arange(0, BLOCK_S)
             s_ok = s_idx < SPLITS
-            for gi in range(GROUP):
-                r = seq * HQ + kvh * GROUP + gi
-                lse_s = tl.load(MID_LSE + r * SPLITS + s_idx, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-                w = tl.where(s_ok & (lse_s > float("-inf")), tl.exp2(lse_s - tl.max(lse_s, 0)), 0.0)
-                w = w / tl.sum(w, 0)
-                parts = tl.load(MID_O + (r * SPLITS + s_idx[:, None]) * D + d[None, :], mask=s_ok[:, None],
-                                other=0.0, cache_modifier=".cg")
-                tl.store(O + seq * so_t + (kvh * GROUP + gi) * so_h + d, tl.sum(parts * w[:, None], 0).to(dt))
+            rg = tl.arange(0, RED_G)
+            for g0 in range(0, GROUP, RED_G):
+                rg_ok = (g0 + rg) < GROUP
+                r = seq * HQ + kvh * GROUP + g0 + rg  # [RED_G]
+                m2 = rg_ok[:, None] & s_ok[None, :]
+                lse_s = tl.load(MID_LSE + r[:, None] * SPLITS + s_idx[None, :], mask=m2, other=float("-inf"),
+                                cache_modifier=".cg")
+                parts = tl.load(MID_O + ((r[:, None] * SPLITS + s_idx[None, :]) * D)[:, :, None]
+                                + d[None, None, :], mask=m2[:, :, None], other=0.0, cache_modifier=".cg")
+                mx = tl.max(lse_s, 1)
+                w = tl.where(m2 & (lse_s > float("-inf")), tl.exp2(lse_s - tl.where(rg_ok, mx, 0.0)[:, None]), 0.0)
+                w = w / tl.where(rg_ok, tl.sum(w, 1), 1.0)[:, None]
+                o = tl.sum(parts * w[:, :, None], 1)  # [RED_G, D]
+                tl.store(O + seq * so_t + (kvh * GROUP + g0 + rg)[:, None] * so_h + d[None, :], o.to(dt),
+                         mask=rg_ok[:, None])
             tl.atomic_xchg(lock, 0)
 
 
@@ -246,6 +241,9 @@ def _decode_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_
     else:
         mid_o = mid_lse = out
     cs = cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous()
+    block_s = max(2, triton.next_power_of_2(splits))
+    # heads merged per pass of the reduction: at most 8K fp32 partials in registers (64 per thread)
+    red_g = max(1, min(triton.next_power_of_2(group), 8192 // (block_s * d)))
     _decode_rope_kernel[(B, hkv, splits)](
         q, k, v, positions, cs, k_cache, v_cache, slot_mapping, seqlens_k, block_tables, mid_o, mid_lse, locks,
         out, scale * 1.4426950408889634, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
@@ -253,7 +251,7 @@ def _decode_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_
         k_cache.shape[1], out.stride(0), out.stride(1), hkv,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HALF=d // 2,
         BLOCK_N=64 if q.is_cuda and not interpreting() else 16, SPLITS=splits,
-        BLOCK_S=max(2, triton.next_power_of_2(splits)), UPCAST=_upcast(q), PRECISION=_precision(q), num_warps=4,
+        BLOCK_S=block_s, RED_G=red_g, UPCAST=_upcast(q), PRECISION=_precision(q), num_warps=4,
         num_stages=2)
     return out
 
@@ -285,8 +283,8 @@ def _doctor_fused_decode(device, dtype, g):
     ref = decode_attention_rope_ref(q, k, v, pos, cs, kc.clone(), vc.clone(), sl, lk, bt, d ** -0.5)
     if backend_for(q, kc) != "triton":
         return 0.0, "ref"
-    got = _decode_attention_rope_triton(q, k, v, pos, cs, kc, vc, sl, lk, bt, d ** -0.5, _locks(kc.device, 8),
-                                        num_splits=3)
+    got = _decode_attention_rope_triton(q, k, v, pos, cs, kc, vc, sl, lk, bt, d ** -0.5,
+                                        split_counters(kc.device, 8), num_splits=3)
     err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
     return err / (8 if dtype != torch.float32 else 1e2), "triton"
 

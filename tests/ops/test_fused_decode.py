@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kiln.ops import fused_decode
+from kiln.ops._counters import split_counters
 from kiln.ops.fused_decode import decode_attention_rope, decode_attention_rope_ref
 from kiln.ops.rotary import rope_cos_sin_cache
 from tests.conftest import DEVICE, requires_triton
@@ -67,7 +68,7 @@ def test_fused_decode_matches_unfused_ops(dtype, hq, hkv, d, splits):
     q0, k0 = q.clone(), k.clone()
     kc_ref, vc_ref = kc.clone(), vc.clone()
     ref = decode_attention_rope_ref(q, k, v, pos, cs, kc_ref, vc_ref, slots, lens, bt, d ** -0.5)
-    locks = fused_decode._locks(DEVICE, q.shape[0] * hkv)
+    locks = split_counters(DEVICE, q.shape[0] * hkv)
     got = fused_decode._decode_attention_rope_triton(q, k, v, pos, cs, kc, vc, slots, lens, bt, d ** -0.5, locks,
                                                      num_splits=splits)
     assert not got.isnan().any()
@@ -88,7 +89,7 @@ def test_padding_rows_store_nothing_and_real_rows_are_unaffected():
     g = torch.Generator(device=DEVICE).manual_seed(1)
     q, k, v, pos, cs, kc, vc, slots, lens, bt = make_decode(g, torch.float16, 8, 2, 64, 8, [3, 20], pad_rows=2)
     kc_before, vc_before = kc.clone(), vc.clone()
-    locks = fused_decode._locks(DEVICE, q.shape[0] * 2)
+    locks = split_counters(DEVICE, q.shape[0] * 2)
     got = fused_decode._decode_attention_rope_triton(q, k, v, pos, cs, kc, vc, slots, lens, bt, 0.125, locks,
                                                      num_splits=4)
     ref = decode_attention_rope_ref(q[:2], k[:2], v[:2], pos[:2], cs, kc_before.clone(), vc_before.clone(),
