@@ -3,12 +3,21 @@
 Both sides get the same model (policy, frozen reference, a separate value model: the checkpoint loaded as a
 ``AutoModelForSequenceClassification`` with a zero ``score`` head), the same rule-based reward (``WordListReward``;
 on TRL's side wrapped as a module whose backbone returns the score as its hidden state and whose ``score`` head is
-the identity, TRL's reward-model layout), the same prompts and the same hyper-parameters (fixed-length responses,
-fp32 unless --bf16 (then bf16 autocast on both sides), no gradient checkpointing on either side, AdamW (fused, eps
-1e-8, no weight decay) with TRL's default linear learning-rate decay to 0 over the run on both sides). kiln's rollout
-engine computes in the training dtype (fp32, or bf16 under --bf16), so it samples the policy being trained, as
-TRL's ``generate`` on the policy itself does. TRL runs twice: as shipped, and with ``gc.freeze()`` before training
-(TRL calls ``gc.collect()`` twice per iteration, which walks every live object unless frozen).
+the identity, TRL's reward-model layout), the same prompts and the same hyper-parameters (fixed-length responses:
+with no stop token both sample ``response_length`` tokens through EOS; fp32 unless --bf16 (then bf16 autocast on both
+sides, see below), no gradient checkpointing on either side, AdamW (fused, eps 1e-8, no weight decay) with TRL's
+default linear learning-rate decay to 0 over the run on both sides). kiln's rollout engine computes in the training
+dtype (fp32, or bf16 under --bf16), so it samples the policy being trained, as TRL's ``generate`` on the policy
+itself does.
+
+--bf16 on TRL's side: TRL's PPOTrainer builds its own ``Accelerator`` without a precision, which reads
+``ACCELERATE_MIXED_PRECISION`` only (with transformers 5, ``bf16=True`` in the config alone leaves TRL in plain fp32),
+so the bench sets that variable while it builds TRL's trainer, as ``accelerate launch --mixed_precision bf16`` would.
+accelerate then autocasts only the top-level module's forward, TRL's training forward: TRL's rollouts (``generate``
+on the policy itself), reference and value forwards stay fp32, where kiln's (rollout_dtype "auto") run in bf16.
+
+TRL runs twice: as shipped, and with ``gc.freeze()`` before training (TRL calls ``gc.collect()`` twice per
+iteration, which walks every live object unless frozen).
 
 Measured: wall time per PPO iteration (median over the iterations after the first) and kiln's phase breakdown
 (weight sync, rollout, scoring, PPO updates), rollout tokens/s (the sampling step alone), the mean training reward
@@ -23,6 +32,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -136,8 +146,10 @@ def run_kiln(a, model_dir, device, train_texts, reward):
 
 def hf_rollouts(tr):
     """A diagnostic: kiln's trainer with TRL's rollouts (the policy's own Hugging Face ``generate``: left-padded
-    batch, global RNG, sampling at the trainer's temperature, stop at the model's EOS ids), so that a reward gap
-    between kiln and TRL can be pinned on the rollout engine or on the update."""
+    batch, global RNG, sampling at the trainer's temperature; as TRL 1.12 does, the policy's
+    ``generation_config.eos_token_id`` is the stop token for the call, so with no stop token every response runs
+    ``response_length`` tokens through EOS, and with one it ends at that id), so that a reward gap between kiln and
+    TRL can be pinned on the rollout engine or on the update."""
 
     @torch.no_grad()
     def generate(batch, temperature=None, seed=None):
@@ -149,18 +161,22 @@ def hf_rollouts(tr):
         policy = tr.model.policy
         was_training = policy.training
         policy.eval()
-        out = policy.generate(input_ids=q.masked_fill(mask == 0, 0), attention_mask=mask, do_sample=True,
-                              temperature=temperature or tr.args.temperature, top_k=0, top_p=1.0,
-                              max_new_tokens=tr.args.response_length, pad_token_id=pad)
-        policy.train(was_training)
-        eos = policy.generation_config.eos_token_id
-        eos = {eos} if isinstance(eos, int) else set(eos or [])
+        stop = tr.stop_token_id
+        saved_eos = policy.generation_config.eos_token_id
+        policy.generation_config.eos_token_id = stop  # TRL's PPOTrainer.__init__ does this (None: no stop at all)
+        try:
+            out = policy.generate(input_ids=q.masked_fill(mask == 0, 0), attention_mask=mask, do_sample=True,
+                                  temperature=temperature or tr.args.temperature, top_k=0, top_p=1.0,
+                                  max_new_tokens=tr.args.response_length, pad_token_id=pad)
+        finally:
+            policy.generation_config.eos_token_id = saved_eos
+            policy.train(was_training)
         responses = []
-        for row in out[:, ctx:].tolist():
-            end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        for row in out[:, ctx:].tolist():  # TRL's truncate_response: cut after the first stop token
+            end = next((i + 1 for i, t in enumerate(row) if t == stop), len(row)) if stop is not None else len(row)
             responses.append(row[:end])
         return tr._pack(list(texts), [list(p) for p in ids], responses, tr._decode(responses),
-                        ["stop" if r and r[-1] in eos else "length" for r in responses])
+                        ["stop" if stop is not None and r and r[-1] == stop else "length" for r in responses])
 
     return generate
 
@@ -229,9 +245,21 @@ def run_trl(a, model_dir, device, train_texts, reward, freeze: bool):
                 scores.append(logs["objective/scores"])
                 kls.append(logs["objective/kl"])
 
-    trainer = TRLTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
-                         train_dataset=train, value_model=value, eval_dataset=train.select(range(a.batch_size)),
-                         callbacks=[Timer()])
+    # TRL's own Accelerator() takes its precision from the environment only (see the module docstring)
+    saved_mp = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if a.bf16 else "no"
+    try:
+        trainer = TRLTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
+                             train_dataset=train, value_model=value, eval_dataset=train.select(range(a.batch_size)),
+                             callbacks=[Timer()])
+    finally:
+        if saved_mp is None:
+            os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+        else:
+            os.environ["ACCELERATE_MIXED_PRECISION"] = saved_mp
+    if trainer.accelerator.mixed_precision != ("bf16" if a.bf16 else "no"):
+        raise RuntimeError(f"TRL's accelerator runs in {trainer.accelerator.mixed_precision!r}, not the bench's "
+                           f"precision ({'bf16' if a.bf16 else 'fp32'})")
     gen_times = []
     orig_generate = policy.generate
 

@@ -9,6 +9,17 @@ advantages, returns (captured where each side computes them), per-optimizer-step
 learning rate each step used, and the parameter deltas after the iteration.
 
     python scripts/ppo_update_parity.py [--batch-size 16 --response-length 24 --seed 0]
+
+``--rollout-samples K`` (K > 0) first compares the part before the update, the rollouts, from the same initial
+policy: TRL's own rollout code (``batch_generation`` with the generation config its ``train()`` builds, the policy's
+``generation_config`` as its ``__init__`` leaves it, ``truncate_response``, ``sequence_lengths`` from the first pad,
+``get_reward`` through the bench's reward-model wrapper) against kiln's ``PPOTrainer.generate`` + ``score``, K
+samples of every training prompt each: how many responses end before ``response_length``, how many hold an EOS id
+(``<|eos|>``, ``<|end|>``) before their last token, tokens trained per response, the mean score and the mean
+per-token log-probability of the sampled tokens under the policy (mean +- s.e.). The two samplers draw different
+random numbers, so only the distributions compare. ``--rollout-only`` stops after it.
+
+    python scripts/ppo_update_parity.py --rollout-samples 8 --response-length 48 --rollout-only
 """
 
 from __future__ import annotations
@@ -33,8 +44,15 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=1, help="total_episodes / batch_size on both sides (LR schedule)")
     p.add_argument("--learning-rate", type=float, default=3e-5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rollout-samples", type=int, default=0, help="K > 0: the rollout comparison, K per prompt")
+    p.add_argument("--rollout-only", action="store_true", help="stop after the rollout comparison")
+    p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
+    if a.rollout_samples > 0:
+        rollout_check(a)
+        if a.rollout_only:
+            return 0
 
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -223,6 +241,102 @@ def main(argv=None) -> int:
                             .double().square().sum()) for n, pk in named_kiln)).item()
     print(f"||delta|| TRL {tot_t:.6e}  kiln {tot_k:.6e}")
     return 0
+
+
+def _mean_se(xs: list[float]) -> str:
+    t = torch.tensor(xs, dtype=torch.float64)
+    se = (t.std() / len(xs) ** 0.5).item() if len(xs) > 1 else float("nan")
+    return f"{t.mean().item():.4f} +- {se:.4f}"
+
+
+def rollout_check(a) -> None:
+    """TRL's rollout + post-processing code vs kiln's generate + score, from the same initial policy (see the
+    module docstring)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, GenerationConfig
+    import trl.experimental.ppo.ppo_trainer as trl_mod
+    from trl.experimental.ppo import PPOConfig as TRLConfig, PPOTrainer as TRLTrainer
+    from trl.experimental.utils import first_true_indices, get_reward
+    from trl.trainer.utils import selective_log_softmax
+
+    from bench.ppo_vs_trl import TextRewardModel, load_models
+    from kiln.data.prompts import PromptDataset
+    from kiln.models import default_model_path
+    from kiln.rl import PPOConfig, PPOTrainer, WordListReward
+    from kiln.rl.cli import DEMO_WORDS, demo_prompts
+
+    model_dir = default_model_path()
+    reward = WordListReward(DEMO_WORDS)
+    texts = demo_prompts()[32:]
+    K, T, n = a.rollout_samples, a.response_length, len(demo_prompts()[32:])
+    eos_ids = (1, 3)
+
+    # ---- TRL: the trainer's __init__ (it sets the policy's generation_config.eos_token_id to the stop token), then
+    # the rollout part of its train(), lines 620-627 and 690-736 of trl 1.12.0's ppo_trainer.py
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    pad = tok.pad_token_id
+    tpol, tval = load_models(model_dir, "cpu", a.seed)
+    ids = [tok(t)["input_ids"] for t in texts]
+    rm = TextRewardModel(reward, tok, {tuple(i): t for i, t in zip(ids, texts)})
+    tcfg = TRLConfig(output_dir=tempfile.mkdtemp(prefix="trl_rollout_"), per_device_train_batch_size=n,
+                     response_length=T, temperature=1.0, seed=a.seed, total_episodes=n, num_sample_generations=0,
+                     local_rollout_forward_batch_size=n, gradient_checkpointing=False, report_to=[],
+                     save_strategy="no", use_cpu=True, disable_tqdm=True, stop_token=None)
+    tt = TRLTrainer(args=tcfg, processing_class=tok, model=tpol, ref_model=copy.deepcopy(tpol).eval(),
+                    reward_model=rm, train_dataset=Dataset.from_dict({"input_ids": ids}), value_model=tval)
+    gen_cfg = GenerationConfig(max_new_tokens=T, temperature=tcfg.temperature + 1e-7, top_k=0.0, top_p=1.0,
+                               do_sample=True)
+    collate = tt.data_collator
+    trl_rows = {"len": [], "eos_inside": [], "trained": [], "score": [], "logprob": []}
+    torch.manual_seed(a.seed)
+    with torch.no_grad():
+        for _ in range(K):
+            queries = collate([{"input_ids": i} for i in ids])["input_ids"]
+            ctx = queries.shape[1]
+            qr, logitss = trl_mod.batch_generation(tt.model.policy, queries, n, pad, gen_cfg)
+            resp = qr[:, ctx:]
+            logprob = selective_log_softmax(logitss, resp)
+            post = resp if tt.stop_token_id is None else trl_mod.truncate_response(tt.stop_token_id, pad, resp)
+            seq_len = first_true_indices(post == pad) - 1
+            _, score, _ = get_reward(rm, torch.cat((queries, post), 1), pad, ctx)
+            for r, sl, sc, lp in zip(post.tolist(), seq_len.tolist(), score.tolist(), logprob):
+                real = r[:sl + 1]
+                trl_rows["len"].append(len(real))
+                trl_rows["eos_inside"].append(float(any(t in eos_ids for t in real[:-1])))
+                trl_rows["trained"].append(sl + 1)
+                trl_rows["score"].append(sc)
+                trl_rows["logprob"].append(lp[:sl + 1].mean().item())
+
+    # ---- kiln: generate + score, the same prompts, K seeded samples each
+    kpol, kval = load_models(model_dir, "cpu", a.seed)
+    kcfg = PPOConfig(per_device_train_batch_size=n, response_length=T, temperature=1.0, seed=a.seed,
+                     total_episodes=n, num_sample_generations=0, local_rollout_forward_batch_size=n)
+    kt = PPOTrainer(kcfg, model=kpol, model_path=model_dir, reward_model=reward, value_model=kval,
+                    train_dataset=PromptDataset(texts), device="cpu")
+    kt.sync_weights()
+    kiln_rows = {k: [] for k in trl_rows}
+    with torch.no_grad():
+        for k in range(K):
+            ro = kt.generate(texts, seed=1_000 + k * n)
+            scores = kt.score(ro)
+            lp = kt._score_rollout(ro)["logprobs"]
+            for i, r in enumerate(ro.response_ids):
+                kiln_rows["len"].append(len(r))
+                kiln_rows["eos_inside"].append(float(any(t in eos_ids for t in r[:-1])))
+                kiln_rows["trained"].append(int(ro.mask[i].sum()))
+                kiln_rows["score"].append(scores[i].item())
+                kiln_rows["logprob"].append(lp[i][ro.mask[i]].mean().item())
+
+    print(f"rollouts from the initial policy: {n} prompts x {K} samples x up to {T} tokens (mean +- s.e.)")
+    print(f"{'':34s}{'TRL 1.12':>22s}{'kiln':>22s}")
+    for name, key, f in [("responses shorter than the limit", "len", lambda v: float(v < T)),
+                         ("responses with an EOS id inside", "eos_inside", float),
+                         ("tokens trained per response", "trained", float),
+                         ("score (WordListReward)", "score", float),
+                         ("log-prob per sampled token", "logprob", float)]:
+        t_, k_ = _mean_se([f(v) for v in trl_rows[key]]), _mean_se([f(v) for v in kiln_rows[key]])
+        print(f"{name:34s}{t_:>22s}{k_:>22s}")
+    print()
 
 
 if __name__ == "__main__":

@@ -125,6 +125,7 @@ class ModelRunner:
         """Peak activation memory of a forward at the full token budget, subtracted from the allowed total."""
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
         tokens = min(self.ecfg.max_num_batched_tokens, self.ecfg.max_num_seqs * self.max_model_len)
         seq_len = min(self.max_model_len, tokens)
         n_seqs = max(1, tokens // seq_len)
@@ -159,7 +160,10 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        return int(total * self.ecfg.gpu_memory_utilization - peak - used_by_others)
+        budget = int(total * self.ecfg.gpu_memory_utilization - peak - used_by_others)
+        # the pool is one allocation, so it must also fit in what the driver has free beside the activations: memory
+        # this process reserved but cannot hand back (an earlier engine's CUDA-graph pool) is not free for it
+        return min(budget, free - (peak - before))
 
     # ------------------------------------------------------------------------------------------ steps
     def pack(self, batch: ScheduledBatch, all_logits: bool = False) -> tuple[StepInput, list[int]]:

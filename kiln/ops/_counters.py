@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown buffers stay allocated: a captured CUDA graph may still point at them
 MIN_COUNTERS = 4096
 
 
@@ -19,6 +20,8 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor | None:
     if t is None or t.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
+        if t is not None:
+            _RETIRED.append(t)
         t = torch.zeros(max(n, MIN_COUNTERS, 2 * (0 if t is None else t.numel())), dtype=torch.int32, device=device)
         _COUNTERS[device] = t
     return t

@@ -7,16 +7,15 @@ which at batch 1 on a 1B model is ~8% of a step (H100, session 8 probe: 43 us of
 attention per step over 16 layers). Here one grid (sequence, KV head, split) does it all:
 
 - every program rotates its query group (a few hundred bytes) and the sequence's new key itself;
-- the new token is key ``L - 1``: split 0 takes it from registers (and is the one that writes it, with v, to the
-  cache), so no program reads a slot that is being written in the same launch; the other splits cover the cached
-  keys ``0 .. L - 2``;
+- the new token is key ``L - 1``; the split whose range holds it takes that key's K and V from registers instead
+  of the cache and is the one that writes them there, so no program reads a slot written in the same launch;
 - each split writes its partial output and log-sum-exp, then bumps a per-(sequence, KV head) counter; the program
   that finishes last reduces the splits and resets the counter to zero for the next launch (the "last block"
   pattern: no second kernel, no spinning).
 
-Rounding follows the unfused ops (cos/sin and each rotary product rounded to the dtype, fp32 accumulation), so it
-agrees with ``rope_and_store_kv`` + ``paged_attention`` to fp32 summation order. Float caches with neox rotary
-over the whole head only; the layer keeps the unfused path for quantized caches, partial or GPT-J rotary, and on
+Splits, tiles and rounding are the unfused kernels' (cos/sin and each rotary product rounded to the dtype, the
+same key chunks per split, probabilities rounded to the dtype before the PV product, the same merge), so greedy
+decoding follows ``rope_and_store_kv`` + ``paged_attention``. Float caches with neox rotary over the whole head only; the layer keeps the unfused path for quantized caches, partial or GPT-J rotary, and on
 the CPU. ``KILN_FUSED_DECODE=0`` turns it off (A/B timing).
 """
 
@@ -125,10 +124,12 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
     dt = O.dtype.element_ty
     D: tl.constexpr = 2 * HALF
     HQ = HKV * GROUP
-    cached = tl.load(LENS_K + seq) - 1  # keys already in the cache; the new token is key `cached`
-    chunk = tl.cdiv(tl.cdiv(cached, SPLITS), BLOCK_N) * BLOCK_N
+    L = tl.load(LENS_K + seq)
+    new_at = L - 1  # the new token is key L - 1; keys before it are in the cache
+    # the unfused kernel's chunking over all L keys, so every split sums the same keys in the same order
+    chunk = tl.cdiv(tl.cdiv(L, SPLITS), BLOCK_N) * BLOCK_N
     start = split * chunk
-    end = tl.minimum(start + chunk, cached)
+    end = tl.minimum(start + chunk, L)
 
     # rotary for the query group and the new key (every program; a few hundred bytes)
     pos = tl.load(POS + seq).to(tl.int64)
@@ -147,9 +148,10 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
     d = tl.arange(0, D)
     vn = tl.load(V + seq * sv_t + kvh * sv_h + d)
 
-    # split 0 owns the new token: it stores it and counts it in its softmax
+    # the split whose range holds the new token stores it (slot -1: padding, not stored) and reads it from
+    # registers, never from the slot it is writing
     slot = tl.load(SLOTS + seq).to(tl.int64)
-    own = (split == 0) & (slot >= 0)
+    own = (start <= new_at) & (new_at < end) & (slot >= 0)
     safe = tl.maximum(slot, 0)
     kc_new = KC + (safe // block_size) * skc_b + (safe % block_size) * skc_s + kvh * skc_h
     tl.store(kc_new + h, kn1, mask=own)
@@ -158,21 +160,22 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
     if UPCAST:
         r1 = r1.to(tl.float32)
         r2 = r2.to(tl.float32)
-    s_new = (tl.sum(r1.to(tl.float32) * kn1.to(tl.float32)[None, :], 1)
-             + tl.sum(r2.to(tl.float32) * kn2.to(tl.float32)[None, :], 1)) * scale_log2e
-    first = split == 0
-    m_i = tl.where(first, s_new, float("-inf"))
-    l_i = tl.where(first, 1.0, 0.0) + tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.where(first, vn.to(tl.float32)[None, :], 0.0) + tl.zeros([BLOCK_G, D], tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
 
     for s0 in range(start, end, BLOCK_N):
         n = s0 + tl.arange(0, BLOCK_N)
         n_ok = n < end
-        blk = tl.load(BT + seq * bt_stride + n // block_size, mask=n_ok, other=0).to(tl.int64)
+        fresh = n == new_at
+        cached = n_ok & (n != new_at)
+        blk = tl.load(BT + seq * bt_stride + n // block_size, mask=cached, other=0).to(tl.int64)
         sl = n % block_size
         kb = KC + blk * skc_b + sl * skc_s + kvh * skc_h
-        ka = tl.load(kb[None, :] + h[:, None], mask=n_ok[None, :], other=0.0)  # [HALF, BLOCK_N]
-        kz = tl.load(kb[None, :] + HALF + h[:, None], mask=n_ok[None, :], other=0.0)
+        ka = tl.where(fresh[None, :], kn1[:, None], tl.load(kb[None, :] + h[:, None], mask=cached[None, :],
+                                                             other=0.0))  # [HALF, BLOCK_N]
+        kz = tl.where(fresh[None, :], kn2[:, None], tl.load(kb[None, :] + HALF + h[:, None], mask=cached[None, :],
+                                                             other=0.0))
         if UPCAST:
             ka = ka.to(tl.float32)
             kz = kz.to(tl.float32)
@@ -182,19 +185,20 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        vv = tl.load(VC + (blk * svc_b + sl * svc_s + kvh * svc_h)[:, None] + d[None, :], mask=n_ok[:, None],
+        vv = tl.load(VC + (blk * svc_b + sl * svc_s + kvh * svc_h)[:, None] + d[None, :], mask=cached[:, None],
                      other=0.0)
+        vv = tl.where(fresh[:, None], vn[None, :], vv)
         if UPCAST:
             vv = vv.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
         m_i = m_new
 
     if SPLITS == 1:
-        tl.store(O + seq * so_t + head[:, None] * so_h + d[None, :], (acc / l_i[:, None]).to(dt),
+        tl.store(O + seq * so_t + head[:, None] * so_h + d[None, :], (acc * (1.0 / l_i)[:, None]).to(dt),
                  mask=g_ok[:, None])
     else:
         has = l_i > 0
-        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        out = acc * (1.0 / tl.where(has, l_i, 1.0))[:, None]
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         row = seq * HQ + head
         tl.store(MID_O + (row[:, None] * SPLITS + split) * D + d[None, :], out, mask=g_ok[:, None])

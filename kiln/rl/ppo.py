@@ -4,7 +4,9 @@ One iteration (``PPOTrainer.step``):
 
 1. sync the policy's current weights into the kiln.llm engine in memory (a cached plan of direct copies) and sample
    ``response_length`` tokens for a batch of prompts; the engine computes in the training dtype (``rollout_dtype``
-   "auto"), so it samples the same distribution whose log-probabilities PPO trains on;
+   "auto"), so it samples the same distribution whose log-probabilities PPO trains on. As in TRL 1.12, a response
+   runs through EOS tokens to ``response_length`` unless ``stop_token`` / ``stop_token_id`` is set, and then ends
+   at that token only (the model's other EOS ids do not end it);
 2. recompute, in the training model, the policy log-probabilities and values and the reference log-probabilities
    of the sampled tokens (logits divided by ``temperature``);
 3. score each (prompt, response) with the reward function or model; ``missing_eos_penalty`` if no stop token;
@@ -13,10 +15,13 @@ One iteration (``PPOTrainer.step``):
 5. ``num_ppo_epochs`` passes over shuffled mini-batches (``num_mini_batches``), each accumulated over micro-batches
    of ``per_device_train_batch_size`` rows: clipped policy loss + ``vf_coef`` x clipped value loss.
 
-Masks: a response's tokens (the stop token included) are True, the padding after it False. TRL 1.12 places the
-score one position past the last token and trains that position's value too (its ``padding_mask_p1``); kiln places
-it on the last token, as TRL's earlier ``compute_rewards`` and the issue's spec do. GAE over the masked tokens is the
-same telescoped sum either way.
+Masks: a response's tokens (the stop token included) are True, the padding after it False. Without a stop token
+every response is ``response_length`` long and the two codes agree (barring a sampled pad token, which TRL takes
+for the end of the response: ``first_true_indices(response == pad_token_id)``). With one, a response that stops early
+differs: TRL 1.12 places the score one position past the stop token and trains that position's value too (its
+``padding_mask_p1``); kiln places it on the last token, as TRL's earlier ``compute_rewards`` and the issue's spec
+do. The stop token's advantage is then ``r + score - V`` in kiln and ``r + gamma*lam*score - V + gamma*(1-lam)*V'``
+in TRL (``V'`` the value one past it): with ``gamma = 1`` they differ by ``(1-lam) * (score - V')`` (0 at lam = 1).
 
 Under ``torchrun`` every rank samples its share of each global batch and trains on its share of every mini-batch:
 with DDP (default) each rank holds the whole model; with ``PPOConfig.fsdp`` the trained model and the reference are
@@ -642,10 +647,13 @@ class PPOTrainer:
         base_seed = self._rollout_seed if seed is None else seed
         stop = self.stop_token_id
         # token ids only (no per-token incremental detokenization in the engine); texts are decoded once below.
-        # A response ends at the model's EOS tokens (generation_config.json too), as TRL's rollouts through
-        # Hugging Face generate do whatever stop_token says; stop_token only adds truncation at its id.
+        # A response ends where TRL 1.12's do: TRL sets the policy's generation_config.eos_token_id to the stop
+        # token (None unless stop_token / stop_token_id is set), so Hugging Face generate samples response_length
+        # tokens through any EOS token, or stops at the stop token alone (truncate_response then cuts after its
+        # first occurrence, which is where the engine stops). The model's own EOS ids (config.json,
+        # generation_config.json) never end a rollout.
         params = [SamplingParams(temperature=a.temperature if temperature is None else temperature,
-                                 max_tokens=a.response_length, seed=base_seed + i,
+                                 max_tokens=a.response_length, seed=base_seed + i, ignore_eos=True,
                                  stop_token_ids=[stop] if stop is not None else None,
                                  detokenize=False) for i in range(len(batch))]
         outs = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], params)
@@ -777,8 +785,8 @@ class PPOTrainer:
         stop_id = self.stop_token_id
         if stop_id is None:
             stop_id = getattr(self.tokenizer, "eos_token_id", None)
-        has_stop = (torch.zeros_like(lengths, dtype=torch.bool) if stop_id is None
-                    else ((ro.responses == stop_id) & mask).any(1))
+        stop_hits = (torch.zeros_like(mask) if stop_id is None else (ro.responses == stop_id) & mask)
+        has_stop = stop_hits.any(1)
         if a.missing_eos_penalty is not None:
             scores = scores - a.missing_eos_penalty * (~has_stop).float()
 
@@ -857,7 +865,8 @@ class PPOTrainer:
             "policy/entropy_avg": acc["entropy"].mean().item(),
             "val/ratio": acc["ratio"].mean().item(),
             "val/ratio_var": acc["ratio"].var().item() if acc["ratio"].numel() > 1 else 0.0,
-            "val/num_eos_tokens": int(has_stop.sum()),
+            # tokens, not rows, as TRL counts them (TRL counts the tokenizer's EOS id even under another stop_token_id)
+            "val/num_eos_tokens": int(stop_hits.sum()),
             "lr": lr,
             "eps": B / elapsed,
             "episode": self.episode,

@@ -107,9 +107,12 @@ def test_one_token_prompt_chunks_beside_decode_rows_do_not_sample(checkpoints):
     decode path, which samples every row)."""
     path, _ = checkpoints["llama"]
     p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    alone = LLM(str(path), dtype="float32", block_size=4).generate([[0, 9, 10, 11, 12, 13, 14]], p)[0]
+    # fixed small pools: three engines live in this process at once on a GPU
+    alone = LLM(str(path), dtype="float32", block_size=4, num_kv_blocks=64).generate([[0, 9, 10, 11, 12, 13, 14]],
+                                                                                   p)[0]
     for run_ahead in (False, True):
-        llm = LLM(str(path), dtype="float32", block_size=4, max_num_batched_tokens=2, async_scheduling=run_ahead)
+        llm = LLM(str(path), dtype="float32", block_size=4, max_num_batched_tokens=2, async_scheduling=run_ahead,
+                  num_kv_blocks=64)
         outs = llm.generate([[0, 5, 6], [0, 9, 10, 11, 12, 13, 14]], p)
         assert outs[1].outputs[0].token_ids == alone.outputs[0].token_ids
         assert llm.engine.get_stats()["kv_blocks_used"] == 0

@@ -149,3 +149,23 @@ def test_attention_layer_takes_the_fused_path_in_decode_steps(monkeypatch, fused
     assert len(calls) == (1 if fused == "1" else 0)
     assert rel(out.view(3, 8, 64), ref) <= TOL[torch.float16]
     assert rel(kc, ref_kc) <= STORE_TOL[torch.float16] and torch.equal(vc, ref_vc)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("splits", [1, 3, None])
+def test_fused_equals_the_unfused_kernels(dtype, splits):
+    """Same key chunks per split, same rounding: the fused kernel reproduces rope_and_store_kv + the split-K decode
+    kernel + its reduction to the last bit (greedy decoding must not move when the fusion is switched on)."""
+    from kiln.ops import attention, kv_cache
+
+    g = torch.Generator(device=DEVICE).manual_seed(11)
+    cached = [0, 5, 3000, 77, 1] * 4 if BIG else [0, 5, 40, 17]
+    q, k, v, pos, cs, kc, vc, slots, lens, bt = make_decode(g, dtype, 8, 2, 64, 16 if BIG else 8, cached)
+    kc2, vc2, q2, k2 = kc.clone(), vc.clone(), q.clone(), k.clone()
+    got = fused_decode._decode_attention_rope_triton(q, k, v, pos, cs, kc, vc, slots, lens, bt, 0.125,
+                                                     split_counters(DEVICE, q.shape[0] * 2), num_splits=splits)
+    kv_cache._rope_and_store_kv_triton(q2, k2, v, pos, cs, kc2, vc2, slots, True)
+    want = attention.paged_decode_triton(q2, kc2, vc2, lens, bt, 0.125, num_splits=splits)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    assert torch.equal(got, want)

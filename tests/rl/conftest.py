@@ -37,3 +37,21 @@ PROMPTS = ["To be, or not", "whether 'tis nobler", "the slings and", "a sea of t
 def e_share(prompts, responses):
     """A dense rule reward a random tiny model can learn fast: the share of response characters that are 'e'."""
     return [r.count("e") / max(len(r), 1) for r in responses]
+
+
+@pytest.fixture(scope="session")
+def eos_heavy_policy(tmp_path_factory):
+    """A tiny checkpoint that often samples its EOS tokens mid-response, as the bundled model's
+    ``generation_config.json`` lists two: token 1 (the tokenizer's and config.json's EOS) and token 3 (an extra
+    end-of-turn id, like ``<|end|>``). Their (tied) embedding rows are scaled up, so their logits dominate in about
+    half of the contexts."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    path = make_policy_checkpoint(tmp_path_factory.mktemp("rl") / "eos_heavy")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[[1, 3]] *= 8.0
+    model.save_pretrained(path, safe_serialization=True)
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1, 3]}))
+    return path
