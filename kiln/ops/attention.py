@@ -19,6 +19,8 @@ and its V scale into the output.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -303,7 +305,10 @@ def decode_num_splits(batch: int, num_kv_heads: int, device: torch.device) -> in
     if device.type != "cuda":
         return 2
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return int(min(32, max(1, -(-2 * sms // max(1, batch * num_kv_heads)))))
+    cap = int(os.environ.get("KILN_DECODE_MAX_SPLITS", "32"))  # A/B timing of the split count
+    if cap < 1:
+        raise ValueError(f"KILN_DECODE_MAX_SPLITS must be >= 1, got {cap}")
+    return int(min(cap, max(1, -(-2 * sms // max(1, batch * num_kv_heads)))))
 
 
 def paged_decode_triton(q, k_cache, v_cache, seqlens_k, block_tables, scale, num_splits: int | None = None,
