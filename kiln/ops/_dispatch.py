@@ -30,6 +30,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def pdl_enabled() -> bool:
+    """``KILN_PDL=1``: kernels that support it launch with programmatic dependent launch (sm_90): a kernel's CTAs
+    start under the previous kernel's tail, do their independent loads, and wait (``gdc_wait``) before reading its
+    output. Off by default; never under the interpreter."""
+    return os.environ.get("KILN_PDL", "0") == "1" and not interpreting()
+
+
 def backend_for(*tensors: torch.Tensor) -> str:
     """'triton' or 'ref' for an op whose inputs are ``tensors``."""
     mode = os.environ.get("KILN_OPS", "auto").lower()

@@ -26,7 +26,7 @@ import os
 import torch
 
 from ._counters import split_counters
-from ._dispatch import FLOAT_DTYPES, backend_for, check_same, check_tensor, interpreting
+from ._dispatch import FLOAT_DTYPES, backend_for, check_same, check_tensor, interpreting, pdl_enabled
 from ._triton import tl, triton
 from .attention import _precision, _upcast, decode_num_splits, paged_attention_ref
 from .kv_cache import rope_and_store_kv_ref
@@ -117,7 +117,7 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
                         bt_stride, block_size, so_t, so_h, HKV,
                         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
                         SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, RED_G: tl.constexpr, UPCAST: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, PDL: tl.constexpr):
     seq = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -136,6 +136,10 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
     h = tl.arange(0, HALF)
     cos = tl.load(CS + pos * s_cs + h).to(dt).to(tl.float32)
     sin = tl.load(CS + pos * s_cs + HALF + h).to(dt).to(tl.float32)
+    slot = tl.load(SLOTS + seq).to(tl.int64)
+    if PDL:  # everything above comes from before the graph; q, k, v are the previous kernel's output
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     g = tl.arange(0, BLOCK_G)
     g_ok = g < GROUP
     head = kvh * GROUP + g
@@ -150,7 +154,6 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
 
     # the split whose range holds the new token stores it (slot -1: padding, not stored) and reads it from
     # registers, never from the slot it is writing
-    slot = tl.load(SLOTS + seq).to(tl.int64)
     own = (start <= new_at) & (new_at < end) & (slot >= 0)
     safe = tl.maximum(slot, 0)
     kc_new = KC + (safe // block_size) * skc_b + (safe % block_size) * skc_s + kvh * skc_h
@@ -245,6 +248,7 @@ def _decode_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_
     else:
         mid_o = mid_lse = out
     cs = cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous()
+    pdl = pdl_enabled()
     block_s = max(2, triton.next_power_of_2(splits))
     # heads merged per pass of the reduction: at most 8K fp32 partials in registers (64 per thread)
     red_g = max(1, min(triton.next_power_of_2(group), 8192 // (block_s * d)))
@@ -255,8 +259,8 @@ def _decode_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_
         k_cache.shape[1], out.stride(0), out.stride(1), hkv,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HALF=d // 2,
         BLOCK_N=64 if q.is_cuda and not interpreting() else 16, SPLITS=splits,
-        BLOCK_S=block_s, RED_G=red_g, UPCAST=_upcast(q), PRECISION=_precision(q), num_warps=4,
-        num_stages=2)
+        BLOCK_S=block_s, RED_G=red_g, UPCAST=_upcast(q), PRECISION=_precision(q), PDL=pdl, num_warps=4,
+        num_stages=2, **({"launch_pdl": True} if pdl else {}))
     return out
 
 

@@ -33,7 +33,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import backend_for, check_same, check_tensor, interpreting
+from ._dispatch import backend_for, check_same, check_tensor, interpreting, pdl_enabled
 from ._triton import triton, tl
 
 MAX_M = 16
@@ -74,10 +74,6 @@ def cublas_only():
         yield
     finally:
         _CUBLAS_ONLY.reset(token)
-
-
-def _pdl() -> bool:
-    return os.environ.get("KILN_PDL", "0") == "1" and not interpreting()
 
 
 @functools.lru_cache(maxsize=8)
@@ -223,7 +219,7 @@ def _launch(x2, weight, bias, prologue, K, *, residual=None, norm_weight=None, e
         raise ValueError(f"BLOCK_M ({cfg['BLOCK_M']}) must cover the {M} rows")
     bk = cfg["BLOCK_K"]
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
-    pdl = _pdl()
+    pdl = pdl_enabled()
     extra = {"launch_pdl": True} if pdl else {}
     dummy = y
     _gemv_kernel[grid](

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import FLOAT_DTYPES, backend_for, check_same, check_tensor
+from ._dispatch import FLOAT_DTYPES, backend_for, check_same, check_tensor, pdl_enabled
 from ._triton import triton, tl
 
 
@@ -50,10 +50,14 @@ def rms_norm_ref(x, weight, eps=1e-6, residual=None):
 
 @triton.jit
 def _rms_norm_kernel(X, R, W, Y, RO, stride_x, stride_r, stride_y, stride_ro, H, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if PDL:  # the weight is a parameter; x and the residual are the previous kernel's output
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
@@ -62,7 +66,6 @@ def _rms_norm_kernel(X, R, W, Y, RO, stride_x, stride_r, stride_y, stride_ro, H,
         tl.store(RO + row * stride_ro + cols, x, mask=mask)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / H
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     y = (xf * tl.rsqrt(var + eps)).to(Y.dtype.element_ty).to(tl.float32) * w
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
@@ -80,15 +83,17 @@ def _rms_norm_triton(x, weight, eps, residual):
     n = x2.shape[0]
     block = triton.next_power_of_2(H)
     warps = 4 if block <= 4096 else 8
+    pdl = pdl_enabled()
+    launch = dict(BLOCK=block, num_warps=warps, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     if residual is None:
         if n:
             _rms_norm_kernel[(n,)](x2, x2, weight, y2, y2, x2.stride(0), 0, y2.stride(0), 0, H, eps,
-                                   HAS_RESIDUAL=False, BLOCK=block, num_warps=warps)
+                                   HAS_RESIDUAL=False, **launch)
         return y
     r2 = _rows(residual)
     ro = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     ro2 = ro.view(-1, H)
     if n:
         _rms_norm_kernel[(n,)](x2, r2, weight, y2, ro2, x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0),
-                               H, eps, HAS_RESIDUAL=True, BLOCK=block, num_warps=warps)
+                               H, eps, HAS_RESIDUAL=True, **launch)
     return y, ro
