@@ -31,10 +31,24 @@ def interpreting() -> bool:
 
 
 def pdl_enabled() -> bool:
-    """``KILN_PDL=1``: kernels that support it launch with programmatic dependent launch (sm_90): a kernel's CTAs
-    start under the previous kernel's tail, do their independent loads, and wait (``gdc_wait``) before reading its
-    output. Off by default; never under the interpreter."""
-    return os.environ.get("KILN_PDL", "0") == "1" and not interpreting()
+    """Programmatic dependent launch for the kernels that support it (the decode GEMVs, RMSNorm, the fused decode
+    attention): a kernel's CTAs start under the previous kernel's tail, do their independent loads (weights, the
+    step's indices) and wait (``gdc_wait``) before reading its output. On by default on sm_90+ (H100, session 9: a
+    Llama-3.2-1B batch-1 decode step 1.30 -> 1.18 ms, Llama-3.1-8B 6.00 -> 5.86 ms); ``KILN_PDL=0`` turns it
+    off. Never under the interpreter."""
+    v = os.environ.get("KILN_PDL", "auto").lower()
+    if v not in ("auto", "0", "1"):
+        raise ValueError(f"KILN_PDL must be 'auto', '0' or '1', got {v!r}")
+    if v == "0" or interpreting():
+        return False
+    return v == "1" or _sm90()
+
+
+@functools.lru_cache(maxsize=1)
+def _sm90() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
 def backend_for(*tensors: torch.Tensor) -> str:

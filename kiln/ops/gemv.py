@@ -19,8 +19,8 @@ before the weight multiply), so bf16 greedy decoding follows the unfused ops.
 
 Switches: ``KILN_GEMV=off`` sends every call to the unfused ops and cuBLAS (end-to-end A/B timing;
 ``cublas_only()`` does so for a block, as the engine does for prefill steps);
-``KILN_PDL=1`` launches the GEMVs with programmatic dependent launch on sm_90 (each CTA loads its first weight
-tile, then waits for the previous kernel: the weight stream starts under the previous kernel's tail).
+programmatic dependent launch (``_dispatch.pdl_enabled``, on by default on sm_90+) lets each CTA load its first
+weight tile before it waits for the previous kernel: the weight stream starts under the previous kernel's tail.
 """
 
 from __future__ import annotations
