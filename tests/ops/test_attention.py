@@ -101,7 +101,7 @@ def test_bad_attention_inputs_are_named():
 
 
 def test_batched_decode_reference_equals_the_per_sequence_loop():
-    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    g = torch.Generator(device=DEVICE).manual_seed(torch.randint(0, 2**31, ()).item())
     q, kc, vc, cu, lk, bt = make_case(g, torch.float32, 8, 2, 32, 4, [1, 1, 1, 1], [0, 9, 30, 3])
     batched = attention.paged_attention_ref(q, kc, vc, cu, lk, bt, 0.3)
     for i, L in enumerate(lk.tolist()):  # each sequence by hand: its keys gathered block by block, no mask
