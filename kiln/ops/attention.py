@@ -125,6 +125,19 @@ def _upcast(q: torch.Tensor) -> bool:
     return interpreting() and q.dtype == torch.bfloat16
 
 
+@triton.jit
+def softmax_pv_step(m_i, l_i, acc, s, v, PRECISION: tl.constexpr):
+    """One key tile of the online softmax shared by every attention kernel here: ``s`` [M, N] masked scores in
+    log2 units, ``v`` [N, D] -> the updated running max, sum and output; probabilities are rounded to v's dtype
+    before the PV product."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
 # Both kernels are GQA-aware: one program serves all query heads of one KV head, so each K/V tile is loaded once
 # for its whole query group. Rows of the prefill tile are (token, head-in-group) pairs.
 
@@ -175,16 +188,11 @@ def _prefill_kernel(Q, K, V, O, CU_Q, LENS_K, BT, KS, VS, scale_log2e,
                 k = k.to(q.dtype)
             s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
             s = tl.where((n[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
             v_off = blk * sv_b + slot * sv_s + kvh * sv_h
             v = tl.load(V + v_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             if UPCAST or KV_QUANT:
                 v = v.to(q.dtype)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = softmax_pv_step(m_i, l_i, acc, s, v, PRECISION)
         out = acc * (out_scale / l_i)[:, None]
         o_ptr = O + (q_start + tok).to(tl.int64)[:, None] * so_t + head[:, None] * so_h + d[None, :]
         tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -261,16 +269,11 @@ def _decode_split_kernel(Q, K, V, MID_O, MID_LSE, LENS_K, BT, KS, VS, scale_log2
             k = k.to(q.dtype)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + (blk * sv_b + slot * sv_s + kvh * sv_h)[:, None] + d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST or KV_QUANT:
             v = v.to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = softmax_pv_step(m_i, l_i, acc, s, v, PRECISION)
     has = l_i > 0
     out = acc * (out_scale / tl.where(has, l_i, 1.0))[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))

@@ -15,8 +15,9 @@ attention per step over 16 layers). Here one grid (sequence, KV head, split) doe
 
 Splits, tiles and rounding are the unfused kernels' (cos/sin and each rotary product rounded to the dtype, the
 same key chunks per split, probabilities rounded to the dtype before the PV product, the same merge), so greedy
-decoding follows ``rope_and_store_kv`` + ``paged_attention``. Float caches with neox rotary over the whole head only; the layer keeps the unfused path for quantized caches, partial or GPT-J rotary, and on
-the CPU. ``KILN_FUSED_DECODE=0`` turns it off (A/B timing).
+decoding follows ``rope_and_store_kv`` + ``paged_attention`` (the rotation and the online-softmax step are the
+same jit helpers). Float caches with neox rotary over the whole head only; the layer keeps the unfused path for
+quantized caches, partial or GPT-J rotary, and on the CPU. ``KILN_FUSED_DECODE=0`` turns it off (A/B timing).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ import torch
 from ._counters import split_counters
 from ._dispatch import FLOAT_DTYPES, backend_for, check_same, check_tensor, interpreting, pdl_enabled
 from ._triton import tl, triton
-from .attention import _precision, _upcast, decode_num_splits, paged_attention_ref
-from .kv_cache import rope_and_store_kv_ref
+from .attention import (_precision, _upcast, decode_num_splits, paged_attention, paged_attention_ref,
+                        softmax_pv_step)
+from .kv_cache import rope_and_store_kv, rope_and_store_kv_ref
+from .rotary import rotate_halves
 
 
 
@@ -86,10 +89,16 @@ def decode_attention_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos
     if cos_sin_cache.shape[1] != d or d < 32 or d & (d - 1):
         raise ValueError(f"decode_attention_rope rotates whole heads: cos_sin_cache.shape[1] "
                          f"({cos_sin_cache.shape[1]}) must equal head_dim ({d}), a power of two >= 32")
-    locks = split_counters(q.device, B * hkv) if backend_for(q, k_cache, block_tables) == "triton" else None
-    if locks is None:
+    if backend_for(q, k_cache, block_tables) != "triton":
         return decode_attention_rope_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
                                          seqlens_k, block_tables, scale)
+    locks = split_counters(q.device, B * hkv)
+    if locks is None:  # a CUDA-graph capture outgrew the counters: the unfused kernels (capturable, no host sync)
+        q2, k2 = q.clone(), k.clone()
+        rope_and_store_kv(q2, k2, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+        cu = torch.arange(B + 1, dtype=torch.int32, device=q.device)
+        return paged_attention(q2, k_cache, v_cache, cu, seqlens_k, block_tables, scale, max_seqlen_q=1,
+                               is_decode=True)
     return _decode_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
                                          seqlens_k, block_tables, scale, locks, num_splits)
 
@@ -101,14 +110,6 @@ def decode_attention_rope_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cach
     rope_and_store_kv_ref(q2, k2, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, True)
     cu = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
     return paged_attention_ref(q2, k_cache, v_cache, cu, seqlens_k, block_tables, scale)
-
-
-@triton.jit
-def _rotate(x1, x2, cos, sin, DT: tl.constexpr):
-    """Neox rotary of the two halves, rounded where the reference rounds (each product, then the sum)."""
-    o1 = ((x1 * cos).to(DT).to(tl.float32) - (x2 * sin).to(DT).to(tl.float32)).to(DT)
-    o2 = ((x2 * cos).to(DT).to(tl.float32) + (x1 * sin).to(DT).to(tl.float32)).to(DT)
-    return o1, o2
 
 
 @triton.jit
@@ -146,9 +147,10 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
     qp = Q + seq * sq_t + head[:, None] * sq_h + h[None, :]
     q1 = tl.load(qp, mask=g_ok[:, None], other=0.0).to(tl.float32)
     q2 = tl.load(qp + HALF, mask=g_ok[:, None], other=0.0).to(tl.float32)
-    r1, r2 = _rotate(q1, q2, cos[None, :], sin[None, :], dt)
+    r1, r2 = rotate_halves(q1, q2, cos[None, :], sin[None, :], dt)
     kp = K + seq * sk_t + kvh * sk_h
-    kn1, kn2 = _rotate(tl.load(kp + h).to(tl.float32), tl.load(kp + HALF + h).to(tl.float32), cos, sin, dt)
+    kn1, kn2 = rotate_halves(tl.load(kp + h).to(tl.float32), tl.load(kp + HALF + h).to(tl.float32), cos, sin,
+                             dt)
     d = tl.arange(0, D)
     vn = tl.load(V + seq * sv_t + kvh * sv_h + d)
 
@@ -184,17 +186,12 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
             kz = kz.to(tl.float32)
         s = tl.dot(r2, kz, tl.dot(r1, ka, input_precision=PRECISION), input_precision=PRECISION) * scale_log2e
         s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         vv = tl.load(VC + (blk * svc_b + sl * svc_s + kvh * svc_h)[:, None] + d[None, :], mask=cached[:, None],
                      other=0.0)
         vv = tl.where(fresh[:, None], vn[None, :], vv)
         if UPCAST:
             vv = vv.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = softmax_pv_step(m_i, l_i, acc, s, vv, PRECISION)
 
     if SPLITS == 1:
         tl.store(O + seq * so_t + head[:, None] * so_h + d[None, :], (acc * (1.0 / l_i)[:, None]).to(dt),

@@ -109,6 +109,15 @@ def rotary_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Te
 
 
 @triton.jit
+def rotate_halves(x1, x2, cos, sin, DT: tl.constexpr):
+    """The rotation of a pair of halves (fp32 in, DT out), rounded where the reference rounds: each product, then
+    the sum."""
+    o1 = ((x1 * cos).to(DT).to(tl.float32) - (x2 * sin).to(DT).to(tl.float32)).to(DT)
+    o2 = ((x2 * cos).to(DT).to(tl.float32) + (x1 * sin).to(DT).to(tl.float32)).to(DT)
+    return o1, o2
+
+
+@triton.jit
 def rope_heads(X, t, sx_t, sx_h, sx_d, H, h0, cos, sin, offs, half_mask, DT: tl.constexpr, HALF: tl.constexpr,
                IS_NEOX: tl.constexpr, BLOCK_H: tl.constexpr):
     """Rotate heads h0 .. h0 + BLOCK_H of token t in place (heads >= H masked), rounding where the reference does:
@@ -124,8 +133,7 @@ def rope_heads(X, t, sx_t, sx_h, sx_d, H, h0, cos, sin, offs, half_mask, DT: tl.
     base = X + t * sx_t + h[:, None].to(tl.int64) * sx_h
     x1 = tl.load(base + d1[None, :] * sx_d, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(base + d2[None, :] * sx_d, mask=m, other=0.0).to(tl.float32)
-    o1 = ((x1 * cos[None, :]).to(DT).to(tl.float32) - (x2 * sin[None, :]).to(DT).to(tl.float32)).to(DT)
-    o2 = ((x2 * cos[None, :]).to(DT).to(tl.float32) + (x1 * sin[None, :]).to(DT).to(tl.float32)).to(DT)
+    o1, o2 = rotate_halves(x1, x2, cos[None, :], sin[None, :], DT)
     tl.store(base + d1[None, :] * sx_d, o1, mask=m)
     tl.store(base + d2[None, :] * sx_d, o2, mask=m)
     return o1, o2, d1, d2, m

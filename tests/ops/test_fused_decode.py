@@ -174,3 +174,18 @@ def test_fused_equals_the_unfused_kernels(dtype, splits):
     else:  # the split partials agree bit for bit; the merge may sum them in another order: one rounding at most
         eps = torch.finfo(dtype).eps
         torch.testing.assert_close(got, want, rtol=eps, atol=eps * float(want.abs().max()))
+
+
+@requires_triton
+def test_outgrown_counters_fall_back_to_the_unfused_kernels(monkeypatch):
+    """While a CUDA graph is captured the counter buffer cannot grow (split_counters gives None): the op then runs
+    the three unfused kernels, which need no host sync, and gives the same answer."""
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    q, k, v, pos, cs, kc, vc, slots, lens, bt = make_decode(g, torch.float16, 8, 2, 64, 8, [4, 30])
+    ref = decode_attention_rope_ref(q, k, v, pos, cs, kc.clone(), vc.clone(), slots, lens, bt, 0.125)
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("KILN_OPS", "triton")
+    monkeypatch.setattr(fused_decode, "split_counters", lambda device, n: None)
+    monkeypatch.setattr(fused_decode, "_decode_attention_rope_triton", None)  # must not be reached
+    out = decode_attention_rope(q, k, v, pos, cs, kc, vc, slots, lens, bt, 0.125)
+    assert rel(out, ref) <= TOL[torch.float16]
