@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.rl.test_ddp import assert_same_trajectory, launch_two_ranks, run_trainer, wait_for_ranks
+from tests.rl.test_ddp import (assert_same_trajectory, launch_two_ranks, leave_process_group, run_trainer,
+                               wait_for_ranks)
 
 MAX_GRAD_NORM = 0.05  # small enough that every mini-batch is clipped: the DTensor norm path is exercised
 EVAL_PROMPTS = 5      # odd, so the two ranks evaluate unequal shares
@@ -71,6 +72,7 @@ def main() -> int:
             assert torch.equal(v, weights[f"value_head.{k}"]), k
     (out / f"rank{rank}.json").write_text(json.dumps({"history": history, "prompts": seen, "norms": norms,
                                                       "eval": scores, "world_size": trainer.world_size}))
+    leave_process_group()
     return 0
 
 
