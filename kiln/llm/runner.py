@@ -110,15 +110,19 @@ class ModelRunner:
         per_block = self.bytes_per_block()
         if e.kv_cache_memory_bytes is not None:
             budget = e.kv_cache_memory_bytes
-        elif self.device.type == "cuda":
-            budget = self._profile_cuda_budget()
         else:
+            # never more than max_num_seqs sequences of max_model_len can hold at once: a small model's engine does
+            # not take the whole card (a second engine in the process, as the tests build, then still fits)
             need = e.max_num_seqs * -(-self.max_model_len // self.block_size) * per_block
-            budget = min(CPU_DEFAULT_KV_BYTES, need)
+            if self.device.type == "cuda":
+                budget = min(self._profile_cuda_budget(), need)
+            else:
+                budget = min(CPU_DEFAULT_KV_BYTES, need)
         blocks = int(budget // per_block)
         if blocks < 1:
             raise ValueError(f"the KV-cache budget ({budget} bytes) holds no block of {per_block} bytes; raise "
-                             "gpu_memory_utilization or kv_cache_memory_bytes")
+                             "gpu_memory_utilization or kv_cache_memory_bytes, or free the GPU memory other engines "
+                             "in this process or other processes hold")
         return blocks
 
     def _profile_cuda_budget(self) -> int:

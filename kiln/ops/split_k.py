@@ -36,13 +36,16 @@ def iters_per_split(K: int, block_k: int, split: int) -> tuple[int, int]:
 
 @triton.jit
 def _split_k_sum_kernel(P, B, Y, RowOffsets, N, SPLIT, CHUNK, stride_ps, stride_pm, stride_ym, HAS_BIAS: tl.constexpr,
-                        HAS_ROW_OFFSETS: tl.constexpr, BLOCK_N: tl.constexpr):
+                        HAS_ROW_OFFSETS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
     """y[m, :] = sum over splits (in split order: deterministic) of the fp32 partials + bias, rounded once. With
     row offsets, row m sums only its first cdiv(offsets[m + 1] - offsets[m], CHUNK) splits (the others were
     never written)."""
     m = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < N
+    if PDL:  # the partials are the previous kernel's output
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     n_split = SPLIT
     if HAS_ROW_OFFSETS:
         n_split = tl.cdiv(tl.load(RowOffsets + m + 1) - tl.load(RowOffsets + m), CHUNK)
@@ -55,12 +58,13 @@ def _split_k_sum_kernel(P, B, Y, RowOffsets, N, SPLIT, CHUNK, stride_ps, stride_
 
 
 def sum_partials(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-                 row_offsets: torch.Tensor | None = None, chunk: int = 1) -> torch.Tensor:
+                 row_offsets: torch.Tensor | None = None, chunk: int = 1, pdl: bool = False) -> torch.Tensor:
     """``out`` [M, N] = sum over dim 0 of the fp32 ``partials`` [S, M, N] (in order) + ``bias``, one launch.
 
     ``row_offsets`` (int [M + 1] on the device) and ``chunk``: row m's work was ``row_offsets[m + 1] -
     row_offsets[m]`` items split into chunks of ``chunk``, so only its first cdiv(items, chunk) partials exist
-    (the sparse weight gradient from compacted pair lists)."""
+    (the sparse weight gradient from compacted pair lists). ``pdl``: launched as a programmatic dependent of the
+    kernel that wrote the partials (``_dispatch.pdl_enabled``)."""
     if out.stride(-1) != 1 or partials.stride(-1) != 1:
         raise ValueError("partials and out must be contiguous in their last dim")
     split, M, N = partials.shape
@@ -68,5 +72,6 @@ def sum_partials(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.T
     _split_k_sum_kernel[(M, triton.cdiv(N, bn))](
         partials, bias if bias is not None else partials, out, row_offsets if row_offsets is not None else partials,
         N, split, chunk, partials.stride(0), partials.stride(1), out.stride(0), HAS_BIAS=bias is not None,
-        HAS_ROW_OFFSETS=row_offsets is not None, BLOCK_N=bn, num_warps=4)
+        HAS_ROW_OFFSETS=row_offsets is not None, BLOCK_N=bn, PDL=pdl, num_warps=4,
+        **({"launch_pdl": True} if pdl else {}))
     return out

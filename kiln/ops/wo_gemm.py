@@ -27,7 +27,11 @@ for both widths) dequantizes in registers and never materialises a float weight:
   bandwidth on an H100, where the int8 GEMV reached 95%).
 
 One row (batch-1 decode) takes a CUDA-core GEMV path (no tensor-core padding of M to 16, the weight stream is
-the whole cost); more rows take ``tl.dot`` tiles, so any M works.
+the whole cost); more rows take ``tl.dot`` tiles, so any M works. The GEMV (int8, or int4 on words) issues its
+first weight tile before anything else and then always loads the next tile before reducing the current one
+(``PREFETCH``); with programmatic dependent launch (``_dispatch.pdl_enabled``) that first tile goes out while
+the previous kernel is still finishing, and only the activations wait (``gdc_wait``). The split-K sum is launched
+the same way.
 
 Decode-sized calls (M <= 64) split K over extra programs (``SPLIT_K``) where the output tiles leave SMs idle: a
 4096-row weight makes only 64 column tiles, half an H100's SMs, and a GEMV is memory-bound, so it needs every SM
@@ -43,7 +47,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting
+from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting, pdl_enabled
 from ._triton import triton, tl
 from .split_k import split_k_for, sum_partials
 
@@ -219,12 +223,26 @@ def _int4_word_gemv_tile(word, zero, x_rows, kw, k_hi, m_mask, stride_xk):
 
 
 @triton.jit
+def _gemv_weight_tile(w_rows, k0, k_hi, n_mask, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The one-row GEMV's K tile at ``k0``: int8 codes [BN, BK], or int4 as 32-bit words [BN, BK / 8] (fully
+    masked past ``k_hi``: no traffic)."""
+    if BITS == 8:
+        kk = k0 + tl.arange(0, BLOCK_K)
+        tile = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < k_hi)[None, :], other=0)
+    else:
+        offs_w = tl.arange(0, BLOCK_K // 8)
+        tile = tl.load(w_rows + (k0 // 8 + offs_w)[None, :],
+                       mask=n_mask[:, None] & ((k0 + 8 * offs_w) < k_hi)[None, :], other=0)
+    return tile
+
+
+@triton.jit
 def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk, stride_wn, stride_sn, stride_zn,
                     stride_ym, stride_ys, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     USE_DOT: tl.constexpr, UPCAST: tl.constexpr, SPLIT_K: tl.constexpr,
                     REDUCE_EACH_TILE: tl.constexpr = True, INT4_WORDS: tl.constexpr = False,
-                    INT4_JOIN: tl.constexpr = False):
+                    INT4_JOIN: tl.constexpr = False, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -245,12 +263,23 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
     accw = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)  # the same for the word path
     k_lo = pid_k * k_per_split  # a multiple of BLOCK_K: a K tile never straddles an int4 group
     k_hi = tl.minimum(K, k_lo + k_per_split)
+    # the GEMV (PREFETCH: one row, int8 or int4 words) issues its first weight tile before anything else and, with
+    # PDL, before the previous kernel has finished; each step then loads the next tile before reducing this one
+    if PREFETCH:
+        w_pf = _gemv_weight_tile(w_rows, k_lo, k_hi, n_mask, BITS, BLOCK_K)
+    if PDL:  # the activations are the previous kernel's output
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if BITS == 8:
             kk = k0 + offs_k
             k_mask = kk < k_hi
             xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            wq = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+            if PREFETCH:
+                wq = w_pf
+                w_pf = _gemv_weight_tile(w_rows, k0 + BLOCK_K, k_hi, n_mask, BITS, BLOCK_K)
+            else:
+                wq = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
             if USE_DOT:
                 if UPCAST:  # the interpreter multiplies 16-bit dot operands as raw integers; fp32 stays exact
                     acc += tl.dot(xt.to(tl.float32), tl.trans(wq.to(tl.float32)), input_precision="ieee")
@@ -278,9 +307,13 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
                 part = tl.dot(xt, w.to(dt))
             acc += part * s[None, :]
         elif INT4_WORDS:  # the GEMV (one row) on 32-bit words: one LOP3 per code, see _int4_word_gemv_tile
-            kw = k0 + 8 * offs_w
-            w_mask = n_mask[:, None] & (kw < k_hi)[None, :]  # K tiles are whole words: 8 | 32 | group size
-            word = tl.load(w_rows + (k0 // 8 + offs_w)[None, :], mask=w_mask, other=0)
+            kw = k0 + 8 * offs_w  # K tiles are whole words: 8 | 32 | group size
+            if PREFETCH:
+                word = w_pf
+                w_pf = _gemv_weight_tile(w_rows, k0 + BLOCK_K, k_hi, n_mask, BITS, BLOCK_K)
+            else:
+                word = tl.load(w_rows + (k0 // 8 + offs_w)[None, :], mask=n_mask[:, None] & (kw < k_hi)[None, :],
+                               other=0)
             zero, s = _group_zero_scale(Z, S, offs_n, n_mask, k0 // GROUP, stride_zn, stride_sn, HAS_ZERO, BLOCK_N)
             part = _int4_word_gemv_tile(word, zero, x_rows, kw, k_hi, m_mask, stride_xk)
             if REDUCE_EACH_TILE:
@@ -354,18 +387,19 @@ def _wo_config(M, N, K, bits, group_size, sms, interp):
         return dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=bk, USE_DOT=M > 1, SPLIT_K=1, num_warps=4,
                     INT4_WORDS=bits == 4 and M == 1, INT4_JOIN=bits == 4 and M > 1)
     if M == 1:
-        # From the H100 tile sweep (scripts/gpu/wo_gemv_bench.py --sweep, Llama-3.1-8B / 3.2-1B linears):
-        # int8 [64, 256] bytes per step with 8 warps was the best tile or within a few % on every linear; int4
-        # 128 rows x one group of 128 k on 32-bit words, reduced once at the end, 8 warps (one decode step's
-        # linears: int8 1.48x -> 1.71x cuBLAS, int4 1.41x -> 1.80x with the per-linear best tiles)
+        # From the H100 tile sweep with the first tile prefetched and PDL (scripts/gpu/wo_gemv_bench.py --sweep --ab,
+        # session 10, Llama-3.1-8B / 3.2-1B linears): int8 8 rows x 1024 k (8 KB per step, 4 warps, no split where
+        # the row tiles fill the SMs) was the best tile or close on every linear, reaching 76-94% of the copy
+        # bandwidth on the 8B ones (the earlier 64x256 / 8 warps spills registers with the prefetch: 4.41 ms per
+        # 8B step against 3.13); int4 128 rows x one group of 128 k on 32-bit words, reduced once, 4 warps
         if bits == 8:
-            bn, bk = 64, min(256, kp)
+            bn, bk, warps = 8, min(1024, kp), 4
             extra = {}
         else:
-            bn, bk = 128, min(128, group_size)
+            bn, bk, warps = 128, min(128, group_size), 4
             extra = dict(INT4_WORDS=True, REDUCE_EACH_TILE=False)
         return dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split_k_for(M, N, K, 1, bn, bk, sms),
-                    num_warps=8, **extra)
+                    num_warps=warps, **extra)
     # batched decode (M <= 64) takes all its rows in one tile: every column tile re-reads the activations, so
     # two row tiles would double that L2 traffic; split-K then fills the SMs
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 128 else 128
@@ -420,15 +454,22 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
     target = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     dummy = scales
     extra = {"num_stages": num_stages} if num_stages else {}
+    gemv = not cfg["USE_DOT"] and (bits == 8 or words)
+    cfg.setdefault("PREFETCH", gemv)
+    if cfg["PREFETCH"] and not gemv:
+        raise ValueError("PREFETCH is for the one-row GEMV (int8, or int4 on 32-bit words)")
+    pdl = pdl_enabled()
+    if pdl:
+        extra["launch_pdl"] = True
     _wo_gemm_kernel[grid](
         x2, qweight, scales, zeros if zeros is not None else dummy,
         bias if bias is not None and split == 1 else dummy, target,
         M, N, K, k_per_split, x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0),
         zeros.stride(0) if zeros is not None else 0, target.stride(-2), target.stride(0) if split > 1 else 0,
         BITS=bits, GROUP=max(group_size, 1), HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None and split == 1,
-        UPCAST=interpreting() or x.dtype == torch.float32, num_warps=num_warps, **extra, **cfg)
+        UPCAST=interpreting() or x.dtype == torch.float32, PDL=pdl, num_warps=num_warps, **extra, **cfg)
     if split > 1:  # one launch: the fp32 partials summed in split order (deterministic), the bias, rounded once
-        sum_partials(target, bias, y)
+        sum_partials(target, bias, y, pdl=pdl)
     return y.view(*x.shape[:-1], N)
 
 

@@ -24,13 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench.common import copy_bandwidth  # noqa: E402
 from kiln.ops import gemv  # noqa: E402
 from kiln.ops.wo_gemm import _wo_triton, split_k_for, wo_config  # noqa: E402
-from decode_gemv_bench import SHAPES, graph_time, linears  # noqa: E402
+from decode_gemv_bench import SHAPES, graph_time, linears, with_env  # noqa: E402
 
 GROUP = 128
-# (BLOCK_N, BLOCK_K, num_warps) tried at M=1; SPLIT_K: the heuristic's, 1, and twice the heuristic's; int4 on
-# 32-bit words (both accumulation orders) and on bytes
-SWEEP = {8: [(16, 128, 2), (32, 128, 4), (64, 128, 4), (64, 256, 4), (128, 128, 8), (32, 256, 4), (64, 256, 8)],
-         4: [(16, 128, 2), (32, 128, 4), (64, 128, 4), (128, 128, 4), (128, 128, 8), (256, 128, 8), (32, 64, 2)]}
+# (BLOCK_N, BLOCK_K, num_warps) tried at M=1 (none spills registers on sm_90 with prefetch on, ptxas -v; int8
+# 64x256/w8, session 6's pick, spills 164 bytes); SPLIT_K: the heuristic's, 1, and twice the heuristic's; int4 on
+# 32-bit words, reduced once
+SWEEP = {8: [(64, 256, 8), (32, 256, 4), (32, 512, 8), (16, 512, 4), (16, 1024, 8), (8, 1024, 4), (32, 256, 8),
+             (64, 128, 8)],
+         4: [(128, 128, 8), (64, 128, 4), (64, 128, 8), (128, 64, 4), (256, 128, 8), (128, 128, 4), (256, 64, 8),
+             (32, 128, 4)]}
 
 
 def quantized_copies(n: int, k: int, bits: int) -> tuple[list[tuple], int]:
@@ -85,6 +88,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["llama-8b", "llama-1b"], choices=list(SHAPES))
     ap.add_argument("--sweep", action="store_true", help="tile sweep at M=1 on the first model's shapes")
+    ap.add_argument("--ab", action="store_true", help="also time PDL off, and PDL and prefetch off")
     ap.add_argument("--batch", type=int, default=0, help="time M = BATCH rows (the tl.dot paths) instead of M=1")
     args = ap.parse_args()
     if args.batch:
@@ -106,24 +110,29 @@ def main() -> int:
                 qs, nbytes = quantized_copies(n, k, bits)
                 t = graph_time(lambda: [call(bits, x, q, s) for q, s in qs], len(qs))
                 res[f"w{bits}a16"] = (t, nbytes)
-                if args.sweep and model == args.models[0]:
+                if args.ab:  # the default (prefetch + PDL) against PDL off and against neither (the session-8 kernel)
+                    pick = dict(wo_config(1, n, k, bits, GROUP, sms))
+                    t_nopdl = with_env("KILN_PDL", "0", lambda: graph_time(
+                        lambda: [call(bits, x, q, s) for q, s in qs], len(qs)))
+                    t_plain = with_env("KILN_PDL", "0", lambda: graph_time(
+                        lambda: [call(bits, x, q, s, dict(pick, PREFETCH=False)) for q, s in qs], len(qs)))
+                    res[f"w{bits} no-pdl"] = (t_nopdl, nbytes)
+                    res[f"w{bits} plain"] = (t_plain, nbytes)
+                if args.sweep:
                     best = (t, "heuristic")
-                    auto = split_k_for(1, n, k, 1, 64, 128, sms)
                     for bn, bk, nw in SWEEP[bits]:
-                        splits = sorted({1, split_k_for(1, n, k, 1, bn, bk, sms), 2 * auto})
-                        # int4: 32-bit words in both accumulation orders, and the byte path (per-tile reduction)
-                        variants = ([(False, True), (True, True), (False, False)] if bits == 4 else [(False, False)])
-                        for split, (once, words) in [(sp, v) for sp in splits for v in variants]:
-                            cfg = dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split, num_warps=nw,
-                                       REDUCE_EACH_TILE=not once, INT4_WORDS=words)
+                        auto = split_k_for(1, n, k, 1, bn, bk, sms)
+                        for split in sorted({1, auto, 2 * auto}):
+                            cfg = dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split, num_warps=nw)
+                            if bits == 4:
+                                cfg.update(INT4_WORDS=True, REDUCE_EACH_TILE=False)
                             try:
                                 ts = graph_time(lambda: [call(bits, x, q, s, cfg) for q, s in qs], len(qs))
                             except Exception as exc:  # noqa: BLE001 - a tile that does not compile is skipped
                                 print(f"   {name} w{bits} {bn}x{bk}/w{nw}/s{split}: {type(exc).__name__}")
                                 continue
                             if ts < best[0]:
-                                best = (ts, f"{bn}x{bk}/w{nw}/split{split}" + ("/reduce-once" if once else "")
-                                        + ("/words" if words else "/bytes" if bits == 4 else ""))
+                                best = (ts, f"{bn}x{bk}/w{nw}/split{split}")
                     res[f"w{bits}a16 best"] = (best[0], nbytes)
                     pick = wo_config(1, n, k, bits, GROUP, sms)
                     print(f"   {model} {name} w{bits}: heuristic {pick['BLOCK_N']}x{pick['BLOCK_K']}/"
@@ -136,7 +145,8 @@ def main() -> int:
                 f"{key} {t * 1e6:7.1f} us {b / t / bw * 100:5.1f}%" for key, (t, b) in res.items()), flush=True)
 
     print("\n== batch-1 decode linears: us (fraction of copy bandwidth on own bytes), speed-up vs cuBLAS bf16")
-    keys = ["cublas", "kiln-bf16", "w8a16", "w4a16"] + (["w8a16 best", "w4a16 best"] if args.sweep else [])
+    keys = (["cublas", "kiln-bf16", "w8a16", "w4a16"] + (["w8a16 best", "w4a16 best"] if args.sweep else [])
+            + (["w8 no-pdl", "w4 no-pdl", "w8 plain", "w4 plain"] if args.ab else []))
     print(f"{'model':9} {'linear':13} " + " ".join(f"{k:>22}" for k in keys))
     for model, name, n, k, res in rows:
         t0 = res["cublas"][0]

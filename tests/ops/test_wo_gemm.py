@@ -9,6 +9,7 @@ import torch
 from kiln.ops import wo_gemm
 from kiln.ops.selfcheck import all_checks
 from tests.conftest import DEVICE, requires_triton
+from tests.ops.sm90 import ptxas_path, sm90_registers
 
 BIG = DEVICE.type == "cuda"
 RTOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
@@ -144,6 +145,32 @@ def test_weight_only_split_k_decode_tiles_match_reference(bits):
             assert rel_err(y, ref) <= 1e-5, (M, split)
 
 
+@requires_triton
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gemv_prefetch_gives_the_same_bits_and_is_for_the_gemv_only(bits):
+    """The prefetching GEMV (the default for one row) computes exactly what the plain loop does: same tiles, same
+    order of operations, every split (a short last split masks its prefetch past the end)."""
+    g = fresh_gen()
+    N, K, G = 37, 320, 32
+    ops = int8_operands(N, K, g) if bits == 8 else int4_operands(N, K, G, g)
+    gs = 0 if bits == 8 else G
+    x = torch.randn(1, K, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    base = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, USE_DOT=False, INT4_WORDS=bits == 4)
+    if bits == 8:
+        ops = (ops[0], ops[1], None)
+    for split in (1, 3):
+        cfg = dict(base, SPLIT_K=split)
+        plain = wo_gemm._wo_triton(x, *ops, gs, None, bits=bits, config=dict(cfg, PREFETCH=False))
+        fetched = wo_gemm._wo_triton(x, *ops, gs, None, bits=bits, config=dict(cfg, PREFETCH=True))
+        assert torch.equal(plain, fetched), split
+        ref = (wo_gemm.w8a16_linear_ref(x, ops[0], ops[1]) if bits == 8
+               else wo_gemm.w4a16_linear_ref(x, *ops, G))
+        assert rel_err(fetched, ref) <= RTOL[torch.bfloat16]
+    with pytest.raises(ValueError, match="PREFETCH is for the one-row GEMV"):
+        wo_gemm._wo_triton(torch.randn(3, K, device=DEVICE), *ops, gs, None, bits=bits,
+                           config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, USE_DOT=True, PREFETCH=True))
+
+
 def test_weight_only_split_k_heuristic_fills_the_gpu_for_decode_only(monkeypatch):
     monkeypatch.setattr(wo_gemm, "interpreting", lambda: False)  # the GPU tiles, also under the interpreter
     sms = 132
@@ -221,3 +248,18 @@ def test_weight_only_doctor_checks_are_registered_and_pass():
         for dtype in DTYPES:
             err, backend = checks[name](DEVICE, dtype, g)
             assert err <= RTOL[dtype], (name, dtype, err, backend)
+
+
+@pytest.mark.skipif(ptxas_path() is None, reason="needs Triton's bundled ptxas")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_default_batch1_tiles_do_not_spill_registers_on_sm90(monkeypatch, bits):
+    """The one-row GEMV tiles the heuristic picks, compiled for the H100 here (no GPU needed): no register spills
+    with the prefetched next tile and PDL (session 6's int8 64x256 / 8 warps spilled 164 bytes per thread)."""
+    monkeypatch.setattr(wo_gemm, "interpreting", lambda: False)
+    cfg = wo_gemm.wo_config(1, 4096, 14336, bits, 128, 132)
+    warps = cfg.pop("num_warps")
+    consts = {**dict(BITS=bits, GROUP=128, HAS_ZERO=True, HAS_BIAS=False, UPCAST=False, PDL=True, PREFETCH=True,
+                     REDUCE_EACH_TILE=True, INT4_WORDS=False, INT4_JOIN=False), **cfg}
+    sig = dict(X="*bf16", W="*i8" if bits == 8 else "*i32", S="*fp32", Z="*u8", B="*bf16", Y="*fp32")
+    regs, spills = sm90_registers("kiln.ops.wo_gemm", "_wo_gemm_kernel", sig, consts, warps)
+    assert spills == 0 and regs <= 255, (cfg, regs, spills)

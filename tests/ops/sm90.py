@@ -1,0 +1,64 @@
+"""Compile a Triton kernel for sm_90 on a machine without a GPU and read ptxas's register report.
+
+Triton lowers to PTX without a device, and its wheel bundles ptxas, so register use and spills of a GPU tile can
+be checked in CI: a tile that spills on the H100 streams local memory beside its weights (session 10 found the
+weight-only GEMV's old int8 tile spilling 164 bytes per thread once its next tile was prefetched).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+
+def ptxas_path() -> str | None:
+    try:
+        import triton
+    except Exception:  # noqa: BLE001 - no Triton: nothing to compile with
+        return None
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return path if os.access(path, os.X_OK) else None
+
+
+def sm90_registers(module: str, kernel: str, signature: dict[str, str], constexprs: dict[str, object],
+                   num_warps: int) -> tuple[int, int]:
+    """(registers per thread, spill-store bytes) of ``module.kernel`` compiled for sm_90a, in a fresh process without
+    TRITON_INTERPRET (the interpreter's functions do not compile). ``signature`` gives each runtime argument's
+    Triton type ('*bf16', 'i32', ...); every name in ``constexprs`` is a constexpr."""
+    import json
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (f"import json, sys; from tests.ops.sm90 import _compile; "
+            f"print(json.dumps(_compile(*json.loads(sys.argv[1]))))")
+    args = json.dumps([module, kernel, signature, constexprs, num_warps])
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env, cwd=root,
+                         check=True).stdout
+    regs, spills = json.loads(out.strip().splitlines()[-1])
+    return regs, spills
+
+
+def _compile(module: str, kernel: str, signature: dict, constexprs: dict, num_warps: int) -> tuple[int, int]:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(module), kernel)
+    names = fn.arg_names
+    sig = {n: "constexpr" if n in constexprs else signature.get(n, "i32") for n in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        out = subprocess.run([ptxas_path(), "-v", "-arch=sm_90a", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", out).group(1))
+    return regs, spills
