@@ -389,7 +389,7 @@ def _wo_config(M, N, K, bits, group_size, sms, interp):
     if M == 1:
         # From the H100 tile sweep with the first tile prefetched and PDL (scripts/gpu/wo_gemv_bench.py --sweep --ab,
         # session 10, Llama-3.1-8B / 3.2-1B linears): int8 8 rows x 1024 k (8 KB per step, 4 warps, no split where
-        # the row tiles fill the SMs) was the best tile or close on every linear, reaching 76-94% of the copy
+        # the row tiles fill the SMs) was the best tile or close on every linear, reaching 61-94% of the copy
         # bandwidth on the 8B ones (the earlier 64x256 / 8 warps spills registers with the prefetch: 4.41 ms per
         # 8B step against 3.13); int4 128 rows x one group of 128 k on 32-bit words, reduced once, 4 warps
         if bits == 8:
