@@ -52,6 +52,10 @@ from ._triton import triton, tl
 from .split_k import split_k_for, sum_partials
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
+# the bits of 1.0f, passed to the int4 GEMV as a run-time value so that its magic-number exponents live in registers:
+# the LOP3 that masks a nibble then also ORs in the exponent (with both constants immediate, ptxas emits two LOP3s
+# per code; sm_90 SASS of the 128x128 word tile: 824 -> 712 instructions per loop step, bit-identical results)
+ONE_BITS_VALUE = 0x3F800000
 
 
 # ------------------------------------------------------------------------------------------------ int4 packing
@@ -192,18 +196,19 @@ def _group_zero_scale(Z, S, offs_n, n_mask, g, stride_zn, stride_sn, HAS_ZERO: t
 
 
 @triton.jit
-def _nibble_at(src, SHIFT: tl.constexpr, zero):
+def _nibble_at(src, SHIFT: tl.constexpr, zero, one_bits):
     """The 4-bit code at bits [SHIFT, SHIFT + 4) of int32 ``src`` [BN, W] minus ``zero`` [BN], as fp32 (exact).
 
     Masking the nibble in place and OR-ing in the exponent of ``2^E`` with ``E = 23 - SHIFT`` (the nibble's lowest
-    bit is then the float's unit) gives the float ``2^E + code``: one LOP3, no shift, no I2F. ``2^E + zero`` is exact
-    too (E >= 11), so the subtraction is exact."""
-    bits = (src & (0xF << SHIFT)) | ((150 - SHIFT) << 23)  # biased exponent 127 + E
+    bit is then the float's unit) gives the float ``2^E + code``: one LOP3, no shift, no I2F, provided the exponent
+    is in a register (``one_bits``, 1.0f's bits, is a kernel argument). ``2^E + zero`` is exact too (E >= 11), so the
+    subtraction is exact."""
+    bits = (src & (0xF << SHIFT)) | (one_bits + ((23 - SHIFT) << 23))  # biased exponent 127 + E, in a register
     return bits.to(tl.float32, bitcast=True) - (zero + (1 << (23 - SHIFT)))[:, None]
 
 
 @triton.jit
-def _int4_word_gemv_tile(word, zero, x_rows, kw, k_hi, m_mask, stride_xk):
+def _int4_word_gemv_tile(word, zero, x_rows, kw, k_hi, m_mask, stride_xk, one_bits):
     """One K tile of the one-row int4 GEMV from 32-bit words of the usual packing (``word[n, j]`` holds k = 8j + b
     in nibble b, b = 0..7): sum over b of dequant(nibble b) * x[8j + b] -> fp32 [BN, W] partials, unscaled.
 
@@ -216,9 +221,9 @@ def _int4_word_gemv_tile(word, zero, x_rows, kw, k_hi, m_mask, stride_xk):
     for b in tl.static_range(8):
         xb = tl.load(x_rows + (kw + b)[None, :] * stride_xk, mask=x_mask, other=0.0).to(tl.float32)  # [1, W]
         if b < 4:
-            part += _nibble_at(word, 4 * b, zero) * xb
+            part += _nibble_at(word, 4 * b, zero, one_bits) * xb
         else:
-            part += _nibble_at(hi, 4 * (b - 4), zero) * xb
+            part += _nibble_at(hi, 4 * (b - 4), zero, one_bits) * xb
     return part
 
 
@@ -238,7 +243,7 @@ def _gemv_weight_tile(w_rows, k0, k_hi, n_mask, BITS: tl.constexpr, BLOCK_K: tl.
 
 @triton.jit
 def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk, stride_wn, stride_sn, stride_zn,
-                    stride_ym, stride_ys, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                    stride_ym, stride_ys, ONE_BITS, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     USE_DOT: tl.constexpr, UPCAST: tl.constexpr, SPLIT_K: tl.constexpr,
                     REDUCE_EACH_TILE: tl.constexpr = True, INT4_WORDS: tl.constexpr = False,
@@ -315,7 +320,7 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
                 word = tl.load(w_rows + (k0 // 8 + offs_w)[None, :], mask=n_mask[:, None] & (kw < k_hi)[None, :],
                                other=0)
             zero, s = _group_zero_scale(Z, S, offs_n, n_mask, k0 // GROUP, stride_zn, stride_sn, HAS_ZERO, BLOCK_N)
-            part = _int4_word_gemv_tile(word, zero, x_rows, kw, k_hi, m_mask, stride_xk)
+            part = _int4_word_gemv_tile(word, zero, x_rows, kw, k_hi, m_mask, stride_xk, ONE_BITS)
             if REDUCE_EACH_TILE:
                 accn += tl.sum(part, axis=1) * s
             else:
@@ -390,8 +395,8 @@ def _wo_config(M, N, K, bits, group_size, sms, interp):
         # From the H100 tile sweep with the first tile prefetched and PDL (scripts/gpu/wo_gemv_bench.py --sweep --ab,
         # session 10, Llama-3.1-8B / 3.2-1B linears): int8 8 rows x 1024 k (8 KB per step, 4 warps, no split where
         # the row tiles fill the SMs) was the best tile or close on every linear, reaching 61-94% of the copy
-        # bandwidth on the 8B ones (the earlier 64x256 / 8 warps spills registers with the prefetch: 4.41 ms per
-        # 8B step against 3.13); int4 128 rows x one group of 128 k on 32-bit words, reduced once, 4 warps
+        # bandwidth on the 8B ones (the earlier 64x256 / 8 warps is slower with the prefetch: 4.41 ms per 8B step
+        # against 3.13); int4 128 rows x one group of 128 k on 32-bit words, reduced once, 4 warps
         if bits == 8:
             bn, bk, warps = 8, min(1024, kp), 4
             extra = {}
@@ -466,7 +471,8 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
         bias if bias is not None and split == 1 else dummy, target,
         M, N, K, k_per_split, x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0),
         zeros.stride(0) if zeros is not None else 0, target.stride(-2), target.stride(0) if split > 1 else 0,
-        BITS=bits, GROUP=max(group_size, 1), HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None and split == 1,
+        ONE_BITS_VALUE, BITS=bits, GROUP=max(group_size, 1), HAS_ZERO=zeros is not None,
+        HAS_BIAS=bias is not None and split == 1,
         UPCAST=interpreting() or x.dtype == torch.float32, PDL=pdl, num_warps=num_warps, **extra, **cfg)
     if split > 1:  # one launch: the fp32 partials summed in split order (deterministic), the bias, rounded once
         sum_partials(target, bias, y, pdl=pdl)

@@ -27,8 +27,7 @@ from kiln.ops.wo_gemm import _wo_triton, split_k_for, wo_config  # noqa: E402
 from decode_gemv_bench import SHAPES, graph_time, linears, with_env  # noqa: E402
 
 GROUP = 128
-# (BLOCK_N, BLOCK_K, num_warps) tried at M=1 (none spills registers on sm_90 with prefetch on, ptxas -v; int8
-# 64x256/w8, session 6's pick, spills 164 bytes); SPLIT_K: the heuristic's, 1, and twice the heuristic's; int4 on
+# (BLOCK_N, BLOCK_K, num_warps) tried at M=1; SPLIT_K: the heuristic's, 1, and twice the heuristic's; int4 on
 # 32-bit words, reduced once
 SWEEP = {8: [(64, 256, 8), (32, 256, 4), (32, 512, 8), (16, 512, 4), (16, 1024, 8), (8, 1024, 4), (32, 256, 8),
              (64, 128, 8)],

@@ -1,8 +1,9 @@
 """Compile a Triton kernel for sm_90 on a machine without a GPU and read ptxas's register report.
 
 Triton lowers to PTX without a device, and its wheel bundles ptxas, so register use and spills of a GPU tile can
-be checked in CI: a tile that spills on the H100 streams local memory beside its weights (session 10 found the
-weight-only GEMV's old int8 tile spilling 164 bytes per thread once its next tile was prefetched).
+be checked in CI: a tile that spills on the H100 streams local memory beside its weights. The compile must carry
+the launch's specialisations (16-byte aligned pointers, sizes divisible by 16, ints equal to 1 as constants):
+without them the compiler cannot vectorise loads, and the register counts it reports are not the launch's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def sm90_registers(module: str, kernel: str, signature: dict[str, str], constexp
                    num_warps: int) -> tuple[int, int]:
     """(registers per thread, spill-store bytes) of ``module.kernel`` compiled for sm_90a, in a fresh process without
     TRITON_INTERPRET (the interpreter's functions do not compile). ``signature`` gives each runtime argument's
-    Triton type ('*bf16', 'i32', ...); every name in ``constexprs`` is a constexpr."""
+    Triton type ('*bf16', 'i32', ...); every name in ``constexprs`` is a constexpr (as a launch makes an int
+    argument equal to 1); every other argument is taken as 16-aligned / divisible by 16, as a launch specialises
+    aligned pointers and the model shapes (without that the compiler cannot vectorise a load)."""
     import json
     import sys
 
@@ -51,7 +54,9 @@ def _compile(module: str, kernel: str, signature: dict, constexprs: dict, num_wa
     fn = getattr(importlib.import_module(module), kernel)
     names = fn.arg_names
     sig = {n: "constexpr" if n in constexprs else signature.get(n, "i32") for n in names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in constexprs}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")

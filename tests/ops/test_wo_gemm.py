@@ -253,13 +253,14 @@ def test_weight_only_doctor_checks_are_registered_and_pass():
 @pytest.mark.skipif(ptxas_path() is None, reason="needs Triton's bundled ptxas")
 @pytest.mark.parametrize("bits", [8, 4])
 def test_default_batch1_tiles_do_not_spill_registers_on_sm90(monkeypatch, bits):
-    """The one-row GEMV tiles the heuristic picks, compiled for the H100 here (no GPU needed): no register spills
-    with the prefetched next tile and PDL (session 6's int8 64x256 / 8 warps spilled 164 bytes per thread)."""
+    """The one-row GEMV tiles the heuristic picks, compiled for the H100 here (no GPU needed, the launch's 16-byte
+    alignment and divisibility specialisations included): no register spills with the prefetched next tile and PDL
+    (a spilling tile streams local memory beside its weights)."""
     monkeypatch.setattr(wo_gemm, "interpreting", lambda: False)
     cfg = wo_gemm.wo_config(1, 4096, 14336, bits, 128, 132)
     warps = cfg.pop("num_warps")
     consts = {**dict(BITS=bits, GROUP=128, HAS_ZERO=True, HAS_BIAS=False, UPCAST=False, PDL=True, PREFETCH=True,
-                     REDUCE_EACH_TILE=True, INT4_WORDS=False, INT4_JOIN=False), **cfg}
-    sig = dict(X="*bf16", W="*i8" if bits == 8 else "*i32", S="*fp32", Z="*u8", B="*bf16", Y="*fp32")
+                     REDUCE_EACH_TILE=True, INT4_WORDS=False, INT4_JOIN=False, M=1, stride_xk=1), **cfg}
+    sig = dict(ONE_BITS="i32", X="*bf16", W="*i8" if bits == 8 else "*i32", S="*fp32", Z="*u8", B="*bf16", Y="*fp32")
     regs, spills = sm90_registers("kiln.ops.wo_gemm", "_wo_gemm_kernel", sig, consts, warps)
     assert spills == 0 and regs <= 255, (cfg, regs, spills)
