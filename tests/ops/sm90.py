@@ -25,7 +25,15 @@ def ptxas_path() -> str | None:
 
 def sm90_registers(module: str, kernel: str, signature: dict[str, str], constexprs: dict[str, object],
                    num_warps: int) -> tuple[int, int]:
-    """(registers per thread, spill-store bytes) of ``module.kernel`` compiled for sm_90a, in a fresh process without
+    """(registers per thread, spill-store bytes): see ``sm90_compile``."""
+    regs, spills, _ = sm90_compile(module, kernel, signature, constexprs, num_warps)
+    return regs, spills
+
+
+def sm90_compile(module: str, kernel: str, signature: dict[str, str], constexprs: dict[str, object],
+                 num_warps: int) -> tuple[int, int, dict[str, int]]:
+    """(registers per thread, spill-store bytes, opcode counts of the main loop's body in SASS) of
+    ``module.kernel`` compiled for sm_90a, in a fresh process without
     TRITON_INTERPRET (the interpreter's functions do not compile). ``signature`` gives each runtime argument's
     Triton type ('*bf16', 'i32', ...); every name in ``constexprs`` is a constexpr (as a launch makes an int
     argument equal to 1); every other argument is taken as 16-aligned / divisible by 16, as a launch specialises
@@ -40,11 +48,28 @@ def sm90_registers(module: str, kernel: str, signature: dict[str, str], constexp
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env, cwd=root,
                          check=True).stdout
-    regs, spills = json.loads(out.strip().splitlines()[-1])
-    return regs, spills
+    regs, spills, mix = json.loads(out.strip().splitlines()[-1])
+    return regs, spills, mix
 
 
-def _compile(module: str, kernel: str, signature: dict, constexprs: dict, num_warps: int) -> tuple[int, int]:
+def _loop_mix(sass: str) -> dict[str, int]:
+    """Opcode counts between the target and the source of the longest backward branch (the main K loop)."""
+    lines = [(int(m.group(1), 16), m.group(2)) for m in
+             re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)([^;]*);", sass)]
+    best = None
+    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/[^;\n]*BRA (0x[0-9a-f]+)", sass):
+        here, target = int(m.group(1), 16), int(m.group(2), 16)
+        if target < here and (best is None or here - target > best[1] - best[0]):
+            best = (target, here)
+    counts: dict[str, int] = {}
+    if best is not None:
+        for addr, op in lines:
+            if best[0] <= addr <= best[1]:
+                counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def _compile(module: str, kernel: str, signature: dict, constexprs: dict, num_warps: int):
     import importlib
 
     import triton
@@ -62,8 +87,12 @@ def _compile(module: str, kernel: str, signature: dict, constexprs: dict, num_wa
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
             f.write(kernel.asm["ptx"])
-        out = subprocess.run([ptxas_path(), "-v", "-arch=sm_90a", ptx, "-o", os.path.join(tmp, "k.cubin")],
+        cubin = os.path.join(tmp, "k.cubin")
+        out = subprocess.run([ptxas_path(), "-v", "-arch=sm_90a", ptx, "-o", cubin],
                              capture_output=True, text=True, check=True).stderr
+        cuobjdump = os.path.join(os.path.dirname(ptxas_path()), "cuobjdump")
+        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout \
+            if os.access(cuobjdump, os.X_OK) else ""
     regs = int(re.search(r"Used (\d+) registers", out).group(1))
     spills = int(re.search(r"(\d+) bytes spill stores", out).group(1))
-    return regs, spills
+    return regs, spills, _loop_mix(sass)
