@@ -44,6 +44,15 @@ def pdl_enabled() -> bool:
     return v == "1" or _sm90()
 
 
+def pdl_launch_args(enabled: bool | None = None) -> dict:
+    """Launch keywords for a kernel with a ``PDL`` constexpr: ``PDL`` (the kernel waits in ``gdc_wait`` before it
+    reads the previous kernel's output) and, when on, Triton's ``launch_pdl``. ``enabled`` defaults to
+    ``pdl_enabled()``; a caller that knows better (the split-K sum follows the GEMM that wrote its partials only
+    where that GEMM used PDL) passes it."""
+    on = pdl_enabled() if enabled is None else enabled
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
 @functools.lru_cache(maxsize=1)
 def _sm90() -> bool:
     import torch

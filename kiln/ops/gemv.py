@@ -33,7 +33,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import backend_for, check_same, check_tensor, interpreting, pdl_enabled
+from ._dispatch import backend_for, check_same, check_tensor, interpreting, pdl_launch_args
 from ._triton import triton, tl
 
 MAX_M = 16
@@ -219,8 +219,6 @@ def _launch(x2, weight, bias, prologue, K, *, residual=None, norm_weight=None, e
         raise ValueError(f"BLOCK_M ({cfg['BLOCK_M']}) must cover the {M} rows")
     bk = cfg["BLOCK_K"]
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
-    pdl = pdl_enabled()
-    extra = {"launch_pdl": True} if pdl else {}
     dummy = y
     _gemv_kernel[grid](
         x2, weight, bias if bias is not None else dummy, y,
@@ -229,8 +227,8 @@ def _launch(x2, weight, bias, prologue, K, *, residual=None, norm_weight=None, e
         M, N, K, x2.stride(0), x2.stride(1), weight.stride(0), y.stride(0),
         residual.stride(0) if residual is not None else 0, ro.stride(0) if ro is not None else 0, float(eps),
         PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        EVEN_K=K % bk == 0, UPCAST=interpreting() or x2.dtype == torch.float32, PDL=pdl, num_warps=num_warps,
-        **cfg, **extra)
+        EVEN_K=K % bk == 0, UPCAST=interpreting() or x2.dtype == torch.float32, num_warps=num_warps,
+        **cfg, **pdl_launch_args())
     return y, ro
 
 

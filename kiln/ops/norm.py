@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import FLOAT_DTYPES, backend_for, check_same, check_tensor, pdl_enabled
+from ._dispatch import FLOAT_DTYPES, backend_for, check_same, check_tensor, pdl_launch_args
 from ._triton import triton, tl
 
 
@@ -83,8 +83,7 @@ def _rms_norm_triton(x, weight, eps, residual):
     n = x2.shape[0]
     block = triton.next_power_of_2(H)
     warps = 4 if block <= 4096 else 8
-    pdl = pdl_enabled()
-    launch = dict(BLOCK=block, num_warps=warps, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
+    launch = dict(BLOCK=block, num_warps=warps, **pdl_launch_args())
     if residual is None:
         if n:
             _rms_norm_kernel[(n,)](x2, x2, weight, y2, y2, x2.stride(0), 0, y2.stride(0), 0, H, eps,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import interpreting
+from ._dispatch import interpreting, pdl_launch_args
 from ._triton import triton, tl
 
 
@@ -64,7 +64,7 @@ def sum_partials(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.T
     ``row_offsets`` (int [M + 1] on the device) and ``chunk``: row m's work was ``row_offsets[m + 1] -
     row_offsets[m]`` items split into chunks of ``chunk``, so only its first cdiv(items, chunk) partials exist
     (the sparse weight gradient from compacted pair lists). ``pdl``: launched as a programmatic dependent of the
-    kernel that wrote the partials (``_dispatch.pdl_enabled``)."""
+    kernel that wrote the partials (``_dispatch.pdl_launch_args``)."""
     if out.stride(-1) != 1 or partials.stride(-1) != 1:
         raise ValueError("partials and out must be contiguous in their last dim")
     split, M, N = partials.shape
@@ -72,6 +72,5 @@ def sum_partials(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.T
     _split_k_sum_kernel[(M, triton.cdiv(N, bn))](
         partials, bias if bias is not None else partials, out, row_offsets if row_offsets is not None else partials,
         N, split, chunk, partials.stride(0), partials.stride(1), out.stride(0), HAS_BIAS=bias is not None,
-        HAS_ROW_OFFSETS=row_offsets is not None, BLOCK_N=bn, PDL=pdl, num_warps=4,
-        **({"launch_pdl": True} if pdl else {}))
+        HAS_ROW_OFFSETS=row_offsets is not None, BLOCK_N=bn, num_warps=4, **pdl_launch_args(pdl))
     return out

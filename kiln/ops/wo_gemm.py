@@ -47,7 +47,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting, pdl_enabled
+from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting, pdl_launch_args
 from ._triton import triton, tl
 from .split_k import split_k_for, sum_partials
 
@@ -229,8 +229,8 @@ def _int4_word_gemv_tile(word, zero, x_rows, kw, k_hi, m_mask, stride_xk, one_bi
 
 @triton.jit
 def _gemv_weight_tile(w_rows, k0, k_hi, n_mask, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The one-row GEMV's K tile at ``k0``: int8 codes [BN, BK], or int4 as 32-bit words [BN, BK / 8] (fully
-    masked past ``k_hi``: no traffic)."""
+    """The weight's K tile at ``k0`` for the int8 paths and the int4 GEMV: int8 codes [BN, BK], or int4 as 32-bit
+    words [BN, BK / 8] (fully masked past ``k_hi``: no traffic)."""
     if BITS == 8:
         kk = k0 + tl.arange(0, BLOCK_K)
         tile = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < k_hi)[None, :], other=0)
@@ -284,7 +284,7 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
                 wq = w_pf
                 w_pf = _gemv_weight_tile(w_rows, k0 + BLOCK_K, k_hi, n_mask, BITS, BLOCK_K)
             else:
-                wq = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+                wq = _gemv_weight_tile(w_rows, k0, k_hi, n_mask, BITS, BLOCK_K)
             if USE_DOT:
                 if UPCAST:  # the interpreter multiplies 16-bit dot operands as raw integers; fp32 stays exact
                     acc += tl.dot(xt.to(tl.float32), tl.trans(wq.to(tl.float32)), input_precision="ieee")
@@ -317,8 +317,7 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
                 word = w_pf
                 w_pf = _gemv_weight_tile(w_rows, k0 + BLOCK_K, k_hi, n_mask, BITS, BLOCK_K)
             else:
-                word = tl.load(w_rows + (k0 // 8 + offs_w)[None, :], mask=n_mask[:, None] & (kw < k_hi)[None, :],
-                               other=0)
+                word = _gemv_weight_tile(w_rows, k0, k_hi, n_mask, BITS, BLOCK_K)
             zero, s = _group_zero_scale(Z, S, offs_n, n_mask, k0 // GROUP, stride_zn, stride_sn, HAS_ZERO, BLOCK_N)
             part = _int4_word_gemv_tile(word, zero, x_rows, kw, k_hi, m_mask, stride_xk, ONE_BITS)
             if REDUCE_EACH_TILE:
@@ -463,9 +462,7 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
     cfg.setdefault("PREFETCH", gemv)
     if cfg["PREFETCH"] and not gemv:
         raise ValueError("PREFETCH is for the one-row GEMV (int8, or int4 on 32-bit words)")
-    pdl = pdl_enabled()
-    if pdl:
-        extra["launch_pdl"] = True
+    pdl = pdl_launch_args()
     _wo_gemm_kernel[grid](
         x2, qweight, scales, zeros if zeros is not None else dummy,
         bias if bias is not None and split == 1 else dummy, target,
@@ -473,9 +470,9 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
         zeros.stride(0) if zeros is not None else 0, target.stride(-2), target.stride(0) if split > 1 else 0,
         ONE_BITS_VALUE, BITS=bits, GROUP=max(group_size, 1), HAS_ZERO=zeros is not None,
         HAS_BIAS=bias is not None and split == 1,
-        UPCAST=interpreting() or x.dtype == torch.float32, PDL=pdl, num_warps=num_warps, **extra, **cfg)
+        UPCAST=interpreting() or x.dtype == torch.float32, num_warps=num_warps, **pdl, **extra, **cfg)
     if split > 1:  # one launch: the fp32 partials summed in split order (deterministic), the bias, rounded once
-        sum_partials(target, bias, y, pdl=pdl)
+        sum_partials(target, bias, y, pdl=pdl["PDL"])
     return y.view(*x.shape[:-1], N)
 
 

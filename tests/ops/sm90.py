@@ -1,4 +1,4 @@
-"""Compile a Triton kernel for sm_90 on a machine without a GPU and read ptxas's register report.
+"""Compile a Triton kernel for sm_90 on a machine without a GPU: ptxas's register report and the main loop's SASS.
 
 Triton lowers to PTX without a device, and its wheel bundles ptxas, so register use and spills of a GPU tile can
 be checked in CI: a tile that spills on the H100 streams local memory beside its weights. The compile must carry
@@ -21,13 +21,6 @@ def ptxas_path() -> str | None:
         return None
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     return path if os.access(path, os.X_OK) else None
-
-
-def sm90_registers(module: str, kernel: str, signature: dict[str, str], constexprs: dict[str, object],
-                   num_warps: int) -> tuple[int, int]:
-    """(registers per thread, spill-store bytes): see ``sm90_compile``."""
-    regs, spills, _ = sm90_compile(module, kernel, signature, constexprs, num_warps)
-    return regs, spills
 
 
 def sm90_compile(module: str, kernel: str, signature: dict[str, str], constexprs: dict[str, object],

@@ -32,3 +32,22 @@ def test_tuned_launcher_tunes_once_per_key_then_launches_with_the_remembered_con
     assert len(calls) == 2  # n = 70 tuned once, then launched directly; n = 33 is a new key
     assert launch.best[("f32", 70)]["BLOCK"] == 32 and launch.best[("f32", 70)]["num_warps"] == 1
 
+
+
+def test_pdl_launch_args_follow_kiln_pdl_and_an_explicit_choice(monkeypatch):
+    """Every PDL-capable launch takes its ``PDL`` constexpr and Triton's ``launch_pdl`` from one place: off under the
+    interpreter or with KILN_PDL=0, forced on by a caller that knows its producer used PDL; bad values are named."""
+    import pytest
+
+    from kiln.ops import _dispatch
+
+    monkeypatch.setenv("KILN_PDL", "0")
+    assert _dispatch.pdl_launch_args() == {"PDL": False}
+    assert _dispatch.pdl_launch_args(True) == {"PDL": True, "launch_pdl": True}
+    assert _dispatch.pdl_launch_args(False) == {"PDL": False}
+    monkeypatch.setenv("KILN_PDL", "1")
+    monkeypatch.setattr(_dispatch, "interpreting", lambda: False)
+    assert _dispatch.pdl_launch_args() == {"PDL": True, "launch_pdl": True}
+    monkeypatch.setenv("KILN_PDL", "sometimes")
+    with pytest.raises(ValueError, match="KILN_PDL"):
+        _dispatch.pdl_launch_args()

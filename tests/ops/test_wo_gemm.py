@@ -264,7 +264,7 @@ def test_default_batch1_tiles_compile_lean_for_sm90(monkeypatch, bits):
                      REDUCE_EACH_TILE=True, INT4_WORDS=False, INT4_JOIN=False, M=1, stride_xk=1), **cfg}
     sig = dict(ONE_BITS="i32", X="*bf16", W="*i8" if bits == 8 else "*i32", S="*fp32", Z="*u8", B="*bf16", Y="*fp32")
     regs, spills, loop = sm90_compile("kiln.ops.wo_gemm", "_wo_gemm_kernel", sig, consts, warps)
-    assert spills == 0 and regs <= 255, (cfg, regs, spills)
+    assert spills == 0, (cfg, regs, spills)
     if bits == 4 and loop:
         codes = cfg["BLOCK_N"] * cfg["BLOCK_K"] // (32 * warps)  # per thread per K step
         assert loop.get("LOP3", 0) <= 1.25 * codes, loop
