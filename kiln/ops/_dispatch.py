@@ -26,8 +26,17 @@ def triton_available() -> bool:
     return True
 
 
+_INTERPRETING: bool | None = None
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``). Read once: Triton itself decides
+    when a kernel is defined, at import, and launch paths ask this on every call (an environment read is ~1 µs
+    of a host-bound launch)."""
+    global _INTERPRETING
+    if _INTERPRETING is None:
+        _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
 
 
 def pdl_enabled() -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ._dispatch import backend_for, check_tensor
-from ._triton import tl, triton
+from ._triton import direct, tl, triton
 from .sparse_gemm import offset_masks
 
 EMPTY = -1
@@ -94,7 +94,7 @@ def hash_build_voxels(indices: torch.Tensor, spatial_shape) -> HashTable:
         if n:
             idx = indices if indices.stride(1) == 1 else indices.contiguous()
             sizes = list(spatial_shape) + [1] * (3 - ndim)
-            _insert_voxels_kernel[(triton.cdiv(n, _BLOCK),)](idx, table.keys, table.values, n, table.capacity - 1,
+            direct(_insert_voxels_kernel)[(triton.cdiv(n, _BLOCK),)](idx, table.keys, table.values, n, table.capacity - 1,
                                                              idx.stride(0), *sizes, NDIM=ndim, BLOCK=_BLOCK)
         return table
     key = indices[:, 0].long()
@@ -147,7 +147,7 @@ def voxel_checks(indices: torch.Tensor, spatial_shape, batch_size: int) -> tuple
         out = torch.tensor([n, n, 0], dtype=torch.int32).to(indices.device, non_blocking=True)
         block = 256
         sizes = list(spatial_shape) + [1] * (3 - ndim)
-        _voxel_check_kernel[(triton.cdiv(n, block),)](idx, out, n, idx.stride(0), int(batch_size), *sizes,
+        direct(_voxel_check_kernel)[(triton.cdiv(n, block),)](idx, out, n, idx.stride(0), int(batch_size), *sizes,
                                                      NDIM=ndim, BLOCK=block)
         neg, outside, descents = out.tolist()
         return neg, outside, descents == 0
@@ -241,14 +241,14 @@ def conv_maps(indices: torch.Tensor, out_shape, ksize, stride, padding, dilation
     flags = dict(NDIM=ndim, TRANSPOSED=transposed, MAXSTEP=max(stride), RP=rp, BLOCK_R=block)
     grid = (triton.cdiv(n, block),)
     if n:
-        _conv_insert_kernel[grid](idx, table.keys, n, table.capacity - 1, idx.stride(0), *geom, **flags)
-    slots = torch.nonzero(table.keys != EMPTY).view(-1)
-    out_keys = table.keys[slots]
+        direct(_conv_insert_kernel)[grid](idx, table.keys, n, table.capacity - 1, idx.stride(0), *geom, **flags)
     if sort:
-        out_keys, order = torch.sort(out_keys)
-        slots = slots[order]
-    m = out_keys.numel()
-    table.values[slots] = torch.arange(m, device=dev, dtype=torch.int32)
+        slots = torch.nonzero(table.keys != EMPTY).view(-1)
+        out_keys, order = torch.sort(table.keys[slots])
+        m = out_keys.numel()
+        table.values[slots[order]] = torch.arange(m, device=dev, dtype=torch.int32)
+    else:
+        out_keys, m = _number_slots(table)
     pair_fwd = torch.full((m, K), -1, dtype=torch.int32, device=dev)
     pair_bwd = torch.full((n, K), -1, dtype=torch.int32, device=dev)
     out_indices = torch.empty((m, ndim + 1), dtype=torch.int32, device=dev)  # every output is reached: all set
@@ -258,7 +258,7 @@ def conv_maps(indices: torch.Tensor, out_shape, ksize, stride, padding, dilation
     masks_bwd = torch.empty(n, dtype=torch.int64, device=dev) if masks else torch.full((n,), -1, dtype=torch.int64,
                                                                                        device=dev)
     if n:
-        _conv_pairs_kernel[grid](idx, table.keys, table.values, pair_fwd, pair_bwd, masks_fwd, masks_bwd, out_indices,
+        direct(_conv_pairs_kernel)[grid](idx, table.keys, table.values, pair_fwd, pair_bwd, masks_fwd, masks_bwd, out_indices,
                                  n, K, table.capacity - 1, idx.stride(0), *geom, WRITE_MASKS=masks, **flags)
     return ConvMaps(out_keys, out_indices, pair_fwd, pair_bwd, masks_fwd, masks_bwd)
 
@@ -292,9 +292,39 @@ def _rows_per_program(kp: int) -> int:
 
 
 def _empty_table(n: int, device) -> HashTable:
+    """Every slot empty; the values stay unset: every reader loads a slot's value only where its key matched."""
     cap = _capacity(n)
     return HashTable("triton", torch.full((cap,), EMPTY, dtype=torch.int64, device=device),
-                     torch.full((cap,), -1, dtype=torch.int32, device=device))
+                     torch.empty((cap,), dtype=torch.int32, device=device))
+
+
+_NUMBER_BLOCK = 1024
+
+
+def _number_slots(table: HashTable) -> tuple[torch.Tensor, int]:
+    """Number the occupied slots 0..m-1 (each slot's value becomes its number) and return (keys in that order,
+    m). One kernel and one host sync for m, in place of a nonzero (its own sync), a gather, an arange and a
+    scatter. The order is per block of slots, blocks in the order they finish: not reproducible run to run,
+    which deterministic mode avoids by sorting instead."""
+    cap = table.capacity
+    count = torch.zeros(1, dtype=torch.int32, device=table.keys.device)
+    keys = torch.empty(cap, dtype=torch.int64, device=table.keys.device)
+    direct(_number_slots_kernel)[(triton.cdiv(cap, _NUMBER_BLOCK),)](table.keys, table.values, keys, count, cap,
+                                                                     BLOCK=_NUMBER_BLOCK)
+    m = int(count.item())
+    return keys[:m], m
+
+
+@triton.jit
+def _number_slots_kernel(TKeys, TVals, OutKeys, Count, CAP, BLOCK: tl.constexpr):
+    """Occupied slots of one block get consecutive numbers from a shared counter (one atomic per program)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    key = tl.load(TKeys + offs, mask=offs < CAP, other=-1)
+    occ = (key != -1).to(tl.int32)
+    base = tl.atomic_add(Count, tl.sum(occ, axis=0))
+    pos = base + tl.cumsum(occ, axis=0) - 1
+    tl.store(TVals + offs, pos, mask=occ != 0)
+    tl.store(OutKeys + pos, key, mask=occ != 0)
 
 
 @triton.jit
@@ -503,7 +533,7 @@ def _neighbor_map_triton(table, indices, shape, rel, masks):
         kp = max(2, triton.next_power_of_2(K))
         block = _rows_per_program(kp)
         sizes = shape + [1] * (3 - len(shape))
-        _neighbor_map_kernel[(triton.cdiv(n, block),)](
+        direct(_neighbor_map_kernel)[(triton.cdiv(n, block),)](
             idx, rel, table.keys, table.values, pm, m if write else pm, n, K, table.capacity - 1, idx.stride(0),
             *sizes, NDIM=len(shape), KP=kp, BLOCK_R=block, WRITE_MASKS=write)
     elif write:
@@ -518,7 +548,7 @@ def _insert(table: HashTable, keys: torch.Tensor, values: torch.Tensor | None) -
     if n == 0:
         return
     grid = (triton.cdiv(n, _BLOCK),)
-    _insert_kernel[grid](keys, values if values is not None else keys, table.keys, table.values, n,
+    direct(_insert_kernel)[grid](keys, values if values is not None else keys, table.keys, table.values, n,
                          table.capacity - 1, HAS_VALS=values is not None, BLOCK=_BLOCK)
 
 
@@ -526,7 +556,7 @@ def _lookup_triton(table: HashTable, queries: torch.Tensor) -> torch.Tensor:
     q = queries.reshape(-1).contiguous()
     out = torch.full(q.shape, -7, dtype=torch.int32, device=q.device)  # poison: every entry must be written
     if q.numel():
-        _lookup_kernel[(triton.cdiv(q.numel(), _BLOCK),)](q, table.keys, table.values, out, q.numel(),
+        direct(_lookup_kernel)[(triton.cdiv(q.numel(), _BLOCK),)](q, table.keys, table.values, out, q.numel(),
                                                           table.capacity - 1, BLOCK=_BLOCK)
     return out.view(queries.shape)
 

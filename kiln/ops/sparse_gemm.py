@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting
-from ._triton import TunedLauncher, tl, triton
+from ._triton import TunedLauncher, direct, tl, triton
 from .split_k import sum_partials
 
 # rows per chunk when the reference materialises gathered inputs ([rows, K * Cin])
@@ -413,7 +413,7 @@ def compact_pairs(pair_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
         pm = pair_map if pair_map.stride(1) == 1 else pair_map.contiguous()
         offsets = torch.empty(K + 1, dtype=torch.int64, device=dev)  # the kernel writes it (no fill, no copy)
         block = 1024
-        _compact_pairs_kernel[(triton.cdiv(R * K, block),)](pm, slot, src, rows, offsets, R, K, pm.stride(0),
+        direct(_compact_pairs_kernel)[(triton.cdiv(R * K, block),)](pm, slot, src, rows, offsets, R, K, pm.stride(0),
                                                              BLOCK=block)
         return src, rows, offsets
     offsets = torch.zeros(K + 1, dtype=torch.int64, device=dev)
@@ -632,10 +632,10 @@ def _tuned():
     return _implicit_gemm_tuned, _weight_grad_tuned
 
 
-def _launch_key(args: tuple, flags: dict, *shape) -> tuple:
+def _launch_key(tensors: tuple, flags: dict, *shape) -> tuple:
     """What decides a tuned kernel's config and compiled variant, for ``TunedLauncher``: the autotune key's sizes,
-    every tensor argument's dtype and the compile-time flags."""
-    return (*shape, *(a.dtype for a in args if isinstance(a, torch.Tensor)), *flags.values())
+    the dtypes of the kernel's tensor arguments (``tensors``) and the compile-time flags."""
+    return (*shape, *[t.dtype for t in tensors], *flags.values())
 
 
 def _block(n: int, lo: int = 16, hi: int = 64) -> int:
@@ -682,7 +682,7 @@ def _implicit_gemm_triton(x, weight, pair_map, order, masks, bias=None):
     else:
         kern, _ = _tuned()
         grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
-        kern(_launch_key(args, flags, cin, cout, K), grid, *args, **flags)
+        kern(_launch_key(args[:7], flags, cin, cout, K), grid, *args, **flags)
     return y
 
 
@@ -729,13 +729,12 @@ def _weight_grad_triton(x, dy, pair_map, lists=None):
         _, kern = _tuned()
         grid = lambda meta: (K * n_split, triton.cdiv(cin, meta["BLOCK_M"]),  # noqa: E731
                              triton.cdiv(cout, meta["BLOCK_N"]))
-        kern(_launch_key(args, flags, cin, cout, chunk), grid, *args, **flags)
-    if lists is None:
-        return partial.view(K, n_split, cin, cout).sum(1).to(x.dtype)
-    # splits past an offset's pairs wrote nothing: the shared split-K sum reads only each offset's active ones
+        kern(_launch_key(args[:7], flags, cin, cout, chunk), grid, *args, **flags)
+    # one launch sums the splits in order and rounds once; from lists, splits past an offset's pairs wrote
+    # nothing and the sum reads only each offset's active ones
     dw = torch.empty(K, cin, cout, dtype=x.dtype, device=x.device)
     sum_partials(partial.view(K, n_split, cin * cout).transpose(0, 1), None, dw.view(K, cin * cout),
-                 row_offsets=lists[2], chunk=chunk)
+                 row_offsets=lists[2] if lists is not None else None, chunk=chunk)
     return dw
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import interpreting, pdl_launch_args
-from ._triton import triton, tl
+from ._triton import direct, triton, tl
 
 
 def split_k_for(M: int, N: int, K: int, block_m: int, block_n: int, block_k: int, sms: int) -> int:
@@ -69,7 +69,7 @@ def sum_partials(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.T
         raise ValueError("partials and out must be contiguous in their last dim")
     split, M, N = partials.shape
     bn = min(1024, triton.next_power_of_2(N)) if not interpreting() else 32
-    _split_k_sum_kernel[(M, triton.cdiv(N, bn))](
+    direct(_split_k_sum_kernel)[(M, triton.cdiv(N, bn))](
         partials, bias if bias is not None else partials, out, row_offsets if row_offsets is not None else partials,
         N, split, chunk, partials.stride(0), partials.stride(1), out.stride(0), HAS_BIAS=bias is not None,
         HAS_ROW_OFFSETS=row_offsets is not None, BLOCK_N=bn, num_warps=4, **pdl_launch_args(pdl))

@@ -86,6 +86,65 @@ def python_profile(fn, dev, top):
     stats.sort_stats("cumulative").print_stats(top + 12)
 
 
+def dump_backbone(fn, dev, out_dir: Path, tag: str) -> None:
+    """What the host does during the backbone, saved for reading off the machine: the synchronising calls (with
+    their Python line), the host time to enqueue one call (no final sync) vs its synchronised wall time, a cProfile
+    of 10 calls (``.pstats``) and a gzipped Chrome trace of 2 calls with Python stacks."""
+    import cProfile
+    import gzip
+    import shutil
+    import warnings
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fn()
+    sync(dev)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cuda = dev.type == "cuda"
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+    syncs: dict = {}
+    for w in caught:
+        key = f"{Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0][:80]}"
+        syncs[key] = syncs.get(key, 0) + 1
+    enq, wall = [], []
+    for _ in range(10):
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        sync(dev)
+        enq.append(t1 - t0)
+        wall.append(time.perf_counter() - t0)
+    lines = [f"{tag}: enqueue {1e3 * sorted(enq)[5]:.3f} ms, wall {1e3 * sorted(wall)[5]:.3f} ms (medians of 10)",
+             f"synchronising calls in one call: {sum(syncs.values())}"]
+    lines += [f"  {v:3d}  {k}" for k, v in sorted(syncs.items(), key=lambda kv: -kv[1])]
+    print("\n".join(lines))
+    (out_dir / f"{tag}_host.txt").write_text("\n".join(lines) + "\n")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(10):
+        fn()
+    sync(dev)
+    prof.disable()
+    prof.dump_stats(str(out_dir / f"{tag}.pstats"))
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts, with_stack=True) as tp:
+        for _ in range(2):
+            fn()
+        sync(dev)
+    trace = out_dir / f"{tag}_trace.json"
+    tp.export_chrome_trace(str(trace))
+    with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scene", default="nuscenes", choices=sorted(SCENES))
@@ -95,6 +154,8 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--cprofile", action="store_true",
                     help="also the Python-level profile of the backbone (where host time goes, by function)")
+    ap.add_argument("--dump", default=None, help="a folder: write the backbone's host profile files there "
+                    "(syncs, enqueue vs wall, .pstats, Chrome trace) and skip the single-layer rows")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if args.dtype == "fp16" and dev.type == "cuda" else torch.float32
@@ -136,6 +197,9 @@ def main() -> int:
         leaf.grad = None
         net.zero_grad(set_to_none=True)
 
+    if args.dump:
+        dump_backbone(backbone, dev, Path(args.dump), f"{args.scene}_{args.dtype}")
+        return 0
     rows = [("SparseConvTensor(...) with validation", make), ("subm rulebook+fwd", subm_fwd),
             ("subm cached fwd", subm_cached), ("strided rulebook+fwd", strided_fwd),
             ("backbone fwd+bwd", backbone)]

@@ -1,8 +1,12 @@
-"""TunedLauncher: an autotuned kernel's first call per key tunes; later calls skip the autotuner with its config."""
+"""TunedLauncher: an autotuned kernel's first call per key tunes; later calls skip the autotuner with its config.
+DirectLauncher: repeated launches skip Triton's JIT dispatch, and never reuse a variant compiled for another
+specialization."""
 
+import pytest
 import torch
 
-from kiln.ops._triton import TunedLauncher, tl, triton
+from kiln.ops import _triton
+from kiln.ops._triton import DirectLauncher, TunedLauncher, direct, tl, triton
 from tests.conftest import DEVICE, requires_triton
 
 
@@ -32,6 +36,60 @@ def test_tuned_launcher_tunes_once_per_key_then_launches_with_the_remembered_con
     assert len(calls) == 2  # n = 70 tuned once, then launched directly; n = 33 is a new key
     assert launch.best[("f32", 70)]["BLOCK"] == 32 and launch.best[("f32", 70)]["num_warps"] == 1
 
+
+@triton.jit
+def _axpy_kernel(X, Y, Out, N, a, stride, BLOCK: tl.constexpr, ADD: tl.constexpr = True):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < N
+    v = tl.load(X + i * stride, mask=ok) * a
+    if ADD:
+        v += tl.load(Y + i * stride, mask=ok)
+    tl.store(Out + i * stride, v, mask=ok)
+
+
+@requires_triton
+def test_direct_launcher_matches_the_jit_launch_across_specializations():
+    """Launch after launch, each result equals the plain computation: 16-aligned and misaligned pointers (a view
+    starting one element in), a stride of 1 (Triton makes it a constant) and of 2, N divisible by 16 or not, a
+    constexpr left at its default or given, a grid as a callable. Under the interpreter this is Triton's own path."""
+    launch = direct(_axpy_kernel)
+    assert direct(_axpy_kernel) is launch
+    base = torch.randn(3, 130, device=DEVICE)
+    for n, stride, offset, add in [(64, 1, 0, True), (64, 1, 1, True), (50, 2, 0, True), (64, 1, 0, False),
+                                   (48, 2, 1, False), (64, 1, 0, True), (50, 2, 0, True)]:
+        x, y = base[0, offset:], base[1, offset:]
+        out = torch.zeros(130 - offset, device=DEVICE)
+        kwargs = {} if add else {"ADD": False}
+        launch[lambda meta: (triton.cdiv(meta["N"], meta["BLOCK"]),)](x, y, out, n, 0.5, stride, BLOCK=32, **kwargs)
+        want = x[: n * stride: stride] * 0.5 + (y[: n * stride: stride] if add else 0)
+        torch.testing.assert_close(out[: n * stride: stride], want)
+    if DEVICE.type == "cuda" and _triton.DIRECT_LAUNCH:
+        # five distinct specializations (alignment, stride 1 vs 2, N % 16, ADD): the repeats reused theirs
+        assert len(launch.cache) == 5
+
+
+@pytest.mark.gpu
+def test_direct_launch_takes_the_jit_path_under_launch_hooks():
+    """A profiler's launch hook must see every launch, so the direct path steps aside while one is set."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from triton import knobs
+    seen = []
+    x = torch.randn(64, device="cuda")
+    out = torch.empty_like(x)
+    launch = DirectLauncher(_axpy_kernel)
+    for _ in range(2):
+        launch[(2,)](x, x, out, 64, 2.0, 1, BLOCK=32)
+    hook = lambda meta: seen.append(1)  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        launch[(2,)](x, x, out, 64, 2.0, 1, BLOCK=32)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    launch[(2,)](x, x, out, 64, 2.0, 1, BLOCK=32)
+    torch.cuda.synchronize()
+    assert seen == [1] and len(launch.cache) == 1
+    torch.testing.assert_close(out, 3 * x)
 
 
 def test_pdl_launch_args_follow_kiln_pdl_and_an_explicit_choice(monkeypatch):
