@@ -390,9 +390,17 @@ if WGRAD_MODE not in WGRAD_MODES:
     raise ValueError(f"KILN_SPARSE_WGRAD must be one of {WGRAD_MODES}, got {WGRAD_MODE!r}")
 
 
-def wgrad_from_lists(dtype: torch.dtype) -> bool:
-    """Whether a weight gradient in ``dtype`` should read compacted pair lists (``WGRAD_MODE``)."""
-    return WGRAD_MODE == "lists" or (WGRAD_MODE == "auto" and dtype == torch.float32)
+# "auto" compacts only rulebooks of at least this many rows: a compaction is ~7 launches (~150 µs of host time on
+# the device hosts), and below this size the map's extra GPU time hides under the host-bound backbone's host time.
+LISTS_MIN_ROWS = 65536
+
+
+def wgrad_from_lists(dtype: torch.dtype, rows: int | None = None) -> bool:
+    """Whether a weight gradient in ``dtype`` over a rulebook of ``rows`` output rows (None: large) should read
+    compacted pair lists (``WGRAD_MODE``, ``LISTS_MIN_ROWS``)."""
+    if WGRAD_MODE != "auto":
+        return WGRAD_MODE == "lists"
+    return dtype == torch.float32 and (rows is None or rows >= LISTS_MIN_ROWS)
 
 
 def compact_pairs(pair_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

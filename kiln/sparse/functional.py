@@ -44,10 +44,11 @@ def _apply(x: torch.Tensor, w: torch.Tensor, rb: Rulebook, algo: str, bias: torc
         return sparse_gemm.planned_conv(x, w, rb.plan(sparse_gemm.plan_block_pairs(w.shape[1], w.shape[2])), bias)
     if algo == "implicit":
         src = rb.mirror_source()
+        channels = w.shape[1] * w.shape[2]
         if src is not None:  # sum_k x[flip(pm)[r, k]] w[k] = sum_k x[pm[r, k]] w[K-1-k]: a tiny weight copy only
-            order, masks = src.fwd_schedule()
+            order, masks = src.fwd_schedule(channels)
             return sparse_gemm.implicit_gemm(x, w.flip(0), src.pair_fwd(), order, masks, bias)
-        order, masks = rb.fwd_schedule()
+        order, masks = rb.fwd_schedule(channels)
         return sparse_gemm.implicit_gemm(x, w, rb.pair_fwd(), order, masks, bias)
     return sparse_gemm.gather_gemm_scatter(x, w, rb.in_idx, rb.out_idx, rb.counts, rb.n_out, rb.identity_offset,
                                            bias)
@@ -80,7 +81,7 @@ class SparseConvFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _apply(dy, w.transpose(1, 2), rb.swapped(), ctx.algo)
         if ctx.needs_input_grad[1]:
-            lists = rb.compact_pairs() if sparse_gemm.wgrad_from_lists(x.dtype) else None
+            lists = rb.compact_pairs() if sparse_gemm.wgrad_from_lists(x.dtype, rb.n_out) else None
             dw = sparse_gemm.weight_grad(x, dy, rb.pair_fwd(), lists)
         return dx, dw, db, None, None
 

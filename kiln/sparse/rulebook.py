@@ -36,6 +36,15 @@ _state = threading.local()
 SORT_MIN_ROWS = int(os.environ.get("KILN_SPARSE_SORT_MIN_ROWS", "65536"))
 if SORT_MIN_ROWS < 0:
     raise ValueError(f"KILN_SPARSE_SORT_MIN_ROWS must be >= 0, got {SORT_MIN_ROWS}")
+# ... and the layer that first asks for the schedule must have at least this much GEMM work per offset (rows x Cin
+# x Cout): a 16-channel layer's GEMM is cheap next to its gathers, so the sort's launches (host time, in a
+# host-bound backbone) buy little. On an H100 (scripts/gpu/sparse_host_ab.py, session 11) the nuScenes fp16
+# backbone, whose 150k-row rulebooks carry 16- and 32-channel layers, ran 1.18x faster unsorted, while a 64-channel
+# layer on the same rulebook ran 1.16-1.32x faster sorted. 2**28 lies between: 150k x 64 x 64 sorts, 150k x 64 x 16
+# does not.
+SORT_MIN_WORK = int(os.environ.get("KILN_SPARSE_SORT_MIN_WORK", str(2**28)))
+if SORT_MIN_WORK < 0:
+    raise ValueError(f"KILN_SPARSE_SORT_MIN_WORK must be >= 0, got {SORT_MIN_WORK}")
 
 
 def is_deterministic() -> bool:
@@ -195,9 +204,11 @@ class Rulebook:
             self._cache["compact"] = sparse_gemm_compact(self.pair_fwd())
         return self._cache["compact"]
 
-    def fwd_schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(order, masks) for the forward implicit GEMM (and the weight gradient): per-row offset masks and rows
-        sorted by them (order None, plain row order, below ``SORT_MIN_ROWS`` rows)."""
+    def fwd_schedule(self, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order, masks) for the forward implicit GEMM: per-row offset masks and rows sorted by them -- order None
+        (plain row order) below ``SORT_MIN_ROWS`` rows, or when ``channels`` (Cin x Cout of the layer asking) puts
+        the GEMM work per offset below ``SORT_MIN_WORK``. Cached: the first layer to ask decides for the layers
+        that share the rulebook."""
         if "fwd_sched" not in self._cache:
             m = self._cache.get("fwd_masks")
             m = offset_masks(self.pair_fwd()) if m is None else m
@@ -205,7 +216,7 @@ class Rulebook:
             if mirror is not None and "fwd_sched" in mirror._cache:
                 # the same rows, every mask bit-reversed: the same groups, so the mirror's order serves (no sort)
                 order = mirror._cache["fwd_sched"][0]
-            elif self.n_out >= SORT_MIN_ROWS:
+            elif self.n_out >= SORT_MIN_ROWS and (channels is None or self.n_out * channels >= SORT_MIN_WORK):
                 order = mask_order(m, self.kernel_volume)
             else:
                 order = None

@@ -13,6 +13,10 @@ Variants:
   session 8), or every rulebook is sorted (``rulebook.SORT_MIN_ROWS`` = 0, the earlier default).
 * ``wgrad-map`` / ``wgrad-lists`` -- weight gradients from the dense pair map, or from its compacted pairs
   (``sparse_gemm.WGRAD_MODE``; the default, ``auto``, takes the lists for fp32 only).
+* ``lists-all-fp32`` -- fp32 weight gradients from compacted lists at every size (``LISTS_MIN_ROWS`` = 0, the
+  default before session 11; it is 65,536 since).
+* ``sort-any-work`` -- large rulebooks sorted whatever the channels of the layer asking (``SORT_MIN_WORK`` = 0, the
+  default before session 11).
 * ``direct-off`` -- every Triton launch through Triton's JIT dispatch instead of ``_triton.DirectLauncher``.
 
 ``--launch-micro`` first times the host side of one small implicit-GEMM call (JIT dispatch vs direct launch, and
@@ -41,7 +45,7 @@ from kiln.sparse.synthetic import SCENES, synthetic_voxels  # noqa: E402
 ORIGINAL_SCHEDULE = rbmod.Rulebook.fwd_schedule
 
 
-def _unordered(self):
+def _unordered(self, channels=None):
     if "fwd_sched" not in self._cache:
         m = self._cache.get("fwd_masks")
         self._cache["fwd_sched"] = (None, rbmod.offset_masks(self.pair_fwd()) if m is None else m)
@@ -97,7 +101,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--variants", nargs="+", default=["default", "unordered", "no-validate"],
                     choices=["default", "unordered", "no-validate", "sort-min-64k", "sort-all", "wgrad-map",
-                             "wgrad-lists", "direct-off"])
+                             "wgrad-lists", "lists-all-fp32", "sort-any-work", "direct-off"])
     ap.add_argument("--launch-micro", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -143,6 +147,8 @@ def main():
 
     shipped_mode = sparse_gemm.WGRAD_MODE
     shipped_sort_min = rbmod.SORT_MIN_ROWS
+    shipped_lists_min = sparse_gemm.LISTS_MIN_ROWS
+    shipped_sort_work = rbmod.SORT_MIN_WORK
 
     def set_variant(v):
         rbmod.Rulebook.fwd_schedule = _unordered if v == "unordered" else ORIGINAL_SCHEDULE
@@ -150,6 +156,8 @@ def main():
         sparse_gemm.WGRAD_MODE = {"wgrad-map": "map", "wgrad-lists": "lists"}.get(v, shipped_mode)
         rbmod.SORT_MIN_ROWS = {"sort-min-64k": 65536, "sort-all": 0}.get(v, shipped_sort_min)
         _triton.DIRECT_LAUNCH = v != "direct-off"
+        sparse_gemm.LISTS_MIN_ROWS = 0 if v == "lists-all-fp32" else shipped_lists_min
+        rbmod.SORT_MIN_WORK = 0 if v == "sort-any-work" else shipped_sort_work
 
     variants = args.variants
     res = {(r, v): [] for r in rows for v in variants}

@@ -229,6 +229,10 @@ def test_planned_conv_needs_only_what_is_asked_and_handles_empty_rulebooks():
 def test_weight_gradient_pair_source_follows_the_mode(monkeypatch, mode, fp32, fp16):
     monkeypatch.setattr(sg, "WGRAD_MODE", mode)
     assert sg.wgrad_from_lists(torch.float32) is fp32 and sg.wgrad_from_lists(torch.float16) is fp16
+    big, small = sg.LISTS_MIN_ROWS, sg.LISTS_MIN_ROWS - 1
+    assert sg.wgrad_from_lists(torch.float32, big) is fp32 and sg.wgrad_from_lists(torch.float16, big) is fp16
+    # auto leaves small rulebooks on the map (the compaction's launches cost more host time than they save)
+    assert sg.wgrad_from_lists(torch.float32, small) is (mode == "lists")
 
 
 def test_unknown_weight_gradient_mode_is_refused_at_import():

@@ -126,11 +126,18 @@ def test_triton_path_inverse_conv_reuses_the_strided_maps(monkeypatch):
 
 
 @requires_triton
-def test_rulebooks_below_the_sort_threshold_keep_plain_row_order(monkeypatch):
+def test_rulebooks_below_the_sort_thresholds_keep_plain_row_order(monkeypatch):
+    """Rows are sorted by offset mask only for rulebooks of SORT_MIN_ROWS rows whose first layer has SORT_MIN_WORK
+    GEMM work per offset (rows x Cin x Cout); a caller that names no channels counts as large."""
     monkeypatch.setenv("KILN_OPS", "triton")
     feats, idx, shape, batch = _scene(seed=3)
-    for min_rows, sorted_expected in [(0, True), (10**9, False)]:
+    n = idx.shape[0]
+    for min_rows, min_work, channels, sorted_expected in [(0, 0, None, True), (10**9, 0, None, False),
+                                                          (0, 64 * n, 8 * 8, True), (0, 64 * n + 1, 8 * 8, False),
+                                                          (0, 10**12, None, True)]:
         monkeypatch.setattr(rbmod, "SORT_MIN_ROWS", min_rows)
+        monkeypatch.setattr(rbmod, "SORT_MIN_WORK", min_work)
         rb = rbmod.build_subm(idx, shape, [3, 3, 3], [1, 1, 1])
-        order, masks = rb.fwd_schedule()
-        assert (order is not None) == sorted_expected and masks.shape == (idx.shape[0],)
+        order, masks = rb.fwd_schedule(channels)
+        assert (order is not None) == sorted_expected and masks.shape == (n,)
+        assert rb.fwd_schedule(10**9)[0] is order  # cached: the first layer to ask decides
