@@ -32,15 +32,19 @@ class DirectLauncher:
     """``DirectLauncher(kernel)[grid](*args, **kwargs)`` launches like ``kernel[grid](...)``, with less host time.
 
     Triton's JIT launch rebuilds its cache key on every call (every argument's specialization, the options
-    stringified), checks the kernel's globals and calls the (empty) launch hook chains: on an H100 host 22 µs
-    for the sparse implicit GEMM's 25 arguments, of which its compiled launcher takes 6 µs
-    (scripts/gpu/sparse_launch_probe.py). The sparse backbone makes 53-73 launches per forward+backward and is
-    host-bound (nuScenes fp16: 17.6 ms enqueued for 5.3 ms of GPU work). After a variant's first launch through the JIT, later launches with the same
-    specialization go straight to the compiled kernel's launcher. The key is Triton's own specialization of each
-    runtime argument (``native_specialize_impl``: dtype and 16-byte alignment of tensors, 16-divisibility and width of
-    ints, ints equal to 1 as constants) plus the constexpr values and launch options, so a launch that Triton would
-    compile differently never reuses a variant. Launch hooks (profilers such as proton) and the interpreter take
-    Triton's own path; so does everything when ``KILN_DIRECT_LAUNCH=0``."""
+    stringified), checks the kernel's globals and calls the (empty) launch-hook chains. The sparse backbone makes
+    53-73 launches per forward+backward and is host-bound (nuScenes fp16 on an H100: 17.6 ms enqueued for 5.3 ms
+    of GPU work). After a variant's first launch through the JIT, later launches with the same specialization go
+    straight to the compiled kernel's launcher. Measured on H100 hosts (scripts/gpu/sparse_launch_probe.py, the
+    sparse implicit GEMM's 25 arguments): 22-25 µs through the JIT, 20-23 µs direct, 6-7 µs for the launcher
+    alone -- most of the JIT's cost is per-argument work that a correct key needs too.
+
+    The key is Triton's own specialization of each runtime argument (dtype and 16-byte alignment of tensors,
+    16-divisibility and width of ints, ints equal to 1 as constants; ``native_specialize_impl`` for anything else)
+    plus the constexpr values and launch options, so a launch that Triton would compile differently never reuses a
+    variant. Unlike the JIT it does not re-check the kernel's globals: kiln's kernels read none that change. Launch
+    hooks (profilers such as proton), the interpreter and runtime arguments passed by keyword take Triton's own
+    path; so does everything when ``KILN_DIRECT_LAUNCH=0``."""
 
     def __init__(self, fn):
         self.fn = fn

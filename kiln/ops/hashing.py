@@ -94,8 +94,8 @@ def hash_build_voxels(indices: torch.Tensor, spatial_shape) -> HashTable:
         if n:
             idx = indices if indices.stride(1) == 1 else indices.contiguous()
             sizes = list(spatial_shape) + [1] * (3 - ndim)
-            direct(_insert_voxels_kernel)[(triton.cdiv(n, _BLOCK),)](idx, table.keys, table.values, n, table.capacity - 1,
-                                                             idx.stride(0), *sizes, NDIM=ndim, BLOCK=_BLOCK)
+            direct(_insert_voxels_kernel)[(triton.cdiv(n, _BLOCK),)](
+                idx, table.keys, table.values, n, table.capacity - 1, idx.stride(0), *sizes, NDIM=ndim, BLOCK=_BLOCK)
         return table
     key = indices[:, 0].long()
     for d, size in enumerate(spatial_shape):
@@ -148,7 +148,7 @@ def voxel_checks(indices: torch.Tensor, spatial_shape, batch_size: int) -> tuple
         block = 256
         sizes = list(spatial_shape) + [1] * (3 - ndim)
         direct(_voxel_check_kernel)[(triton.cdiv(n, block),)](idx, out, n, idx.stride(0), int(batch_size), *sizes,
-                                                     NDIM=ndim, BLOCK=block)
+                                                              NDIM=ndim, BLOCK=block)
         neg, outside, descents = out.tolist()
         return neg, outside, descents == 0
     return voxel_checks_ref(indices, spatial_shape, batch_size)
@@ -258,8 +258,9 @@ def conv_maps(indices: torch.Tensor, out_shape, ksize, stride, padding, dilation
     masks_bwd = torch.empty(n, dtype=torch.int64, device=dev) if masks else torch.full((n,), -1, dtype=torch.int64,
                                                                                        device=dev)
     if n:
-        direct(_conv_pairs_kernel)[grid](idx, table.keys, table.values, pair_fwd, pair_bwd, masks_fwd, masks_bwd, out_indices,
-                                 n, K, table.capacity - 1, idx.stride(0), *geom, WRITE_MASKS=masks, **flags)
+        direct(_conv_pairs_kernel)[grid](idx, table.keys, table.values, pair_fwd, pair_bwd, masks_fwd, masks_bwd,
+                                         out_indices, n, K, table.capacity - 1, idx.stride(0), *geom,
+                                         WRITE_MASKS=masks, **flags)
     return ConvMaps(out_keys, out_indices, pair_fwd, pair_bwd, masks_fwd, masks_bwd)
 
 
@@ -304,8 +305,8 @@ _NUMBER_BLOCK = 1024
 def _number_slots(table: HashTable) -> tuple[torch.Tensor, int]:
     """Number the occupied slots 0..m-1 (each slot's value becomes its number) and return (keys in that order,
     m). One kernel and one host sync for m, in place of a nonzero (its own sync), a gather, an arange and a
-    scatter. The order is per block of slots, blocks in the order they finish: not reproducible run to run,
-    which deterministic mode avoids by sorting instead."""
+    scatter. Each block of slots keeps slot order; the blocks follow the order in which their counter increments
+    land, which is not reproducible run to run (deterministic mode sorts the keys instead)."""
     cap = table.capacity
     count = torch.zeros(1, dtype=torch.int32, device=table.keys.device)
     keys = torch.empty(cap, dtype=torch.int64, device=table.keys.device)
@@ -549,7 +550,7 @@ def _insert(table: HashTable, keys: torch.Tensor, values: torch.Tensor | None) -
         return
     grid = (triton.cdiv(n, _BLOCK),)
     direct(_insert_kernel)[grid](keys, values if values is not None else keys, table.keys, table.values, n,
-                         table.capacity - 1, HAS_VALS=values is not None, BLOCK=_BLOCK)
+                                 table.capacity - 1, HAS_VALS=values is not None, BLOCK=_BLOCK)
 
 
 def _lookup_triton(table: HashTable, queries: torch.Tensor) -> torch.Tensor:
@@ -557,7 +558,7 @@ def _lookup_triton(table: HashTable, queries: torch.Tensor) -> torch.Tensor:
     out = torch.full(q.shape, -7, dtype=torch.int32, device=q.device)  # poison: every entry must be written
     if q.numel():
         direct(_lookup_kernel)[(triton.cdiv(q.numel(), _BLOCK),)](q, table.keys, table.values, out, q.numel(),
-                                                          table.capacity - 1, BLOCK=_BLOCK)
+                                                                  table.capacity - 1, BLOCK=_BLOCK)
     return out.view(queries.shape)
 
 

@@ -421,8 +421,8 @@ def compact_pairs(pair_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
         pm = pair_map if pair_map.stride(1) == 1 else pair_map.contiguous()
         offsets = torch.empty(K + 1, dtype=torch.int64, device=dev)  # the kernel writes it (no fill, no copy)
         block = 1024
-        direct(_compact_pairs_kernel)[(triton.cdiv(R * K, block),)](pm, slot, src, rows, offsets, R, K, pm.stride(0),
-                                                             BLOCK=block)
+        direct(_compact_pairs_kernel)[(triton.cdiv(R * K, block),)](pm, slot, src, rows, offsets, R, K,
+                                                                     pm.stride(0), BLOCK=block)
         return src, rows, offsets
     offsets = torch.zeros(K + 1, dtype=torch.int64, device=dev)
     if R:

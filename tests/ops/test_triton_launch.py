@@ -95,7 +95,6 @@ def test_direct_launch_takes_the_jit_path_under_launch_hooks():
 def test_pdl_launch_args_follow_kiln_pdl_and_an_explicit_choice(monkeypatch):
     """Every PDL-capable launch takes its ``PDL`` constexpr and Triton's ``launch_pdl`` from one place: off under the
     interpreter or with KILN_PDL=0, forced on by a caller that knows its producer used PDL; bad values are named."""
-    import pytest
 
     from kiln.ops import _dispatch
 
