@@ -200,13 +200,31 @@ def build_plan(dst: torch.Tensor, src: torch.Tensor, counts: list[int], n_rows: 
     for a, e, rshift in identity_ranges:
         # in place: row r's product is at z0 + r - r0, whatever order the identity pairs are listed in
         zpos[a:e] = dst[a:e] + rshift
-    # destination-row (CSR) order; the stable sort keeps offset order within a row: a fixed summation order
-    perm = torch.sort(dst.int() if n_rows < 2**31 else dst, stable=True).indices
-    bag_all = zpos.index_select(0, perm)
+    # destination-row (CSR) order, offsets ascending within a row (a fixed summation order): a counting sort, as
+    # a rulebook has at most one pair per (destination, offset) -- a pair's place is its row's start plus the
+    # row's pairs in earlier offsets (on the CPU here 2-2.5x faster than a stable sort of the destinations)
+    bag_all = torch.empty_like(zpos)
+    bag_all[_csr_positions(dst, row_off, starts)] = zpos
     cut_off = row_off[torch.tensor(cuts, device=dev)].tolist()
     blocks = [PlanBlock(cuts[b], cuts[b + 1], segments[b], bag_all[cut_off[b]:cut_off[b + 1]],
                         row_off[cuts[b]:cuts[b + 1] + 1] - cut_off[b], zfill[b]) for b in range(nb)]
     return ConvPlan(n_rows, K, src, dst, blocks)
+
+
+def _csr_positions(dst: torch.Tensor, row_off: torch.Tensor, starts: list[int]) -> torch.Tensor:
+    """int64 [P]: each pair's position in (destination row, offset) order, for pairs grouped by offset (offset k's
+    are ``dst[starts[k]:starts[k + 1]]``, each destination at most once per offset) and ``row_off`` the CSR row
+    offsets of ``dst``."""
+    filled = row_off[:-1].clone()  # next free position of every row
+    pos = torch.empty_like(dst)
+    ones = torch.ones(max((e - a for a, e in zip(starts, starts[1:])), default=0), dtype=dst.dtype,
+                      device=dst.device)
+    for a, e in zip(starts, starts[1:]):
+        if e > a:
+            seg = dst[a:e]
+            torch.index_select(filled, 0, seg, out=pos[a:e])
+            filled.index_add_(0, seg, ones[:e - a])
+    return pos
 
 
 _workspace = threading.local()
