@@ -101,7 +101,10 @@ class DirectLauncher:
         if kernel is None:
             kernel = self.fn.run(*args, grid=grid if not callable(grid) else grid(self._named(args, kwargs)),
                                  warmup=False, **kwargs)
-            self.cache[key] = kernel
+            if all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+                self.cache[key] = kernel
+            else:  # a Triton whose compiled kernels launch differently: its own path from now on
+                self._plan = False
             return kernel
         full = args if len(args) == len(self.names) else \
             (*args, *[kwargs[n] if n in kwargs else self.defaults[n] for n in self.names[len(args):]])
