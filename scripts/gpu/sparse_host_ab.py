@@ -1,7 +1,8 @@
 """GPU A/B of host-side choices in kiln.sparse, interleaved in one process (issue 6).
 
 The backbone is host-bound on the device machines and its time moves by tens of percent between machine starts,
-so variants are only compared inside one process, round-robin: each round times every variant once per row.
+so variants are only compared inside one process, round-robin: each round times every variant once per row,
+starting each round with the next variant (the first one timed in a round runs slower).
 
 Variants:
 * ``default`` -- as shipped.
@@ -161,8 +162,10 @@ def main():
 
     variants = args.variants
     res = {(r, v): [] for r in rows for v in variants}
-    for _ in range(args.rounds):
-        for v in variants:
+    for rnd in range(args.rounds):
+        # each round starts with the next variant: in session 11 the variant timed first in a round ran 5-10%
+        # slower on single-layer rows, whichever it was; rotating spreads that over all variants
+        for v in variants[rnd % len(variants):] + variants[:rnd % len(variants)]:
             set_variant(v)
             for r, fn in rows.items():
                 res[(r, v)].append(wall_ms(fn))
