@@ -242,13 +242,7 @@ def conv_maps(indices: torch.Tensor, out_shape, ksize, stride, padding, dilation
     grid = (triton.cdiv(n, block),)
     if n:
         direct(_conv_insert_kernel)[grid](idx, table.keys, n, table.capacity - 1, idx.stride(0), *geom, **flags)
-    if sort:
-        slots = torch.nonzero(table.keys != EMPTY).view(-1)
-        out_keys, order = torch.sort(table.keys[slots])
-        m = out_keys.numel()
-        table.values[slots[order]] = torch.arange(m, device=dev, dtype=torch.int32)
-    else:
-        out_keys, m = _number_slots(table)
+    out_keys, m = _number_slots(table, sort)
     pair_fwd = torch.full((m, K), -1, dtype=torch.int32, device=dev)
     pair_bwd = torch.full((n, K), -1, dtype=torch.int32, device=dev)
     out_indices = torch.empty((m, ndim + 1), dtype=torch.int32, device=dev)  # every output is reached: all set
@@ -302,14 +296,21 @@ def _empty_table(n: int, device) -> HashTable:
 _NUMBER_BLOCK = 1024
 
 
-def _number_slots(table: HashTable) -> tuple[torch.Tensor, int]:
-    """Number the occupied slots 0..m-1 (each slot's value becomes its number) and return (keys in that order,
-    m). One kernel and one host sync for m, in place of a nonzero (its own sync), a gather, an arange and a
-    scatter. Each block of slots keeps slot order; the blocks follow the order in which their counter increments
-    land, which is not reproducible run to run (deterministic mode sorts the keys instead)."""
+def _number_slots(table: HashTable, sort: bool) -> tuple[torch.Tensor, int]:
+    """Number the occupied slots 0..m-1 (each slot's value becomes its number) and return (their keys in number
+    order, m). With ``sort`` the numbers follow ascending keys (reproducible: deterministic mode). Without it one
+    kernel numbers the slots with a block counter, one host sync for m, in place of a nonzero (its own sync), a
+    gather, an arange and a scatter; each block of slots keeps slot order, but the blocks follow the order in which
+    their counter increments land, which is not reproducible run to run."""
+    dev = table.keys.device
+    if sort:
+        slots = torch.nonzero(table.keys != EMPTY).view(-1)
+        keys, order = torch.sort(table.keys[slots])
+        table.values[slots[order]] = torch.arange(keys.numel(), device=dev, dtype=torch.int32)
+        return keys, keys.numel()
     cap = table.capacity
-    count = torch.zeros(1, dtype=torch.int32, device=table.keys.device)
-    keys = torch.empty(cap, dtype=torch.int64, device=table.keys.device)
+    count = torch.zeros(1, dtype=torch.int32, device=dev)
+    keys = torch.empty(cap, dtype=torch.int64, device=dev)
     direct(_number_slots_kernel)[(triton.cdiv(cap, _NUMBER_BLOCK),)](table.keys, table.values, keys, count, cap,
                                                                      BLOCK=_NUMBER_BLOCK)
     m = int(count.item())
@@ -565,12 +566,7 @@ def _lookup_triton(table: HashTable, queries: torch.Tensor) -> torch.Tensor:
 def _unique_triton(keys: torch.Tensor, sort: bool) -> tuple[torch.Tensor, torch.Tensor]:
     table = _empty_table(keys.numel(), keys.device)
     _insert(table, keys, None)
-    slots = torch.nonzero(table.keys != EMPTY).view(-1)
-    uniq = table.keys[slots]
-    if sort:
-        uniq, order = torch.sort(uniq)
-        slots = slots[order]
-    table.values[slots] = torch.arange(slots.numel(), device=keys.device, dtype=torch.int32)
+    uniq, _ = _number_slots(table, sort)
     inverse = _lookup_triton(table, keys).long()
     return uniq, inverse
 

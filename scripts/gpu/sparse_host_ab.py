@@ -20,8 +20,7 @@ Variants:
   default before session 11).
 * ``direct-off`` -- every Triton launch through Triton's JIT dispatch instead of ``_triton.DirectLauncher``.
 
-``--launch-micro`` first times the host side of one small implicit-GEMM call (JIT dispatch vs direct launch, and
-a ``torch.add`` for scale) and checks that both launches give the same bits.
+Per-launch host costs (JIT dispatch vs direct launch) are timed by ``scripts/gpu/sparse_launch_probe.py``.
 
     python3 scripts/gpu/sparse_host_ab.py [--scene nuscenes] [--dtype fp16] [--rounds 5] [--variants ...]
 """
@@ -58,42 +57,6 @@ def wall_ms(fn) -> float:
     return median_time(fn, repeat=7, warmup=2) * 1e3
 
 
-def launch_micro(dev, dtype, calls=2000):
-    """Host µs per small implicit-GEMM call (enqueue only: the GPU work is a few µs), direct vs JIT launch."""
-    import time
-    g = torch.Generator(device=dev).manual_seed(0)
-    R, K, C = 4096, 27, 16
-    x = torch.randn(R, C, device=dev, dtype=dtype, generator=g)
-    w = torch.randn(K, C, C, device=dev, dtype=dtype, generator=g)
-    pm = torch.randint(-1, R, (R, K), dtype=torch.int32, device=dev, generator=g)
-    ys = {}
-    for direct_on in (False, True):
-        _triton.DIRECT_LAUNCH = direct_on
-        ys[direct_on] = sparse_gemm.implicit_gemm(x, w, pm, None, None)
-    _triton.DIRECT_LAUNCH = True
-    same = torch.equal(ys[False], ys[True])
-    a, b = torch.randn(R, device=dev), torch.randn(R, device=dev)
-    res = {}
-    fns = {"implicit_gemm, JIT launch": (False, lambda: sparse_gemm.implicit_gemm(x, w, pm, None, None)),
-           "implicit_gemm, direct launch": (True, lambda: sparse_gemm.implicit_gemm(x, w, pm, None, None)),
-           "torch.add": (True, lambda: torch.add(a, b))}
-    for _ in range(3):
-        for name, (direct_on, fn) in fns.items():
-            _triton.DIRECT_LAUNCH = direct_on
-            for _ in range(20):
-                fn()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            res.setdefault(name, []).append((time.perf_counter() - t0) / calls * 1e6)
-            torch.cuda.synchronize()
-    _triton.DIRECT_LAUNCH = True
-    print(f"host time per call ({dtype}, best of 3 x {calls} calls; outputs bit-identical: {same})")
-    for name, v in res.items():
-        print(f"  {name:32} {min(v):7.1f} us")
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--scene", default="nuscenes", choices=sorted(SCENES))
@@ -103,12 +66,9 @@ def main():
     ap.add_argument("--variants", nargs="+", default=["default", "unordered", "no-validate"],
                     choices=["default", "unordered", "no-validate", "sort-min-64k", "sort-all", "wgrad-map",
                              "wgrad-lists", "lists-all-fp32", "sort-any-work", "direct-off"])
-    ap.add_argument("--launch-micro", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda")
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
-    if args.launch_micro:
-        launch_micro(dev, dtype)
     shape, n = SCENES[args.scene]
     idx = synthetic_voxels(shape, n, seed=0).to(dev)
     feats = torch.randn(idx.shape[0], args.channels, device=dev, dtype=dtype)
