@@ -10,7 +10,10 @@ Prints, for one engine on a random checkpoint of a bench shape:
     ``TPOT - replay`` is the time the GPU sits idle per step;
   * the kernels of one replay (torch profiler): count and the largest by total time.
 
-    python3 scripts/gpu/decode_step_probe.py --model llama-1b [--tokens 512]
+    python3 scripts/gpu/decode_step_probe.py --model llama-1b [--tokens 512] [--quant int8-wo]
+
+``--quant`` builds the dummy engine of a ``kiln build --quant`` mode (bench/llm_throughput.py's ``engine_entry``,
+the LM head quantized as the build's default), so the quantized engines' steps list their kernels the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.common import copy_bandwidth  # noqa: E402
-from bench.llm_throughput import SHAPES, streamed_bytes  # noqa: E402
+from bench.llm_throughput import SHAPES, engine_entry, streamed_bytes  # noqa: E402
 
 
 def timed(obj, name: str, totals: dict) -> None:
@@ -51,11 +54,13 @@ def main():
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--replays", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--quant", default="bf16", choices=["bf16", "int8-wo", "int4-wo", "w8a8", "fp8"])
     args = ap.parse_args()
     from kiln.llm import LLM, SamplingParams
 
     d = Path(tempfile.mkdtemp())
-    (d / "config.json").write_text(json.dumps(SHAPES[args.model]))
+    entry = engine_entry(args.quant, None)
+    (d / "config.json").write_text(json.dumps({**SHAPES[args.model], **({"kiln_engine": entry} if entry else {})}))
     llm = LLM(str(d), dtype="bfloat16", device="cuda", load_format="dummy", max_num_seqs=8,
               max_num_batched_tokens=8192, max_model_len=4096, gpu_memory_utilization=0.85)
     eng = llm.engine
@@ -70,7 +75,7 @@ def main():
     request()  # warm-up
     bw = copy_bandwidth()
     nbytes = streamed_bytes(eng.model)
-    print(f"{args.model}: roofline {nbytes / 1e9:.3f} GB at {bw / 1e12:.2f} TB/s = {1e3 * nbytes / bw:.3f} ms")
+    print(f"{args.model} {args.quant}: roofline {nbytes / 1e9:.3f} GB at {bw / 1e12:.2f} TB/s = {1e3 * nbytes / bw:.3f} ms")
     tpots: dict[bool, list[float]] = defaultdict(list)
     totals: dict[bool, dict[str, list[float]]] = {m: defaultdict(list) for m in (False, True)}
     for _ in range(args.rounds):
@@ -121,7 +126,7 @@ def main():
     kernels = sum(e.count for e in rows) / 5
     print(f"kernels per replay: {kernels:.0f}, summed kernel time {total / 1e3:.3f} ms")
     rows.sort(key=lambda e: -getattr(e, "self_device_time_total", 0))
-    for e in rows[:16]:
+    for e in rows[:24]:
         t = getattr(e, "self_device_time_total", 0) / 5
         print(f"  {t:8.1f} us  x{e.count // 5:3d}  {e.key[:90]}")
     gaps_in_run_ahead(llm, eng, request, args.tokens)
