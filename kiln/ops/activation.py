@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor
+from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, pdl_launch_args
 from ._triton import triton, tl
 
 
@@ -26,10 +26,13 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_and_mul_kernel(X, Y, stride_x, stride_y, I, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(X, Y, stride_x, stride_y, I, BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
+    if PDL:  # x is the previous kernel's output; the next one (the down projection's GEMV) may start its weight loads
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(X + row * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
     y = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty).to(tl.float32) * u
@@ -48,5 +51,5 @@ def _silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     if n and inner:
         block = min(triton.next_power_of_2(inner), 1024)
         _silu_and_mul_kernel[(n, triton.cdiv(inner, block))](x2, y2, x2.stride(0), y2.stride(0), inner,
-                                                             BLOCK=block, num_warps=4)
+                                                             BLOCK=block, num_warps=4, **pdl_launch_args())
     return y

@@ -383,6 +383,25 @@ def wo_config(M: int, N: int, K: int, bits: int, group_size: int, sms: int = 132
     return dict(_wo_config_cached(M, N, K, bits, group_size, sms, interpreting()))
 
 
+# One-row int8 GEMV tiles: (BLOCK_N, BLOCK_K, warps, CTAs resident per SM). A batch-1 GEMV is as fast as its last
+# wave of CTAs: on the H100 (scripts/gpu/wo_gemv_bench.py --sweep, session 12) 8 rows x 1024 k with 2 warps took the
+# 8B o_proj and down_proj from 9.3 / 26.9 us (8 x 1024, 4 warps: 512 tiles in 3 CTAs per SM, 1.3 waves) to 7.2 /
+# 21.7 us (one wave of 4 per SM; 61 -> 78% and 74 -> 91% of the copy bandwidth), where 4 rows suit the 6144-row
+# qkv_proj (1536 tiles, 6 per SM: 1.9 waves). Residency follows from ptxas's 242 and 156 registers per thread at
+# 64 threads (checked in tests/ops/test_wo_gemm.py).
+INT8_GEMV_TILES = ((8, 1024, 2, 4), (4, 1024, 2, 6))
+
+
+def _int8_gemv_tile(N: int, sms: int) -> tuple[int, int, int]:
+    """The INT8_GEMV_TILES entry whose waves are fullest (to 0.1; the first one on ties): (BLOCK_N, BLOCK_K, warps)."""
+    def fill(tile):
+        waves = triton.cdiv(N, tile[0]) / (tile[3] * sms)
+        return waves / -(-waves // 1)
+
+    best = max(INT8_GEMV_TILES, key=lambda t: (round(fill(t), 1), -INT8_GEMV_TILES.index(t)))
+    return best[:3]
+
+
 def _wo_config(M, N, K, bits, group_size, sms, interp):
     kp = max(16, triton.next_power_of_2(K))
     if interp:  # tiny tiles: the interpreter runs every program in Python
@@ -391,13 +410,12 @@ def _wo_config(M, N, K, bits, group_size, sms, interp):
         return dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=bk, USE_DOT=M > 1, SPLIT_K=1, num_warps=4,
                     INT4_WORDS=bits == 4 and M == 1, INT4_JOIN=bits == 4 and M > 1)
     if M == 1:
-        # From the H100 tile sweep with the first tile prefetched and PDL (scripts/gpu/wo_gemv_bench.py --sweep --ab,
-        # session 10, Llama-3.1-8B / 3.2-1B linears): int8 8 rows x 1024 k (8 KB per step, 4 warps, no split where
-        # the row tiles fill the SMs) was the best tile or close on every linear, reaching 61-94% of the copy
-        # bandwidth on the 8B ones (the earlier 64x256 / 8 warps is slower with the prefetch: 4.41 ms per 8B step
-        # against 3.13); int4 128 rows x one group of 128 k on 32-bit words, reduced once, 4 warps
+        # int8: the tile of INT8_GEMV_TILES whose row tiles best fill whole waves of resident CTAs (see there);
+        # int4 (H100 sweep with the first tile prefetched and PDL, scripts/gpu/wo_gemv_bench.py --sweep --ab,
+        # session 10): 128 rows x one group of 128 k on 32-bit words, reduced once, 4 warps
         if bits == 8:
-            bn, bk, warps = 8, min(1024, kp), 4
+            bn, bk, warps = _int8_gemv_tile(N, sms)
+            bk = min(bk, kp)
             extra = {}
         else:
             bn, bk, warps = 128, min(128, group_size), 4

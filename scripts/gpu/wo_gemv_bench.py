@@ -29,10 +29,11 @@ from decode_gemv_bench import SHAPES, graph_time, linears, with_env  # noqa: E40
 GROUP = 128
 # (BLOCK_N, BLOCK_K, num_warps) tried at M=1; SPLIT_K: the heuristic's, 1, and twice the heuristic's; int4 on
 # 32-bit words, reduced once
-SWEEP = {8: [(64, 256, 8), (32, 256, 4), (32, 512, 8), (16, 512, 4), (16, 1024, 8), (8, 1024, 4), (32, 256, 8),
-             (64, 128, 8)],
-         4: [(128, 128, 8), (64, 128, 4), (64, 128, 8), (128, 64, 4), (256, 128, 8), (128, 128, 4), (256, 64, 8),
-             (32, 128, 4)]}
+SWEEP = {8: [(4, 1024, 2), (8, 1024, 2), (4, 2048, 2), (4, 512, 2), (8, 512, 2), (2, 2048, 2), (4, 2048, 4),
+             (4, 4096, 4), (8, 2048, 2), (16, 512, 2), (16, 1024, 2), (8, 1024, 1), (4, 1024, 1), (2, 1024, 1),
+             (16, 256, 2), (8, 1024, 4)],
+         4: [(128, 128, 4), (128, 128, 2), (64, 128, 4), (64, 128, 2), (32, 128, 2), (256, 128, 8), (128, 64, 4),
+             (256, 64, 4)]}
 
 
 def quantized_copies(n: int, k: int, bits: int) -> tuple[list[tuple], int]:
@@ -87,6 +88,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["llama-8b", "llama-1b"], choices=list(SHAPES))
     ap.add_argument("--sweep", action="store_true", help="tile sweep at M=1 on the first model's shapes")
+    ap.add_argument("--sweep-bits", type=int, nargs="+", default=[8, 4], help="the widths the sweep covers")
+    ap.add_argument("--no-sweep-split", dest="sweep_split", action="store_false",
+                    help="sweep tiles without split-K (one launch per linear)")
     ap.add_argument("--ab", action="store_true", help="also time PDL off, and PDL and prefetch off")
     ap.add_argument("--batch", type=int, default=0, help="time M = BATCH rows (the tl.dot paths) instead of M=1")
     args = ap.parse_args()
@@ -117,11 +121,12 @@ def main() -> int:
                         lambda: [call(bits, x, q, s, dict(pick, PREFETCH=False)) for q, s in qs], len(qs)))
                     res[f"w{bits} no-pdl"] = (t_nopdl, nbytes)
                     res[f"w{bits} plain"] = (t_plain, nbytes)
-                if args.sweep:
+                if args.sweep and bits in args.sweep_bits:
                     best = (t, "heuristic")
+                    tried = []
                     for bn, bk, nw in SWEEP[bits]:
                         auto = split_k_for(1, n, k, 1, bn, bk, sms)
-                        for split in sorted({1, auto, 2 * auto}):
+                        for split in sorted({1, auto, 2 * auto} if args.sweep_split else {1}):
                             cfg = dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split, num_warps=nw)
                             if bits == 4:
                                 cfg.update(INT4_WORDS=True, REDUCE_EACH_TILE=False)
@@ -130,13 +135,15 @@ def main() -> int:
                             except Exception as exc:  # noqa: BLE001 - a tile that does not compile is skipped
                                 print(f"   {name} w{bits} {bn}x{bk}/w{nw}/s{split}: {type(exc).__name__}")
                                 continue
+                            tried.append((ts, f"{bn}x{bk}/w{nw}/s{split}"))
                             if ts < best[0]:
                                 best = (ts, f"{bn}x{bk}/w{nw}/split{split}")
                     res[f"w{bits}a16 best"] = (best[0], nbytes)
                     pick = wo_config(1, n, k, bits, GROUP, sms)
                     print(f"   {model} {name} w{bits}: heuristic {pick['BLOCK_N']}x{pick['BLOCK_K']}/"
                           f"w{pick['num_warps']}/split{pick['SPLIT_K']} {t * 1e6:.1f} us; best {best[1]} "
-                          f"{best[0] * 1e6:.1f} us ({nbytes / best[0] / bw * 100:.0f}% of copy bw)", flush=True)
+                          f"{best[0] * 1e6:.1f} us ({nbytes / best[0] / bw * 100:.0f}% of copy bw); fastest tried: "
+                          + ", ".join(f"{lab} {ts * 1e6:.1f}" for ts, lab in sorted(tried)[:6]), flush=True)
                 del qs
             torch.cuda.empty_cache()
             rows.append((model, name, n, k, res))

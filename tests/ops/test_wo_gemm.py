@@ -269,3 +269,33 @@ def test_default_batch1_tiles_compile_lean_for_sm90(monkeypatch, bits):
         codes = cfg["BLOCK_N"] * cfg["BLOCK_K"] // (32 * warps)  # per thread per K step
         assert loop.get("LOP3", 0) <= 1.25 * codes, loop
         assert sum(loop.values()) <= 6.0 * codes, loop
+
+
+def test_int8_gemv_tile_fills_whole_waves():
+    """The one-row int8 tile is the INT8_GEMV_TILES entry whose CTAs fill the most of their last wave (H100: 132
+    SMs): the 8B o_proj / down_proj (4096 rows) fit one wave of 8-row tiles at 4 per SM, the 6144-row qkv_proj
+    nearly two waves of 4-row tiles at 6 per SM; the LM head is many waves either way (the first entry wins)."""
+    pick = wo_gemm._int8_gemv_tile
+    assert pick(4096, 132) == (8, 1024, 2)
+    assert pick(6144, 132) == (4, 1024, 2)
+    assert pick(28672, 132) == (8, 1024, 2)
+    assert pick(128256, 132) == (8, 1024, 2)
+    cfg = wo_gemm._wo_config(1, 4096, 14336, 8, 0, 132, False)
+    assert (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["SPLIT_K"]) == (8, 1024, 2, 1)
+    assert wo_gemm._wo_config(1, 4096, 512, 8, 0, 132, False)["BLOCK_K"] == 512  # K shorter than the tile
+
+
+@pytest.mark.skipif(ptxas_path() is None, reason="needs Triton's bundled ptxas")
+@pytest.mark.parametrize("tile", wo_gemm.INT8_GEMV_TILES)
+def test_int8_gemv_tiles_residency_matches_their_register_use(monkeypatch, tile):
+    """INT8_GEMV_TILES states how many CTAs of each tile an SM holds; that follows from the registers ptxas gives
+    the tile (allocated per warp in 256-register units, 64K per SM). A kernel change that moves it must update the
+    table, or the wave arithmetic picks tiles from wrong numbers."""
+    bn, bk, warps, per_sm = tile
+    consts = dict(BITS=8, GROUP=128, HAS_ZERO=False, HAS_BIAS=False, UPCAST=False, PDL=True, PREFETCH=True,
+                  REDUCE_EACH_TILE=True, INT4_WORDS=False, INT4_JOIN=False, M=1, stride_xk=1, BLOCK_M=1,
+                  BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=1)
+    sig = dict(ONE_BITS="i32", X="*bf16", W="*i8", S="*fp32", Z="*u8", B="*bf16", Y="*fp32")
+    regs, spills, _ = sm90_compile("kiln.ops.wo_gemm", "_wo_gemm_kernel", sig, consts, warps)
+    per_warp = -(-regs * 32 // 256) * 256
+    assert spills == 0 and 65536 // (per_warp * warps) == per_sm, (tile, regs)
