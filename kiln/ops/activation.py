@@ -26,6 +26,13 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def silu_mul_f32(g, u, dt: tl.constexpr):
+    """silu(g) * u from fp32 gate and up values, with silu rounded to ``dt`` before the product (HF's rounding);
+    the result is fp32, to be rounded to ``dt`` by the caller. Every kernel that applies SwiGLU uses this."""
+    return (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u
+
+
+@triton.jit
 def _silu_and_mul_kernel(X, Y, stride_x, stride_y, I, BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -35,7 +42,7 @@ def _silu_and_mul_kernel(X, Y, stride_x, stride_y, I, BLOCK: tl.constexpr, PDL: 
         tl.extra.cuda.gdc_launch_dependents()
     g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(X + row * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty).to(tl.float32) * u
+    y = silu_mul_f32(g, u, Y.dtype.element_ty)
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ._dispatch import backend_for, check_same, check_tensor, interpreting, pdl_launch_args
 from ._triton import triton, tl
+from .activation import silu_mul_f32
 
 MAX_M = 16
 # Measured on an H200 (2026-11-26, scripts/gpu/decode_gemv_bench.py, CUDA-graph chains at M=1): the Triton GEMV
@@ -145,8 +146,7 @@ def _gemv_kernel(X, W, B, Y, R, RO, NW, M, N, K, stride_xm, stride_xk, stride_wn
         if PROLOGUE == 1:
             g = tl.load(x_rows + kk[None, :] * stride_xk, mask=mk, other=0.0).to(tl.float32)
             u = tl.load(x_rows + (kk + K)[None, :] * stride_xk, mask=mk, other=0.0).to(tl.float32)
-            a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u
-            xt = a.to(dt)
+            xt = silu_mul_f32(g, u, dt).to(dt)
         elif PROLOGUE == 2:
             s = tl.load(x_rows + kk[None, :] * stride_xk, mask=mk, other=0.0)
             if HAS_RESIDUAL:

@@ -43,12 +43,14 @@ decode CUDA graph, the gaps between launches are part of every token's time).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting, pdl_launch_args
 from ._triton import triton, tl
+from .activation import silu_and_mul, silu_mul_f32
 from .split_k import split_k_for, sum_partials
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -138,6 +140,59 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if backend_for(x, qweight, scales) == "triton":
         return _wo_triton(x, qweight, scales, zeros, group_size, bias, bits=4)
     return w4a16_linear_ref(x, qweight, scales, zeros, group_size, bias)
+
+
+class WeightOnly(NamedTuple):
+    """A weight-only quantized weight as the kernels take it: int8 [N, K] with a per-channel scale [N] (``bits=8``),
+    or packed int4 [N, K/2] with group ``scales`` and ``zeros`` [N, K/G] (``bits=4``)."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None = None
+    group_size: int = 0
+    bits: int = 8
+
+    def check(self, x: torch.Tensor, bias: torch.Tensor | None) -> None:
+        if self.bits == 8:
+            _check_w8(x, self.qweight, self.scales, bias)
+        elif self.bits == 4:
+            _check_w4(x, self.qweight, self.scales, self.zeros, self.group_size, bias)
+        else:
+            raise ValueError(f"weight-only bits must be 8 or 4, got {self.bits!r}")
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.bits == 8:
+            return w8a16_linear(x, self.qweight, self.scales, bias)
+        return w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, bias)
+
+    def linear_ref(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.bits == 8:
+            return w8a16_linear_ref(x, self.qweight, self.scales, bias)
+        return w4a16_linear_ref(x, self.qweight, self.scales, self.zeros, self.group_size, bias)
+
+
+def wo_glu_linear(x: torch.Tensor, weight: WeightOnly, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu_and_mul(weight.linear(x, bias))`` for a fused [gate | up] weight [2I, K]: x [..., K] -> [..., I].
+
+    Decode-sized inputs (at most ``gemv.MAX_M`` rows on the Triton path, ``gemv.gemv_enabled()``) take one launch:
+    each GEMV program computes I-aligned pairs of gate and up rows and applies the SiLU-and-mul in its epilogue, with
+    the unfused ops' rounding (gate and up rounded to x's dtype, silu rounded before the product). That saves the
+    separate activation kernel and its round trip per layer of a decode step. Other inputs run the two ops."""
+    from .gemv import MAX_M, gemv_enabled
+
+    weight.check(x, bias)
+    if weight.qweight.shape[0] % 2:
+        raise ValueError(f"a [gate | up] weight needs an even number of rows, got {weight.qweight.shape[0]}")
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if 0 < rows <= MAX_M and gemv_enabled() and backend_for(x) == "triton":
+        return _wo_triton(x, *weight[:4], bias, weight.bits, glu=True)
+    return silu_and_mul(weight.linear(x, bias))
+
+
+def wo_glu_linear_ref(x, weight: WeightOnly, bias=None):
+    from .activation import silu_and_mul_ref
+
+    return silu_and_mul_ref(weight.linear_ref(x, bias))
 
 
 # ------------------------------------------------------------------------------------------------ reference
@@ -247,18 +302,27 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     USE_DOT: tl.constexpr, UPCAST: tl.constexpr, SPLIT_K: tl.constexpr,
                     REDUCE_EACH_TILE: tl.constexpr = True, INT4_WORDS: tl.constexpr = False,
-                    INT4_JOIN: tl.constexpr = False, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
+                    INT4_JOIN: tl.constexpr = False, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
+                    GLU: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     dt = X.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    HALF: tl.constexpr = BLOCK_N // 2
+    if GLU:  # a fused [gate | up] weight: the program takes HALF gate rows and the HALF up rows they pair with
+        r = tl.arange(0, BLOCK_N)
+        pair = pid_n * HALF + r % HALF
+        offs_n = tl.where(r < HALF, pair, pair + N // 2)
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_j = tl.arange(0, BLOCK_K // 2)  # int4: the K tile's bytes, each holding k = 2j (low nibble) and 2j + 1 (high)
     offs_w = tl.arange(0, BLOCK_K // 8)  # int4 words (INT4_WORDS): word j holds k = 8j + b in nibble b
     m_mask = offs_m < M
     n_mask = offs_n < N
+    if GLU:
+        n_mask = pair < N // 2
     x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm
     w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -365,7 +429,12 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = Y + pid_k.to(tl.int64) * stride_ys + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    if SPLIT_K > 1:  # fp32 partials; the bias is added once, after the sum
+    if GLU:  # SiLU-and-mul epilogue: gate and up rounded to the dtype as the GEMM's output would be, then its math
+        g, u = tl.split(tl.permute(tl.reshape(acc.to(dt).to(tl.float32), (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        offs_o = pid_n * HALF + tl.arange(0, HALF)
+        tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_o[None, :], silu_mul_f32(g, u, dt).to(dt),
+                 mask=m_mask[:, None] & (offs_o < N // 2)[None, :])
+    elif SPLIT_K > 1:  # fp32 partials; the bias is added once, after the sum
         tl.store(y_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
     else:
         tl.store(y_ptrs, acc.to(dt), mask=m_mask[:, None] & n_mask[None, :])
@@ -434,20 +503,24 @@ def _wo_config(M, N, K, bits, group_size, sms, interp):
                 num_warps=4 if bm <= 32 else 8, num_stages=3 if bm <= 64 else 4, **extra)
 
 
-def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, config=None):
-    """Launch the kernel; ``out`` [M, N] (tests pass a poisoned buffer), ``config`` overrides ``wo_config``."""
+def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, config=None, glu=False):
+    """Launch the kernel; ``out`` [M, N] (tests pass a poisoned buffer), ``config`` overrides ``wo_config``.
+    ``glu``: the weight is a fused [gate | up] [2I, K] and the output is silu(gate) * up [M, I] (one launch, no
+    split-K)."""
     K = x.shape[-1]
     N = qweight.shape[0]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     if qweight.stride(1) != 1:
         qweight = qweight.contiguous()
-    y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    n_out = N // 2 if glu else N
+    y = out if out is not None else torch.empty(M, n_out, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
-        return y.view(*x.shape[:-1], N)
+        return y.view(*x.shape[:-1], n_out)
     if K == 0:  # an empty sum: just the bias
-        y.copy_(bias.expand(M, N) if bias is not None else torch.zeros(M, N, device=x.device))
-        return y.view(*x.shape[:-1], N)
+        y0 = bias.expand(M, N).to(x.dtype) if bias is not None else torch.zeros(M, N, dtype=x.dtype, device=x.device)
+        y.copy_(silu_and_mul(y0) if glu else y0)
+        return y.view(*x.shape[:-1], n_out)
     if scales.dim() == 2 and scales.stride(1) != 1:
         scales = scales.contiguous()
     if zeros is not None and zeros.stride(1) != 1:
@@ -468,11 +541,16 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
         if qweight.data_ptr() % 4 or qweight.stride(0) % 4:
             qweight = qweight.contiguous()
         qweight = qweight.view(torch.int32)
+    if glu:
+        if cfg["BLOCK_N"] < 2:
+            raise ValueError(f"the SiLU-and-mul epilogue pairs gate and up rows: BLOCK_N must be >= 2, got "
+                             f"{cfg['BLOCK_N']}")
+        cfg["SPLIT_K"] = 1  # the epilogue needs the whole sum
     split = cfg["SPLIT_K"]
     k_per_split = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     split = triton.cdiv(K, k_per_split)  # no empty splits
     cfg["SPLIT_K"] = split
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), split)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(n_out, cfg["BLOCK_N"] // 2 if glu else cfg["BLOCK_N"]), split)
     target = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     dummy = scales
     extra = {"num_stages": num_stages} if num_stages else {}
@@ -488,10 +566,10 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
         zeros.stride(0) if zeros is not None else 0, target.stride(-2), target.stride(0) if split > 1 else 0,
         ONE_BITS_VALUE, BITS=bits, GROUP=max(group_size, 1), HAS_ZERO=zeros is not None,
         HAS_BIAS=bias is not None and split == 1,
-        UPCAST=interpreting() or x.dtype == torch.float32, num_warps=num_warps, **pdl, **extra, **cfg)
+        UPCAST=interpreting() or x.dtype == torch.float32, GLU=glu, num_warps=num_warps, **pdl, **extra, **cfg)
     if split > 1:  # one launch: the fp32 partials summed in split order (deterministic), the bias, rounded once
         sum_partials(target, bias, y, pdl=pdl["PDL"])
-    return y.view(*x.shape[:-1], N)
+    return y.view(*x.shape[:-1], n_out)
 
 
 @functools.lru_cache(maxsize=None)

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from kiln.ops.gemm import FP8_DTYPE, FP8_MAX, fp8_linear, w8a8_linear
-from kiln.ops.wo_gemm import (SUPPORTED_GROUP_SIZES, dequantize_int4_weight, dequantize_int8_weight, pack_int4,
-                              w4a16_linear, w8a16_linear)
+from kiln.ops.wo_gemm import (SUPPORTED_GROUP_SIZES, WeightOnly, dequantize_int4_weight, dequantize_int8_weight,
+                              pack_int4, w4a16_linear, w8a16_linear, wo_glu_linear)
 
 from .tensor_quant import quantize, quantize_asym, reduce_amax
 
@@ -90,6 +90,15 @@ class _WeightOnlyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class _GatedForward:
+    """Weight-only linears as a fused [gate | up] projection; each class gives its ``weight_only()``."""
+
+    def glu_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu_and_mul(self(x))``: at decode one launch, the activation in the GEMV's epilogue
+        (``kiln.ops.wo_gemm.wo_glu_linear``)."""
+        return wo_glu_linear(x, self.weight_only(), self.bias)
+
+
 class _PerChannelLinear(_WeightOnlyLinear):
     """A ``QDTYPE`` weight [N, K] with an fp32 per-output-channel scale [N] (int8-wo, w8a8 and fp8 share it)."""
 
@@ -120,7 +129,7 @@ class _PerChannelLinear(_WeightOnlyLinear):
         return mod
 
 
-class Int8WeightOnlyLinear(_PerChannelLinear):
+class Int8WeightOnlyLinear(_GatedForward, _PerChannelLinear):
     """W8A16: int8 weight [N, K] and fp32 per-channel scale [N]; activations stay float."""
 
     mode = "int8-wo"
@@ -128,11 +137,14 @@ class Int8WeightOnlyLinear(_PerChannelLinear):
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_int8_weight(self.qweight, self.scale)
 
+    def weight_only(self) -> WeightOnly:
+        return WeightOnly(self.qweight, self.scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return w8a16_linear(x, self.qweight, self.scale, self.bias)
 
 
-class Int4WeightOnlyLinear(_WeightOnlyLinear):
+class Int4WeightOnlyLinear(_GatedForward, _WeightOnlyLinear):
     """W4A16: packed int4 weight [N, K/2], fp32 scales and uint8 zero points [N, K/group_size]."""
 
     mode = "int4-wo"
@@ -165,6 +177,9 @@ class Int4WeightOnlyLinear(_WeightOnlyLinear):
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_int4_weight(self.qweight, self.scales, self.zeros, self.group_size)
+
+    def weight_only(self) -> WeightOnly:
+        return WeightOnly(self.qweight, self.scales, self.zeros, self.group_size, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)

@@ -358,12 +358,14 @@ def test_activation_quantized_and_kv_engines_store_and_load_their_formats(engine
 
 
 @requires_shakespeare
-@pytest.mark.parametrize("mode, kv", [("w8a8", "int8"), ("fp8", "fp8")])
+@pytest.mark.parametrize("mode, kv", [("w8a8", "int8"), ("fp8", "fp8"), ("int8-wo", None), ("int4-wo", None)])
 def test_quantized_engine_triton_kernels_match_reference_path(checkpoints, tmp_path, monkeypatch, mode, kv):
     """A tiny engine end to end with every kernel in Triton (the interpreter on a CPU): activation quantization,
-    INT8 / FP8 GEMMs, the quantized KV writes and both attention kernels, against the reference ops."""
+    INT8 / FP8 GEMMs, the quantized KV writes and both attention kernels, against the reference ops; for the
+    weight-only modes the decode step's gate/up GEMV with the SiLU-and-mul epilogue (``wo_glu_linear``)."""
     path, _ = checkpoints["qwen2"]  # qkv bias: the bias epilogue runs too
     engine = build_engine(path, tmp_path / "e", dtype="float32", quant=mode, kv_cache_dtype=kv,
+                          group_size=32 if mode == "int4-wo" else None,
                           calibration=CalibrationConfig(num_samples=2, seq_len=64), show_progress=False)
     prompts = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11], [11, 12, 13]]  # two KV blocks and one
     out = {}

@@ -251,17 +251,17 @@ def test_weight_only_doctor_checks_are_registered_and_pass():
 
 
 @pytest.mark.skipif(ptxas_path() is None, reason="needs Triton's bundled ptxas")
-@pytest.mark.parametrize("bits", [8, 4])
-def test_default_batch1_tiles_compile_lean_for_sm90(monkeypatch, bits):
+@pytest.mark.parametrize("bits, glu", [(8, False), (4, False), (8, True)])
+def test_default_batch1_tiles_compile_lean_for_sm90(monkeypatch, bits, glu):
     """The one-row GEMV tiles the heuristic picks, compiled for the H100 here (no GPU needed, the launch's 16-byte
     alignment and divisibility specialisations included): no register spills with the prefetched next tile and PDL
-    (a spilling tile streams local memory beside its weights), and for int4 one LOP3 per code in the main loop (the
+    (a spilling tile streams local memory beside its weights), also with the SiLU-and-mul epilogue, and for int4 one LOP3 per code in the main loop (the
     magic exponent in a register; with it as an immediate ptxas emitted two, 824 instructions per step, now ~712)."""
     monkeypatch.setattr(wo_gemm, "interpreting", lambda: False)
     cfg = wo_gemm.wo_config(1, 4096, 14336, bits, 128, 132)
     warps = cfg.pop("num_warps")
     consts = {**dict(BITS=bits, GROUP=128, HAS_ZERO=True, HAS_BIAS=False, UPCAST=False, PDL=True, PREFETCH=True,
-                     REDUCE_EACH_TILE=True, INT4_WORDS=False, INT4_JOIN=False, M=1, stride_xk=1), **cfg}
+                     REDUCE_EACH_TILE=True, INT4_WORDS=False, INT4_JOIN=False, M=1, stride_xk=1, GLU=glu), **cfg}
     sig = dict(ONE_BITS="i32", X="*bf16", W="*i8" if bits == 8 else "*i32", S="*fp32", Z="*u8", B="*bf16", Y="*fp32")
     regs, spills, loop = sm90_compile("kiln.ops.wo_gemm", "_wo_gemm_kernel", sig, consts, warps)
     assert spills == 0, (cfg, regs, spills)
@@ -294,7 +294,7 @@ def test_int8_gemv_tiles_residency_matches_their_register_use(monkeypatch, tile)
     bn, bk, warps, per_sm = tile
     consts = dict(BITS=8, GROUP=128, HAS_ZERO=False, HAS_BIAS=False, UPCAST=False, PDL=True, PREFETCH=True,
                   REDUCE_EACH_TILE=True, INT4_WORDS=False, INT4_JOIN=False, M=1, stride_xk=1, BLOCK_M=1,
-                  BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=1)
+                  BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=1, GLU=False)
     sig = dict(ONE_BITS="i32", X="*bf16", W="*i8", S="*fp32", Z="*u8", B="*bf16", Y="*fp32")
     regs, spills, _ = sm90_compile("kiln.ops.wo_gemm", "_wo_gemm_kernel", sig, consts, warps)
     per_warp = -(-regs * 32 // 256) * 256

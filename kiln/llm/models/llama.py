@@ -75,11 +75,13 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias=cfg.mlp_bias, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.gate_up_proj, "glu_forward"):  # weight-only quantized: SiLU-and-mul in the GEMV's epilogue
+            return self.tp.all_reduce(self.down_proj(self.gate_up_proj.glu_forward(x)))
         return self.down(self.gate_up_proj(x))
 
     def down(self, gate_up: torch.Tensor) -> torch.Tensor:
         """down_proj(silu(gate) * up); float weights fold the activation into the GEMV."""
-        if not isinstance(self.down_proj, nn.Linear):  # weight-only quantized (kiln.quant.llm)
+        if not isinstance(self.down_proj, nn.Linear):  # quantized (kiln.quant.llm)
             return self.tp.all_reduce(self.down_proj(silu_and_mul(gate_up)))
         return self.tp.all_reduce(silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias))
 
@@ -112,6 +114,9 @@ class LlamaDecoderLayer(nn.Module):
         else:
             qkv, residual = _norm_proj(ln1, attn.qkv_proj, hidden, residual)
         hidden = attn.attend(positions, qkv, cos_sin)
+        if hasattr(mlp.gate_up_proj, "glu_forward"):  # weight-only quantized: the norm, then the MLP
+            h, residual = ln2(hidden, residual)
+            return mlp(h), residual
         gate_up, residual = _norm_proj(ln2, mlp.gate_up_proj, hidden, residual)
         return mlp.down(gate_up), residual
 
