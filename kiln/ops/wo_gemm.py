@@ -33,6 +33,13 @@ first weight tile before anything else and then always loads the next tile befor
 the previous kernel is still finishing, and only the activations wait (``gdc_wait``). The split-K sum is launched
 the same way.
 
+The one-row int8 GEMV picks its tile by how fully the row tiles fill whole waves of resident CTAs
+(``INT8_GEMV_TILES``): a batch-1 GEMV lasts as long as its last wave.
+
+``wo_glu_linear`` runs a fused [gate | up] weight with the SiLU-and-mul in the epilogue (``GLU``): each program
+takes HALF gate rows and the HALF up rows they pair with (row n and row n + N/2, no weight reordering) and stores
+silu(gate) * up, so a decode step's MLP needs no separate activation kernel.
+
 Decode-sized calls (M <= 64) split K over extra programs (``SPLIT_K``) where the output tiles leave SMs idle: a
 4096-row weight makes only 64 column tiles, half an H100's SMs, and a GEMV is memory-bound, so it needs every SM
 streaming. Each split writes an fp32 partial [SPLIT_K, M, N] (scales applied: they are linear) and one small
