@@ -100,7 +100,9 @@ def _quant_heads(x, S, h, H, QDT: tl.constexpr, QUANT: tl.constexpr, IS_FP8: tl.
                  MANUAL_FP8: tl.constexpr):
     """[BLOCK_H, ...] values of heads h -> the cache's dtype (divided by their head's scale when quantized)."""
     if QUANT:
-        inv = 1.0 / tl.load(S + h, mask=h < H, other=1.0)
+        s = tl.load(S + h, mask=h < H, other=1.0)
+        inv = tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s)  # IEEE-rounded like the reference's 1 / scale: a
+        # GPU's default fp32 division may be an ulp off, which moves a value at a rounding boundary by one code
         return cast_to_qdtype(x.to(tl.float32) * inv[:, None], QDT, IS_FP8, MANUAL_FP8)
     else:
         return x
