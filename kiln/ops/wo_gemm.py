@@ -463,9 +463,10 @@ def wo_config(M: int, N: int, K: int, bits: int, group_size: int, sms: int = 132
 # wave of CTAs: on the H100 (scripts/gpu/wo_gemv_bench.py --sweep, session 12) 8 rows x 1024 k with 2 warps took the
 # 8B o_proj and down_proj from 9.3 / 26.9 us (8 x 1024, 4 warps: 512 tiles in 3 CTAs per SM, 1.3 waves) to 7.2 /
 # 21.7 us (one wave of 4 per SM; 61 -> 78% and 74 -> 91% of the copy bandwidth), where 4 rows suit the 6144-row
-# qkv_proj (1536 tiles, 6 per SM: 1.9 waves). Residency follows from ptxas's 242 and 156 registers per thread at
-# 64 threads (checked in tests/ops/test_wo_gemm.py).
-INT8_GEMV_TILES = ((8, 1024, 2, 4), (4, 1024, 2, 6))
+# qkv_proj (1536 tiles, 6 per SM: 1.9 waves), and 4 x 2048 the 1B's 2048-row down_proj (512 tiles, 4 per SM: 7.6
+# us against 8.8 for 4 x 1024 at 6 per SM). Residency follows from ptxas's 242, 156 and 244 registers per thread
+# at 64 threads (checked in tests/ops/test_wo_gemm.py).
+INT8_GEMV_TILES = ((8, 1024, 2, 4), (4, 1024, 2, 6), (4, 2048, 2, 4))
 
 
 def _int8_gemv_tile(N: int, sms: int) -> tuple[int, int, int]:

@@ -274,10 +274,13 @@ def test_default_batch1_tiles_compile_lean_for_sm90(monkeypatch, bits, glu):
 def test_int8_gemv_tile_fills_whole_waves():
     """The one-row int8 tile is the INT8_GEMV_TILES entry whose CTAs fill the most of their last wave (H100: 132
     SMs): the 8B o_proj / down_proj (4096 rows) fit one wave of 8-row tiles at 4 per SM, the 6144-row qkv_proj
-    nearly two waves of 4-row tiles at 6 per SM; the LM head is many waves either way (the first entry wins)."""
+    nearly two waves of 4-row tiles at 6 per SM, a 2048-row layer one wave of 4-row tiles at 4 per SM; the LM head
+    is many waves either way (the first entry wins)."""
     pick = wo_gemm._int8_gemv_tile
     assert pick(4096, 132) == (8, 1024, 2)
     assert pick(6144, 132) == (4, 1024, 2)
+    assert pick(2048, 132) == (4, 2048, 2)
+    assert pick(3072, 132) == (4, 1024, 2)
     assert pick(28672, 132) == (8, 1024, 2)
     assert pick(128256, 132) == (8, 1024, 2)
     cfg = wo_gemm._wo_config(1, 4096, 14336, 8, 0, 132, False)
