@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting, pdl_launch_args
 from ._triton import triton, tl
-from .activation import silu_and_mul, silu_mul_f32
+from .activation import silu_and_mul, silu_and_mul_ref, silu_mul_f32
 from .split_k import split_k_for, sum_partials
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -197,8 +197,6 @@ def wo_glu_linear(x: torch.Tensor, weight: WeightOnly, bias: torch.Tensor | None
 
 
 def wo_glu_linear_ref(x, weight: WeightOnly, bias=None):
-    from .activation import silu_and_mul_ref
-
     return silu_and_mul_ref(weight.linear_ref(x, bias))
 
 
@@ -558,7 +556,8 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
     k_per_split = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     split = triton.cdiv(K, k_per_split)  # no empty splits
     cfg["SPLIT_K"] = split
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(n_out, cfg["BLOCK_N"] // 2 if glu else cfg["BLOCK_N"]), split)
+    cols_per_program = cfg["BLOCK_N"] // 2 if glu else cfg["BLOCK_N"]
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(n_out, cols_per_program), split)
     target = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     dummy = scales
     extra = {"num_stages": num_stages} if num_stages else {}

@@ -255,8 +255,9 @@ def test_weight_only_doctor_checks_are_registered_and_pass():
 def test_default_batch1_tiles_compile_lean_for_sm90(monkeypatch, bits, glu):
     """The one-row GEMV tiles the heuristic picks, compiled for the H100 here (no GPU needed, the launch's 16-byte
     alignment and divisibility specialisations included): no register spills with the prefetched next tile and PDL
-    (a spilling tile streams local memory beside its weights), also with the SiLU-and-mul epilogue, and for int4 one LOP3 per code in the main loop (the
-    magic exponent in a register; with it as an immediate ptxas emitted two, 824 instructions per step, now ~712)."""
+    (a spilling tile streams local memory beside its weights), also with the SiLU-and-mul epilogue, and for int4
+    one LOP3 per code in the main loop (the magic exponent in a register; with it as an immediate ptxas emitted two,
+    824 instructions per step, now ~712)."""
     monkeypatch.setattr(wo_gemm, "interpreting", lambda: False)
     cfg = wo_gemm.wo_config(1, 4096, 14336, bits, 128, 132)
     warps = cfg.pop("num_warps")
