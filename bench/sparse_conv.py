@@ -2,8 +2,10 @@
 
 Rows per scene and dtype: subm 3x3x3 (C->C) and strided 3x3x3 s2 (C->2C) convolution —
 rulebook build + forward, forward with a cached rulebook, forward+backward (cached rulebook) — and the whole
-VoxelBackBone8x forward+backward (rulebooks built inside, as in training). Times are medians; ratio = spconv / kiln
-(> 1 means kiln is faster). Without spconv the anchor column is empty ("spconv not installed").
+VoxelBackBone8x forward+backward (rulebooks built inside, as in training). Times are medians of alternating calls
+(kiln, spconv, kiln, ...: drift on a shared machine hits both alike; before session 12 each side's repeats ran in a
+block); ratio = spconv / kiln (> 1 means kiln is faster). Without spconv the anchor column is empty ("spconv not
+installed").
 
 CPU: both run with the same torch thread count (default 1: spconv's CPU path races with more threads).
     python bench/sparse_conv.py --scenes kitti --dtypes fp32
@@ -23,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Table, device_name, median_time  # noqa: E402
+from bench.common import Table, device_name, median_time, paired_median_times  # noqa: E402
 
 import kiln.sparse as ksp  # noqa: E402
 from kiln.sparse.backbone import VoxelBackBone8x  # noqa: E402
@@ -103,6 +105,14 @@ def ms(fn, repeat, warmup):
     return median_time(fn, repeat=repeat, warmup=warmup) * 1e3
 
 
+def ms_pair(ours, anchor, repeat, warmup):
+    """(ours, anchor) median ms, timed in alternating calls (``paired_median_times``); anchor None: ours alone."""
+    if anchor is None:
+        return ms(ours, repeat, warmup), None
+    a, b = paired_median_times([ours, anchor], repeat=repeat, warmup=warmup)
+    return a * 1e3, b * 1e3
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenes", nargs="+", default=["kitti"], choices=sorted(SCENES))
@@ -174,8 +184,8 @@ def run_rows(args, spconv, table, device, dtypes, channels, repeat, warmup, over
                 for i, label in enumerate(labels):
                     if i and over_budget(f"{scene} {kind} {label} {dname}"):
                         continue
-                    ours = ms(fs["kiln"][1][i], repeat, warmup)
-                    anchor = ms(fs["spconv"][1][i], repeat, warmup) if "spconv" in fs else None
+                    ours, anchor = ms_pair(fs["kiln"][1][i], fs["spconv"][1][i] if "spconv" in fs else None, repeat,
+                                           warmup)
                     table.add(f"{scene} {kind} {label} {dname}", ours, anchor, "ms", higher_is_better=False,
                               extra={"voxels": int(idx.shape[0]), "channels": channels})
                     print(table.render().splitlines()[-1], flush=True)
@@ -184,9 +194,9 @@ def run_rows(args, spconv, table, device, dtypes, channels, repeat, warmup, over
             torch.manual_seed(0)
             state = VoxelBackBone8x(4).state_dict()
             bfeats = feats[:, :4].contiguous()
-            ours = ms(backbone_callable(ksp, state, bfeats, idx, shape, 1, dtype, device), repeat, warmup)
-            anchor = (ms(backbone_callable(spconv, state, bfeats, idx, shape, 1, dtype, device), repeat, warmup)
-                      if spconv is not None else None)
+            ours, anchor = ms_pair(backbone_callable(ksp, state, bfeats, idx, shape, 1, dtype, device),
+                                   backbone_callable(spconv, state, bfeats, idx, shape, 1, dtype, device)
+                                   if spconv is not None else None, repeat, warmup)
             table.add(f"{scene} backbone fwd+bwd {dname}", ours, anchor, "ms", higher_is_better=False,
                       extra={"voxels": int(idx.shape[0])})
             print(table.render().splitlines()[-1], flush=True)
