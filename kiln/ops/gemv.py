@@ -82,17 +82,23 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def decode_sized(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """True for a decode step's input (1 to ``MAX_M`` rows of ``x [..., K]``) on the Triton path with the GEMVs
+    enabled: the one test every decode-only kernel choice (this GEMV, the weight-only epilogues) makes."""
+    m = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    return 0 < m <= MAX_M and gemv_enabled() and backend_for(x, *others) == "triton"
+
+
 def use_gemv(x: torch.Tensor, weight: torch.Tensor, k_in: int | None = None) -> bool:
     """True when ``x [..., K]`` times ``weight [N, K]`` goes to the Triton GEMV (small M, CUDA, 16-bit)."""
-    if not gemv_enabled() or x.dtype not in GEMV_DTYPES or weight.dtype != x.dtype or x.dim() < 1:
+    if x.dtype not in GEMV_DTYPES or weight.dtype != x.dtype or x.dim() < 1:
         return False
     k = x.shape[-1] if k_in is None else k_in
     if k == 0 or weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] == 0:
         return False
     if weight.shape[0] > MAX_GEMV_N:
         return False
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return 0 < m <= MAX_M and backend_for(x, weight) == "triton"
+    return decode_sized(x, weight)
 
 
 # ------------------------------------------------------------------------------------------------ kernel

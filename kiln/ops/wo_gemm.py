@@ -181,17 +181,16 @@ class WeightOnly(NamedTuple):
 def wo_glu_linear(x: torch.Tensor, weight: WeightOnly, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``silu_and_mul(weight.linear(x, bias))`` for a fused [gate | up] weight [2I, K]: x [..., K] -> [..., I].
 
-    Decode-sized inputs (at most ``gemv.MAX_M`` rows on the Triton path, ``gemv.gemv_enabled()``) take one launch:
+    Decode-sized inputs (``gemv.decode_sized``: at most 16 rows on the Triton path, GEMVs enabled) take one launch:
     each GEMV program computes I-aligned pairs of gate and up rows and applies the SiLU-and-mul in its epilogue, with
     the unfused ops' rounding (gate and up rounded to x's dtype, silu rounded before the product). That saves the
     separate activation kernel and its round trip per layer of a decode step. Other inputs run the two ops."""
-    from .gemv import MAX_M, gemv_enabled
+    from .gemv import decode_sized
 
     weight.check(x, bias)
     if weight.qweight.shape[0] % 2:
         raise ValueError(f"a [gate | up] weight needs an even number of rows, got {weight.qweight.shape[0]}")
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if 0 < rows <= MAX_M and gemv_enabled() and backend_for(x) == "triton":
+    if decode_sized(x):
         return _wo_triton(x, *weight[:4], bias, weight.bits, glu=True)
     return silu_and_mul(weight.linear(x, bias))
 
@@ -319,15 +318,14 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
         r = tl.arange(0, BLOCK_N)
         pair = pid_n * HALF + r % HALF
         offs_n = tl.where(r < HALF, pair, pair + N // 2)
+        n_mask = pair < N // 2
     else:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     offs_j = tl.arange(0, BLOCK_K // 2)  # int4: the K tile's bytes, each holding k = 2j (low nibble) and 2j + 1 (high)
     offs_w = tl.arange(0, BLOCK_K // 8)  # int4 words (INT4_WORDS): word j holds k = 8j + b in nibble b
     m_mask = offs_m < M
-    n_mask = offs_n < N
-    if GLU:
-        n_mask = pair < N // 2
     x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm
     w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)

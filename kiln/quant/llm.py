@@ -32,7 +32,7 @@ from torch import nn
 
 from kiln.ops.gemm import FP8_DTYPE, FP8_MAX, fp8_linear, w8a8_linear
 from kiln.ops.wo_gemm import (SUPPORTED_GROUP_SIZES, WeightOnly, dequantize_int4_weight, dequantize_int8_weight,
-                              pack_int4, w4a16_linear, w8a16_linear, wo_glu_linear)
+                              pack_int4, wo_glu_linear)
 
 from .tensor_quant import quantize, quantize_asym, reduce_amax
 
@@ -90,8 +90,12 @@ class _WeightOnlyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class _GatedForward:
-    """Weight-only linears as a fused [gate | up] projection; each class gives its ``weight_only()``."""
+class _WeightOnlyForward:
+    """The weight-only linears' forwards, through ``kiln.ops.wo_gemm``'s ``WeightOnly`` (one dispatch on the bit
+    width for every entry point); each class gives its ``weight_only()``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight_only().linear(x, self.bias)
 
     def glu_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``silu_and_mul(self(x))``: at decode one launch, the activation in the GEMV's epilogue
@@ -129,7 +133,7 @@ class _PerChannelLinear(_WeightOnlyLinear):
         return mod
 
 
-class Int8WeightOnlyLinear(_GatedForward, _PerChannelLinear):
+class Int8WeightOnlyLinear(_WeightOnlyForward, _PerChannelLinear):
     """W8A16: int8 weight [N, K] and fp32 per-channel scale [N]; activations stay float."""
 
     mode = "int8-wo"
@@ -140,11 +144,8 @@ class Int8WeightOnlyLinear(_GatedForward, _PerChannelLinear):
     def weight_only(self) -> WeightOnly:
         return WeightOnly(self.qweight, self.scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return w8a16_linear(x, self.qweight, self.scale, self.bias)
 
-
-class Int4WeightOnlyLinear(_GatedForward, _WeightOnlyLinear):
+class Int4WeightOnlyLinear(_WeightOnlyForward, _WeightOnlyLinear):
     """W4A16: packed int4 weight [N, K/2], fp32 scales and uint8 zero points [N, K/group_size]."""
 
     mode = "int4-wo"
@@ -180,9 +181,6 @@ class Int4WeightOnlyLinear(_GatedForward, _WeightOnlyLinear):
 
     def weight_only(self) -> WeightOnly:
         return WeightOnly(self.qweight, self.scales, self.zeros, self.group_size, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
