@@ -3,8 +3,9 @@
 A decode step multiplies a few rows by a wide weight: with output tiles alone a 2048-wide layer makes 16-32
 programs, an eighth of an H100's SMs, so a memory-bound GEMM streams its weight through a fraction of the
 machine. Splitting K over extra programs fills the SMs; each split writes an fp32 partial (scales applied: they
-are linear) and one small kernel sums the partials in split order (deterministic, no atomics), adds the bias once
-and rounds once to the output dtype.
+are linear), and the partials are summed in split order (deterministic), the bias added once and the sum rounded once
+to the output dtype: by one small kernel (``sum_partials``), or inside the GEMM by the last split program of each
+output tile to finish (``sum_partials_if_last``: an arrival counter per tile, no extra launch).
 """
 
 from __future__ import annotations
@@ -55,6 +56,47 @@ def _split_k_sum_kernel(P, B, Y, RowOffsets, N, SPLIT, CHUNK, stride_ps, stride_
     if HAS_BIAS:
         acc += tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + m * stride_ym + offs, acc.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def sum_partials_if_last(P, Y, B, Counters, tile, offs_m, offs_n, m_mask, n_mask, stride_ps, stride_pm, stride_ym,
+                         SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The split-K sum inside the GEMM: called by every split program of an output tile after it stored its fp32
+    partial (``P`` [SPLIT, M, N]). The tile's last program to arrive (``Counters[tile]`` counts arrivals) sums the
+    partials in split order, adds the bias and rounds once into ``Y``, as ``sum_partials`` would (the same
+    arithmetic, so the same bits), then re-arms the counter to 0. A decode step then needs no separate sum kernel
+    per split linear, and no launch gap before it."""
+    tl.debug_barrier()  # every thread of the program has stored its part of the partial before it is counted
+    arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT - 1:
+        mask = m_mask[:, None] & n_mask[None, :]
+        ptrs = P + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :]
+        acc = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")  # L2: other SMs wrote the partials
+        for sp in tl.static_range(1, SPLIT):
+            acc += tl.load(ptrs + sp * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            acc += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                 mask=mask)
+        tl.atomic_xchg(Counters + tile, 0, sem="relaxed", scope="gpu")
+
+
+_COUNTERS: dict[tuple, list[torch.Tensor]] = {}
+
+
+def split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least ``tiles`` arrival counters for ``sum_partials_if_last`` on ``device``.
+
+    One buffer per device and stream serves every call: each kernel leaves its counters at 0, and kernels on one
+    stream run in order (with programmatic dependent launch, a kernel touches the counters only after its
+    ``gdc_wait``, when the previous grid has finished); kernels on two streams may overlap, so each stream counts in
+    its own buffer. A buffer outgrown is kept alive, not freed: a captured CUDA graph may still hold its address."""
+    device = torch.device(device)
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    bufs = _COUNTERS.setdefault(key, [])
+    if not bufs or bufs[-1].numel() < tiles:
+        bufs.append(torch.zeros(max(4096, triton.next_power_of_2(tiles)), dtype=torch.int32, device=device))
+    return bufs[-1]
 
 
 def sum_partials(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,

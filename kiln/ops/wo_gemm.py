@@ -29,9 +29,10 @@ for both widths) dequantizes in registers and never materialises a float weight:
 One row (batch-1 decode) takes a CUDA-core GEMV path (no tensor-core padding of M to 16, the weight stream is
 the whole cost); more rows take ``tl.dot`` tiles, so any M works. The GEMV (int8, or int4 on words) issues its
 first weight tile before anything else and then always loads the next tile before reducing the current one
-(``PREFETCH``); with programmatic dependent launch (``_dispatch.pdl_enabled``) that first tile goes out while
-the previous kernel is still finishing, and only the activations wait (``gdc_wait``). The split-K sum is launched
-the same way.
+(``PREFETCH``; int4 also prefetches the next group's zero points and scales and the next tile's activations, which
+otherwise cost each K step a dependent round trip to L2); with programmatic dependent launch
+(``_dispatch.pdl_enabled``) that first tile goes out while the previous kernel is still finishing, and only the
+activations wait (``gdc_wait``).
 
 The one-row int8 GEMV picks its tile by how fully the row tiles fill whole waves of resident CTAs
 (``INT8_GEMV_TILES``): a batch-1 GEMV lasts as long as its last wave.
@@ -42,9 +43,10 @@ silu(gate) * up, so a decode step's MLP needs no separate activation kernel.
 
 Decode-sized calls (M <= 64) split K over extra programs (``SPLIT_K``) where the output tiles leave SMs idle: a
 4096-row weight makes only 64 column tiles, half an H100's SMs, and a GEMV is memory-bound, so it needs every SM
-streaming. Each split writes an fp32 partial [SPLIT_K, M, N] (scales applied: they are linear) and one small
-kernel sums them in split order (deterministic), adds the bias and rounds once: two launches per linear (inside a
-decode CUDA graph, the gaps between launches are part of every token's time).
+streaming. Each split writes an fp32 partial [SPLIT_K, M, N] (scales applied: they are linear), and the last split
+program of each output tile to finish sums them in split order (deterministic), adds the bias and rounds once
+(``split_k.sum_partials_if_last``): one launch per linear. A separate sum kernel cost a launch and a gap per split
+linear, 96 per step of an int4 8B decode (inside a decode CUDA graph, those gaps are part of every token's time).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ import torch.nn.functional as F
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting, pdl_launch_args
 from ._triton import triton, tl
 from .activation import silu_and_mul, silu_and_mul_ref, silu_mul_f32
-from .split_k import split_k_for, sum_partials
+from .split_k import split_counters, split_k_for, sum_partials_if_last
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 # the bits of 1.0f, passed to the int4 GEMV as a run-time value so that its magic-number exponents live in registers:
@@ -263,26 +265,42 @@ def _nibble_at(src, SHIFT: tl.constexpr, zero, one_bits):
     is in a register (``one_bits``, 1.0f's bits, is a kernel argument). ``2^E + zero`` is exact too (E >= 11), so the
     subtraction is exact."""
     bits = (src & (0xF << SHIFT)) | (one_bits + ((23 - SHIFT) << 23))  # biased exponent 127 + E, in a register
-    return bits.to(tl.float32, bitcast=True) - (zero + (1 << (23 - SHIFT)))[:, None]
+    return bits.to(tl.float32, bitcast=True) - (zero[:, None] + (1 << (23 - SHIFT)))
 
 
 @triton.jit
-def _int4_word_gemv_tile(word, zero, x_rows, kw, k_hi, m_mask, stride_xk, one_bits):
+def _x_word_columns(x_rows, kw, k_hi, m_mask, stride_xk):
+    """The activations a K tile of int4 words multiplies: x[kw + b] for b = 0..7, eight fp32 [1, W] (zero past
+    ``k_hi``)."""
+    x_mask = m_mask[:, None] & (kw < k_hi)[None, :]
+    return (tl.load(x_rows + (kw + 0)[None, :] * stride_xk, mask=x_mask, other=0.0).to(tl.float32),
+            tl.load(x_rows + (kw + 1)[None, :] * stride_xk, mask=x_mask, other=0.0).to(tl.float32),
+            tl.load(x_rows + (kw + 2)[None, :] * stride_xk, mask=x_mask, other=0.0).to(tl.float32),
+            tl.load(x_rows + (kw + 3)[None, :] * stride_xk, mask=x_mask, other=0.0).to(tl.float32),
+            tl.load(x_rows + (kw + 4)[None, :] * stride_xk, mask=x_mask, other=0.0).to(tl.float32),
+            tl.load(x_rows + (kw + 5)[None, :] * stride_xk, mask=x_mask, other=0.0).to(tl.float32),
+            tl.load(x_rows + (kw + 6)[None, :] * stride_xk, mask=x_mask, other=0.0).to(tl.float32),
+            tl.load(x_rows + (kw + 7)[None, :] * stride_xk, mask=x_mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _int4_word_gemv_tile(word, zero, xs, one_bits):
     """One K tile of the one-row int4 GEMV from 32-bit words of the usual packing (``word[n, j]`` holds k = 8j + b
-    in nibble b, b = 0..7): sum over b of dequant(nibble b) * x[8j + b] -> fp32 [BN, W] partials, unscaled.
+    in nibble b, b = 0..7) and ``xs`` (``_x_word_columns``): sum over b of dequant(nibble b) * x[8j + b] -> fp32
+    [BN, W] partials, unscaled.
 
     The byte path spends ~5 integer ops per byte (extract the byte, mask, shift, two ORs) on the 64-lane integer
     pipe and was ALU-bound at ~40% of the copy bandwidth on an H100; here a word costs one shift and eight LOP3s
     (bits 16..31 are shifted down once and reuse the low half's four masks)."""
     hi = word >> 16
-    x_mask = m_mask[:, None] & (kw < k_hi)[None, :]
-    part = tl.zeros(word.shape, dtype=tl.float32)
-    for b in tl.static_range(8):
-        xb = tl.load(x_rows + (kw + b)[None, :] * stride_xk, mask=x_mask, other=0.0).to(tl.float32)  # [1, W]
-        if b < 4:
-            part += _nibble_at(word, 4 * b, zero, one_bits) * xb
-        else:
-            part += _nibble_at(hi, 4 * (b - 4), zero, one_bits) * xb
+    part = _nibble_at(word, 0, zero, one_bits) * xs[0]
+    part += _nibble_at(word, 4, zero, one_bits) * xs[1]
+    part += _nibble_at(word, 8, zero, one_bits) * xs[2]
+    part += _nibble_at(word, 12, zero, one_bits) * xs[3]
+    part += _nibble_at(hi, 0, zero, one_bits) * xs[4]
+    part += _nibble_at(hi, 4, zero, one_bits) * xs[5]
+    part += _nibble_at(hi, 8, zero, one_bits) * xs[6]
+    part += _nibble_at(hi, 12, zero, one_bits) * xs[7]
     return part
 
 
@@ -301,10 +319,11 @@ def _gemv_weight_tile(w_rows, k0, k_hi, n_mask, BITS: tl.constexpr, BLOCK_K: tl.
 
 
 @triton.jit
-def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk, stride_wn, stride_sn, stride_zn,
-                    stride_ym, stride_ys, ONE_BITS, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    USE_DOT: tl.constexpr, UPCAST: tl.constexpr, SPLIT_K: tl.constexpr,
+def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, M, N, K, k_per_split, stride_xm, stride_xk, stride_wn,
+                    stride_sn, stride_zn, stride_ym, stride_ys, stride_om, ONE_BITS, BITS: tl.constexpr,
+                    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr,
+                    SPLIT_K: tl.constexpr,
                     REDUCE_EACH_TILE: tl.constexpr = True, INT4_WORDS: tl.constexpr = False,
                     INT4_JOIN: tl.constexpr = False, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
                     GLU: tl.constexpr = False):
@@ -339,15 +358,19 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
     # PDL, before the previous kernel has finished; each step then loads the next tile before reducing this one
     if PREFETCH:
         w_pf = _gemv_weight_tile(w_rows, k_lo, k_hi, n_mask, BITS, BLOCK_K)
+        if INT4_WORDS:  # the group's zero points and scales are weights too
+            z_pf, s_pf = _group_zero_scale(Z, S, offs_n, n_mask, k_lo // GROUP, stride_zn, stride_sn, HAS_ZERO,
+                                           BLOCK_N)
     if PDL:  # the activations are the previous kernel's output
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+    if PREFETCH and INT4_WORDS:
+        x_pf = _x_word_columns(x_rows, k_lo + 8 * offs_w, k_hi, m_mask, stride_xk)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if BITS == 8:
             kk = k0 + offs_k
-            k_mask = kk < k_hi
-            xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            if PREFETCH:
+            xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & (kk < k_hi)[None, :], other=0.0)
+            if PREFETCH:  # (the activations are not prefetched: the 8 x 1024 tile would spill)
                 wq = w_pf
                 w_pf = _gemv_weight_tile(w_rows, k0 + BLOCK_K, k_hi, n_mask, BITS, BLOCK_K)
             else:
@@ -380,13 +403,19 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
             acc += part * s[None, :]
         elif INT4_WORDS:  # the GEMV (one row) on 32-bit words: one LOP3 per code, see _int4_word_gemv_tile
             kw = k0 + 8 * offs_w  # K tiles are whole words: 8 | 32 | group size
-            if PREFETCH:
-                word = w_pf
-                w_pf = _gemv_weight_tile(w_rows, k0 + BLOCK_K, k_hi, n_mask, BITS, BLOCK_K)
+            if PREFETCH:  # everything the next tile reads is in flight while this one computes
+                word, zero, s, xs = w_pf, z_pf, s_pf, x_pf
+                k1 = k0 + BLOCK_K
+                w_pf = _gemv_weight_tile(w_rows, k1, k_hi, n_mask, BITS, BLOCK_K)
+                z_pf, s_pf = _group_zero_scale(Z, S, offs_n, n_mask & (k1 < k_hi), k1 // GROUP, stride_zn, stride_sn,
+                                               HAS_ZERO, BLOCK_N)
+                x_pf = _x_word_columns(x_rows, kw + BLOCK_K, k_hi, m_mask, stride_xk)
             else:
                 word = _gemv_weight_tile(w_rows, k0, k_hi, n_mask, BITS, BLOCK_K)
-            zero, s = _group_zero_scale(Z, S, offs_n, n_mask, k0 // GROUP, stride_zn, stride_sn, HAS_ZERO, BLOCK_N)
-            part = _int4_word_gemv_tile(word, zero, x_rows, kw, k_hi, m_mask, stride_xk, ONE_BITS)
+                zero, s = _group_zero_scale(Z, S, offs_n, n_mask, k0 // GROUP, stride_zn, stride_sn, HAS_ZERO,
+                                            BLOCK_N)
+                xs = _x_word_columns(x_rows, kw, k_hi, m_mask, stride_xk)
+            part = _int4_word_gemv_tile(word, zero, xs, ONE_BITS)
             if REDUCE_EACH_TILE:
                 accn += tl.sum(part, axis=1) * s
             else:
@@ -429,7 +458,7 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
             acc = tl.sum(acc4, axis=1)[None, :]
     if BITS == 8:
         acc = acc * tl.load(S + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
+    if HAS_BIAS and SPLIT_K == 1:  # split K: added once, after the sum
         acc += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = Y + pid_k.to(tl.int64) * stride_ys + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     if GLU:  # SiLU-and-mul epilogue: gate and up rounded to the dtype as the GEMM's output would be, then its math
@@ -437,8 +466,10 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, M, N, K, k_per_split, stride_xm, stride_xk
         offs_o = pid_n * HALF + tl.arange(0, HALF)
         tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_o[None, :], silu_mul_f32(g, u, dt).to(dt),
                  mask=m_mask[:, None] & (offs_o < N // 2)[None, :])
-    elif SPLIT_K > 1:  # fp32 partials; the bias is added once, after the sum
+    elif SPLIT_K > 1:  # fp32 partials, summed by the tile's last split program to finish
         tl.store(y_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
+        sum_partials_if_last(Y, Out, B, Counters, pid_m * tl.num_programs(1) + pid_n, offs_m, offs_n, m_mask, n_mask,
+                             stride_ys, stride_ym, stride_om, SPLIT_K, HAS_BIAS)
     else:
         tl.store(y_ptrs, acc.to(dt), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -484,14 +515,16 @@ def _wo_config(M, N, K, bits, group_size, sms, interp):
                     INT4_WORDS=bits == 4 and M == 1, INT4_JOIN=bits == 4 and M > 1)
     if M == 1:
         # int8: the tile of INT8_GEMV_TILES whose row tiles best fill whole waves of resident CTAs (see there);
-        # int4 (H100 sweep with the first tile prefetched and PDL, scripts/gpu/wo_gemv_bench.py --sweep --ab,
-        # session 10): 128 rows x one group of 128 k on 32-bit words, reduced once, 4 warps
+        # int4 (H100, scripts/gpu/wo_ab.py --sweep, session 13): 64 rows x one group of 128 k on 32-bit words,
+        # reduced once, 2 warps (~197 registers: 5 CTAs per SM). Against 128 rows / 4 warps (3 per SM) it fills the
+        # SMs more evenly (the 8B gate_up's 224 tiles of 128 rows left SMs with one CTA beside SMs with two): in the
+        # back-to-back sweep 8B gate_up 54.7 -> 36.6 us; near the best tile tried on every Llama linear
         if bits == 8:
             bn, bk, warps = _int8_gemv_tile(N, sms)
             bk = min(bk, kp)
             extra = {}
         else:
-            bn, bk, warps = 128, min(128, group_size), 4
+            bn, bk, warps = 64, min(128, group_size), 2
             extra = dict(INT4_WORDS=True, REDUCE_EACH_TILE=False)
         return dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split_k_for(M, N, K, 1, bn, bk, sms),
                     num_warps=warps, **extra)
@@ -557,6 +590,7 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
     cols_per_program = cfg["BLOCK_N"] // 2 if glu else cfg["BLOCK_N"]
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(n_out, cols_per_program), split)
     target = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    counters = split_counters(x.device, grid[0] * grid[1]) if split > 1 else y
     dummy = scales
     extra = {"num_stages": num_stages} if num_stages else {}
     gemv = not cfg["USE_DOT"] and (bits == 8 or words)
@@ -566,14 +600,12 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
     pdl = pdl_launch_args()
     _wo_gemm_kernel[grid](
         x2, qweight, scales, zeros if zeros is not None else dummy,
-        bias if bias is not None and split == 1 else dummy, target,
+        bias if bias is not None else dummy, target, y, counters,
         M, N, K, k_per_split, x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0),
         zeros.stride(0) if zeros is not None else 0, target.stride(-2), target.stride(0) if split > 1 else 0,
-        ONE_BITS_VALUE, BITS=bits, GROUP=max(group_size, 1), HAS_ZERO=zeros is not None,
-        HAS_BIAS=bias is not None and split == 1,
+        y.stride(0), ONE_BITS_VALUE, BITS=bits, GROUP=max(group_size, 1), HAS_ZERO=zeros is not None,
+        HAS_BIAS=bias is not None,
         UPCAST=interpreting() or x.dtype == torch.float32, GLU=glu, num_warps=num_warps, **pdl, **extra, **cfg)
-    if split > 1:  # one launch: the fp32 partials summed in split order (deterministic), the bias, rounded once
-        sum_partials(target, bias, y, pdl=pdl["PDL"])
     return y.view(*x.shape[:-1], n_out)
 
 

@@ -8,6 +8,7 @@ import torch
 
 from kiln.ops import wo_gemm
 from kiln.ops.selfcheck import all_checks
+from kiln.ops.split_k import split_counters
 from tests.conftest import DEVICE, requires_triton
 from tests.ops.sm90 import ptxas_path, sm90_compile
 
@@ -121,9 +122,10 @@ def test_weight_only_triton_fixed_configs_cover_gemv_and_dot_paths():
 @requires_triton
 @pytest.mark.parametrize("bits", [8, 4])
 def test_weight_only_split_k_decode_tiles_match_reference(bits):
-    """Decode-sized calls split K over extra programs (fp32 partials, one sum, the bias once); every split count,
-    including one that leaves a short last split, gives the reference result and writes every element (int8
-    ignores INT4_WORDS)."""
+    """Decode-sized calls split K over extra programs (fp32 partials, summed by each tile's last split program, the
+    bias once); every split count, including one that leaves a short last split, gives the reference result, writes
+    every element, gives the same bits on a second call and leaves the arrival counters re-armed at 0 (int8 ignores
+    INT4_WORDS)."""
     g = fresh_gen()
     N, K, G = (37, 320, 32) if not BIG else (4096, 4096, 128)
     ops = int8_operands(N, K, g) if bits == 8 else int4_operands(N, K, G, g)
@@ -143,6 +145,49 @@ def test_weight_only_split_k_decode_tiles_match_reference(bits):
                 ref = wo_gemm.w4a16_linear_ref(x, *ops, G, bias)
             assert not torch.isnan(out).any(), "an output element was not written"
             assert rel_err(y, ref) <= 1e-5, (M, split)
+            assert not split_counters(DEVICE, 1).any(), "a split-K arrival counter was left armed"
+            again = wo_gemm._wo_triton(x, *ops, *((None, 0) if bits == 8 else (G,)), bias, bits=bits,
+                                       config=dict(cfg, SPLIT_K=split))
+            assert torch.equal(again, y), (M, split)
+
+
+def test_split_counters_are_zeroed_shared_and_outgrown_buffers_stay_alive():
+    """One zeroed counter buffer per device serves every split-K call; asking for more counters than it holds makes
+    a bigger zeroed one and keeps the old one referenced (a captured CUDA graph may still point at it)."""
+    from kiln.ops import split_k
+
+    a = split_counters(DEVICE, 8)
+    assert a.dtype == torch.int32 and a.numel() >= 8 and not a.any()
+    assert split_counters(DEVICE, 8).data_ptr() == a.data_ptr()
+    b = split_counters(DEVICE, a.numel() + 1)
+    assert b.numel() > a.numel() and not b.any()
+    assert any(t is a for bufs in split_k._COUNTERS.values() for t in bufs)
+    assert split_counters(DEVICE, 1).data_ptr() == b.data_ptr()
+
+
+@pytest.mark.gpu
+def test_split_counters_are_per_stream_and_split_gemvs_on_two_streams_stay_correct():
+    """Kernels on two streams may overlap, so each stream counts split-K arrivals in its own buffer: int4 GEMVs that
+    split K, launched alternately on two streams without waiting for each other, all give the reference result."""
+    side = torch.cuda.Stream()
+    main_buf = split_counters("cuda", 8)
+    with torch.cuda.stream(side):
+        assert split_counters("cuda", 8).data_ptr() != main_buf.data_ptr()
+    g = fresh_gen()
+    N, K, G = 1024, 4096, 128
+    ops = int4_operands(N, K, G, g)
+    xs = [torch.randn(1, K, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(8)]
+    refs = [wo_gemm.w4a16_linear_ref(x, *ops, G) for x in xs]
+    cfg = dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, USE_DOT=False, INT4_WORDS=True, REDUCE_EACH_TILE=False,
+               SPLIT_K=8, num_warps=2)
+    side.wait_stream(torch.cuda.current_stream())
+    outs = []
+    for i, x in enumerate(xs):
+        with torch.cuda.stream(side if i % 2 else torch.cuda.current_stream()):
+            outs.append(wo_gemm._wo_triton(x, *ops, G, None, bits=4, config=cfg))
+    torch.cuda.synchronize()
+    for y, ref in zip(outs, refs):
+        assert rel_err(y, ref) <= RTOL[torch.bfloat16]
 
 
 @requires_triton
@@ -263,7 +308,8 @@ def test_default_batch1_tiles_compile_lean_for_sm90(monkeypatch, bits, glu):
     warps = cfg.pop("num_warps")
     consts = {**dict(BITS=bits, GROUP=128, HAS_ZERO=True, HAS_BIAS=False, UPCAST=False, PDL=True, PREFETCH=True,
                      REDUCE_EACH_TILE=True, INT4_WORDS=False, INT4_JOIN=False, M=1, stride_xk=1, GLU=glu), **cfg}
-    sig = dict(ONE_BITS="i32", X="*bf16", W="*i8" if bits == 8 else "*i32", S="*fp32", Z="*u8", B="*bf16", Y="*fp32")
+    sig = dict(ONE_BITS="i32", X="*bf16", W="*i8" if bits == 8 else "*i32", S="*fp32", Z="*u8", B="*bf16", Y="*fp32",
+               Out="*bf16", Counters="*i32")
     regs, spills, loop = sm90_compile("kiln.ops.wo_gemm", "_wo_gemm_kernel", sig, consts, warps)
     assert spills == 0, (cfg, regs, spills)
     if bits == 4 and loop:
@@ -299,7 +345,8 @@ def test_int8_gemv_tiles_residency_matches_their_register_use(monkeypatch, tile)
     consts = dict(BITS=8, GROUP=128, HAS_ZERO=False, HAS_BIAS=False, UPCAST=False, PDL=True, PREFETCH=True,
                   REDUCE_EACH_TILE=True, INT4_WORDS=False, INT4_JOIN=False, M=1, stride_xk=1, BLOCK_M=1,
                   BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=1, GLU=False)
-    sig = dict(ONE_BITS="i32", X="*bf16", W="*i8", S="*fp32", Z="*u8", B="*bf16", Y="*fp32")
+    sig = dict(ONE_BITS="i32", X="*bf16", W="*i8", S="*fp32", Z="*u8", B="*bf16", Y="*fp32", Out="*bf16",
+               Counters="*i32")
     regs, spills, _ = sm90_compile("kiln.ops.wo_gemm", "_wo_gemm_kernel", sig, consts, warps)
     per_warp = -(-regs * 32 // 256) * 256
     assert spills == 0 and 65536 // (per_warp * warps) == per_sm, (tile, regs)
