@@ -18,6 +18,11 @@ workload; the HF anchor is not run.
 
   python bench/llm_throughput.py --models llama-1b llama-8b --workloads b d --quant int8-wo int4-wo w8a8 fp8
   python bench/llm_throughput.py --models tiny --workloads b d --quant int8-wo int4-wo w8a8 fp8 --device cpu
+  python bench/llm_throughput.py --models llama-1b --workloads b --quant int8-wo int4-wo --interleave --repeat 7
+
+``--interleave`` times the batch-1 row (b) in alternating rounds over every mode's engine at once (small batch-1
+engines) and reports the median of the per-round TPOT ratios, so drift between runs cannot land on one side of the
+ratio only.
 
 Tensor parallelism (``--tensor-parallel-size 1 2``): the same workloads at each size (dummy weights, one engine
 per size, its worker processes started by the engine), each size against the first; the HF anchor is not run.
@@ -165,13 +170,14 @@ def run_kiln(model_dir: Path, prompts, outs, repeat: int, max_num_seqs: int, tag
     return stats
 
 
-def time_generate(llm, prompts, outs, repeat: int) -> dict:
+def time_generate(llm, prompts, outs, repeat: int, warmup: bool = True) -> dict:
     from kiln.llm import SamplingParams
 
     temp = 0.0 if len(prompts) == 1 else 0.6  # (b) is a greedy latency run; (a)/(c)/(d) sample as nano-vllm's
     params = [SamplingParams(temperature=temp, max_tokens=o, ignore_eos=True, detokenize=False) for o in outs]
     inputs = [{"prompt_token_ids": p} for p in prompts]
-    llm.generate(inputs[: min(4, len(inputs))], params[: min(4, len(inputs))])  # warm-up (graphs already captured)
+    if warmup:  # (graphs already captured)
+        llm.generate(inputs[: min(4, len(inputs))], params[: min(4, len(inputs))])
     walls, last = [], None
     for _ in range(repeat):
         sync()
@@ -212,10 +218,64 @@ def engine_entry(mode: str, kv_cache_dtype: str | None, lm_head: bool = True, em
     return {"quant": quant, "kv_cache": {"dtype": kv_cache_dtype} if kv_cache_dtype else None, "dtype": "bfloat16"}
 
 
-def run_quant(args, device: str) -> Table:
-    """Every --quant mode against our bf16 engine: workloads' output tok/s and the engine size."""
+def build_quant_engine(args, model: str, mode: str, device: str, max_num_seqs: int = 64):
+    """(label, LLM) of one --quant mode's dummy-weight engine. Engines built while others are alive size their KV
+    cache from what those left (the runner counts the process's allocations), so several fit at once."""
     from kiln.llm import LLM
 
+    small = device == "cpu"
+    kv = args.kv_cache_dtype if mode != "bf16" else None
+    d = Path(tempfile.mkdtemp())
+    entry = engine_entry(mode, kv, lm_head=not args.no_quantize_lm_head, embedding=args.quantize_embedding)
+    (d / "config.json").write_text(json.dumps({**SHAPES[model], **({"kiln_engine": entry} if entry else {})}))
+    label = mode + (f"+kv-{kv}" if kv else "")
+    t0 = time.perf_counter()
+    llm = LLM(str(d), dtype="bfloat16" if device == "cuda" else "float32", device=device,
+              load_format="dummy", max_num_seqs=min(8, max_num_seqs) if small else max_num_seqs,
+              max_num_batched_tokens=8192, max_model_len=2048, gpu_memory_utilization=0.85)
+    print(f"   {model} {label}: engine {engine_bytes(llm.engine.model) / 1e9:.3f} GB, ready in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    return label, llm
+
+
+def interleaved_batch1(args, model: str, device: str, modes: list[str], table: Table, details: dict) -> None:
+    """Workload (b) for every mode in alternating rounds on engines that are all alive at once (batch-1 engines:
+    a small KV cache each), plus each engine's size: round r runs the modes in turn, starting with mode r. The bf16
+    TPOT moved between 1.16 and 1.27 ms across runs on one H100 model (session 13) while int8-wo's held at 0.80 ms,
+    so a ratio from separate timings carries that drift; here each round gives every mode the same conditions, and
+    the row's ratio is the median of the per-round ratios."""
+    engines = dict(build_quant_engine(args, model, m, device, max_num_seqs=4) for m in modes)
+    labels = list(engines)
+    sizes = {lab: engine_bytes(llm.engine.model) for lab, llm in engines.items()}
+    for lab in labels:
+        table.add(f"{model} engine size {lab}", sizes[lab] / 1e9, sizes[labels[0]] / 1e9, "GB", higher_is_better=False)
+    prompts, outs = make_workload("b", SHAPES[model]["vocab_size"], small=device == "cpu")
+    tpot: dict[str, list[float]] = {lab: [] for lab in labels}
+    for r in range(args.repeat):
+        for j in range(len(labels)):
+            lab = labels[(r + j) % len(labels)]
+            tpot[lab].append(time_generate(engines[lab], prompts, outs, 1, warmup=r == 0)["tpot_p50_ms"])
+    base = labels[0]
+    for lab in labels:
+        ratios = [b / q for b, q in zip(tpot[base], tpot[lab])]
+        med = statistics.median(tpot[lab])
+        row = table.add(f"{model} (b) {lab} TPOT p50, interleaved", med, statistics.median(tpot[base]), "ms",
+                        higher_is_better=False)
+        row.extra = {"tpot_ms_per_round": tpot[lab], "ratio_per_round": ratios,
+                     "median_ratio": statistics.median(ratios)}
+        details["runs"][f"{model}/b-interleaved/{lab}"] = row.extra
+        print(f"   {model} (b) {lab}, interleaved: TPOT p50 per round {[round(t, 3) for t in tpot[lab]]} ms, "
+              f"median ratio to bf16 {statistics.median(ratios):.3f}x (rounds {min(ratios):.3f}-{max(ratios):.3f})",
+              flush=True)
+    table.save(args.json)
+    engines.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_quant(args, device: str) -> Table:
+    """Every --quant mode against our bf16 engine: workloads' output tok/s and the engine size."""
     small = device == "cpu"
     modes = ["bf16"] + [m for m in args.quant if m != "bf16"]
     table = Table(f"kiln quantized engines vs kiln bf16 (dummy weights{', CPU dry run' if small else ''})",
@@ -223,23 +283,22 @@ def run_quant(args, device: str) -> Table:
     details = {"runs": {}}
     for model in args.models:
         cfg = SHAPES[model]
+        workloads = list(args.workloads)
+        sized = args.interleave and "b" in workloads  # the interleaved run adds the engine-size rows
+        if sized:
+            interleaved_batch1(args, model, device, modes, table, details)
+            workloads.remove("b")
+            if not workloads:
+                continue
         base: dict[str, float] = {}
         for mode in modes:
-            kv = args.kv_cache_dtype if mode != "bf16" else None
-            d = Path(tempfile.mkdtemp())
-            entry = engine_entry(mode, kv, lm_head=not args.no_quantize_lm_head, embedding=args.quantize_embedding)
-            (d / "config.json").write_text(json.dumps({**cfg, **({"kiln_engine": entry} if entry else {})}))
-            label = mode + (f"+kv-{kv}" if kv else "")
-            t0 = time.perf_counter()
-            llm = LLM(str(d), dtype="bfloat16" if device == "cuda" else "float32", device=device,
-                      load_format="dummy", max_num_seqs=8 if small else 64, max_num_batched_tokens=8192,
-                      max_model_len=2048, gpu_memory_utilization=0.85)
+            label, llm = build_quant_engine(args, model, mode, device)
             size = engine_bytes(llm.engine.model)
-            print(f"   {model} {label}: engine {size / 1e9:.3f} GB, ready in {time.perf_counter() - t0:.1f} s",
-                  flush=True)
             base.setdefault("size", size)
-            table.add(f"{model} engine size {label}", size / 1e9, base["size"] / 1e9, "GB", higher_is_better=False)
-            for w in args.workloads:
+            if not sized:
+                table.add(f"{model} engine size {label}", size / 1e9, base["size"] / 1e9, "GB",
+                          higher_is_better=False)
+            for w in workloads:
                 prompts, outs = make_workload(w, cfg["vocab_size"], small=small)
                 # (b) and (d) take seconds: the median of --repeat runs keeps a first run's one-time kernel compiles
                 # (new prefill shapes on a fresh machine) out of the figure; (a) and (c) run once
@@ -363,6 +422,9 @@ def main() -> int:
                     help="with --quant: weight-only engines keep the LM head float (kiln build --no-quantize-lm-head)")
     ap.add_argument("--quantize-embedding", action="store_true",
                     help="with --quant: weight-only engines store the embedding int8 per row (as kiln build)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="with --quant: time workload (b) in alternating rounds over all modes' engines, alive at "
+                         "once (--repeat rounds); the ratio is the median of the per-round ratios")
     ap.add_argument("--device", default=None, help="cuda (default when present) or cpu (dry runs, --models tiny)")
     ap.add_argument("--tensor-parallel-size", type=int, nargs="+", default=None, metavar="N",
                     help="compare these tensor-parallel sizes (one GPU per rank) on the workloads (no HF anchor)")

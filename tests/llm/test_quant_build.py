@@ -468,3 +468,26 @@ def test_bench_roofline_counts_the_bytes_a_decode_step_reads(tied):
     table = 96 * 32 * 4  # fp32
     assert (model.input_embeddings().weight.data_ptr() == model.lm_head.weight.data_ptr()) == tied
     assert streamed_bytes(model) == engine_bytes(model) - (0 if tied else table)
+
+
+def test_bench_interleaved_batch1_runs_every_mode_in_alternating_rounds(tmp_path, capsys):
+    """bench/llm_throughput.py --quant --interleave (CPU dry run, tiny model): every mode's engine is alive at once,
+    each round times every mode once (in rotated order), and the row keeps the per-round TPOTs and ratios; the other
+    workloads still run engine by engine, without a second set of engine-size rows."""
+    import json
+
+    from bench import llm_throughput
+
+    out = tmp_path / "lt.json"
+    argv = ["llm_throughput.py", "--models", "tiny", "--workloads", "b", "d", "--quant", "int8-wo", "--interleave",
+            "--repeat", "3", "--device", "cpu", "--json", str(out)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.argv", argv)
+        assert llm_throughput.main() == 0
+    rows = {r["workload"]: r for r in json.loads(out.read_text())["rows"]}
+    inter = rows["tiny (b) int8-wo TPOT p50, interleaved"]["extra"]
+    assert len(inter["tpot_ms_per_round"]) == 3 and len(inter["ratio_per_round"]) == 3
+    assert all(t > 0 for t in inter["tpot_ms_per_round"])
+    assert "tiny (d) int8-wo out tok/s" in rows
+    assert sum(name.startswith("tiny engine size") for name in rows) == 2
+    assert "median ratio to bf16" in capsys.readouterr().out

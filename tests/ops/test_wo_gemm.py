@@ -152,8 +152,8 @@ def test_weight_only_split_k_decode_tiles_match_reference(bits):
 
 
 def test_split_counters_are_zeroed_shared_and_outgrown_buffers_stay_alive():
-    """One zeroed counter buffer per device serves every split-K call; asking for more counters than it holds makes
-    a bigger zeroed one and keeps the old one referenced (a captured CUDA graph may still point at it)."""
+    """One zeroed counter buffer per device (and stream) serves every split-K call; asking for more counters than it
+    holds makes a bigger zeroed one and keeps the old one referenced (a captured CUDA graph may still point at it)."""
     from kiln.ops import split_k
 
     a = split_counters(DEVICE, 8)
