@@ -4,7 +4,9 @@ against the best tile and the speed-up per linear read off directly.
 
 Timing as in ``decode_gemv_bench.py``: a CUDA graph of back-to-back calls over distinct weight copies (>= 512 MB
 of bf16, so L2 cannot serve them). Reported per linear: microseconds, the fraction of the copy bandwidth each
-kernel reaches on its own bytes (codes + scales), and the speed-up over cuBLAS bf16.
+kernel reaches on its own bytes (codes + scales + int4 zero points), and the speed-up over cuBLAS bf16. int4 weights
+carry group zero points as the engine stores them (since session 13; earlier RESULTS rows were timed without, which
+made the 8B gate_up 44 us where the engine's layout took 58 us).
 
   python3 scripts/gpu/wo_gemv_bench.py [--models llama-8b llama-1b] [--sweep]
   python3 scripts/gpu/wo_gemv_bench.py --batch 64      # batched decode: the tl.dot paths (int4 split vs joined)
@@ -37,23 +39,25 @@ SWEEP = {8: [(4, 1024, 2), (8, 1024, 2), (4, 2048, 2), (4, 512, 2), (8, 512, 2),
 
 
 def quantized_copies(n: int, k: int, bits: int) -> tuple[list[tuple], int]:
-    """Random codes and scales, enough copies to stream >= 512 MB of bf16-equivalent weights; bytes per copy."""
+    """Random codes and scales (int4: with group zero points, as ``kiln build --quant int4-wo`` stores them), enough
+    copies to stream >= 512 MB of bf16-equivalent weights; bytes per copy."""
     copies = max(2, min(64, (512 * 2**20) // (n * k * 2) + 1))
     out = []
     for _ in range(copies):
         if bits == 8:
             q = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
             s = torch.rand(n, device="cuda", dtype=torch.bfloat16) / 127
+            z = None
         else:
             q = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
             s = torch.rand(n, k // GROUP, device="cuda", dtype=torch.bfloat16) / 7
-        out.append((q, s))
-    q, s = out[0]
-    return out, q.numel() * q.element_size() + s.numel() * s.element_size()
+            z = torch.randint(0, 16, (n, k // GROUP), device="cuda", dtype=torch.uint8)
+        out.append((q, s, z))
+    return out, sum(t.numel() * t.element_size() for t in out[0] if t is not None)
 
 
-def call(bits: int, x, q, s, config=None):
-    return _wo_triton(x, q, s, None, GROUP if bits == 4 else 0, None, bits, config=config)
+def call(bits: int, x, q, s, z, config=None):
+    return _wo_triton(x, q, s, z, GROUP if bits == 4 else 0, None, bits, config=config)
 
 
 def batched(models: list[str], m: int) -> int:
@@ -74,7 +78,7 @@ def batched(models: list[str], m: int) -> int:
                 qs, _ = quantized_copies(n, k, bits)
                 cfg = dict(wo_config(m, n, k, bits, GROUP, sms), **extra)
                 try:
-                    t = graph_time(lambda: [call(bits, x, q, s, cfg) for q, s in qs], len(qs))
+                    t = graph_time(lambda: [call(bits, x, q, s, z, cfg) for q, s, z in qs], len(qs))
                     cells.append(f"{t * 1e6:8.1f} {t0 / t:5.2f}x")
                 except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported
                     cells.append(f"{type(exc).__name__[:14]:>14}")
@@ -111,14 +115,14 @@ def main() -> int:
             res = {"cublas": (t_cub, n * k * 2), "kiln-bf16": (t_kbf, n * k * 2)}
             for bits in (8, 4):
                 qs, nbytes = quantized_copies(n, k, bits)
-                t = graph_time(lambda: [call(bits, x, q, s) for q, s in qs], len(qs))
+                t = graph_time(lambda: [call(bits, x, q, s, z) for q, s, z in qs], len(qs))
                 res[f"w{bits}a16"] = (t, nbytes)
                 if args.ab:  # the default (prefetch + PDL) against PDL off and against neither (the session-8 kernel)
                     pick = dict(wo_config(1, n, k, bits, GROUP, sms))
                     t_nopdl = with_env("KILN_PDL", "0", lambda: graph_time(
-                        lambda: [call(bits, x, q, s) for q, s in qs], len(qs)))
+                        lambda: [call(bits, x, q, s, z) for q, s, z in qs], len(qs)))
                     t_plain = with_env("KILN_PDL", "0", lambda: graph_time(
-                        lambda: [call(bits, x, q, s, dict(pick, PREFETCH=False)) for q, s in qs], len(qs)))
+                        lambda: [call(bits, x, q, s, z, dict(pick, PREFETCH=False)) for q, s, z in qs], len(qs)))
                     res[f"w{bits} no-pdl"] = (t_nopdl, nbytes)
                     res[f"w{bits} plain"] = (t_plain, nbytes)
                 if args.sweep and bits in args.sweep_bits:
@@ -131,7 +135,7 @@ def main() -> int:
                             if bits == 4:
                                 cfg.update(INT4_WORDS=True, REDUCE_EACH_TILE=False)
                             try:
-                                ts = graph_time(lambda: [call(bits, x, q, s, cfg) for q, s in qs], len(qs))
+                                ts = graph_time(lambda: [call(bits, x, q, s, z, cfg) for q, s, z in qs], len(qs))
                             except Exception as exc:  # noqa: BLE001 - a tile that does not compile is skipped
                                 print(f"   {name} w{bits} {bn}x{bk}/w{nw}/s{split}: {type(exc).__name__}")
                                 continue
