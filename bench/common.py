@@ -84,26 +84,36 @@ def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> f
     return statistics.median(times)
 
 
-def paired_median_times(fns: Sequence[Callable[[], object]], repeat: int = 5, warmup: int = 1) -> list[float]:
-    """Median wall time (s) of each of ``fns``, timed in alternating rounds: round r runs them in order, starting
-    with fn ``r % len(fns)``. On a shared machine the speed drifts by 20-40% over minutes (the 2-core CI machine:
-    the same backbone took 700 ms, then 1100 ms); timing one side's repeats and then the other's puts that drift
-    into the ratio, while alternating calls expose both sides to it alike."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
+def alternating_rounds(fns: Sequence[Callable[[], object]], repeat: int) -> list[list[object]]:
+    """``results[i][r]``: what ``fns[i]()`` returned in round r. Round r calls every fn once, in order, starting with
+    fn ``r % len(fns)``. On a shared machine the speed drifts by 20-40% over minutes (the 2-core CI machine: the same
+    backbone took 700 ms, then 1100 ms; an H100's bf16 decode step 1.16-1.27 ms across runs); measuring one side's
+    repeats and then the other's puts that drift into the ratio, while alternating calls expose every side to it
+    alike."""
+    results: list[list[object]] = [[] for _ in fns]
     for r in range(repeat):
         for j in range(len(fns)):
             i = (r + j) % len(fns)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fns[i]()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+            results[i].append(fns[i]())
+    return results
+
+
+def paired_median_times(fns: Sequence[Callable[[], object]], repeat: int = 5, warmup: int = 1) -> list[float]:
+    """Median wall time (s) of each of ``fns``, timed in alternating rounds (``alternating_rounds``)."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+
+    def timed(fn):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    return [statistics.median(t) for t in alternating_rounds([lambda fn=fn: timed(fn) for fn in fns], repeat)]
 
 
 def cuda_time(fn, repeat=7, warmup=5, calls=10) -> float:

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Table, copy_bandwidth, device_name  # noqa: E402
+from bench.common import Table, alternating_rounds, copy_bandwidth, device_name  # noqa: E402
 
 SHAPES = {
     "llama-1b": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
@@ -239,22 +239,22 @@ def build_quant_engine(args, model: str, mode: str, device: str, max_num_seqs: i
 
 
 def interleaved_batch1(args, model: str, device: str, modes: list[str], table: Table, details: dict) -> None:
-    """Workload (b) for every mode in alternating rounds on engines that are all alive at once (batch-1 engines:
-    a small KV cache each), plus each engine's size: round r runs the modes in turn, starting with mode r. The bf16
-    TPOT moved between 1.16 and 1.27 ms across runs on one H100 model (session 13) while int8-wo's held at 0.80 ms,
-    so a ratio from separate timings carries that drift; here each round gives every mode the same conditions, and
-    the row's ratio is the median of the per-round ratios."""
+    """Workload (b) for every mode in alternating rounds (``bench.common.alternating_rounds``) on engines that are
+    all alive at once (batch-1 engines: a small KV cache each), plus each engine's size. The bf16 TPOT moved between
+    1.16 and 1.27 ms across runs on one H100 model (session 13) while int8-wo's held at 0.80 ms, so a ratio from
+    separate timings carries that drift; here each round gives every mode the same conditions, and the row's ratio
+    is the median of the per-round ratios."""
     engines = dict(build_quant_engine(args, model, m, device, max_num_seqs=4) for m in modes)
     labels = list(engines)
     sizes = {lab: engine_bytes(llm.engine.model) for lab, llm in engines.items()}
     for lab in labels:
         table.add(f"{model} engine size {lab}", sizes[lab] / 1e9, sizes[labels[0]] / 1e9, "GB", higher_is_better=False)
     prompts, outs = make_workload("b", SHAPES[model]["vocab_size"], small=device == "cpu")
-    tpot: dict[str, list[float]] = {lab: [] for lab in labels}
-    for r in range(args.repeat):
-        for j in range(len(labels)):
-            lab = labels[(r + j) % len(labels)]
-            tpot[lab].append(time_generate(engines[lab], prompts, outs, 1, warmup=r == 0)["tpot_p50_ms"])
+    for llm in engines.values():  # warm-up, untimed
+        time_generate(llm, prompts, outs, 1)
+    rounds = alternating_rounds([lambda llm=llm: time_generate(llm, prompts, outs, 1, warmup=False)["tpot_p50_ms"]
+                                 for llm in engines.values()], args.repeat)
+    tpot = dict(zip(labels, rounds))
     base = labels[0]
     for lab in labels:
         ratios = [b / q for b, q in zip(tpot[base], tpot[lab])]

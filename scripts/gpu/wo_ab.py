@@ -22,26 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench.common import copy_bandwidth  # noqa: E402
 from decode_gemv_bench import SHAPES, graph_time, linears  # noqa: E402
+from wo_gemv_bench import GROUP as G, quantized_copies  # noqa: E402
 from kiln.ops import wo_gemm  # noqa: E402
 
-G = 128
 SWEEP4 = [(128, 128, 4), (64, 128, 2), (64, 128, 4), (32, 128, 2), (128, 64, 4), (256, 128, 8)]
-
-
-def weights(n: int, k: int, bits: int, zeros: bool):
-    copies = max(2, min(64, (512 * 2**20) // (n * k * 2) + 1))
-    out = []
-    for _ in range(copies):
-        if bits == 8:
-            out.append((torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8),
-                        torch.rand(n, device="cuda") / 127, None))
-        else:
-            out.append((torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8),
-                        torch.rand(n, k // G, device="cuda") / 7,
-                        torch.randint(0, 16, (n, k // G), device="cuda", dtype=torch.uint8) if zeros else None))
-    q, s, z = out[0]
-    nbytes = sum(t.numel() * t.element_size() for t in (q, s, z) if t is not None)
-    return out, nbytes
 
 
 def main() -> int:
@@ -64,7 +48,7 @@ def main() -> int:
             totals: dict[str, float] = {}
             for name, (n, k) in linears(SHAPES[model]).items():
                 x = x_of.setdefault(k, torch.randn(1, k, device="cuda", dtype=torch.bfloat16))
-                ws, nbytes = weights(n, k, bits, not args.no_zeros)
+                ws, nbytes = quantized_copies(n, k, bits, zeros=not args.no_zeros)
                 gs = G if bits == 4 else 0
                 variants = {"base": lambda q, s, z, cfg=None: base._wo_triton(x, q, s, z, gs, None, bits),
                             "new": lambda q, s, z, cfg=None: wo_gemm._wo_triton(x, q, s, z, gs, None, bits)}

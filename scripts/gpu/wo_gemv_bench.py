@@ -38,20 +38,20 @@ SWEEP = {8: [(4, 1024, 2), (8, 1024, 2), (4, 2048, 2), (4, 512, 2), (8, 512, 2),
              (256, 64, 4)]}
 
 
-def quantized_copies(n: int, k: int, bits: int) -> tuple[list[tuple], int]:
-    """Random codes and scales (int4: with group zero points, as ``kiln build --quant int4-wo`` stores them), enough
-    copies to stream >= 512 MB of bf16-equivalent weights; bytes per copy."""
+def quantized_copies(n: int, k: int, bits: int, zeros: bool = True) -> tuple[list[tuple], int]:
+    """Random codes and fp32 scales (int4: with group zero points unless ``zeros`` is False), as ``kiln build
+    --quant`` stores them; enough copies (q, s, z) to stream >= 512 MB of bf16-equivalent weights; bytes per copy."""
     copies = max(2, min(64, (512 * 2**20) // (n * k * 2) + 1))
     out = []
     for _ in range(copies):
         if bits == 8:
             q = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
-            s = torch.rand(n, device="cuda", dtype=torch.bfloat16) / 127
+            s = torch.rand(n, device="cuda") / 127
             z = None
         else:
             q = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
-            s = torch.rand(n, k // GROUP, device="cuda", dtype=torch.bfloat16) / 7
-            z = torch.randint(0, 16, (n, k // GROUP), device="cuda", dtype=torch.uint8)
+            s = torch.rand(n, k // GROUP, device="cuda") / 7
+            z = torch.randint(0, 16, (n, k // GROUP), device="cuda", dtype=torch.uint8) if zeros else None
         out.append((q, s, z))
     return out, sum(t.numel() * t.element_size() for t in out[0] if t is not None)
 
