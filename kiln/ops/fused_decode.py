@@ -113,6 +113,39 @@ def decode_attention_rope_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cach
 
 
 @triton.jit
+def _cached_tile(BT, KC, VC, seq, bt_stride, block_size, kvh, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, n, end,
+                 new_at, h, d, HALF: tl.constexpr):
+    """The cached keys ``n`` [BLOCK_N] of one KV head (positions before ``end``, except the new one): K as its two
+    rotary halves [HALF, BLOCK_N] and V [BLOCK_N, D] (masked positions read nothing and are zero)."""
+    cached = (n < end) & (n != new_at)
+    blk = tl.load(BT + seq * bt_stride + n // block_size, mask=cached, other=0).to(tl.int64)
+    sl = n % block_size
+    kb = KC + blk * skc_b + sl * skc_s + kvh * skc_h
+    ka = tl.load(kb[None, :] + h[:, None], mask=cached[None, :], other=0.0)
+    kz = tl.load(kb[None, :] + HALF + h[:, None], mask=cached[None, :], other=0.0)
+    vv = tl.load(VC + (blk * svc_b + sl * svc_s + kvh * svc_h)[:, None] + d[None, :], mask=cached[:, None], other=0.0)
+    return ka, kz, vv
+
+
+@triton.jit
+def _attend_tile(m_i, l_i, acc, r1, r2, ka, kz, vv, kn1, kn2, vn, n, end, new_at, scale_log2e,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step over the key tile ``n``: the new key's K and V (``kn1``, ``kn2``, ``vn``, in
+    registers) replace its cache position, which this launch is writing."""
+    fresh = n == new_at
+    ka = tl.where(fresh[None, :], kn1[:, None], ka)  # [HALF, BLOCK_N]
+    kz = tl.where(fresh[None, :], kn2[:, None], kz)
+    vv = tl.where(fresh[:, None], vn[None, :], vv)
+    if UPCAST:
+        ka = ka.to(tl.float32)
+        kz = kz.to(tl.float32)
+        vv = vv.to(tl.float32)
+    s = tl.dot(r2, kz, tl.dot(r1, ka, input_precision=PRECISION), input_precision=PRECISION) * scale_log2e
+    s = tl.where((n < end)[None, :], s, float("-inf"))
+    return softmax_pv_step(m_i, l_i, acc, s, vv, PRECISION)
+
+
+@triton.jit
 def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_LSE, LOCKS, O, scale_log2e,
                         sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, s_cs, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
                         bt_stride, block_size, so_t, so_h, HKV,
@@ -138,6 +171,13 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
     cos = tl.load(CS + pos * s_cs + h).to(dt).to(tl.float32)
     sin = tl.load(CS + pos * s_cs + HALF + h).to(dt).to(tl.float32)
     slot = tl.load(SLOTS + seq).to(tl.int64)
+    # the split's first key tile is in the cache already (keys before the new one: written by earlier steps, and
+    # the previous kernel, the qkv projection, does not touch the cache), so it is read before ``gdc_wait``, under
+    # that kernel's tail; with 32 splits a context of up to 2048 keys is one tile per split
+    d = tl.arange(0, D)
+    n0 = start + tl.arange(0, BLOCK_N)
+    ka0, kz0, vv0 = _cached_tile(BT, KC, VC, seq, bt_stride, block_size, kvh, skc_b, skc_s, skc_h, svc_b, svc_s,
+                                 svc_h, n0, end, new_at, h, d, HALF)
     if PDL:  # everything above comes from before the graph; q, k, v are the previous kernel's output
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -151,7 +191,6 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
     kp = K + seq * sk_t + kvh * sk_h
     kn1, kn2 = rotate_halves(tl.load(kp + h).to(tl.float32), tl.load(kp + HALF + h).to(tl.float32), cos, sin,
                              dt)
-    d = tl.arange(0, D)
     vn = tl.load(V + seq * sv_t + kvh * sv_h + d)
 
     # the split whose range holds the new token stores it (slot -1: padding, not stored) and reads it from
@@ -169,29 +208,15 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
 
-    for s0 in range(start, end, BLOCK_N):
+    if start < end:
+        m_i, l_i, acc = _attend_tile(m_i, l_i, acc, r1, r2, ka0, kz0, vv0, kn1, kn2, vn, n0, end, new_at,
+                                     scale_log2e, UPCAST, PRECISION)
+    for s0 in range(start + BLOCK_N, end, BLOCK_N):
         n = s0 + tl.arange(0, BLOCK_N)
-        n_ok = n < end
-        fresh = n == new_at
-        cached = n_ok & (n != new_at)
-        blk = tl.load(BT + seq * bt_stride + n // block_size, mask=cached, other=0).to(tl.int64)
-        sl = n % block_size
-        kb = KC + blk * skc_b + sl * skc_s + kvh * skc_h
-        ka = tl.where(fresh[None, :], kn1[:, None], tl.load(kb[None, :] + h[:, None], mask=cached[None, :],
-                                                             other=0.0))  # [HALF, BLOCK_N]
-        kz = tl.where(fresh[None, :], kn2[:, None], tl.load(kb[None, :] + HALF + h[:, None], mask=cached[None, :],
-                                                             other=0.0))
-        if UPCAST:
-            ka = ka.to(tl.float32)
-            kz = kz.to(tl.float32)
-        s = tl.dot(r2, kz, tl.dot(r1, ka, input_precision=PRECISION), input_precision=PRECISION) * scale_log2e
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        vv = tl.load(VC + (blk * svc_b + sl * svc_s + kvh * svc_h)[:, None] + d[None, :], mask=cached[:, None],
-                     other=0.0)
-        vv = tl.where(fresh[:, None], vn[None, :], vv)
-        if UPCAST:
-            vv = vv.to(tl.float32)
-        m_i, l_i, acc = softmax_pv_step(m_i, l_i, acc, s, vv, PRECISION)
+        ka, kz, vv = _cached_tile(BT, KC, VC, seq, bt_stride, block_size, kvh, skc_b, skc_s, skc_h, svc_b, svc_s,
+                                  svc_h, n, end, new_at, h, d, HALF)
+        m_i, l_i, acc = _attend_tile(m_i, l_i, acc, r1, r2, ka, kz, vv, kn1, kn2, vn, n, end, new_at, scale_log2e,
+                                     UPCAST, PRECISION)
 
     if SPLITS == 1:
         tl.store(O + seq * so_t + head[:, None] * so_h + d[None, :], (acc * (1.0 / l_i)[:, None]).to(dt),
