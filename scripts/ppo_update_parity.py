@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--rollout-samples", type=int, default=0, help="K > 0: the rollout comparison, K per prompt")
     p.add_argument("--rollout-only", action="store_true", help="stop after the rollout comparison")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: both trainers run there (the GPU runs' numerics)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.rollout_samples > 0:
@@ -72,14 +73,15 @@ def main(argv=None) -> int:
     B, T = a.batch_size, a.response_length
 
     # ---- kiln: the trainer (also samples the fixed responses with its engine)
-    policy0, value0 = load_models(model_dir, "cpu", a.seed)
+    dev = a.device
+    policy0, value0 = load_models(model_dir, dev, a.seed)
     init_policy, init_value = copy.deepcopy(policy0.state_dict()), copy.deepcopy(value0.state_dict())
     kcfg = PPOConfig(per_device_train_batch_size=B, num_mini_batches=a.num_mini_batches, num_ppo_epochs=4,
                      response_length=T, learning_rate=a.learning_rate, kl_coef=0.02, temperature=1.0, seed=a.seed,
                      total_episodes=a.iterations * B, num_sample_generations=0, local_rollout_forward_batch_size=B,
                      lr_scheduler_type="linear", adam_epsilon=1e-8, weight_decay=0.0)
     kt = PPOTrainer(kcfg, model=policy0, model_path=model_dir, reward_model=reward, value_model=value0,
-                    train_dataset=PromptDataset(texts), device="cpu")
+                    train_dataset=PromptDataset(texts), device=dev)
     kt.sync_weights()
     sampled = kt.generate(texts, seed=12345)  # one fixed response per prompt, reused whenever it is drawn
     resp_of = {tuple(pid): list(r) for pid, r in zip(sampled.prompt_ids, sampled.response_ids)}
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
     # ---- TRL, generation replaced by the fixed responses
     tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     pad = tok.pad_token_id
-    tpol, tval = load_models(model_dir, "cpu", a.seed)
+    tpol, tval = load_models(model_dir, dev, a.seed)
     tpol.load_state_dict(init_policy)
     tval.load_state_dict(init_value)
     ref = copy.deepcopy(tpol).eval()
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
             real = [t for t in q if t != pad_token_id]
             order.append(real)
             rows.append(q + resp_of[tuple(real)])
-        qr = torch.tensor(rows)
+        qr = torch.tensor(rows, device=queries.device)
         out = trl_mod.forward(model, qr, pad_token_id)
         ctx = queries.shape[1]
         return qr, out.logits[:, ctx - 1:-1] / (1.0 + 1e-7)
@@ -126,8 +128,8 @@ def main(argv=None) -> int:
                      gradient_accumulation_steps=1, num_mini_batches=a.num_mini_batches, num_ppo_epochs=4,
                      response_length=T, learning_rate=a.learning_rate, kl_coef=0.02, temperature=1.0, seed=a.seed,
                      total_episodes=a.iterations * B, num_sample_generations=0, local_rollout_forward_batch_size=B,
-                     gradient_checkpointing=False, report_to=[], logging_steps=1, save_strategy="no", use_cpu=True,
-                     disable_tqdm=True, stop_token=None)
+                     gradient_checkpointing=False, report_to=[], logging_steps=1, save_strategy="no",
+                     use_cpu=dev == "cpu", disable_tqdm=True, stop_token=None)
     from transformers import TrainerCallback
     trl_logs = []
 

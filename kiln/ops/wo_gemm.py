@@ -22,9 +22,10 @@ for both widths) dequantizes in registers and never materialises a float weight:
   gives ``code - zero`` exactly; int8 uses ``1.5 * 2^23`` the same way (one integer op, one float op).
 - int8's per-channel scale is applied once, at the end.
 - The one-row int4 GEMV (``INT4_WORDS``, its default) reads the same bytes as 32-bit words: word j of a tile holds
-  k = 8j + b in nibble b, and each nibble becomes a float with one masked OR of an exponent whose unit is that
-  nibble's lowest bit (``_nibble_at``). The byte path's per-byte integer work made it ALU-bound (~40% of the copy
-  bandwidth on an H100, where the int8 GEMV reached 95%).
+  k = 8j + b in nibble b. Each nibble, shifted to bits 15..18 or 19..22, becomes the float ``2^E + code`` with one
+  masked OR of an exponent (``_biased_nibble``), and the ``2^E`` and zero-point terms leave the sum once per word
+  (``_int4_word_gemv_tile``): one LOP3 and one FFMA per code. The byte path's per-byte integer work made it
+  ALU-bound (~40% of the copy bandwidth on an H100, where the int8 GEMV reached 95%).
 
 One row (batch-1 decode) takes a CUDA-core GEMV path (no tensor-core padding of M to 16, the weight stream is
 the whole cost); more rows take ``tl.dot`` tiles, so any M works. The GEMV (int8, or int4 on words) issues its
@@ -257,15 +258,13 @@ def _group_zero_scale(Z, S, offs_n, n_mask, g, stride_zn, stride_sn, HAS_ZERO: t
 
 
 @triton.jit
-def _nibble_at(src, SHIFT: tl.constexpr, zero, one_bits):
-    """The 4-bit code at bits [SHIFT, SHIFT + 4) of int32 ``src`` [BN, W] minus ``zero`` [BN], as fp32 (exact).
+def _biased_nibble(src, SHIFT: tl.constexpr, exp_bits):
+    """The 4-bit code at bits [SHIFT, SHIFT + 4) of int32 ``src`` [BN, W] as the fp32 ``2^E + code``, E = 23 - SHIFT.
 
-    Masking the nibble in place and OR-ing in the exponent of ``2^E`` with ``E = 23 - SHIFT`` (the nibble's lowest
-    bit is then the float's unit) gives the float ``2^E + code``: one LOP3, no shift, no I2F, provided the exponent
-    is in a register (``one_bits``, 1.0f's bits, is a kernel argument). ``2^E + zero`` is exact too (E >= 11), so the
-    subtraction is exact."""
-    bits = (src & (0xF << SHIFT)) | (one_bits + ((23 - SHIFT) << 23))  # biased exponent 127 + E, in a register
-    return bits.to(tl.float32, bitcast=True) - (zero[:, None] + (1 << (23 - SHIFT)))
+    Masking the nibble in place and OR-ing in the exponent of ``2^E`` (``exp_bits``, in a register) makes the
+    nibble's lowest bit the float's unit: one LOP3, no shift, no I2F. The ``2^E`` is not subtracted here: the caller
+    folds ``2^E * x`` (the same for every row) and the zero point out of the sum once per word column."""
+    return ((src & (0xF << SHIFT)) | exp_bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -286,21 +285,34 @@ def _x_word_columns(x_rows, kw, k_hi, m_mask, stride_xk):
 @triton.jit
 def _int4_word_gemv_tile(word, zero, xs, one_bits):
     """One K tile of the one-row int4 GEMV from 32-bit words of the usual packing (``word[n, j]`` holds k = 8j + b
-    in nibble b, b = 0..7) and ``xs`` (``_x_word_columns``): sum over b of dequant(nibble b) * x[8j + b] -> fp32
+    in nibble b, b = 0..7) and ``xs`` (``_x_word_columns``): sum over b of (code_b - zero) * x[8j + b] -> fp32
     [BN, W] partials, unscaled.
 
-    The byte path spends ~5 integer ops per byte (extract the byte, mask, shift, two ORs) on the 64-lane integer
-    pipe and was ALU-bound at ~40% of the copy bandwidth on an H100; here a word costs one shift and eight LOP3s
-    (bits 16..31 are shifted down once and reuse the low half's four masks)."""
-    hi = word >> 16
-    part = _nibble_at(word, 0, zero, one_bits) * xs[0]
-    part += _nibble_at(word, 4, zero, one_bits) * xs[1]
-    part += _nibble_at(word, 8, zero, one_bits) * xs[2]
-    part += _nibble_at(word, 12, zero, one_bits) * xs[3]
-    part += _nibble_at(hi, 0, zero, one_bits) * xs[4]
-    part += _nibble_at(hi, 4, zero, one_bits) * xs[5]
-    part += _nibble_at(hi, 8, zero, one_bits) * xs[6]
-    part += _nibble_at(hi, 12, zero, one_bits) * xs[7]
+    Each code costs one LOP3 and one FFMA. Four shifts of the word (3 and 11 left, 5 right, a rotation by 19) bring
+    every nibble to bits 15..18 or 19..22, where ``_biased_nibble`` reads it as ``2^8 + code`` or ``2^4 + code``.
+    The biases and the zero point are taken out by the partial's initial value,
+    ``-(sum_b 2^E_b x_b + zero * sum_b x_b)``, one FFMA per word: the previous kernel subtracted ``2^E + zero`` from
+    every code, one FADD per code. The price is rounding: the running sum carries terms up to ~2^8 |x| for a
+    result of ~8 |x| per code, about 5 bits of fp32's 24 (with fp32 activations ~1e-6 relative error; with bf16
+    ones, whose products are exact, far below the output's rounding)."""
+    e8 = one_bits + (8 << 23)  # the biased exponents of 2^8 and 2^4
+    e4 = one_bits + (4 << 23)
+    uw = word.to(tl.uint32, bitcast=True)
+    w3 = word << 3  # nibbles 3, 4 at bits 15, 19
+    w11 = word << 11  # nibbles 1, 2
+    w5 = word >> 5  # nibbles 5, 6 (arithmetic: the sign lands above bit 22, never read)
+    r19 = ((uw << 19) | (uw >> 13)).to(tl.int32, bitcast=True)  # nibble 7 at bit 15, nibble 0 at bit 19
+    bias = 256.0 * (xs[1] + xs[3] + xs[5] + xs[7]) + 16.0 * (xs[0] + xs[2] + xs[4] + xs[6])
+    xsum = xs[0] + xs[1] + xs[2] + xs[3] + xs[4] + xs[5] + xs[6] + xs[7]
+    part = -(zero[:, None] * xsum + bias)
+    part += _biased_nibble(w3, 15, e8) * xs[3]
+    part += _biased_nibble(w3, 19, e4) * xs[4]
+    part += _biased_nibble(w11, 15, e8) * xs[1]
+    part += _biased_nibble(w11, 19, e4) * xs[2]
+    part += _biased_nibble(w5, 15, e8) * xs[5]
+    part += _biased_nibble(w5, 19, e4) * xs[6]
+    part += _biased_nibble(r19, 15, e8) * xs[7]
+    part += _biased_nibble(r19, 19, e4) * xs[0]
     return part
 
 
