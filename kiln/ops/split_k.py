@@ -16,16 +16,20 @@ from ._dispatch import interpreting, pdl_launch_args
 from ._triton import direct, triton, tl
 
 
-def split_k_for(M: int, N: int, K: int, block_m: int, block_n: int, block_k: int, sms: int) -> int:
-    """Split K over extra programs where the output tiles alone leave SMs idle, keeping at least four K tiles per
-    split: decode-sized calls (M <= 16) aim at about two programs per SM (a GEMV only streams the weight);
-    batched decode (M <= 64, one row tile of tl.dot) at about one per SM (a 4096-wide layer has only 64 column
-    tiles of 64). Larger M fills the GPU with output tiles alone."""
+def split_k_for(M: int, N: int, K: int, block_m: int, block_n: int, block_k: int, sms: int,
+                programs_per_sm: int | None = None, min_k_tiles: int = 4) -> int:
+    """Split K over extra programs where the output tiles alone leave SMs idle, keeping at least ``min_k_tiles`` K
+    tiles per split (at most 16 splits): decode-sized calls (M <= 16) aim at about two programs per SM by default (a
+    GEMV only streams the weight); batched decode (M <= 64, one row tile of tl.dot) at about one per SM (a
+    4096-wide layer has only 64 column tiles of 64). Larger M fills the GPU with output tiles alone. A kernel
+    whose programs are light (the int4 GEMV) asks for more per SM."""
     if M > 64:
         return 1
+    if programs_per_sm is None:
+        programs_per_sm = 2 if M <= 16 else 1
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    want = max(1, ((2 if M <= 16 else 1) * sms) // max(1, tiles))
-    return max(1, min(want, K // (4 * block_k), 16))
+    want = max(1, (programs_per_sm * sms) // max(1, tiles))
+    return max(1, min(want, K // (min_k_tiles * block_k), 16))
 
 
 def iters_per_split(K: int, block_k: int, split: int) -> tuple[int, int]:

@@ -487,15 +487,16 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, M, N, K, k_per_split, strid
 
 
 @functools.lru_cache(maxsize=4096)
-def _wo_config_cached(M: int, N: int, K: int, bits: int, group_size: int, sms: int, interp: bool) -> tuple:
-    return tuple(_wo_config(M, N, K, bits, group_size, sms, interp).items())
+def _wo_config_cached(M: int, N: int, K: int, bits: int, group_size: int, sms: int, interp: bool,
+                      glu: bool) -> tuple:
+    return tuple(_wo_config(M, N, K, bits, group_size, sms, interp, glu).items())
 
 
-def wo_config(M: int, N: int, K: int, bits: int, group_size: int, sms: int = 132) -> dict:
+def wo_config(M: int, N: int, K: int, bits: int, group_size: int, sms: int = 132, glu: bool = False) -> dict:
     """Tiles: one row -> CUDA-core GEMV tiles; more rows -> tl.dot tiles growing with M; split-K for M <= 64
-    (``split_k_for``). For int4, BLOCK_K divides the group size so every K tile has one scale per output row.
-    Cached per shape: no per-call Python work beyond a dict lookup."""
-    return dict(_wo_config_cached(M, N, K, bits, group_size, sms, interpreting()))
+    (``split_k_for``; never with ``glu``, whose epilogue needs whole sums). For int4, BLOCK_K divides the group size
+    so every K tile has one scale per output row. Cached per shape: no per-call Python work beyond a dict lookup."""
+    return dict(_wo_config_cached(M, N, K, bits, group_size, sms, interpreting(), glu))
 
 
 # One-row int8 GEMV tiles: (BLOCK_N, BLOCK_K, warps, CTAs resident per SM). A batch-1 GEMV is as fast as its last
@@ -518,7 +519,7 @@ def _int8_gemv_tile(N: int, sms: int) -> tuple[int, int, int]:
     return best[:3]
 
 
-def _wo_config(M, N, K, bits, group_size, sms, interp):
+def _wo_config(M, N, K, bits, group_size, sms, interp, glu=False):
     kp = max(16, triton.next_power_of_2(K))
     if interp:  # tiny tiles: the interpreter runs every program in Python
         bm = 1 if M == 1 else 16
@@ -526,20 +527,25 @@ def _wo_config(M, N, K, bits, group_size, sms, interp):
         return dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=bk, USE_DOT=M > 1, SPLIT_K=1, num_warps=4,
                     INT4_WORDS=bits == 4 and M == 1, INT4_JOIN=bits == 4 and M > 1)
     if M == 1:
-        # int8: the tile of INT8_GEMV_TILES whose row tiles best fill whole waves of resident CTAs (see there);
-        # int4 (H100, scripts/gpu/wo_ab.py --sweep, session 13): 64 rows x one group of 128 k on 32-bit words,
-        # reduced once, 2 warps (~197 registers: 5 CTAs per SM). Against 128 rows / 4 warps (3 per SM) it fills the
-        # SMs more evenly (the 8B gate_up's 224 tiles of 128 rows left SMs with one CTA beside SMs with two): in the
-        # back-to-back sweep 8B gate_up 54.7 -> 36.6 us; near the best tile tried on every Llama linear
+        # int8: the tile of INT8_GEMV_TILES whose row tiles best fill whole waves of resident CTAs (see there).
+        # int4 on 32-bit words, reduced once (H100, scripts/gpu/wo_ab.py --sweep, session 14): 64 rows x one group of
+        # 128 k with 4 warps (64 codes per thread, ~128 registers), K split for about four programs per SM down to
+        # two K tiles a split; with the SiLU-and-mul epilogue, which cannot split K, 128 rows with 8 warps. Against
+        # session 13's 64 rows / 2 warps at two programs per SM the step's linears went 2.85 -> 2.70 ms (8B) and
+        # 0.594 -> 0.530 ms (1B). Where the row tiles alone give four programs per SM (an LM head), 2 warps (128
+        # codes per thread) stream better: 1B LM head 69.9 against 76.1 us
         if bits == 8:
             bn, bk, warps = _int8_gemv_tile(N, sms)
             bk = min(bk, kp)
+            split = split_k_for(M, N, K, 1, bn, bk, sms)
             extra = {}
         else:
-            bn, bk, warps = 64, min(128, group_size), 2
+            bk = min(128, group_size)
+            bn, warps = (128, 8) if glu else (64, 2 if triton.cdiv(N, 64) >= 4 * sms else 4)
+            split = split_k_for(M, N, K, 1, bn, bk, sms, programs_per_sm=4, min_k_tiles=2)
             extra = dict(INT4_WORDS=True, REDUCE_EACH_TILE=False)
-        return dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split_k_for(M, N, K, 1, bn, bk, sms),
-                    num_warps=warps, **extra)
+        return dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=1 if glu else split, num_warps=warps,
+                    **extra)
     # batched decode (M <= 64) takes all its rows in one tile: every column tile re-reads the activations, so
     # two row tiles would double that L2 traffic; split-K then fills the SMs
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 128 else 128
@@ -575,7 +581,7 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
     if zeros is not None and zeros.stride(1) != 1:
         zeros = zeros.contiguous()
     sms = _num_sms(x.device.index or 0) if x.is_cuda else 132
-    cfg = dict(config) if config else wo_config(M, N, K, bits, group_size, sms)
+    cfg = dict(config) if config else wo_config(M, N, K, bits, group_size, sms, glu)
     cfg.setdefault("SPLIT_K", 1)
     num_warps = cfg.pop("num_warps", 4)
     num_stages = cfg.pop("num_stages", None)

@@ -301,8 +301,10 @@ def test_default_batch1_tiles_compile_lean_for_sm90(monkeypatch, bits, glu):
     """The one-row GEMV tiles the heuristic picks, compiled for the H100 here (no GPU needed, the launch's 16-byte
     alignment and divisibility specialisations included): no register spills with the prefetched next tile and PDL
     (a spilling tile streams local memory beside its weights), also with the SiLU-and-mul epilogue, and for int4
-    one LOP3 per code in the main loop (the magic exponent in a register; with it as an immediate ptxas emitted two,
-    824 instructions per step, now ~712)."""
+    one LOP3 and one FFMA per code in the main loop: the magic exponent in a register (as an immediate ptxas emitted
+    two LOP3s per code) and no FADD per code (the exponent bias and the zero point leave the sum once per word; the
+    session-13 kernel subtracted them from every code: 1.25 FADD per code, 5.6 instructions per code at 128 codes
+    per thread, now 4.9 there and ~6.7 at the 64 codes per thread of the default tile)."""
     monkeypatch.setattr(wo_gemm, "interpreting", lambda: False)
     cfg = wo_gemm.wo_config(1, 4096, 14336, bits, 128, 132)
     warps = cfg.pop("num_warps")
@@ -315,7 +317,8 @@ def test_default_batch1_tiles_compile_lean_for_sm90(monkeypatch, bits, glu):
     if bits == 4 and loop:
         codes = cfg["BLOCK_N"] * cfg["BLOCK_K"] // (32 * warps)  # per thread per K step
         assert loop.get("LOP3", 0) <= 1.25 * codes, loop
-        assert sum(loop.values()) <= 6.0 * codes, loop
+        assert loop.get("FADD", 0) <= 0.6 * codes, loop
+        assert sum(loop.values()) <= 7.0 * codes, loop
 
 
 def test_int8_gemv_tile_fills_whole_waves():
