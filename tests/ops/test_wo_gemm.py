@@ -228,6 +228,26 @@ def test_weight_only_split_k_heuristic_fills_the_gpu_for_decode_only(monkeypatch
     assert wo_gemm.wo_config(64, 4096, 4096, 8, 0, sms)["BLOCK_M"] == 64  # one row tile for batched decode
 
 
+def test_int4_gemv_config_four_programs_per_sm(monkeypatch):
+    """The one-row int4 tile (session 14's sweep): 64 rows with 4 warps and K split for about four programs per SM,
+    down to two K tiles a split; 2 warps where the row tiles alone give four per SM (an LM head); with the
+    SiLU-and-mul epilogue (no split possible) 128 rows with 8 warps."""
+    monkeypatch.setattr(wo_gemm, "interpreting", lambda: False)
+
+    def pick(n, k, glu=False):
+        c = wo_gemm.wo_config(1, n, k, 4, 128, 132, glu)
+        return c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["SPLIT_K"]
+
+    assert wo_gemm.split_k_for(1, 4096, 4096, 1, 64, 128, 132, programs_per_sm=4, min_k_tiles=2) == 8
+    assert pick(4096, 4096) == (64, 128, 4, 8)  # 8B o_proj: 64 tiles x 8 = 512 programs, 4 K tiles each
+    assert pick(2048, 2048) == (64, 128, 4, 8)  # 1B o_proj: capped at two K tiles a split
+    assert pick(2048, 8192) == (64, 128, 4, 16)  # 1B down_proj: 16 splits at most
+    assert pick(16384, 2048) == (64, 128, 4, 2)
+    assert pick(128256, 2048) == (64, 128, 2, 1)  # LM head: 2004 row tiles, no split, 2 warps
+    assert pick(28672, 4096, glu=True) == (128, 128, 8, 1)
+    assert wo_gemm.wo_config(1, 4096, 4096, 4, 32, 132)["BLOCK_K"] == 32  # a K tile never straddles a group
+
+
 def test_weight_only_dispatch_uses_reference_off_cuda_and_with_kiln_ops_ref(monkeypatch):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 64, generator=g)
@@ -296,7 +316,7 @@ def test_weight_only_doctor_checks_are_registered_and_pass():
 
 
 @pytest.mark.skipif(ptxas_path() is None, reason="needs Triton's bundled ptxas")
-@pytest.mark.parametrize("bits, glu", [(8, False), (4, False), (8, True)])
+@pytest.mark.parametrize("bits, glu", [(8, False), (4, False), (8, True), (4, True)])
 def test_default_batch1_tiles_compile_lean_for_sm90(monkeypatch, bits, glu):
     """The one-row GEMV tiles the heuristic picks, compiled for the H100 here (no GPU needed, the launch's 16-byte
     alignment and divisibility specialisations included): no register spills with the prefetched next tile and PDL
@@ -306,7 +326,7 @@ def test_default_batch1_tiles_compile_lean_for_sm90(monkeypatch, bits, glu):
     session-13 kernel subtracted them from every code: 1.25 FADD per code, 5.6 instructions per code at 128 codes
     per thread, now 4.9 there and ~6.7 at the 64 codes per thread of the default tile)."""
     monkeypatch.setattr(wo_gemm, "interpreting", lambda: False)
-    cfg = wo_gemm.wo_config(1, 4096, 14336, bits, 128, 132)
+    cfg = wo_gemm.wo_config(1, 4096, 14336, bits, 128, 132, glu)
     warps = cfg.pop("num_warps")
     consts = {**dict(BITS=bits, GROUP=128, HAS_ZERO=True, HAS_BIAS=False, UPCAST=False, PDL=True, PREFETCH=True,
                      REDUCE_EACH_TILE=True, INT4_WORDS=False, INT4_JOIN=False, M=1, stride_xk=1, GLU=glu), **cfg}
