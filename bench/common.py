@@ -68,20 +68,22 @@ class Table:
         return path
 
 
+def synced_seconds(fn: Callable[[], object]) -> float:
+    """Wall time of one call of ``fn`` in seconds, with CUDA synchronised before and after it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn`` in seconds, synchronising CUDA around each call."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(synced_seconds(fn) for _ in range(repeat))
 
 
 def alternating_rounds(fns: Sequence[Callable[[], object]], repeat: int) -> list[list[object]]:
@@ -103,17 +105,8 @@ def paired_median_times(fns: Sequence[Callable[[], object]], repeat: int = 5, wa
     for fn in fns:
         for _ in range(warmup):
             fn()
-
-    def timed(fn):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    return [statistics.median(t) for t in alternating_rounds([lambda fn=fn: timed(fn) for fn in fns], repeat)]
+    return [statistics.median(t) for t in alternating_rounds([lambda fn=fn: synced_seconds(fn) for fn in fns],
+                                                             repeat)]
 
 
 def cuda_time(fn, repeat=7, warmup=5, calls=10) -> float:
