@@ -185,13 +185,15 @@ class Rollout:
                        response_ids=self.response_ids[sl])
 
 
-def _init_distributed() -> tuple[int, int]:
-    """(rank, world size): joins the process group ``torchrun`` describes (gloo on the CPU, NCCL on GPUs) unless
-    the caller already did; (0, 1) outside torchrun."""
+def _init_distributed(device: str | torch.device | None = None) -> tuple[int, int]:
+    """(rank, world size): joins the process group ``torchrun`` describes unless the caller already did; (0, 1)
+    outside torchrun. NCCL for GPU training, gloo for the CPU: where ``device`` asks for the CPU on a GPU machine
+    too (NCCL cannot reduce CPU tensors)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        on_cpu = device is not None and torch.device(device).type == "cpu"
+        dist.init_process_group("nccl" if torch.cuda.is_available() and not on_cpu else "gloo")
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -230,17 +232,17 @@ def _transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def _fully_shard(model: nn.Module, frozen: bool = False) -> int:
-    """FSDP2 in place: each transformer block, then the root (embeddings, final norm, LM head, value head; tied
-    weights stay tied). Parameter names do not change. The trained model keeps its root gathered from forward to
-    backward (FSDP2's default); a ``frozen`` one has no backward, so its root reshards after every forward too.
-    Returns the number of blocks."""
+def _fully_shard(model: nn.Module, mesh, frozen: bool = False) -> int:
+    """FSDP2 in place over ``mesh``: each transformer block, then the root (embeddings, final norm, LM head, value
+    head; tied weights stay tied). Parameter names do not change. The trained model keeps its root gathered from
+    forward to backward (FSDP2's default); a ``frozen`` one has no backward, so its root reshards after every
+    forward too. Returns the number of blocks."""
     from torch.distributed.fsdp import fully_shard
 
     blocks = _transformer_blocks(model)
     for block in blocks:
-        fully_shard(block)
-    fully_shard(model, reshard_after_forward=True if frozen else None)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True if frozen else None)
     return len(blocks)
 
 
@@ -296,7 +298,7 @@ class PPOTrainer:
         self.args = args = args if args is not None else PPOConfig()
         if not isinstance(args, PPOConfig):
             raise TypeError(f"args must be a PPOConfig, got {type(args).__name__}")
-        self.rank, self.world_size = _init_distributed()
+        self.rank, self.world_size = _init_distributed(device)
         self.fsdp = args.fsdp and self.world_size > 1
         if args.fsdp and self.world_size == 1:
             logger.warning("fsdp=True in a single process: nothing to shard, training the unsharded model (launch "
@@ -311,6 +313,11 @@ class PPOTrainer:
         if device is None and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if self.world_size > 1 else "cuda"
         self.device = torch.device(device or "cpu")
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {self.device} is not one of the {torch.cuda.device_count()} visible GPUs"
+                             + (f" (torchrun rank {self.rank} of {self.world_size}: start at most one process per "
+                                "GPU, or pass device='cpu' to train on the CPU with gloo)" if self.world_size > 1
+                                else ""))
         if self.device.type == "cuda" and self.world_size > 1:
             torch.cuda.set_device(self.device)
         torch.manual_seed(args.seed)
@@ -412,9 +419,13 @@ class PPOTrainer:
 
         # ---- FSDP2: before the optimizer, which must see the sharded parameters
         if self.fsdp:
-            n_blocks = _fully_shard(self.model)
+            from torch.distributed.device_mesh import init_device_mesh
+
+            # the mesh on the training device: FSDP's default mesh takes CUDA whenever it exists, even for CPU ranks
+            mesh = init_device_mesh(self.device.type, (self.world_size,))
+            n_blocks = _fully_shard(self.model, mesh)
             if self.ref_model is not None:
-                _fully_shard(self.ref_model, frozen=True)
+                _fully_shard(self.ref_model, mesh, frozen=True)
             logger.info("FSDP2 over %d ranks: %d transformer blocks sharded one by one, then the root",
                         self.world_size, n_blocks)
 

@@ -1,5 +1,6 @@
-"""Tensor parallelism on the CPU (gloo, 2 processes): TP=2 equals TP=1 for every family, float and weight-only
-quantized; each rank reads only its slice of the checkpoint; a dead worker stops the engine; bad sizes fail early."""
+"""Tensor parallelism on the CPU (gloo, 2 processes; on GPU machines too, where scripts/gpu/tp_check.py runs
+NCCL): TP=2 equals TP=1 for every family, float and weight-only quantized; each rank reads only its slice of the
+checkpoint; a dead worker stops the engine; bad sizes fail early."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from tests.llm.conftest import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [[0, 5, 9, 33, 100, 7, 12], [0, 3, 200], list(range(2, 45))]
-ENGINE = dict(dtype="float32", block_size=4, max_num_seqs=4, max_num_batched_tokens=16, num_kv_blocks=64)
+ENGINE = dict(device="cpu", dtype="float32", block_size=4, max_num_seqs=4, max_num_batched_tokens=16,
+              num_kv_blocks=64)
 
 
 def max_rel(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
@@ -235,7 +237,8 @@ def _cfg(heads: int, kv: int, inter: int = 96) -> ModelConfig:
     (3, _cfg(4, 2), "cpu", r"tensor_parallel_size=3 does not divide the number of attention heads .* \(4\)"),
     (6, _cfg(12, 4), "cpu", "tensor_parallel_size=6 and the model's 4 KV heads: one must divide the other"),
     (4, _cfg(4, 4, inter=90), "cpu", r"tensor_parallel_size=4 does not divide the MLP intermediate size .* \(90\)"),
-    (torch.cuda.device_count() + 2, _cfg(4, 2), "cuda", "GPUs .* visible"),
+    # one rank more than the GPUs, rounded up to a size that splits the heads: only the GPU count is wrong
+    (max(2, 1 << torch.cuda.device_count().bit_length()), _cfg(64, 64, inter=1024), "cuda", "GPUs .* visible"),
 ])
 def test_bad_tensor_parallel_sizes_fail_at_start_up(size, cfg, device, match):
     with pytest.raises(ValueError, match=match):
@@ -252,7 +255,7 @@ def test_llm_rejects_bad_tensor_parallel_size_before_starting_workers(checkpoint
     # rank 0 on the last GPU (or none): rank 1 would need one past it, on any machine; sizes that split the model
     last = f"cuda:{max(torch.cuda.device_count() - 1, 0)}"
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2 needs 2 GPUs \(one per rank, from cuda:"):
-        LLM(path, tensor_parallel_size=2, device=last, **ENGINE)
+        LLM(path, tensor_parallel_size=2, **{**ENGINE, "device": last})
 
 
 def test_int4_group_must_divide_each_ranks_row_parallel_input(checkpoints):
@@ -279,6 +282,7 @@ def test_cli_flags_carry_tensor_parallel_size():
             assert cmd == ["serve"]
             continue
         assert args.tensor_parallel_size == 2
+    pytest.importorskip("fastapi")  # the [server] extra
     from kiln.llm.server.cli import engine_kwargs
 
     args = parser.parse_args(["serve", "--tensor-parallel-size", "2"])

@@ -37,8 +37,9 @@ def run_trainer(policy: Path, processes: int, **overrides):
     from kiln.rl import PPOTrainer
     from tests.rl.conftest import PROMPTS, e_share
 
+    # gloo on the CPU, on GPU machines too (one GPU cannot hold two ranks)
     trainer = PPOTrainer(ppo_config(processes, **overrides), model=str(policy), reward_model=e_share,
-                         train_dataset=PromptDataset(PROMPTS), engine_kwargs={"block_size": 8})
+                         train_dataset=PromptDataset(PROMPTS), engine_kwargs={"block_size": 8}, device="cpu")
     seen: list[list[str]] = []
     original = trainer.generate
 

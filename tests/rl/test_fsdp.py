@@ -126,7 +126,7 @@ def test_fsdp_with_a_peft_config_or_a_bad_value_raises(tiny_policy, monkeypatch)
     with pytest.raises(ValueError, match="fsdp must be True or False"):
         PPOConfig(fsdp="yes")
     peft = pytest.importorskip("peft")
-    monkeypatch.setattr(ppo, "_init_distributed", lambda: (0, 2))  # as if under torchrun; fails before any collective
+    monkeypatch.setattr(ppo, "_init_distributed", lambda device=None: (0, 2))  # as if under torchrun; fails first
     with pytest.raises(ValueError, match="fsdp with peft_config is not supported"):
         PPOTrainer(PPOConfig(fsdp=True), model=str(tiny_policy), reward_model=lambda p, r: [0.0] * len(r),
                    train_dataset=["a"], peft_config=peft.LoraConfig(r=2, target_modules=["q_proj"]))

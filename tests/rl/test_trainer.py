@@ -70,7 +70,7 @@ def test_one_step_changes_policy_and_value_head_and_resyncs_the_engine(tiny_poli
     ids = tr.tokenizer.encode(PROMPTS[0])
     engine_logits = tr.llm.prompt_logits([ids])[0]
     with torch.no_grad():
-        hf_logits = tr.model.policy(torch.tensor([ids])).logits[0]
+        hf_logits = tr.model.policy(torch.tensor([ids], device=tr.device)).logits[0]
     assert torch.allclose(engine_logits.float(), hf_logits, atol=1e-4, rtol=1e-4)
 
 
@@ -104,7 +104,7 @@ def test_lora_policy_uses_adapter_disabled_reference_and_merged_engine_weights(t
     tr.sync_weights()
     ids = tr.tokenizer.encode(PROMPTS[1])
     with torch.no_grad():
-        hf_logits = tr.model.policy(input_ids=torch.tensor([ids])).logits[0]
+        hf_logits = tr.model.policy(input_ids=torch.tensor([ids], device=tr.device)).logits[0]
     assert torch.allclose(tr.llm.prompt_logits([ids])[0].float(), hf_logits, atol=1e-4, rtol=1e-4)
 
 
@@ -131,6 +131,15 @@ def test_prompt_longer_than_context_raises_at_construction(tiny_policy):
     with pytest.raises(ValueError, match="exceeds the model's context"):  # room for the response counts too
         PPOTrainer(small_config(response_length=125), model=str(tiny_policy), reward_model=e_share,
                    train_dataset=PromptDataset(PROMPTS))
+
+
+def test_a_gpu_that_is_not_there_raises_before_loading_anything(tiny_policy):
+    """torchrun with more processes than GPUs sent rank 1 to cuda:1 on a one-GPU machine, where CUDA failed deep in
+    set_device ("invalid device ordinal"); now the trainer names the device and the count."""
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match=rf"device {missing} is not one of the {torch.cuda.device_count()} visible"):
+        PPOTrainer(small_config(), model=str(tiny_policy), reward_model=e_share, train_dataset=PromptDataset(PROMPTS),
+                   device=missing)
 
 
 def test_value_model_with_a_different_tokenizer_raises(tiny_policy, tmp_path):
@@ -198,7 +207,7 @@ def test_save_model_and_plot(tiny_policy, tmp_path):
     assert state["history"][1]["objective/kl_coef"] == pytest.approx(0.05 * (1 - 0.2 * 4 / 10))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     for (n, a), (_, b) in zip(reloaded.named_parameters(), tr.model.policy.named_parameters()):
-        assert torch.equal(a, b), n
+        assert torch.equal(a, b.cpu()), n
     head = tr.model.value_head.summary.weight.detach().clone()
     tr.model.value_head.summary.weight.data.zero_()
     tr.load_value_head(out)
