@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pytest suite on a GPU machine (every test that takes a CUDA device runs its Triton kernels compiled,
 # not interpreted), in parallel with pytest-xdist. The machine has no network: the test extras it lacks come as
-# wheels in .whl/ (carry it), installed into /tmp/site.
+# wheels in .whl/ (scripts/gpu/fetch_test_wheels.sh downloads them here; carry .whl), installed into /tmp/site.
 #
 #   bash scripts/gpu/full_suite.sh          # carry .whl; $OUT/pytest.log (+ _serial), the summary last
 set -uo pipefail
