@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import kiln
+from kiln.ops._dispatch import resolve_device
 
 from .config import ModelConfig, dtype_name, parse_dtype
 from .distributed import SINGLE, TensorParallel
@@ -68,7 +69,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
     if load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     path = Path(path)
-    device = torch.device(device)
+    device = resolve_device(device)
     hf_cfg, is_engine = read_config(path)
     config = ModelConfig.from_hf(hf_cfg)
     torch_dtype = parse_dtype(dtype, device)

@@ -15,6 +15,8 @@ from typing import Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from kiln.ops._dispatch import resolve_device
+
 from .build import LoadedModel, load_model, read_config
 from .config import EngineConfig, ModelConfig, generation_eos_ids, parse_dtype
 from .distributed import (SINGLE, EngineDeadError, TensorParallel, TPWorkers, check_tensor_parallel_size,
@@ -107,7 +109,7 @@ class LLMEngine:
         self.config = EngineConfig(**engine_kwargs)
         self.config.validate()
         path = Path(model) if model is not None else default_model_path()
-        device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(self.config.device)
         self.device = rank_device(device, 0)
         self.dtype = parse_dtype(self.config.dtype, device)
         self.workers: TPWorkers | None = None

@@ -16,6 +16,34 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device a kiln object runs on: ``None`` -> the GPU when one is visible, else the CPU. A name torch cannot
+    parse, a device type kiln has no kernels for, or a GPU this process cannot see is a ValueError that says which,
+    raised here rather than by torch at the first allocation ("Torch not compiled with CUDA enabled", "invalid
+    device ordinal")."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a device name (use 'cpu', 'cuda' or 'cuda:N')") from exc
+    if dev.type not in DEVICE_TYPES:
+        raise ValueError(f"device {device!r}: kiln runs on {' or '.join(repr(t) for t in DEVICE_TYPES)}, "
+                         f"not {dev.type!r}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible to this process"
+            raise ValueError(f"device {device!r} asks for a GPU, but {why}; use device='cpu'")
+        if (dev.index or 0) >= count:
+            raise ValueError(f"device {device!r} is not one of the {count} visible GPU(s) (cuda:0 .. "
+                             f"cuda:{count - 1})")
+    return dev
+
+
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     try:

@@ -19,6 +19,7 @@ and its V scale into the output.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -345,7 +346,7 @@ def paged_decode_triton(q, k_cache, v_cache, seqlens_k, block_tables, scale, num
 def _doctor_attention(device, dtype, g):
     """Prefill with a cached prefix (GQA) and split-K decode against the SDPA reference."""
     bs, hq, hkv, d = 16, 8, 2, 64
-    lens_new, lens_k = [37, 1, 5], [37, 70, 133]
+    lens_new, lens_k = [37, 1, 5], [37, 70, 133]  # new tokens (a whole prompt, a decode, a chunk), cached keys
     nb = sum(-(-L // bs) for L in lens_k) + 2
     kc = torch.randn(nb, bs, hkv, d, device=device, dtype=dtype, generator=g)
     vc = torch.randn(nb, bs, hkv, d, device=device, dtype=dtype, generator=g)
@@ -356,7 +357,7 @@ def _doctor_attention(device, dtype, g):
         tables.append(perm[i:i + n].tolist() + [-1] * (9 - n))
         i += n
     bt = torch.tensor(tables, dtype=torch.int32, device=device)
-    cu = torch.tensor([0, 37, 38, 43], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, *itertools.accumulate(lens_new)], dtype=torch.int32, device=device)  # [0, 37, 38, 43]
     lk = torch.tensor(lens_k, dtype=torch.int32, device=device)
     q = torch.randn(43, hq, d, device=device, dtype=dtype, generator=g)
     ref = paged_attention_ref(q, kc, vc, cu, lk, bt, d ** -0.5)

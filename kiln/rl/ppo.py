@@ -47,6 +47,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
+from kiln.ops._dispatch import resolve_device
+
 from .config import PPOConfig
 from .kl import AdaptiveKLController, FixedKLController
 from .rewards import check_scores, compute_rewards, masked_mean, masked_whiten, model_scores
@@ -312,12 +314,13 @@ class PPOTrainer:
                              "optimizer: pass optimizers=(None, scheduler) or use fsdp=False")
         if device is None and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if self.world_size > 1 else "cuda"
-        self.device = torch.device(device or "cpu")
-        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"device {self.device} is not one of the {torch.cuda.device_count()} visible GPUs"
-                             + (f" (torchrun rank {self.rank} of {self.world_size}: start at most one process per "
-                                "GPU, or pass device='cpu' to train on the CPU with gloo)" if self.world_size > 1
-                                else ""))
+        try:
+            self.device = resolve_device(device or "cpu")
+        except ValueError as exc:
+            if self.world_size == 1:
+                raise
+            raise ValueError(f"{exc} (torchrun rank {self.rank} of {self.world_size}: start at most one process per "
+                             "GPU, or pass device='cpu' to train on the CPU with gloo)") from None
         if self.device.type == "cuda" and self.world_size > 1:
             torch.cuda.set_device(self.device)
         torch.manual_seed(args.seed)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from kiln.ops._dispatch import resolve_device
+
 
 class PointToVoxel:
     """``PointToVoxel(vsize_xyz, coors_range_xyz, num_point_features, max_num_voxels, max_num_points_per_voxel)``.
@@ -28,7 +30,7 @@ class PointToVoxel:
         self.num_point_features = num_point_features
         self.max_num_voxels = max_num_voxels
         self.max_num_points_per_voxel = max_num_points_per_voxel
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
 
     def __call__(self, pc: torch.Tensor, clear_voxels: bool = True, empty_mean: bool = False):
         if not isinstance(pc, torch.Tensor) or pc.dim() != 2 or pc.shape[1] != self.num_point_features:

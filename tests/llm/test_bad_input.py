@@ -1,6 +1,7 @@
 """Bad input gets a clear error naming the problem, and the engine keeps serving afterwards."""
 
 import pytest
+import torch
 
 from kiln.llm import LLM, SamplingParams
 
@@ -79,6 +80,15 @@ def test_engine_config_errors(checkpoints):
         LLM(str(path), dtype="float32", block_size=12)
     with pytest.raises(ValueError, match="unknown dtype"):
         LLM(str(path), dtype="float7")
+    # a device kiln cannot run on, or a GPU that is not there: named before anything loads (torch said "Torch not
+    # compiled with CUDA enabled" or "invalid device ordinal" from the first allocation)
+    with pytest.raises(ValueError, match="kiln runs on 'cpu' or 'cuda', not 'mps'"):
+        LLM(str(path), device="mps")
+    with pytest.raises(ValueError, match="'tpu' is not a device name"):
+        LLM(str(path), device="tpu")
+    n = torch.cuda.device_count()
+    with pytest.raises(ValueError, match="asks for a GPU, but" if n == 0 else f"is not one of the {n} visible GPU"):
+        LLM(str(path), device=f"cuda:{n}")
     small = LLM(str(path), dtype="float32", num_kv_blocks=2, block_size=4)
     with pytest.raises(ValueError, match="needs .* KV blocks but the cache has only 2"):
         small.generate([[0, 1, 2]], SamplingParams(max_tokens=40))

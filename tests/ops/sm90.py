@@ -35,8 +35,8 @@ def sm90_compile(module: str, kernel: str, signature: dict[str, str], constexprs
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = (f"import json, sys; from tests.ops.sm90 import _compile; "
-            f"print(json.dumps(_compile(*json.loads(sys.argv[1]))))")
+    code = ("import json, sys; from tests.ops.sm90 import _compile; "
+            "print(json.dumps(_compile(*json.loads(sys.argv[1]))))")
     args = json.dumps([module, kernel, signature, constexprs, num_warps])
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env, cwd=root,

@@ -136,10 +136,11 @@ def test_prompt_longer_than_context_raises_at_construction(tiny_policy):
 def test_a_gpu_that_is_not_there_raises_before_loading_anything(tiny_policy):
     """torchrun with more processes than GPUs sent rank 1 to cuda:1 on a one-GPU machine, where CUDA failed deep in
     set_device ("invalid device ordinal"); now the trainer names the device and the count."""
-    missing = f"cuda:{torch.cuda.device_count()}"
-    with pytest.raises(ValueError, match=rf"device {missing} is not one of the {torch.cuda.device_count()} visible"):
+    n = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=f"device 'cuda:{n}' " + ("asks for a GPU" if n == 0 else
+                                                                   f"is not one of the {n} visible")):
         PPOTrainer(small_config(), model=str(tiny_policy), reward_model=e_share, train_dataset=PromptDataset(PROMPTS),
-                   device=missing)
+                   device=f"cuda:{n}")
 
 
 def test_value_model_with_a_different_tokenizer_raises(tiny_policy, tmp_path):

@@ -26,6 +26,8 @@ def test_point_to_voxel_matches_spconv():
 def test_point_to_voxel_rejects_bad_points():
     with pytest.raises(ValueError, match="pc must be"):
         PointToVoxel([1, 1, 1], [0, 0, 0, 4, 4, 4], 4, 10, 2)(torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="kiln runs on 'cpu' or 'cuda', not 'mps'"):  # spconv's device argument
+        PointToVoxel([1, 1, 1], [0, 0, 0, 4, 4, 4], 4, 10, 2, device="mps")
 
 
 def test_synthetic_voxels_are_unique_in_range_and_lidar_like():
