@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from . import activation, kv_cache, norm, rotary
-from ._dispatch import backend_for
+from ._dispatch import backend_for, resolve_device
 
 
 @dataclass
@@ -112,7 +112,7 @@ def all_checks() -> dict[str, Callable]:
 
 def run_all(device: torch.device | str, dtypes=(torch.float32, torch.float16, torch.bfloat16),
             seed: int = 0) -> list[CheckResult]:
-    device = torch.device(device)
+    device = resolve_device(device)
     g = torch.Generator(device=device).manual_seed(seed)
     results = []
     for name, fn in all_checks().items():
