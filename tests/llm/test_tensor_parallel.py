@@ -252,10 +252,12 @@ def test_llm_rejects_bad_tensor_parallel_size_before_starting_workers(checkpoint
             LLM(path, tensor_parallel_size=size, **ENGINE)
     with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide the number of attention heads"):
         LLM(path, tensor_parallel_size=3, **ENGINE)
-    # rank 0 on the last GPU (or none): rank 1 would need one past it, on any machine; sizes that split the model
-    last = f"cuda:{max(torch.cuda.device_count() - 1, 0)}"
-    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 needs 2 GPUs \(one per rank, from cuda:"):
-        LLM(path, tensor_parallel_size=2, **{**ENGINE, "device": last})
+    # rank 0 on the last GPU: rank 1 would need one past it, on any machine; sizes that split the model. Without
+    # a GPU the device itself is the error.
+    n = torch.cuda.device_count()
+    match = r"tensor_parallel_size=2 needs 2 GPUs \(one per rank, from cuda:" if n else "asks for a GPU, but"
+    with pytest.raises(ValueError, match=match):
+        LLM(path, tensor_parallel_size=2, **{**ENGINE, "device": f"cuda:{max(n - 1, 0)}"})
 
 
 def test_int4_group_must_divide_each_ranks_row_parallel_input(checkpoints):
