@@ -194,7 +194,10 @@ def _init_distributed(device: str | torch.device | None = None) -> tuple[int, in
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        on_cpu = device is not None and torch.device(device).type == "cpu"
+        try:
+            on_cpu = device is not None and torch.device(device).type == "cpu"
+        except (RuntimeError, TypeError):  # not a device name: the trainer's resolve_device says so next
+            on_cpu = False
         dist.init_process_group("nccl" if torch.cuda.is_available() and not on_cpu else "gloo")
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
