@@ -8,8 +8,6 @@ from pathlib import Path
 
 import torch
 
-from kiln.ops._dispatch import resolve_device
-
 LLAMA_FAMILY = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -176,7 +174,6 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
-        resolve_device(self.device)  # a clear error before anything loads
 
     def to_dict(self) -> dict:
         return asdict(self)

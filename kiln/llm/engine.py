@@ -109,7 +109,7 @@ class LLMEngine:
         self.config = EngineConfig(**engine_kwargs)
         self.config.validate()
         path = Path(model) if model is not None else default_model_path()
-        device = resolve_device(self.config.device)
+        device = resolve_device(self.config.device)  # a clear error before anything loads
         self.device = rank_device(device, 0)
         self.dtype = parse_dtype(self.config.dtype, device)
         self.workers: TPWorkers | None = None
