@@ -1,27 +1,38 @@
 """Zeroed int32 counters for kernels that finish with the "last block" pattern: every program of a group writes its
 partial result, bumps the group's counter, and the program that brings it to the group size reduces the partials
-and sets the counter back to zero. One buffer per device serves every such launch: kernels on one stream run in
-order, and each launch leaves its counters at zero."""
+and sets the counter back to zero (the fused decode attention's merge, the argmax, the weight-only GEMV's split-K
+sum).
+
+One buffer per device and stream serves every such launch: kernels on one stream run in order and each leaves its
+counters at zero (with programmatic dependent launch a kernel touches them only after its ``gdc_wait``, when the
+previous grid has finished); kernels on two streams may overlap, so each stream counts in its own buffer. A CUDA
+graph captured on a side stream uses the default stream's buffer, the one the eager warm-up before a capture sized,
+on the stream decode graphs are replayed on. Nothing is allocated inside a capture: such a buffer would be zeroed
+only when the graph that captured the allocation replays, not before the other graphs that share it."""
 
 from __future__ import annotations
 
 import torch
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_COUNTERS: dict[tuple, torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []  # outgrown buffers stay allocated: a captured CUDA graph may still point at them
 MIN_COUNTERS = 4096
 
 
-def split_counters(device: torch.device, n: int) -> torch.Tensor | None:
-    """At least ``n`` zeroed counters on ``device``; None while a CUDA graph is being captured and the buffer is
-    too small (a buffer allocated inside a capture would only be zeroed on replay: the caller takes its unfused
-    path, and the eager warm-up before a capture has normally sized the buffer already)."""
-    t = _COUNTERS.get(device)
-    if t is None or t.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        if t is not None:
-            _RETIRED.append(t)
-        t = torch.zeros(max(n, MIN_COUNTERS, 2 * (0 if t is None else t.numel())), dtype=torch.int32, device=device)
-        _COUNTERS[device] = t
+def split_counters(device: torch.device | str, n: int) -> torch.Tensor | None:
+    """At least ``n`` zeroed counters on ``device`` for the current stream; None while a CUDA graph is being
+    captured and the buffer is too small (the caller takes its path without counters; the eager warm-up before a
+    capture has normally sized the buffer already)."""
+    device = torch.device(device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    t = _COUNTERS.get((device, stream))  # a capture stream never has one: nothing is allocated while capturing
+    if t is not None and t.numel() >= n:
+        return t
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        t = _COUNTERS.get((device, torch.cuda.default_stream(device).cuda_stream))
+        return t if t is not None and t.numel() >= n else None
+    if t is not None:
+        _RETIRED.append(t)
+    t = torch.zeros(max(n, MIN_COUNTERS, 2 * (0 if t is None else t.numel())), dtype=torch.int32, device=device)
+    _COUNTERS[(device, stream)] = t
     return t

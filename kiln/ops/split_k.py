@@ -85,24 +85,6 @@ def sum_partials_if_last(P, Y, B, Counters, tile, offs_m, offs_n, m_mask, n_mask
         tl.atomic_xchg(Counters + tile, 0, sem="relaxed", scope="gpu")
 
 
-_COUNTERS: dict[tuple, list[torch.Tensor]] = {}
-
-
-def split_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """A zeroed int32 buffer of at least ``tiles`` arrival counters for ``sum_partials_if_last`` on ``device``.
-
-    One buffer per device and stream serves every call: each kernel leaves its counters at 0, and kernels on one
-    stream run in order (with programmatic dependent launch, a kernel touches the counters only after its
-    ``gdc_wait``, when the previous grid has finished); kernels on two streams may overlap, so each stream counts in
-    its own buffer. A buffer outgrown is kept alive, not freed: a captured CUDA graph may still hold its address."""
-    device = torch.device(device)
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    bufs = _COUNTERS.setdefault(key, [])
-    if not bufs or bufs[-1].numel() < tiles:
-        bufs.append(torch.zeros(max(4096, triton.next_power_of_2(tiles)), dtype=torch.int32, device=device))
-    return bufs[-1]
-
-
 def sum_partials(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
                  row_offsets: torch.Tensor | None = None, chunk: int = 1, pdl: bool = False) -> torch.Tensor:
     """``out`` [M, N] = sum over dim 0 of the fp32 ``partials`` [S, M, N] (in order) + ``bias``, one launch.

@@ -61,7 +61,8 @@ import torch.nn.functional as F
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting, pdl_launch_args
 from ._triton import triton, tl
 from .activation import silu_and_mul, silu_and_mul_ref, silu_mul_f32
-from .split_k import split_counters, split_k_for, sum_partials_if_last
+from ._counters import split_counters
+from .split_k import split_k_for, sum_partials_if_last
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 # the bits of 1.0f, passed to the int4 GEMV as a run-time value so that its magic-number exponents live in registers:
@@ -604,11 +605,14 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
     split = cfg["SPLIT_K"]
     k_per_split = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     split = triton.cdiv(K, k_per_split)  # no empty splits
-    cfg["SPLIT_K"] = split
     cols_per_program = cfg["BLOCK_N"] // 2 if glu else cfg["BLOCK_N"]
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n_out, cols_per_program)
+    counters = split_counters(x.device, tiles) if split > 1 else y
+    if counters is None:  # a CUDA graph capture with the counter buffer too small: whole sums, no split
+        split, k_per_split, counters = 1, K, y
+    cfg["SPLIT_K"] = split
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(n_out, cols_per_program), split)
     target = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-    counters = split_counters(x.device, grid[0] * grid[1]) if split > 1 else y
     dummy = scales
     extra = {"num_stages": num_stages} if num_stages else {}
     gemv = not cfg["USE_DOT"] and (bits == 8 or words)

@@ -8,7 +8,7 @@ import torch
 
 from kiln.ops import wo_gemm
 from kiln.ops.selfcheck import all_checks
-from kiln.ops.split_k import split_counters
+from kiln.ops._counters import split_counters
 from tests.conftest import DEVICE, requires_triton
 from tests.ops.sm90 import ptxas_path, sm90_compile
 
@@ -151,17 +151,31 @@ def test_weight_only_split_k_decode_tiles_match_reference(bits):
             assert torch.equal(again, y), (M, split)
 
 
+@requires_triton
+def test_split_k_without_counters_takes_whole_sums(monkeypatch):
+    """While a CUDA graph is captured the counter buffer cannot grow (split_counters gives None): a split-K config
+    then runs unsplit, with the same result."""
+    g = fresh_gen()
+    N, K, G = 37, 320, 32
+    ops = int4_operands(N, K, G, g)
+    x = torch.randn(1, K, device=DEVICE, generator=g)
+    cfg = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, USE_DOT=False, INT4_WORDS=True, SPLIT_K=3)
+    monkeypatch.setattr(wo_gemm, "split_counters", lambda device, n: None)
+    y = wo_gemm._wo_triton(x, *ops, G, None, bits=4, out=poisoned(1, N, torch.float32), config=cfg)
+    assert rel_err(y, wo_gemm.w4a16_linear_ref(x, *ops, G)) <= 1e-5
+
+
 def test_split_counters_are_zeroed_shared_and_outgrown_buffers_stay_alive():
     """One zeroed counter buffer per device (and stream) serves every split-K call; asking for more counters than it
     holds makes a bigger zeroed one and keeps the old one referenced (a captured CUDA graph may still point at it)."""
-    from kiln.ops import split_k
+    from kiln.ops import _counters
 
     a = split_counters(DEVICE, 8)
     assert a.dtype == torch.int32 and a.numel() >= 8 and not a.any()
     assert split_counters(DEVICE, 8).data_ptr() == a.data_ptr()
     b = split_counters(DEVICE, a.numel() + 1)
     assert b.numel() > a.numel() and not b.any()
-    assert any(t is a for bufs in split_k._COUNTERS.values() for t in bufs)
+    assert any(t is a for t in _counters._RETIRED)
     assert split_counters(DEVICE, 1).data_ptr() == b.data_ptr()
 
 
