@@ -90,7 +90,6 @@ def main(argv=None) -> int:
 
     # ---- TRL, generation replaced by the fixed responses
     tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    pad = tok.pad_token_id
     tpol, tval = load_models(model_dir, dev, a.seed)
     tpol.load_state_dict(init_policy)
     tval.load_state_dict(init_value)
