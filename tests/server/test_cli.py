@@ -41,7 +41,9 @@ def test_serve_missing_model_dir_exits_2_with_message(tmp_path):
 
 def test_serve_process_answers_and_shuts_down_on_sigint(model_path, reference):
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), KILN_API_KEY="cli-key")
+    # keep the caller's PYTHONPATH (the GPU runs install the server extras there)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               KILN_API_KEY="cli-key")
     proc = subprocess.Popen([sys.executable, "-m", "kiln.llm.server.cli", "serve", str(model_path), "--port",
                              str(port), "--dtype", "float32", "--device", "cpu", "--served-model-name", "m",
                              "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
