@@ -20,12 +20,22 @@ except Exception:  # CPU-only installs without triton
             return lambda f: f
         return fn
 
-    def _next_power_of_2(n: int) -> int:
-        return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-    triton = types.SimpleNamespace(jit=_jit, next_power_of_2=_next_power_of_2, cdiv=lambda a, b: -(-a // b),
-                                   autotune=lambda *a, **k: (lambda f: f), Config=lambda *a, **k: None)
+    triton = types.SimpleNamespace(jit=_jit, autotune=lambda *a, **k: (lambda f: f), Config=lambda *a, **k: None)
     tl = types.SimpleNamespace(constexpr=int)
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host code. Triton 3.6 makes ``triton.cdiv`` and ``triton.next_power_of_2``
+    ``ConstexprFunction`` objects whose host call unwraps every argument: ~2-5 us a call, and a sparse backbone
+    step sizes ~165 grids and blocks with them."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (0 for 0, as Triton's), for host code (see ``cdiv``)."""
+    if n < 0:
+        raise ValueError(f"next_power_of_2 of a negative number ({n})")
+    return 0 if n == 0 else 1 << (int(n) - 1).bit_length()
 
 
 class DirectLauncher:
@@ -81,33 +91,39 @@ class DirectLauncher:
         if plan is None:
             plan = self._prepare()
         # runtime arguments by keyword would enter the key by value: Triton's path takes those (kiln passes none)
-        if not plan or not DIRECT_LAUNCH or _hooks_active() or not self.runtime_names.isdisjoint(kwargs):
+        if not plan or not DIRECT_LAUNCH or _hooks_active() or (kwargs and not self.runtime_names.isdisjoint(kwargs)):
             return self.fn[grid](*args, **kwargs)
         device = torch.cuda.current_device()
         key = [device]
-        for i, (a, kind) in enumerate(zip(args, self.kinds)):
+        add = key.append
+        for a, kind in zip(args, self.kinds):
             if kind is _CONSTEXPR:
-                key.append(a)
-            elif kind is _PLAIN and type(a) is int:  # Triton: 1 is a constant; else 16-divisibility and width
-                key.append(a if a == 1 else ((a & 15) == 0, -_I32 <= a < _I32, a < _I64))
-            elif kind is _PLAIN and isinstance(a, torch.Tensor):  # dtype and 16-byte alignment
-                key.append((a.dtype, (a.data_ptr() & 15) == 0))
+                add(a)
+                continue
+            t = type(a)
+            if kind is _PLAIN and t is int:  # Triton: 1 is a constant; else 16-divisibility and width
+                add(a if a == 1 else ((a & 15) == 0, -_I32 <= a < _I32, a < _I64))
+            elif kind is _PLAIN and (t is _Tensor or isinstance(a, _Tensor)):  # dtype and 16-byte alignment
+                add((a.dtype, (a.data_ptr() & 15) == 0))
             else:  # bools, floats, None, flagged parameters: Triton's own answer
-                key.append(_specialize(self.fn.device_caches[device][3], a, *self.flags[i]))
+                i = len(key) - 1
+                add(_specialize(self.fn.device_caches[device][3], a, *self.flags[i]))
         if kwargs:
-            key.append(tuple(kwargs.items()))
+            add(tuple(kwargs.items()))
         key = tuple(key)
-        kernel = self.cache.get(key)
-        if kernel is None:
+        hit = self.cache.get(key)
+        if hit is None:
             kernel = self.fn.run(*args, grid=grid if not callable(grid) else grid(self._named(args, kwargs)),
                                  warmup=False, **kwargs)
             if all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
-                self.cache[key] = kernel
+                # the arguments after the positional ones are fixed by the key (keyword values or defaults)
+                tail = tuple(kwargs[n] if n in kwargs else self.defaults[n] for n in self.names[len(args):])
+                self.cache[key] = (kernel, tail)
             else:  # a Triton whose compiled kernels launch differently: its own path from now on
                 self._plan = False
             return kernel
-        full = args if len(args) == len(self.names) else \
-            (*args, *[kwargs[n] if n in kwargs else self.defaults[n] for n in self.names[len(args):]])
+        kernel, tail = hit
+        full = (*args, *tail) if tail else args
         if callable(grid):
             grid = grid(dict(zip(self.names, full)))
         n_grid = len(grid)
@@ -152,6 +168,8 @@ try:
     from triton import knobs
     from triton._C.libtriton import native_specialize_impl as _specialize
     from triton.runtime.jit import JITFunction
+
+    _Tensor = torch.Tensor
 except Exception:  # no Triton, or one without these internals: DirectLauncher keeps Triton's own launch path
     DIRECT_LAUNCH = False
     JITFunction = ()
@@ -183,4 +201,4 @@ class TunedLauncher:
             self.direct[grid](*args, **kwargs, **cfg)
 
 
-__all__ = ["triton", "tl", "DirectLauncher", "TunedLauncher", "direct"]
+__all__ = ["triton", "tl", "DirectLauncher", "TunedLauncher", "direct", "cdiv", "next_power_of_2"]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, pdl_launch_args
-from ._triton import triton, tl
+from ._triton import cdiv, next_power_of_2, tl, triton
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,7 @@ def _silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     y2 = y.view(-1, inner)
     n = x2.shape[0]
     if n and inner:
-        block = min(triton.next_power_of_2(inner), 1024)
-        _silu_and_mul_kernel[(n, triton.cdiv(inner, block))](x2, y2, x2.stride(0), y2.stride(0), inner,
+        block = min(next_power_of_2(inner), 1024)
+        _silu_and_mul_kernel[(n, cdiv(inner, block))](x2, y2, x2.stride(0), y2.stride(0), inner,
                                                              BLOCK=block, num_warps=4, **pdl_launch_args())
     return y

@@ -13,7 +13,7 @@ import torch
 
 from ._counters import split_counters
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor
-from ._triton import tl, triton
+from ._triton import cdiv, next_power_of_2, tl, triton
 
 CHUNK = 8192  # elements per program: 16 KB of bf16, 64 per thread at 4 warps
 
@@ -72,13 +72,13 @@ def _argmax_triton(x: torch.Tensor, counters: torch.Tensor, chunk: int | None = 
     B, V = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
-    chunk = chunk or min(CHUNK, max(16, triton.next_power_of_2(V)))
-    nchunk = triton.cdiv(V, chunk)
+    chunk = chunk or min(CHUNK, max(16, next_power_of_2(V)))
+    nchunk = cdiv(V, chunk)
     out = torch.empty(B, dtype=torch.int64, device=x.device)
     pv = torch.empty(B, nchunk, dtype=torch.float32, device=x.device)
     pi = torch.empty(B, nchunk, dtype=torch.int32, device=x.device)
     _argmax_kernel[(B, nchunk)](x, pv, pi, counters, out, V, x.stride(0), NCHUNK=nchunk, CHUNK=chunk,
-                                BLOCK_C=max(2, triton.next_power_of_2(nchunk)), num_warps=4)
+                                BLOCK_C=max(2, next_power_of_2(nchunk)), num_warps=4)
     return out
 
 

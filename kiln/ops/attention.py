@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting
-from ._triton import tl, triton
+from ._triton import cdiv, next_power_of_2, tl, triton
 from .kv_cache import QUANT_KV_DTYPES, check_kv_scales, dequantize_kv
 
 
@@ -213,10 +213,10 @@ def varlen_prefill_triton(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_ta
     out = torch.empty_like(q)
     if T == 0 or B == 0:
         return out
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_power_of_2(D))
     block_m = 64 if q.is_cuda else 16
     block_n = 64 if q.is_cuda and block_d <= 128 else 32 if q.is_cuda else 16
-    grid = (triton.cdiv(max_seqlen_q * group, block_m), B, Hkv)
+    grid = (cdiv(max_seqlen_q * group, block_m), B, Hkv)
     scales, quant = _kv_scales(k_cache, k_scale, v_scale)
     _prefill_kernel[grid](q, k_cache, v_cache, out, cu_seqlens_q, seqlens_k, block_tables, *scales,
                           scale * 1.4426950408889634,
@@ -327,18 +327,18 @@ def paged_decode_triton(q, k_cache, v_cache, seqlens_k, block_tables, scale, num
     splits = num_splits or decode_num_splits(B, Hkv, q.device)
     mid_o = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_power_of_2(D))
     block_n = 64 if q.is_cuda else 16
     scales, quant = _kv_scales(k_cache, k_scale, v_scale)
     _decode_split_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, mid_o, mid_lse, seqlens_k, block_tables, *scales, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         k_cache.shape[1], mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n,
+        GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n,
         SPLITS=splits, UPCAST=_upcast(q), PRECISION=_precision(q), KV_QUANT=quant, num_warps=4, num_stages=2)
     _decode_reduce_kernel[(B, Hq)](mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
                                    mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1), HEAD_DIM=D,
-                                   BLOCK_D=block_d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
+                                   BLOCK_D=block_d, SPLITS=splits, BLOCK_S=next_power_of_2(splits),
                                    num_warps=4)
     return out
 

@@ -28,7 +28,7 @@ import torch
 
 from ._counters import split_counters
 from ._dispatch import FLOAT_DTYPES, backend_for, check_same, check_tensor, interpreting, pdl_launch_args
-from ._triton import tl, triton
+from ._triton import next_power_of_2, tl, triton
 from .attention import (_precision, _upcast, decode_num_splits, paged_attention, paged_attention_ref,
                         softmax_pv_step)
 from .kv_cache import rope_and_store_kv, rope_and_store_kv_ref
@@ -270,15 +270,15 @@ def _decode_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_
     else:
         mid_o = mid_lse = out
     cs = cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous()
-    block_s = max(2, triton.next_power_of_2(splits))
+    block_s = max(2, next_power_of_2(splits))
     # heads merged per pass of the reduction: at most 8K fp32 partials in registers (64 per thread)
-    red_g = max(1, min(triton.next_power_of_2(group), 8192 // (block_s * d)))
+    red_g = max(1, min(next_power_of_2(group), 8192 // (block_s * d)))
     _decode_rope_kernel[(B, hkv, splits)](
         q, k, v, positions, cs, k_cache, v_cache, slot_mapping, seqlens_k, block_tables, mid_o, mid_lse, locks,
         out, scale * 1.4426950408889634, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), cs.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         k_cache.shape[1], out.stride(0), out.stride(1), hkv,
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HALF=d // 2,
+        GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), HALF=d // 2,
         BLOCK_N=64 if q.is_cuda and not interpreting() else 16, SPLITS=splits,
         BLOCK_S=block_s, RED_G=red_g, UPCAST=_upcast(q), PRECISION=_precision(q), num_warps=4,
         num_stages=2, **pdl_launch_args())

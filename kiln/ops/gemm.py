@@ -27,7 +27,7 @@ import os
 import torch
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting
-from ._triton import TunedLauncher, tl, triton
+from ._triton import TunedLauncher, cdiv, next_power_of_2, tl, triton
 from .split_k import iters_per_split, split_k_for, sum_partials
 
 MAX_K = 131071  # 131071 * 128 * 128 < 2**31: the int32 accumulator cannot overflow
@@ -331,7 +331,7 @@ def _tune_key(M: int, N: int, K: int, c: torch.Tensor, flags: dict) -> tuple:
     """A tuned GEMM's config is shared by every M up to the next power of two: tiles tuned at one M serve its
     neighbours, and an engine's prefill steps (a different M nearly every step) would otherwise autotune in the
     request path each time (seconds per new M)."""
-    return (triton.next_power_of_2(M), N, K, c.dtype, *flags.values())
+    return (next_power_of_2(M), N, K, c.dtype, *flags.values())
 
 
 def _tensor_descriptor():
@@ -382,7 +382,7 @@ def _int8_gemm_triton(a, b, a_scale, b_scale, bias, out_dtype, schedule: str = "
     strides = (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
     split = 1
     if not raw and schedule != "tma":
@@ -393,10 +393,10 @@ def _int8_gemm_triton(a, b, a_scale, b_scale, bias, out_dtype, schedule: str = "
             per, split = iters_per_split(K, tile["BLOCK_K"], split_k)
     if split > 1:  # fp32 partials (scales applied, no bias), then one ordered sum + bias + rounding
         part = torch.empty((split, M, N), device=a.device, dtype=torch.float32)
-        even = K % tile["BLOCK_K"] == 0 and triton.cdiv(K, tile["BLOCK_K"]) % per == 0
+        even = K % tile["BLOCK_K"] == 0 and cdiv(K, tile["BLOCK_K"]) % per == 0
         sflags = dict(flags, HAS_BIAS=False, EVEN_K=even)
         cs = (part.stride(1), part.stride(2), part.stride(0))
-        tiles = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"]), split)
+        tiles = (cdiv(M, tile["BLOCK_M"]) * cdiv(N, tile["BLOCK_N"]), split)
         if interpreting():
             _int8_gemm_kernel_interp[tiles](a, b, part, sa, sb, sa, M, N, K, *strides, *cs, **sflags, K_ITERS=per,
                                             **tile)
@@ -411,7 +411,7 @@ def _int8_gemm_triton(a, b, a_scale, b_scale, bias, out_dtype, schedule: str = "
     elif interpreting():
         cfg = INTERPRET_CONFIG
         _int8_gemm_kernel_interp[grid](a, b, c, sa, sb, bias_t, M, N, K, *strides, *cs, **flags,
-                                       EVEN_K=K % cfg["BLOCK_K"] == 0, K_ITERS=triton.cdiv(K, cfg["BLOCK_K"]), **cfg)
+                                       EVEN_K=K % cfg["BLOCK_K"] == 0, K_ITERS=cdiv(K, cfg["BLOCK_K"]), **cfg)
     elif not autotune():
         cfg = fixed_config(M)
         _int8_gemm_kernel[grid](a, b, c, sa, sb, bias_t, M, N, K, K, *strides, *cs, **flags,
@@ -440,7 +440,7 @@ def _launch_tma(a, b, c, sa, sb, bias_t, M, N, K, flags):
     n_sm = _num_sms(a.device)
 
     def grid(meta):
-        return (min(n_sm, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+        return (min(n_sm, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
 
     args = (a_desc, b_desc, c, sa, sb, bias_t, M, N, K, c.stride(0), c.stride(1))
     if cfg is None:
@@ -449,8 +449,8 @@ def _launch_tma(a, b, c, sa, sb, bias_t, M, N, K, flags):
     meta = cfg.kwargs if isinstance(cfg, triton.Config) else cfg
     _set_tma_blocks({"a_desc": a_desc, "b_desc": b_desc, **meta})
     if interpreting():
-        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
-        _int8_gemm_tma_kernel_interp[grid](*args, **flags, NUM_TILES=tiles, K_ITERS=triton.cdiv(K, meta["BLOCK_K"]),
+        tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
+        _int8_gemm_tma_kernel_interp[grid](*args, **flags, NUM_TILES=tiles, K_ITERS=cdiv(K, meta["BLOCK_K"]),
                                            **meta)
     else:
         _int8_gemm_tma_kernel[grid](*args, **flags, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -635,7 +635,7 @@ def _quant_act_triton(x, dtype, smooth, static_scale, out=None):
     if M == 0:
         return q, scale
     # the interpreter's cost is per tile op, not per element: wide tiles (tests still cover the K tail and loop)
-    block_k = min(64 if interpreting() else 1024, max(16, triton.next_power_of_2(K)))
+    block_k = min(64 if interpreting() else 1024, max(16, next_power_of_2(K)))
     dummy = scale
     _quant_act_kernel[(M,)](x, smooth if smooth is not None else dummy,
                             static_scale.reshape(1) if static_scale is not None else dummy, q, scale, K,
@@ -801,7 +801,7 @@ def _fp8_gemm_triton(a, b, a_scale, b_scale, bias, out_dtype, out=None, upcast: 
     flags = dict(SA_PER_ROW=sa.numel() > 1, SB_PER_COL=sb.numel() > 1, HAS_BIAS=bias is not None, UPCAST=upcast)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
     tile = FP8_INTERPRET_CONFIG if interpreting() else fp8_fixed_config(M).kwargs
     if split_k is None and M <= 64:
@@ -812,7 +812,7 @@ def _fp8_gemm_triton(a, b, a_scale, b_scale, bias, out_dtype, out=None, upcast: 
         part = torch.empty((split, M, N), device=a.device, dtype=torch.float32)
         sargs = (a, b, part, sa, sb, sa, M, N, K, per * tile["BLOCK_K"], a.stride(0), b.stride(0), part.stride(1),
                  part.stride(0))
-        tiles = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"]), split)
+        tiles = (cdiv(M, tile["BLOCK_M"]) * cdiv(N, tile["BLOCK_N"]), split)
         if interpreting():
             _fp8_gemm_kernel[tiles](*sargs, **dict(flags, HAS_BIAS=False), **tile)
         else:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import backend_for, check_same, check_tensor, interpreting, pdl_launch_args
-from ._triton import triton, tl
+from ._triton import cdiv, next_power_of_2, tl, triton
 from .activation import silu_mul_f32
 
 MAX_M = 16
@@ -192,7 +192,7 @@ def gemv_config(M: int, N: int, K: int, sms: int = 132) -> dict:
         block_m, use_dot = (1 if M == 1 else 2 if M == 2 else 4), False
     else:
         block_m, use_dot = 16, True
-    kp = max(16, triton.next_power_of_2(K))
+    kp = max(16, next_power_of_2(K))
     if use_dot:
         block_n, block_k = (16 if N <= 16 * 4 * sms else 32), min(kp, 256)
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=True, num_warps=4)
@@ -201,7 +201,7 @@ def gemv_config(M: int, N: int, K: int, sms: int = 132) -> dict:
         block_n //= 2
     block_k = min(kp, max(64, TILE_ELEMS // (block_n * block_m)))
     block_n = max(block_n, min(64, TILE_ELEMS // (block_k * block_m)))  # small K: widen N instead
-    while block_n > 1 and block_n > triton.next_power_of_2(N):
+    while block_n > 1 and block_n > next_power_of_2(N):
         block_n //= 2
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=False, num_warps=4)
 
@@ -224,7 +224,7 @@ def _launch(x2, weight, bias, prologue, K, *, residual=None, norm_weight=None, e
     if cfg["BLOCK_M"] < M:
         raise ValueError(f"BLOCK_M ({cfg['BLOCK_M']}) must cover the {M} rows")
     bk = cfg["BLOCK_K"]
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+    grid = (cdiv(N, cfg["BLOCK_N"]),)
     dummy = y
     _gemv_kernel[grid](
         x2, weight, bias if bias is not None else dummy, y,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ._dispatch import backend_for, check_tensor
-from ._triton import direct, tl, triton
+from ._triton import cdiv, direct, next_power_of_2, tl, triton
 from .sparse_gemm import offset_masks
 
 EMPTY = -1
@@ -94,7 +94,7 @@ def hash_build_voxels(indices: torch.Tensor, spatial_shape) -> HashTable:
         if n:
             idx = indices if indices.stride(1) == 1 else indices.contiguous()
             sizes = list(spatial_shape) + [1] * (3 - ndim)
-            direct(_insert_voxels_kernel)[(triton.cdiv(n, _BLOCK),)](
+            direct(_insert_voxels_kernel)[(cdiv(n, _BLOCK),)](
                 idx, table.keys, table.values, n, table.capacity - 1, idx.stride(0), *sizes, NDIM=ndim, BLOCK=_BLOCK)
         return table
     key = indices[:, 0].long()
@@ -147,7 +147,7 @@ def voxel_checks(indices: torch.Tensor, spatial_shape, batch_size: int) -> tuple
         out = torch.tensor([n, n, 0], dtype=torch.int32).to(indices.device, non_blocking=True)
         block = 256
         sizes = list(spatial_shape) + [1] * (3 - ndim)
-        direct(_voxel_check_kernel)[(triton.cdiv(n, block),)](idx, out, n, idx.stride(0), int(batch_size), *sizes,
+        direct(_voxel_check_kernel)[(cdiv(n, block),)](idx, out, n, idx.stride(0), int(batch_size), *sizes,
                                                               NDIM=ndim, BLOCK=block)
         neg, outside, descents = out.tolist()
         return neg, outside, descents == 0
@@ -233,13 +233,13 @@ def conv_maps(indices: torch.Tensor, out_shape, ksize, stride, padding, dilation
     reach = [k if transposed else min(k, -(-k * math.gcd(dl, st) // st))
              for k, st, dl in zip(ksize, stride, dilation)]
     table = _empty_table((n * math.prod(reach) + 2) // 2, dev)  # capacity >= bound + 1: never full
-    rp = max(2, triton.next_power_of_2(math.prod(reach)))
+    rp = max(2, next_power_of_2(math.prod(reach)))
     block = _rows_per_program(rp)
     pad3 = lambda v, fill: list(v) + [fill] * (3 - ndim)  # noqa: E731
     geom = (*pad3(out_shape, 1), *pad3(stride, 1), *pad3(padding, 0), *pad3(ksize, 1), *pad3(dilation, 1),
             *pad3(reach, 1))
     flags = dict(NDIM=ndim, TRANSPOSED=transposed, MAXSTEP=max(stride), RP=rp, BLOCK_R=block)
-    grid = (triton.cdiv(n, block),)
+    grid = (cdiv(n, block),)
     if n:
         direct(_conv_insert_kernel)[grid](idx, table.keys, n, table.capacity - 1, idx.stride(0), *geom, **flags)
     out_keys, m = _number_slots(table, sort)
@@ -279,7 +279,7 @@ def unique_keys_ref(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _capacity(n: int) -> int:
-    return max(16, triton.next_power_of_2(2 * max(n, 1)))
+    return max(16, next_power_of_2(2 * max(n, 1)))
 
 
 def _rows_per_program(kp: int) -> int:
@@ -311,7 +311,7 @@ def _number_slots(table: HashTable, sort: bool) -> tuple[torch.Tensor, int]:
     cap = table.capacity
     count = torch.zeros(1, dtype=torch.int32, device=dev)
     keys = torch.empty(cap, dtype=torch.int64, device=dev)
-    direct(_number_slots_kernel)[(triton.cdiv(cap, _NUMBER_BLOCK),)](table.keys, table.values, keys, count, cap,
+    direct(_number_slots_kernel)[(cdiv(cap, _NUMBER_BLOCK),)](table.keys, table.values, keys, count, cap,
                                                                      BLOCK=_NUMBER_BLOCK)
     m = int(count.item())
     return keys[:m], m
@@ -532,10 +532,10 @@ def _neighbor_map_triton(table, indices, shape, rel, masks):
     if n and K:
         idx = indices if indices.stride(1) == 1 else indices.contiguous()
         rel = rel.contiguous()
-        kp = max(2, triton.next_power_of_2(K))
+        kp = max(2, next_power_of_2(K))
         block = _rows_per_program(kp)
         sizes = shape + [1] * (3 - len(shape))
-        direct(_neighbor_map_kernel)[(triton.cdiv(n, block),)](
+        direct(_neighbor_map_kernel)[(cdiv(n, block),)](
             idx, rel, table.keys, table.values, pm, m if write else pm, n, K, table.capacity - 1, idx.stride(0),
             *sizes, NDIM=len(shape), KP=kp, BLOCK_R=block, WRITE_MASKS=write)
     elif write:
@@ -549,7 +549,7 @@ def _insert(table: HashTable, keys: torch.Tensor, values: torch.Tensor | None) -
     n = keys.numel()
     if n == 0:
         return
-    grid = (triton.cdiv(n, _BLOCK),)
+    grid = (cdiv(n, _BLOCK),)
     direct(_insert_kernel)[grid](keys, values if values is not None else keys, table.keys, table.values, n,
                                  table.capacity - 1, HAS_VALS=values is not None, BLOCK=_BLOCK)
 
@@ -558,7 +558,7 @@ def _lookup_triton(table: HashTable, queries: torch.Tensor) -> torch.Tensor:
     q = queries.reshape(-1).contiguous()
     out = torch.full(q.shape, -7, dtype=torch.int32, device=q.device)  # poison: every entry must be written
     if q.numel():
-        direct(_lookup_kernel)[(triton.cdiv(q.numel(), _BLOCK),)](q, table.keys, table.values, out, q.numel(),
+        direct(_lookup_kernel)[(cdiv(q.numel(), _BLOCK),)](q, table.keys, table.values, out, q.numel(),
                                                                   table.capacity - 1, BLOCK=_BLOCK)
     return out.view(queries.shape)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_same, check_tensor, interpreting
-from ._triton import triton, tl
+from ._triton import next_power_of_2, tl, triton
 from .gemm import FP8_DTYPE, cast_to_qdtype, round_half_away
 from .rotary import rope_heads
 
@@ -148,8 +148,8 @@ def _store_kv_triton(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v
     _store_kv_kernel[(T,)](key, value, k_cache, v_cache, slot_mapping, *scales, key.stride(0), key.stride(1),
                            value.stride(0), value.stride(1), k_cache.stride(0), k_cache.stride(1),
                            k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-                           k_cache.shape[1], H, D, BLOCK_H=triton.next_power_of_2(H),
-                           BLOCK_D=triton.next_power_of_2(D), num_warps=4, **flags)
+                           k_cache.shape[1], H, D, BLOCK_H=next_power_of_2(H),
+                           BLOCK_D=next_power_of_2(D), num_warps=4, **flags)
 
 
 # ------------------------------------------------------------------------------------------------ rope + store
@@ -250,9 +250,9 @@ def _rope_and_store_kv_triton(q, k, v, positions, cache, k_cache, v_cache, slot_
                              *k.stride(),
                              *v.stride(), cache.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                              v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k_cache.shape[1], HQ, HK, D,
-                             rot, HALF=half, BLOCK_HALF=triton.next_power_of_2(half), IS_NEOX=is_neox,
-                             BLOCK_HQ=triton.next_power_of_2(HQ), BLOCK_HK=triton.next_power_of_2(HK),
-                             BLOCK_D=triton.next_power_of_2(D), num_warps=4, **flags)
+                             rot, HALF=half, BLOCK_HALF=next_power_of_2(half), IS_NEOX=is_neox,
+                             BLOCK_HQ=next_power_of_2(HQ), BLOCK_HK=next_power_of_2(HK),
+                             BLOCK_D=next_power_of_2(D), num_warps=4, **flags)
 
 
 def _check_rope_and_store_kv(device, dtype, g):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_same, check_tensor, pdl_launch_args
-from ._triton import triton, tl
+from ._triton import next_power_of_2, tl, triton
 
 
 def rms_norm(
@@ -81,7 +81,7 @@ def _rms_norm_triton(x, weight, eps, residual):
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     y2 = y.view(-1, H)
     n = x2.shape[0]
-    block = triton.next_power_of_2(H)
+    block = next_power_of_2(H)
     warps = 4 if block <= 4096 else 8
     launch = dict(BLOCK=block, num_warps=warps, **pdl_launch_args())
     if residual is None:

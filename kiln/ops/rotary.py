@@ -11,7 +11,7 @@ import math
 import torch
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_same, check_tensor
-from ._triton import triton, tl
+from ._triton import cdiv, next_power_of_2, tl, triton
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -160,8 +160,8 @@ def _apply_rotary_triton(q, k, positions, cache, is_neox):
     cache = cache if cache.stride(1) == 1 else cache.contiguous()
     half = cache.shape[1] // 2
     for x in (q, k):
-        block_h = min(triton.next_power_of_2(x.shape[1]), 16)
-        grid = (T, triton.cdiv(x.shape[1], block_h))
+        block_h = min(next_power_of_2(x.shape[1]), 16)
+        grid = (T, cdiv(x.shape[1], block_h))
         _rotary_kernel[grid](x, positions, cache, *x.stride(), cache.stride(0), x.shape[1], HALF=half,
-                             BLOCK_HALF=triton.next_power_of_2(half), IS_NEOX=is_neox, BLOCK_H=block_h,
+                             BLOCK_HALF=next_power_of_2(half), IS_NEOX=is_neox, BLOCK_H=block_h,
                              num_warps=4)

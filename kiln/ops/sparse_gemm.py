@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting
-from ._triton import TunedLauncher, direct, tl, triton
+from ._triton import TunedLauncher, cdiv, direct, next_power_of_2, tl, triton
 from .split_k import sum_partials
 
 # rows per chunk when the reference materialises gathered inputs ([rows, K * Cin])
@@ -439,7 +439,7 @@ def compact_pairs(pair_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
         pm = pair_map if pair_map.stride(1) == 1 else pair_map.contiguous()
         offsets = torch.empty(K + 1, dtype=torch.int64, device=dev)  # the kernel writes it (no fill, no copy)
         block = 1024
-        direct(_compact_pairs_kernel)[(triton.cdiv(R * K, block),)](pm, slot, src, rows, offsets, R, K,
+        direct(_compact_pairs_kernel)[(cdiv(R * K, block),)](pm, slot, src, rows, offsets, R, K,
                                                                      pm.stride(0), BLOCK=block)
         return src, rows, offsets
     offsets = torch.zeros(K + 1, dtype=torch.int64, device=dev)
@@ -620,15 +620,15 @@ def _max_tune() -> int:
 
 def _prune_fwd(configs, named_args, **kwargs):
     cin, cout = named_args["CIN"], named_args["COUT"]
-    keep = [c for c in configs if c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(cout))
-            and c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(cin))]
+    keep = [c for c in configs if c.kwargs["BLOCK_N"] <= max(32, next_power_of_2(cout))
+            and c.kwargs["BLOCK_K"] <= max(32, next_power_of_2(cin))]
     return (keep or configs[:1])[:_max_tune()]
 
 
 def _prune_wgrad(configs, named_args, **kwargs):
     cin, cout = named_args["CIN"], named_args["COUT"]
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(cin))
-            and c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(cout))]
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, next_power_of_2(cin))
+            and c.kwargs["BLOCK_N"] <= max(16, next_power_of_2(cout))]
     return (keep or configs[:1])[:_max_tune()]
 
 
@@ -665,7 +665,7 @@ def _launch_key(tensors: tuple, flags: dict, *shape) -> tuple:
 
 
 def _block(n: int, lo: int = 16, hi: int = 64) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+    return max(lo, min(hi, next_power_of_2(max(n, 1))))
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -703,11 +703,11 @@ def _implicit_gemm_triton(x, weight, pair_map, order, masks, bias=None):
                  UPCAST=_upcast(x))
     if interpreting():
         bm, bn, bk = 16, _block(cout, hi=32), _block(cin, hi=32)
-        grid = (triton.cdiv(R, bm), triton.cdiv(cout, bn))
+        grid = (cdiv(R, bm), cdiv(cout, bn))
         _implicit_gemm_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
         kern, _ = _tuned()
-        grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
+        grid = lambda meta: (cdiv(R, meta["BLOCK_M"]), cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
         kern(_launch_key(args[:7], flags, cin, cout, K), grid, *args, **flags)
     return y
 
@@ -717,8 +717,8 @@ def _wgrad_chunk(R: int, K: int) -> int:
     compile-time loop bound, so few distinct values)."""
     if interpreting():
         return 64
-    per = triton.cdiv(R, max(1, 2048 // K))
-    return max(256, min(8192, triton.next_power_of_2(per)))
+    per = cdiv(R, max(1, 2048 // K))
+    return max(256, min(8192, next_power_of_2(per)))
 
 
 def _wgrad_lists_chunk(R: int, K: int) -> int:
@@ -738,7 +738,7 @@ def _weight_grad_triton(x, dy, pair_map, lists=None):
     if R == 0 or x.shape[0] == 0:
         return torch.zeros(K, cin, cout, dtype=x.dtype, device=x.device)
     chunk = _wgrad_chunk(R, K) if lists is None else _wgrad_lists_chunk(R, K)
-    n_split = triton.cdiv(R, chunk)
+    n_split = cdiv(R, chunk)
     partial = torch.empty(K * n_split, cin, cout, dtype=torch.float32, device=x.device)
     src, rows, offsets = lists if lists is not None else (pair_map, pair_map, pair_map)
     args = (x, dy, partial, pair_map, src, rows, offsets, R, cin, cout, n_split, chunk, x.stride(0), dy.stride(0),
@@ -749,12 +749,12 @@ def _weight_grad_triton(x, dy, pair_map, lists=None):
     flags = dict(PRECISION="ieee" if prec == "tf32x3" else prec, UPCAST=_upcast(x))
     if interpreting():
         bm, bn, bk = _block(cin, hi=32), _block(cout, hi=32), 16
-        grid = (K * n_split, triton.cdiv(cin, bm), triton.cdiv(cout, bn))
+        grid = (K * n_split, cdiv(cin, bm), cdiv(cout, bn))
         _weight_grad_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
         _, kern = _tuned()
-        grid = lambda meta: (K * n_split, triton.cdiv(cin, meta["BLOCK_M"]),  # noqa: E731
-                             triton.cdiv(cout, meta["BLOCK_N"]))
+        grid = lambda meta: (K * n_split, cdiv(cin, meta["BLOCK_M"]),  # noqa: E731
+                             cdiv(cout, meta["BLOCK_N"]))
         kern(_launch_key(args[:7], flags, cin, cout, chunk), grid, *args, **flags)
     # one launch sums the splits in order and rounds once; from lists, splits past an offset's pairs wrote
     # nothing and the sum reads only each offset's active ones

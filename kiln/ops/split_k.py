@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import interpreting, pdl_launch_args
-from ._triton import direct, triton, tl
+from ._triton import cdiv, direct, next_power_of_2, tl, triton
 
 
 def split_k_for(M: int, N: int, K: int, block_m: int, block_n: int, block_k: int, sms: int,
@@ -27,16 +27,16 @@ def split_k_for(M: int, N: int, K: int, block_m: int, block_n: int, block_k: int
         return 1
     if programs_per_sm is None:
         programs_per_sm = 2 if M <= 16 else 1
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    tiles = cdiv(M, block_m) * cdiv(N, block_n)
     want = max(1, (programs_per_sm * sms) // max(1, tiles))
     return max(1, min(want, K // (min_k_tiles * block_k), 16))
 
 
 def iters_per_split(K: int, block_k: int, split: int) -> tuple[int, int]:
     """(K tiles per split, number of non-empty splits) for a requested split count."""
-    tiles = triton.cdiv(K, block_k)
-    per = triton.cdiv(tiles, max(1, split))
-    return per, triton.cdiv(tiles, per)
+    tiles = cdiv(K, block_k)
+    per = cdiv(tiles, max(1, split))
+    return per, cdiv(tiles, per)
 
 
 @triton.jit
@@ -96,8 +96,8 @@ def sum_partials(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.T
     if out.stride(-1) != 1 or partials.stride(-1) != 1:
         raise ValueError("partials and out must be contiguous in their last dim")
     split, M, N = partials.shape
-    bn = min(1024, triton.next_power_of_2(N)) if not interpreting() else 32
-    direct(_split_k_sum_kernel)[(M, triton.cdiv(N, bn))](
+    bn = min(1024, next_power_of_2(N)) if not interpreting() else 32
+    direct(_split_k_sum_kernel)[(M, cdiv(N, bn))](
         partials, bias if bias is not None else partials, out, row_offsets if row_offsets is not None else partials,
         N, split, chunk, partials.stride(0), partials.stride(1), out.stride(0), HAS_BIAS=bias is not None,
         HAS_ROW_OFFSETS=row_offsets is not None, BLOCK_N=bn, num_warps=4, **pdl_launch_args(pdl))

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting, pdl_launch_args
-from ._triton import triton, tl
+from ._triton import cdiv, next_power_of_2, tl, triton
 from .activation import silu_and_mul, silu_and_mul_ref, silu_mul_f32
 from ._counters import split_counters
 from .split_k import split_k_for, sum_partials_if_last
@@ -513,7 +513,7 @@ INT8_GEMV_TILES = ((8, 1024, 2, 4), (4, 1024, 2, 6), (4, 2048, 2, 4))
 def _int8_gemv_tile(N: int, sms: int) -> tuple[int, int, int]:
     """The INT8_GEMV_TILES entry whose waves are fullest (to 0.1; the first one on ties): (BLOCK_N, BLOCK_K, warps)."""
     def fill(tile):
-        waves = triton.cdiv(N, tile[0]) / (tile[3] * sms)
+        waves = cdiv(N, tile[0]) / (tile[3] * sms)
         return waves / -(-waves // 1)
 
     best = max(INT8_GEMV_TILES, key=lambda t: (round(fill(t), 1), -INT8_GEMV_TILES.index(t)))
@@ -521,7 +521,7 @@ def _int8_gemv_tile(N: int, sms: int) -> tuple[int, int, int]:
 
 
 def _wo_config(M, N, K, bits, group_size, sms, interp, glu=False):
-    kp = max(16, triton.next_power_of_2(K))
+    kp = max(16, next_power_of_2(K))
     if interp:  # tiny tiles: the interpreter runs every program in Python
         bm = 1 if M == 1 else 16
         bk = min(32, kp) if bits == 8 else 32
@@ -542,7 +542,7 @@ def _wo_config(M, N, K, bits, group_size, sms, interp, glu=False):
             extra = {}
         else:
             bk = min(128, group_size)
-            bn, warps = (128, 8) if glu else (64, 2 if triton.cdiv(N, 64) >= 4 * sms else 4)
+            bn, warps = (128, 8) if glu else (64, 2 if cdiv(N, 64) >= 4 * sms else 4)
             split = split_k_for(M, N, K, 1, bn, bk, sms, programs_per_sm=4, min_k_tiles=2)
             extra = dict(INT4_WORDS=True, REDUCE_EACH_TILE=False)
         return dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=1 if glu else split, num_warps=warps,
@@ -603,15 +603,15 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
                              f"{cfg['BLOCK_N']}")
         cfg["SPLIT_K"] = 1  # the epilogue needs the whole sum
     split = cfg["SPLIT_K"]
-    k_per_split = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    split = triton.cdiv(K, k_per_split)  # no empty splits
+    k_per_split = cdiv(cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    split = cdiv(K, k_per_split)  # no empty splits
     cols_per_program = cfg["BLOCK_N"] // 2 if glu else cfg["BLOCK_N"]
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n_out, cols_per_program)
+    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(n_out, cols_per_program)
     counters = split_counters(x.device, tiles) if split > 1 else y
     if counters is None:  # a CUDA graph capture with the counter buffer too small: whole sums, no split
         split, k_per_split, counters = 1, K, y
     cfg["SPLIT_K"] = split
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(n_out, cols_per_program), split)
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(n_out, cols_per_program), split)
     target = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     dummy = scales
     extra = {"num_stages": num_stages} if num_stages else {}

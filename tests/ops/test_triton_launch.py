@@ -106,3 +106,15 @@ def test_pdl_launch_args_follow_kiln_pdl_and_an_explicit_choice(monkeypatch):
     monkeypatch.setenv("KILN_PDL", "sometimes")
     with pytest.raises(ValueError, match="KILN_PDL"):
         _dispatch.pdl_launch_args()
+
+
+@requires_triton
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 15, 16, 17, 1000, 1024, 1025, 2**33 + 5])
+def test_host_cdiv_and_next_power_of_2_equal_tritons(n):
+    """The plain-Python host helpers (Triton 3.6's are ConstexprFunctions, microseconds a call) give Triton's
+    answers."""
+    assert _triton.next_power_of_2(n) == triton.next_power_of_2(n)
+    for d in (1, 3, 16, 64):
+        assert _triton.cdiv(n, d) == triton.cdiv(n, d)
+    with pytest.raises(ValueError, match="negative"):
+        _triton.next_power_of_2(-1)
