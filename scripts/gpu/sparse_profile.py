@@ -138,6 +138,13 @@ def dump_backbone(fn, dev, out_dir: Path, tag: str) -> None:
         for _ in range(2):
             fn()
         sync(dev)
+    # which ops run how often (2 calls): the host pays per launch, so the counts say where launches can go
+    with profile(activities=acts) as cp:
+        for _ in range(2):
+            fn()
+        sync(dev)
+    (out_dir / f"{tag}_ops.txt").write_text(
+        cp.key_averages().table(sort_by="count", row_limit=90, max_name_column_width=70) + "\n")
     trace = out_dir / f"{tag}_trace.json"
     tp.export_chrome_trace(str(trace))
     with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
