@@ -362,20 +362,23 @@ def mask_order(masks: torch.Tensor, kernel_volume: int = 63) -> torch.Tensor:
 
 
 def implicit_gemm(x: torch.Tensor, weight: torch.Tensor, pair_map: torch.Tensor, order: torch.Tensor | None = None,
-                  masks: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+                  masks: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                  reverse_offsets: bool = False) -> torch.Tensor:
     """``y[r] = sum_k x[pair_map[r, k]] @ weight[k]`` over valid entries (+ ``bias``, added to the fp32
     accumulator in the kernel's epilogue); returns y [R, Cout] in x's dtype.
 
     x: [N, Cin]; weight: [K, Cin, Cout]; pair_map: int32 [R, K] with -1 for no pair. ``order`` (int32 or int64 [R],
     a permutation) and ``masks`` (int64 [R], from ``offset_masks``) only change the Triton kernel's schedule.
+    ``reverse_offsets`` uses ``weight[K-1-k]`` for offset k (a mirrored submanifold rulebook's input gradient),
+    read through a negative stride rather than a flipped copy.
     """
     _check_common(x, weight, bias)
     check_tensor("pair_map", pair_map, ndim=2, dtypes=(torch.int32,), device=x.device)
     if pair_map.shape[1] != weight.shape[0]:
         raise ValueError(f"pair_map has {pair_map.shape[1]} offsets but weight has {weight.shape[0]}")
     if backend_for(x, weight, pair_map) == "triton":
-        return _implicit_gemm_triton(x, weight, pair_map, order, masks, bias)
-    return implicit_gemm_ref(x, weight, pair_map, bias)
+        return _implicit_gemm_triton(x, weight, pair_map, order, masks, bias, reverse_offsets)
+    return implicit_gemm_ref(x, weight.flip(0) if reverse_offsets else weight, pair_map, bias)
 
 
 def implicit_gemm_ref(x, weight, pair_map, bias=None):
@@ -684,7 +687,7 @@ def _upcast(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and interpreting()
 
 
-def _implicit_gemm_triton(x, weight, pair_map, order, masks, bias=None):
+def _implicit_gemm_triton(x, weight, pair_map, order, masks, bias=None, reverse_offsets=False):
     R, K = pair_map.shape
     cin, cout = weight.shape[1], weight.shape[2]
     x = x if x.stride(1) == 1 else x.contiguous()
@@ -696,8 +699,10 @@ def _implicit_gemm_triton(x, weight, pair_map, order, masks, bias=None):
     if x.shape[0] == 0:
         return y.copy_(bias.expand(R, cout)) if bias is not None else y.zero_()
     has_masks = masks is not None and K <= 63
-    args = (x, weight, y, pair_map, order if order is not None else pair_map, masks if has_masks else pair_map,
-            bias if bias is not None else y, R, cin, cout, K, x.stride(0), weight.stride(0), weight.stride(1),
+    # reversed offsets: the kernel's W + k * stride_wk walks back from the last offset
+    w_base, stride_wk = (weight[K - 1:], -weight.stride(0)) if reverse_offsets else (weight, weight.stride(0))
+    args = (x, w_base, y, pair_map, order if order is not None else pair_map, masks if has_masks else pair_map,
+            bias if bias is not None else y, R, cin, cout, K, x.stride(0), stride_wk, weight.stride(1),
             weight.stride(2), y.stride(0), pair_map.stride(0))
     flags = dict(HAS_ORDER=order is not None, HAS_MASKS=has_masks, HAS_BIAS=bias is not None, PRECISION=_precision(x),
                  UPCAST=_upcast(x))

@@ -191,13 +191,12 @@ class SparseConvolution(SparseModule):
             input, ndim=self.ndim, ksize=self.kernel_size, stride=self.stride, padding=self.padding,
             dilation=self.dilation, output_padding=self.output_padding, subm=self.subm, transposed=self.transposed,
             inverse=self.inverse, indice_key=self.indice_key, name=name)
-        K = self.kernel_volume
-        w = self.weight.reshape(self.out_channels, K, self.in_channels).permute(1, 2, 0)  # [K, Cin, Cout] view
         feats = input.features
+        w = self.weight  # spconv's KRSC layout [Cout, *kernel, Cin]; the Function views it as [K, Cin, Cout]
         if w.dtype != feats.dtype:
             w = w.to(feats.dtype)
         bias = self.bias.to(feats.dtype) if self.bias is not None else None
-        out = Fsp.sparse_conv(feats, w, rb, self.algo, bias)
+        out = Fsp.sparse_conv(feats, w, rb, self.algo, bias, krsc=True)
         return SparseConvTensor(out, out_indices, out_shape, input.batch_size, indice_dict=input.indice_dict,
                                 benchmark=input.benchmark, validate=False)
 

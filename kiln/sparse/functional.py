@@ -13,6 +13,8 @@ The compute goes through ``kiln.ops.sparse_gemm``. ``algo``:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kiln.ops import sparse_gemm
@@ -45,9 +47,9 @@ def _apply(x: torch.Tensor, w: torch.Tensor, rb: Rulebook, algo: str, bias: torc
     if algo == "implicit":
         src = rb.mirror_source()
         channels = w.shape[1] * w.shape[2]
-        if src is not None:  # sum_k x[flip(pm)[r, k]] w[k] = sum_k x[pm[r, k]] w[K-1-k]: a tiny weight copy only
+        if src is not None:  # sum_k x[flip(pm)[r, k]] w[k] = sum_k x[pm[r, k]] w[K-1-k]: the weight read backwards
             order, masks = src.fwd_schedule(channels)
-            return sparse_gemm.implicit_gemm(x, w.flip(0), src.pair_fwd(), order, masks, bias)
+            return sparse_gemm.implicit_gemm(x, w, src.pair_fwd(), order, masks, bias, reverse_offsets=True)
         order, masks = rb.fwd_schedule(channels)
         return sparse_gemm.implicit_gemm(x, w, rb.pair_fwd(), order, masks, bias)
     return sparse_gemm.gather_gemm_scatter(x, w, rb.in_idx, rb.out_idx, rb.counts, rb.n_out, rb.identity_offset,
@@ -55,20 +57,24 @@ def _apply(x: torch.Tensor, w: torch.Tensor, rb: Rulebook, algo: str, bias: torc
 
 
 class SparseConvFunction(torch.autograd.Function):
-    """y = conv(x, w) + b over ``rb``: x [n_in, Cin], w [K, Cin, Cout], b [Cout] or None -> y [n_out, Cout].
+    """y = conv(x, w) + b over ``rb``: x [n_in, Cin], w [K, Cin, Cout] -- or, with ``krsc``, the module's weight
+    [Cout, *kernel, Cin] viewed as that inside (autograd then holds no reshape / permute nodes per layer, and the
+    weight gradient comes back in the parameter's layout) -- b [Cout] or None -> y [n_out, Cout].
 
     The bias joins the fp32 accumulator before the output is rounded (once) to the features' dtype."""
 
     @staticmethod
-    def forward(ctx, x, w, b, rb: Rulebook, algo: str):
+    def forward(ctx, x, w, b, rb: Rulebook, algo: str, krsc: bool = False):
         ctx.rb = rb
         ctx.algo = algo
+        ctx.krsc = krsc
         ctx.save_for_backward(x, w)
-        return _apply(x, w, rb, algo, b)
+        return _apply(x, _kcc(w) if krsc else w, rb, algo, b)
 
     @staticmethod
     def backward(ctx, dy):
-        x, w = ctx.saved_tensors
+        x, w_in = ctx.saved_tensors
+        w = _kcc(w_in) if ctx.krsc else w_in
         rb = ctx.rb
         dx = dw = None
         dy = dy.contiguous()
@@ -77,26 +83,35 @@ class SparseConvFunction(torch.autograd.Function):
             plan_t = rb.swapped().plan(sparse_gemm.plan_block_pairs(w.shape[1], w.shape[2]))
             dx, dw = sparse_gemm.planned_conv_backward(x, w, dy, plan_t, ctx.needs_input_grad[0],
                                                        ctx.needs_input_grad[1])
-            return dx, dw, db, None, None
-        if ctx.needs_input_grad[0]:
-            dx = _apply(dy, w.transpose(1, 2), rb.swapped(), ctx.algo)
-        if ctx.needs_input_grad[1]:
-            lists = rb.compact_pairs() if sparse_gemm.wgrad_from_lists(x.dtype, rb.n_out) else None
-            dw = sparse_gemm.weight_grad(x, dy, rb.pair_fwd(), lists)
-        return dx, dw, db, None, None
+        else:
+            if ctx.needs_input_grad[0]:
+                dx = _apply(dy, w.transpose(1, 2), rb.swapped(), ctx.algo)
+            if ctx.needs_input_grad[1]:
+                lists = rb.compact_pairs() if sparse_gemm.wgrad_from_lists(x.dtype, rb.n_out) else None
+                dw = sparse_gemm.weight_grad(x, dy, rb.pair_fwd(), lists)
+        if dw is not None and ctx.krsc:
+            dw = dw.permute(2, 0, 1).reshape(w_in.shape)  # [K, Cin, Cout] -> the parameter's [Cout, *k, Cin]
+        return dx, dw, db, None, None, None
+
+
+def _kcc(w: torch.Tensor) -> torch.Tensor:
+    """A KRSC weight [Cout, *kernel, Cin] as the [K, Cin, Cout] view the kernels take."""
+    return w.reshape(w.shape[0], -1, w.shape[-1]).permute(1, 2, 0)
 
 
 def sparse_conv(x: torch.Tensor, w: torch.Tensor, rb: Rulebook, algo: str = "auto",
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Sparse convolution of features ``x`` [n_in, Cin] with ``w`` [K, Cin, Cout] (any strides) over ``rb``, plus
-    ``bias`` [Cout] (in x's dtype) added before the output's one rounding."""
+                bias: torch.Tensor | None = None, krsc: bool = False) -> torch.Tensor:
+    """Sparse convolution of features ``x`` [n_in, Cin] with ``w`` [K, Cin, Cout] (any strides; with ``krsc``
+    spconv's [Cout, *kernel, Cin]) over ``rb``, plus ``bias`` [Cout] (in x's dtype) added before the output's one
+    rounding."""
     if x.shape[0] != rb.n_in:
         raise ValueError(f"features has {x.shape[0]} rows but the rulebook expects {rb.n_in}")
-    if w.shape[0] != rb.kernel_volume:
-        raise ValueError(f"weight has {w.shape[0]} kernel offsets but the rulebook has {rb.kernel_volume}")
+    K = math.prod(w.shape[1:-1]) if krsc else w.shape[0]
+    if K != rb.kernel_volume:
+        raise ValueError(f"weight has {K} kernel offsets but the rulebook has {rb.kernel_volume}")
     if w.dtype != x.dtype:
         raise ValueError(f"features dtype {x.dtype} differs from weight dtype {w.dtype}")
-    return SparseConvFunction.apply(x, w, bias, rb, resolve_algo(algo, x))
+    return SparseConvFunction.apply(x, w, bias, rb, resolve_algo(algo, x), krsc)
 
 
 def sparse_max_pool(x: torch.Tensor, rb: Rulebook) -> torch.Tensor:

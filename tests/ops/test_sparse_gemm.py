@@ -46,6 +46,24 @@ def test_implicit_gemm_triton_matches_reference(dtype, scheduled):
     assert torch.all(got[empty] == 0)
 
 
+@pytest.mark.parametrize("backend", ["ref", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_implicit_gemm_reverse_offsets_reads_the_weight_backwards(monkeypatch, backend, transposed):
+    """``reverse_offsets`` (a mirrored submanifold rulebook's input gradient) equals the GEMM with the weight
+    flipped along its offsets -- read through a negative stride, also from the transposed view the input gradient
+    passes, not copied."""
+    monkeypatch.setenv("KILN_OPS", backend)
+    g = _gen()
+    x, w, pm = _problem(torch.float32, g, 37, 29, 7, 20, 18)
+    if transposed:
+        x = torch.randn(37, 18, device=DEVICE, generator=g)
+        w = w.transpose(1, 2)  # [K, Cout, Cin], the input gradient's view
+    got = sg.implicit_gemm(x, w, pm, reverse_offsets=True)
+    ref = sg.implicit_gemm_ref(x, w.flip(0), pm)
+    assert rel_err(got, ref) <= RTOL[torch.float32]
+    assert rel_err(sg.implicit_gemm(x, w, pm), ref) > 1e-2  # the order matters on this problem
+
+
 @requires_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_weight_grad_triton_matches_reference(dtype):
