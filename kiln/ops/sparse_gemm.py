@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting
 from ._triton import TunedLauncher, cdiv, direct, next_power_of_2, tl, triton
-from .split_k import sum_partials
+from ._counters import split_counters
+from .split_k import sum_partials_if_last_of
 
 # rows per chunk when the reference materialises gathered inputs ([rows, K * Cin])
 _REF_CHUNK_ELEMS = 1 << 24
@@ -543,13 +544,14 @@ def _implicit_gemm_kernel(X, W, Y, PairMap, Order, Masks, Bias, R, CIN: tl.const
 
 
 @triton.jit
-def _weight_grad_kernel(X, DY, P, PairMap, Src, Rows, Offsets, R, CIN: tl.constexpr, COUT: tl.constexpr, N_SPLIT,
-                        CHUNK: tl.constexpr, stride_xm, stride_dm, stride_pm, stride_pp, LISTS: tl.constexpr,
-                        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+def _weight_grad_kernel(X, DY, P, DW, Counters, PairMap, Src, Rows, Offsets, R, CIN: tl.constexpr,
+                        COUT: tl.constexpr, N_SPLIT, CHUNK: tl.constexpr, stride_xm, stride_dm, stride_pm, stride_pp,
+                        LISTS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program: offset k, a chunk of CHUNK rows of the pair map -- or (LISTS) CHUNK of offset k's compacted
-    pairs -- and a [BLOCK_M, BLOCK_N] tile of dW[k]; its fp32 partial goes to P[k * N_SPLIT + chunk] (summed
-    later in a fixed order: deterministic, no atomics)."""
+    pairs -- and a [BLOCK_M, BLOCK_N] tile of dW[k]; its fp32 partial goes to P[k * N_SPLIT + chunk]. The tile's
+    last program to finish sums its chunks' partials in chunk order into DW (``sum_partials_if_last_of``: fixed
+    order, so deterministic; no float atomics, and no separate sum launch)."""
     pid = tl.program_id(0)
     k = pid // N_SPLIT
     s = pid % N_SPLIT
@@ -585,6 +587,14 @@ def _weight_grad_kernel(X, DY, P, PairMap, Src, Rows, Offsets, R, CIN: tl.conste
             acc += tl.dot(a, b, input_precision=PRECISION)
         tl.store(P + pid.to(tl.int64) * stride_pp + rc[:, None] * COUT + rn[None, :], acc,
                  mask=c_ok[:, None] & n_ok[None, :])
+    # every program of the tile arrives (also those past an offset's pairs); the partials that exist get summed
+    if LISTS:
+        n_sum = tl.cdiv(hi - (lo - s * CHUNK), CHUNK)
+    else:
+        n_sum = N_SPLIT
+    tile = (k * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+    sum_partials_if_last_of(P + (k * N_SPLIT).to(tl.int64) * stride_pp, DW + k.to(tl.int64) * (CIN * COUT), Counters,
+                            tile, rc, rn, c_ok, n_ok, stride_pp, COUT, COUT, N_SPLIT, n_sum)
 
 
 @triton.jit
@@ -745,9 +755,12 @@ def _weight_grad_triton(x, dy, pair_map, lists=None):
     chunk = _wgrad_chunk(R, K) if lists is None else _wgrad_lists_chunk(R, K)
     n_split = cdiv(R, chunk)
     partial = torch.empty(K * n_split, cin, cout, dtype=torch.float32, device=x.device)
+    dw = torch.empty(K, cin, cout, dtype=x.dtype, device=x.device)
     src, rows, offsets = lists if lists is not None else (pair_map, pair_map, pair_map)
-    args = (x, dy, partial, pair_map, src, rows, offsets, R, cin, cout, n_split, chunk, x.stride(0), dy.stride(0),
-            pair_map.stride(0), partial.stride(0), lists is not None)
+    # one arrival counter per dW tile, for the smallest tile a config may take (16 x 16)
+    counters = split_counters(x.device, K * cdiv(cin, 16) * cdiv(cout, 16))
+    args = (x, dy, partial, dw, counters, pair_map, src, rows, offsets, R, cin, cout, n_split, chunk, x.stride(0),
+            dy.stride(0), pair_map.stride(0), partial.stride(0), lists is not None)
     # fp32: FMA, not 3xTF32 -- both operands have the rows (the reduction) strided, which tensor-core TF32 cannot
     # take directly (H100, 64 ch: 0.93 ms against 1.16-1.23 ms; scripts/gpu/wgrad_sweep.py --precisions)
     prec = _precision(x)
@@ -760,12 +773,7 @@ def _weight_grad_triton(x, dy, pair_map, lists=None):
         _, kern = _tuned()
         grid = lambda meta: (K * n_split, cdiv(cin, meta["BLOCK_M"]),  # noqa: E731
                              cdiv(cout, meta["BLOCK_N"]))
-        kern(_launch_key(args[:7], flags, cin, cout, chunk), grid, *args, **flags)
-    # one launch sums the splits in order and rounds once; from lists, splits past an offset's pairs wrote
-    # nothing and the sum reads only each offset's active ones
-    dw = torch.empty(K, cin, cout, dtype=x.dtype, device=x.device)
-    sum_partials(partial.view(K, n_split, cin * cout).transpose(0, 1), None, dw.view(K, cin * cout),
-                 row_offsets=lists[2] if lists is not None else None, chunk=chunk)
+        kern(_launch_key(args[:9], flags, cin, cout, chunk), grid, *args, **flags)
     return dw
 
 

@@ -40,22 +40,17 @@ def iters_per_split(K: int, block_k: int, split: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _split_k_sum_kernel(P, B, Y, RowOffsets, N, SPLIT, CHUNK, stride_ps, stride_pm, stride_ym, HAS_BIAS: tl.constexpr,
-                        HAS_ROW_OFFSETS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
-    """y[m, :] = sum over splits (in split order: deterministic) of the fp32 partials + bias, rounded once. With
-    row offsets, row m sums only its first cdiv(offsets[m + 1] - offsets[m], CHUNK) splits (the others were
-    never written)."""
+def _split_k_sum_kernel(P, B, Y, N, SPLIT, stride_ps, stride_pm, stride_ym, HAS_BIAS: tl.constexpr,
+                        BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+    """y[m, :] = sum over splits (in split order: deterministic) of the fp32 partials + bias, rounded once."""
     m = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < N
     if PDL:  # the partials are the previous kernel's output
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    n_split = SPLIT
-    if HAS_ROW_OFFSETS:
-        n_split = tl.cdiv(tl.load(RowOffsets + m + 1) - tl.load(RowOffsets + m), CHUNK)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for sp in range(0, n_split):
+    for sp in range(0, SPLIT):
         acc += tl.load(P + sp * stride_ps + m * stride_pm + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
@@ -85,20 +80,37 @@ def sum_partials_if_last(P, Y, B, Counters, tile, offs_m, offs_n, m_mask, n_mask
         tl.atomic_xchg(Counters + tile, 0, sem="relaxed", scope="gpu")
 
 
-def sum_partials(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-                 row_offsets: torch.Tensor | None = None, chunk: int = 1, pdl: bool = False) -> torch.Tensor:
-    """``out`` [M, N] = sum over dim 0 of the fp32 ``partials`` [S, M, N] (in order) + ``bias``, one launch.
+@triton.jit
+def sum_partials_if_last_of(P, Y, Counters, tile, offs_m, offs_n, m_mask, n_mask, stride_ps, stride_pm, stride_ym,
+                            arrivals, n_sum):
+    """``sum_partials_if_last`` with runtime counts (the sparse weight gradient, whose split count is a launch
+    argument): ``arrivals`` programs report for the tile, and the last sums the first ``n_sum`` partials in split
+    order (splits past an offset's pairs wrote nothing; ``n_sum`` = 0 stores zeros) and rounds once into ``Y``.
+    The counter is an integer arrival count, not a float atomic: the sum's order is fixed and the bits are
+    reproducible."""
+    tl.debug_barrier()  # every thread of the program has stored its part of the partial before it is counted
+    arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == arrivals - 1:
+        mask = m_mask[:, None] & n_mask[None, :]
+        ptrs = P + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :]
+        acc = tl.zeros([offs_m.shape[0], offs_n.shape[0]], dtype=tl.float32)
+        for sp in range(0, n_sum):
+            acc += tl.load(ptrs + sp * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")  # L2: other SMs
+        tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                 mask=mask)
+        tl.atomic_xchg(Counters + tile, 0, sem="relaxed", scope="gpu")
 
-    ``row_offsets`` (int [M + 1] on the device) and ``chunk``: row m's work was ``row_offsets[m + 1] -
-    row_offsets[m]`` items split into chunks of ``chunk``, so only its first cdiv(items, chunk) partials exist
-    (the sparse weight gradient from compacted pair lists). ``pdl``: launched as a programmatic dependent of the
-    kernel that wrote the partials (``_dispatch.pdl_launch_args``)."""
+
+def sum_partials(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+                 pdl: bool = False) -> torch.Tensor:
+    """``out`` [M, N] = sum over dim 0 of the fp32 ``partials`` [S, M, N] (in order) + ``bias``, one launch.
+    ``pdl``: launched as a programmatic dependent of the kernel that wrote the partials
+    (``_dispatch.pdl_launch_args``)."""
     if out.stride(-1) != 1 or partials.stride(-1) != 1:
         raise ValueError("partials and out must be contiguous in their last dim")
     split, M, N = partials.shape
     bn = min(1024, next_power_of_2(N)) if not interpreting() else 32
     direct(_split_k_sum_kernel)[(M, cdiv(N, bn))](
-        partials, bias if bias is not None else partials, out, row_offsets if row_offsets is not None else partials,
-        N, split, chunk, partials.stride(0), partials.stride(1), out.stride(0), HAS_BIAS=bias is not None,
-        HAS_ROW_OFFSETS=row_offsets is not None, BLOCK_N=bn, num_warps=4, **pdl_launch_args(pdl))
+        partials, bias if bias is not None else partials, out, N, split, partials.stride(0), partials.stride(1),
+        out.stride(0), HAS_BIAS=bias is not None, BLOCK_N=bn, num_warps=4, **pdl_launch_args(pdl))
     return out

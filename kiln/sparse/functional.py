@@ -4,7 +4,8 @@ The compute goes through ``kiln.ops.sparse_gemm``. ``algo``:
 
 * ``"implicit"`` — the fused masked implicit GEMM over pair maps (forward: outputs gather inputs; input gradient:
   inputs gather output gradients through the backward pair map and the transposed weight), weight gradient from
-  the forward pair map in fixed-order chunks. No atomics anywhere: the default on CUDA and always in deterministic mode.
+  the forward pair map in fixed-order chunks (each dW tile's last program sums them: an integer arrival counter, no
+  float atomics). Bit-reproducible: the default on CUDA and always in deterministic mode.
 * ``"gather"`` — gather-GEMM-scatter, one GEMM per kernel offset (the default on the CPU, where it is fastest).
   On the CPU it runs as ``sparse_gemm.planned_conv``: gathers into reused buffers, row sums with ``embedding_bag``
   instead of ``index_add_``, and a backward that gathers each output gradient once for both gradients.

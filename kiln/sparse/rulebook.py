@@ -48,7 +48,7 @@ if SORT_MIN_WORK < 0:
 
 
 def is_deterministic() -> bool:
-    """Deterministic mode: sorted (stable) output coordinates, and no atomics in any GEMM (see ``functional``)."""
+    """Deterministic mode: sorted (stable) output coordinates, and no float atomics in any GEMM (see ``functional``)."""
     return getattr(_state, "deterministic", False)
 
 

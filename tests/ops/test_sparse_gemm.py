@@ -68,7 +68,7 @@ def test_implicit_gemm_reverse_offsets_reads_the_weight_backwards(monkeypatch, b
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_weight_grad_triton_matches_reference(dtype):
     """The weight gradient from the forward pair map equals the pair-list reference, and is bit-reproducible
-    (fixed-order chunk sums, no atomics)."""
+    (fixed-order chunk sums by each tile's last program: an integer arrival counter, no float atomics)."""
     g = _gen()
     shape = (20000, 15000, 27, 64, 96) if BIG else (150, 300, 5, 20, 18)
     x, _, pm = _problem(dtype, g, *shape)
