@@ -18,6 +18,8 @@ Variants:
   default before session 11; it is 65,536 since).
 * ``sort-any-work`` -- large rulebooks sorted whatever the channels of the layer asking (``SORT_MIN_WORK`` = 0, the
   default before session 11).
+* ``sort-work-1g`` -- the mask sort only where rows x Cin x Cout >= 2**30 (``SORT_MIN_WORK``; 2**28 by default):
+  a 64-channel layer at 150k voxels then runs unsorted.
 * ``direct-off`` -- every Triton launch through Triton's JIT dispatch instead of ``_triton.DirectLauncher``.
 
 Per-launch host costs (JIT dispatch vs direct launch) are timed by ``scripts/gpu/sparse_launch_probe.py``.
@@ -65,7 +67,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--variants", nargs="+", default=["default", "unordered", "no-validate"],
                     choices=["default", "unordered", "no-validate", "sort-min-64k", "sort-all", "wgrad-map",
-                             "wgrad-lists", "lists-all-fp32", "sort-any-work", "direct-off"])
+                             "wgrad-lists", "lists-all-fp32", "sort-any-work", "sort-work-1g", "direct-off"])
     args = ap.parse_args()
     dev = torch.device("cuda")
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
@@ -103,8 +105,19 @@ def main():
         leaf.grad = None
         net.zero_grad(set_to_none=True)
 
-    rows = {"subm rulebook+fwd": subm_rb, "strided rulebook+fwd": strided_rb,
-            "strided rb+fwd+bwd": strided_fwd_bwd, "backbone fwd+bwd": backbone}
+    def subm_cached():  # the rulebook (and its schedule) built once per variant, then reused
+        with torch.no_grad():
+            subm(cached["x"])
+
+    def subm_fwd_bwd():
+        x = make(leaf)
+        y = subm(x)
+        y.features.float().sum().backward()
+        leaf.grad = None
+
+    cached = {}
+    rows = {"subm rulebook+fwd": subm_rb, "subm cached fwd": subm_cached, "subm rb+fwd+bwd": subm_fwd_bwd,
+            "strided rulebook+fwd": strided_rb, "strided rb+fwd+bwd": strided_fwd_bwd, "backbone fwd+bwd": backbone}
 
     shipped_mode = sparse_gemm.WGRAD_MODE
     shipped_sort_min = rbmod.SORT_MIN_ROWS
@@ -118,7 +131,7 @@ def main():
         rbmod.SORT_MIN_ROWS = {"sort-min-64k": 65536, "sort-all": 0}.get(v, shipped_sort_min)
         _triton.DIRECT_LAUNCH = v != "direct-off"
         sparse_gemm.LISTS_MIN_ROWS = 0 if v == "lists-all-fp32" else shipped_lists_min
-        rbmod.SORT_MIN_WORK = 0 if v == "sort-any-work" else shipped_sort_work
+        rbmod.SORT_MIN_WORK = {"sort-any-work": 0, "sort-work-1g": 2**30}.get(v, shipped_sort_work)
 
     variants = args.variants
     res = {(r, v): [] for r in rows for v in variants}
@@ -127,6 +140,9 @@ def main():
         # slower on single-layer rows, whichever it was; rotating spreads that over all variants
         for v in variants[rnd % len(variants):] + variants[:rnd % len(variants)]:
             set_variant(v)
+            cached["x"] = make()
+            with torch.no_grad():
+                subm(cached["x"])  # builds this variant's rulebook and schedule, untimed
             for r, fn in rows.items():
                 res[(r, v)].append(wall_ms(fn))
     set_variant("default")
