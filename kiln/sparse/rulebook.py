@@ -37,12 +37,13 @@ SORT_MIN_ROWS = int(os.environ.get("KILN_SPARSE_SORT_MIN_ROWS", "65536"))
 if SORT_MIN_ROWS < 0:
     raise ValueError(f"KILN_SPARSE_SORT_MIN_ROWS must be >= 0, got {SORT_MIN_ROWS}")
 # ... and the layer that first asks for the schedule must have at least this much GEMM work per offset (rows x Cin
-# x Cout): a 16-channel layer's GEMM is cheap next to its gathers, so the sort's launches (host time, in a
-# host-bound backbone) buy little. On an H100 (scripts/gpu/sparse_host_ab.py, session 11) the nuScenes fp16
-# backbone, whose 150k-row rulebooks carry 16- and 32-channel layers, ran 1.18x faster unsorted, while a 64-channel
-# layer on the same rulebook ran 1.16-1.32x faster sorted. 2**28 lies between: 150k x 64 x 64 sorts, 150k x 64 x 16
-# does not.
-SORT_MIN_WORK = int(os.environ.get("KILN_SPARSE_SORT_MIN_WORK", str(2**28)))
+# x Cout): the sort is ~8 launches and memsets (host time, in a host-bound pipeline) plus ~50 us of GPU at 150k rows,
+# and it pays only where the GEMM it speeds up is long. On an H100 (scripts/gpu/sparse_host_ab.py --variants default
+# sort-work-1g, nuScenes fp16, 150k voxels, 64 -> 64 channels, session 16), leaving that layer unsorted made its
+# rulebook+forward 1.26x and its rulebook+forward+backward 1.34x faster, and a forward on the cached rulebook 0.83x as
+# fast. 2**30: 150k x 64 x 64 runs unsorted (as the 16/32-channel layers of a backbone already did, 2**28 since
+# session 11), 150k x 128 x 128 sorts.
+SORT_MIN_WORK = int(os.environ.get("KILN_SPARSE_SORT_MIN_WORK", str(2**30)))
 if SORT_MIN_WORK < 0:
     raise ValueError(f"KILN_SPARSE_SORT_MIN_WORK must be >= 0, got {SORT_MIN_WORK}")
 

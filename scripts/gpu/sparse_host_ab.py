@@ -18,8 +18,8 @@ Variants:
   default before session 11; it is 65,536 since).
 * ``sort-any-work`` -- large rulebooks sorted whatever the channels of the layer asking (``SORT_MIN_WORK`` = 0, the
   default before session 11).
-* ``sort-work-1g`` -- the mask sort only where rows x Cin x Cout >= 2**30 (``SORT_MIN_WORK``; 2**28 by default):
-  a 64-channel layer at 150k voxels then runs unsorted.
+* ``sort-work-1g`` / ``sort-work-256m`` -- the mask sort only where rows x Cin x Cout >= 2**30 (``SORT_MIN_WORK``,
+  the default since session 16: a 64-channel layer at 150k voxels runs unsorted) or >= 2**28 (sessions 11-15).
 * ``direct-off`` -- every Triton launch through Triton's JIT dispatch instead of ``_triton.DirectLauncher``.
 
 Per-launch host costs (JIT dispatch vs direct launch) are timed by ``scripts/gpu/sparse_launch_probe.py``.
@@ -67,7 +67,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--variants", nargs="+", default=["default", "unordered", "no-validate"],
                     choices=["default", "unordered", "no-validate", "sort-min-64k", "sort-all", "wgrad-map",
-                             "wgrad-lists", "lists-all-fp32", "sort-any-work", "sort-work-1g", "direct-off"])
+                             "wgrad-lists", "lists-all-fp32", "sort-any-work", "sort-work-1g", "sort-work-256m", "direct-off"])
     args = ap.parse_args()
     dev = torch.device("cuda")
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
@@ -131,7 +131,8 @@ def main():
         rbmod.SORT_MIN_ROWS = {"sort-min-64k": 65536, "sort-all": 0}.get(v, shipped_sort_min)
         _triton.DIRECT_LAUNCH = v != "direct-off"
         sparse_gemm.LISTS_MIN_ROWS = 0 if v == "lists-all-fp32" else shipped_lists_min
-        rbmod.SORT_MIN_WORK = {"sort-any-work": 0, "sort-work-1g": 2**30}.get(v, shipped_sort_work)
+        rbmod.SORT_MIN_WORK = {"sort-any-work": 0, "sort-work-1g": 2**30, "sort-work-256m": 2**28}.get(
+            v, shipped_sort_work)
 
     variants = args.variants
     res = {(r, v): [] for r in rows for v in variants}
