@@ -64,7 +64,7 @@ def launch_parts(dtype):
     args, kwargs, grid = captured["args"], {**captured["kwargs"], **cfg}, captured["grid"]
     gt = grid({**dict(zip(kern.tuned.fn.arg_names, args)), **kwargs})
     kern.direct[grid](*args, **kwargs)
-    compiled = next(iter(kern.direct.cache.values()))
+    compiled = next(iter(kern.direct.cache.values()))[0]  # (compiled kernel, keyword tail)
     names = kern.tuned.fn.arg_names
     full = list(args) + [kwargs[n] for n in names[len(args):]]
     stream = torch.cuda.current_stream().cuda_stream
