@@ -153,6 +153,9 @@ def breakdown(scene, dtype, calls=10):
     T.wrap(torch.nn.ReLU, "forward", "ReLU.forward")
     T.wrap(JITFunction, "run", "Triton JIT run (any)")
     T.wrap(_triton.DirectLauncher, "launch", "DirectLauncher.launch (any)")
+    from triton.backends.nvidia.driver import CudaLauncher
+    T.wrap(CudaLauncher, "__call__", "  compiled launcher (any)")
+    T.wrap(torch.nn.functional, "batch_norm", "  F.batch_norm")
     fwd_t, bwd_t, wall = [], [], []
     try:
         for _ in range(calls):
