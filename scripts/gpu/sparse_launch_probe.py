@@ -185,6 +185,8 @@ def main():
     ap.add_argument("--scenes", nargs="*", default=["nuscenes"], choices=sorted(SCENES),
                     help="backbones to break down (none: the launch timings only)")
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
+    ap.add_argument("--gc-off", action="store_true",
+                    help="also break the backbone down with Python's cyclic GC disabled (what GC pauses cost)")
     args = ap.parse_args()
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
     launch_parts(dtype)
@@ -193,6 +195,14 @@ def main():
             _triton.DIRECT_LAUNCH = direct_on
             print(f"\n(direct launch {'on' if direct_on else 'off'})")
             breakdown(s, dtype)
+        if args.gc_off:
+            import gc
+            _triton.DIRECT_LAUNCH = True
+            gc.collect()
+            gc.disable()
+            print("\n(direct launch on, cyclic GC off)")
+            breakdown(s, dtype)
+            gc.enable()
     _triton.DIRECT_LAUNCH = True
 
 
