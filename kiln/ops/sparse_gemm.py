@@ -462,7 +462,8 @@ def weight_grad(x: torch.Tensor, dy: torch.Tensor, pair_map: torch.Tensor,
     accumulation). Driven by the forward pair map (what the forward already holds), so a backward never derives
     pair lists (a ``nonzero`` and a host sync per layer). Rows go in plain order: on an H100 the forward's mask
     order made it slower (two more dependent loads per block, few blocks skipped; scripts/gpu/wgrad_sweep.py).
-    ``lists`` (``compact_pairs(pair_map)``) visits only the valid pairs instead."""
+    ``lists`` (``compact_pairs(pair_map)``) visits only the valid pairs instead. The Triton path returns a view of
+    a [Cout, K, Cin] buffer (spconv's weight layout), so a KRSC parameter's gradient needs no copy."""
     check_tensor("features", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("grad_out", dy, ndim=2, dtypes=(x.dtype,), device=x.device)
     check_tensor("pair_map", pair_map, ndim=2, dtypes=(torch.int32,), device=x.device)
@@ -546,12 +547,14 @@ def _implicit_gemm_kernel(X, W, Y, PairMap, Order, Masks, Bias, R, CIN: tl.const
 @triton.jit
 def _weight_grad_kernel(X, DY, P, DW, Counters, PairMap, Src, Rows, Offsets, R, CIN: tl.constexpr,
                         COUT: tl.constexpr, N_SPLIT, CHUNK: tl.constexpr, stride_xm, stride_dm, stride_pm, stride_pp,
-                        LISTS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                        stride_wk, stride_wc, stride_wn, LISTS: tl.constexpr, PRECISION: tl.constexpr,
+                        UPCAST: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program: offset k, a chunk of CHUNK rows of the pair map -- or (LISTS) CHUNK of offset k's compacted
     pairs -- and a [BLOCK_M, BLOCK_N] tile of dW[k]; its fp32 partial goes to P[k * N_SPLIT + chunk]. The tile's
-    last program to finish sums its chunks' partials in chunk order into DW (``sum_partials_if_last_of``: fixed
-    order, so deterministic; no float atomics, and no separate sum launch)."""
+    last program to finish sums its chunks' partials in chunk order into DW[k, c, n] at ``k * stride_wk + c *
+    stride_wc + n * stride_wn`` (``sum_partials_if_last_of``: fixed order, so deterministic; no float atomics,
+    and no separate sum launch)."""
     pid = tl.program_id(0)
     k = pid // N_SPLIT
     s = pid % N_SPLIT
@@ -593,8 +596,8 @@ def _weight_grad_kernel(X, DY, P, DW, Counters, PairMap, Src, Rows, Offsets, R, 
     else:
         n_sum = N_SPLIT
     tile = (k * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-    sum_partials_if_last_of(P + (k * N_SPLIT).to(tl.int64) * stride_pp, DW + k.to(tl.int64) * (CIN * COUT), Counters,
-                            tile, rc, rn, c_ok, n_ok, stride_pp, COUT, COUT, N_SPLIT, n_sum)
+    sum_partials_if_last_of(P + (k * N_SPLIT).to(tl.int64) * stride_pp, DW + k.to(tl.int64) * stride_wk, Counters,
+                            tile, rc, rn, c_ok, n_ok, stride_pp, COUT, stride_wc, stride_wn, N_SPLIT, n_sum)
 
 
 @triton.jit
@@ -755,12 +758,16 @@ def _weight_grad_triton(x, dy, pair_map, lists=None):
     chunk = _wgrad_chunk(R, K) if lists is None else _wgrad_lists_chunk(R, K)
     n_split = cdiv(R, chunk)
     partial = torch.empty(K * n_split, cin, cout, dtype=torch.float32, device=x.device)
-    dw = torch.empty(K, cin, cout, dtype=x.dtype, device=x.device)
+    # dW is written in spconv's KRSC layout [Cout, K, Cin] and returned as its [K, Cin, Cout] view: the module's
+    # weight gradient is then this buffer reshaped, with no copy
+    dw_krsc = torch.empty(cout, K, cin, dtype=x.dtype, device=x.device)
+    dw = dw_krsc.permute(1, 2, 0)
     src, rows, offsets = lists if lists is not None else (pair_map, pair_map, pair_map)
     # one arrival counter per dW tile, for the smallest tile a config may take (16 x 16)
     counters = split_counters(x.device, K * cdiv(cin, 16) * cdiv(cout, 16))
     args = (x, dy, partial, dw, counters, pair_map, src, rows, offsets, R, cin, cout, n_split, chunk, x.stride(0),
-            dy.stride(0), pair_map.stride(0), partial.stride(0), lists is not None)
+            dy.stride(0), pair_map.stride(0), partial.stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
+            lists is not None)
     # fp32: FMA, not 3xTF32 -- both operands have the rows (the reduction) strided, which tensor-core TF32 cannot
     # take directly (H100, 64 ch: 0.93 ms against 1.16-1.23 ms; scripts/gpu/wgrad_sweep.py --precisions)
     prec = _precision(x)

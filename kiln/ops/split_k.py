@@ -82,10 +82,11 @@ def sum_partials_if_last(P, Y, B, Counters, tile, offs_m, offs_n, m_mask, n_mask
 
 @triton.jit
 def sum_partials_if_last_of(P, Y, Counters, tile, offs_m, offs_n, m_mask, n_mask, stride_ps, stride_pm, stride_ym,
-                            arrivals, n_sum):
+                            stride_yn, arrivals, n_sum):
     """``sum_partials_if_last`` with runtime counts (the sparse weight gradient, whose split count is a launch
     argument): ``arrivals`` programs report for the tile, and the last sums the first ``n_sum`` partials in split
-    order (splits past an offset's pairs wrote nothing; ``n_sum`` = 0 stores zeros) and rounds once into ``Y``.
+    order (splits past an offset's pairs wrote nothing; ``n_sum`` = 0 stores zeros) and rounds once into ``Y``
+    (element (m, n) at ``m * stride_ym + n * stride_yn``: the weight gradient lands in the parameter's layout).
     The counter is an integer arrival count, not a float atomic: the sum's order is fixed and the bits are
     reproducible."""
     tl.debug_barrier()  # every thread of the program has stored its part of the partial before it is counted
@@ -96,8 +97,8 @@ def sum_partials_if_last_of(P, Y, Counters, tile, offs_m, offs_n, m_mask, n_mask
         acc = tl.zeros([offs_m.shape[0], offs_n.shape[0]], dtype=tl.float32)
         for sp in range(0, n_sum):
             acc += tl.load(ptrs + sp * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")  # L2: other SMs
-        tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
-                 mask=mask)
+        tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn,
+                 acc.to(Y.dtype.element_ty), mask=mask)
         tl.atomic_xchg(Counters + tile, 0, sem="relaxed", scope="gpu")
 
 

@@ -79,6 +79,7 @@ def test_weight_grad_triton_matches_reference(dtype):
     got = sg._weight_grad_triton(x, dy, pm)
     ref = sg.weight_grad_ref(x.float(), dy.float(), in_idx, out_idx, counts)
     assert rel_err(got, ref) <= RTOL[dtype]
+    assert got.permute(2, 0, 1).is_contiguous()  # written in the KRSC layout: a module's dW needs no copy
     assert torch.equal(got, sg._weight_grad_triton(x, dy, pm))
     lists = sg.compact_pairs(pm)
     got_lists = sg._weight_grad_triton(x, dy, pm, lists)
