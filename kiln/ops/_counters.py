@@ -22,17 +22,23 @@ MIN_COUNTERS = 4096
 def split_counters(device: torch.device | str, n: int) -> torch.Tensor | None:
     """At least ``n`` zeroed counters on ``device`` for the current stream; None while a CUDA graph is being
     captured and the buffer is too small (the caller takes its path without counters; the eager warm-up before a
-    capture has normally sized the buffer already)."""
-    device = torch.device(device)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    t = _COUNTERS.get((device, stream))  # a capture stream never has one: nothing is allocated while capturing
+    capture has normally sized the buffer already). The lookup reads the raw stream handle (no Stream object):
+    the sparse backward asks once per layer on a host-bound path."""
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = ("cuda", index, torch._C._cuda_getCurrentRawStream(index))
+    else:
+        key = (device.type, device.index, 0)
+    t = _COUNTERS.get(key)  # a capture stream never has one: nothing is allocated while capturing
     if t is not None and t.numel() >= n:
         return t
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        t = _COUNTERS.get((device, torch.cuda.default_stream(device).cuda_stream))
+        t = _COUNTERS.get(("cuda", key[1], torch.cuda.default_stream(key[1]).cuda_stream))
         return t if t is not None and t.numel() >= n else None
     if t is not None:
         _RETIRED.append(t)
     t = torch.zeros(max(n, MIN_COUNTERS, 2 * (0 if t is None else t.numel())), dtype=torch.int32, device=device)
-    _COUNTERS[(device, stream)] = t
+    _COUNTERS[key] = t
     return t

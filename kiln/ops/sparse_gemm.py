@@ -377,7 +377,15 @@ def implicit_gemm(x: torch.Tensor, weight: torch.Tensor, pair_map: torch.Tensor,
     check_tensor("pair_map", pair_map, ndim=2, dtypes=(torch.int32,), device=x.device)
     if pair_map.shape[1] != weight.shape[0]:
         raise ValueError(f"pair_map has {pair_map.shape[1]} offsets but weight has {weight.shape[0]}")
-    if backend_for(x, weight, pair_map) == "triton":
+    return implicit_gemm_unchecked(x, weight, pair_map, order, masks, bias, reverse_offsets,
+                                   backend_for(x, weight, pair_map) == "triton")
+
+
+def implicit_gemm_unchecked(x, weight, pair_map, order, masks, bias, reverse_offsets: bool, triton: bool):
+    """``implicit_gemm`` without its input checks, on the backend the caller chose: for the sparse convolution
+    Function, which validates a layer's inputs once per forward (``kiln.sparse.functional.sparse_conv``); every
+    check costs host time on a host-bound backbone (three GEMM calls per layer)."""
+    if triton:
         return _implicit_gemm_triton(x, weight, pair_map, order, masks, bias, reverse_offsets)
     return implicit_gemm_ref(x, weight.flip(0) if reverse_offsets else weight, pair_map, bias)
 
@@ -469,7 +477,12 @@ def weight_grad(x: torch.Tensor, dy: torch.Tensor, pair_map: torch.Tensor,
     check_tensor("pair_map", pair_map, ndim=2, dtypes=(torch.int32,), device=x.device)
     if pair_map.shape[0] != dy.shape[0]:
         raise ValueError(f"pair_map has {pair_map.shape[0]} rows but grad_out has {dy.shape[0]}")
-    if backend_for(x, dy, pair_map) == "triton":
+    return weight_grad_unchecked(x, dy, pair_map, lists, backend_for(x, dy, pair_map) == "triton")
+
+
+def weight_grad_unchecked(x, dy, pair_map, lists, triton: bool):
+    """``weight_grad`` without its input checks (see ``implicit_gemm_unchecked``)."""
+    if triton:
         return _weight_grad_triton(x, dy, pair_map, lists)
     return weight_grad_ref(x, dy, *pairs_from_map(pair_map))
 

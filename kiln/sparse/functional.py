@@ -19,14 +19,15 @@ import math
 import torch
 
 from kiln.ops import sparse_gemm
-from kiln.ops._dispatch import backend_for
+from kiln.ops._dispatch import FLOAT_DTYPES, backend_for
 
 from .rulebook import Rulebook, is_deterministic
 
 ALGOS = ("auto", "implicit", "gather")
 
 
-def resolve_algo(algo: str, x: torch.Tensor) -> str:
+def resolve_algo(algo: str, x: torch.Tensor, triton: bool | None = None) -> str:
+    """The path for ``algo`` on ``x`` (``triton``: whether kiln's Triton kernels serve x, if already known)."""
     if algo not in ALGOS:
         raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
     if algo != "auto":
@@ -35,14 +36,16 @@ def resolve_algo(algo: str, x: torch.Tensor) -> str:
         return algo
     if is_deterministic() and x.is_cuda:
         return "implicit"
-    return "implicit" if backend_for(x) == "triton" else "gather"
+    return "implicit" if (backend_for(x) == "triton" if triton is None else triton) else "gather"
 
 
 def _planned(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def _apply(x: torch.Tensor, w: torch.Tensor, rb: Rulebook, algo: str, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _apply(x: torch.Tensor, w: torch.Tensor, rb: Rulebook, algo: str, bias: torch.Tensor | None,
+           triton: bool) -> torch.Tensor:
+    """The convolution over ``rb`` of inputs ``sparse_conv`` validated (the kernels' own checks are skipped)."""
     if algo == "gather" and _planned(x, w):
         return sparse_gemm.planned_conv(x, w, rb.plan(sparse_gemm.plan_block_pairs(w.shape[1], w.shape[2])), bias)
     if algo == "implicit":
@@ -50,9 +53,9 @@ def _apply(x: torch.Tensor, w: torch.Tensor, rb: Rulebook, algo: str, bias: torc
         channels = w.shape[1] * w.shape[2]
         if src is not None:  # sum_k x[flip(pm)[r, k]] w[k] = sum_k x[pm[r, k]] w[K-1-k]: the weight read backwards
             order, masks = src.fwd_schedule(channels)
-            return sparse_gemm.implicit_gemm(x, w, src.pair_fwd(), order, masks, bias, reverse_offsets=True)
+            return sparse_gemm.implicit_gemm_unchecked(x, w, src.pair_fwd(), order, masks, bias, True, triton)
         order, masks = rb.fwd_schedule(channels)
-        return sparse_gemm.implicit_gemm(x, w, rb.pair_fwd(), order, masks, bias)
+        return sparse_gemm.implicit_gemm_unchecked(x, w, rb.pair_fwd(), order, masks, bias, False, triton)
     return sparse_gemm.gather_gemm_scatter(x, w, rb.in_idx, rb.out_idx, rb.counts, rb.n_out, rb.identity_offset,
                                            bias)
 
@@ -65,12 +68,13 @@ class SparseConvFunction(torch.autograd.Function):
     The bias joins the fp32 accumulator before the output is rounded (once) to the features' dtype."""
 
     @staticmethod
-    def forward(ctx, x, w, b, rb: Rulebook, algo: str, krsc: bool = False):
+    def forward(ctx, x, w, b, rb: Rulebook, algo: str, krsc: bool = False, triton: bool = False):
         ctx.rb = rb
         ctx.algo = algo
         ctx.krsc = krsc
+        ctx.triton = triton
         ctx.save_for_backward(x, w)
-        return _apply(x, _kcc(w) if krsc else w, rb, algo, b)
+        return _apply(x, _kcc(w) if krsc else w, rb, algo, b, triton)
 
     @staticmethod
     def backward(ctx, dy):
@@ -86,13 +90,13 @@ class SparseConvFunction(torch.autograd.Function):
                                                        ctx.needs_input_grad[1])
         else:
             if ctx.needs_input_grad[0]:
-                dx = _apply(dy, w.transpose(1, 2), rb.swapped(), ctx.algo)
+                dx = _apply(dy, w.transpose(1, 2), rb.swapped(), ctx.algo, None, ctx.triton)
             if ctx.needs_input_grad[1]:
                 lists = rb.compact_pairs() if sparse_gemm.wgrad_from_lists(x.dtype, rb.n_out) else None
-                dw = sparse_gemm.weight_grad(x, dy, rb.pair_fwd(), lists)
+                dw = sparse_gemm.weight_grad_unchecked(x, dy, rb.pair_fwd(), lists, ctx.triton)
         if dw is not None and ctx.krsc:
             dw = dw.permute(2, 0, 1).reshape(w_in.shape)  # [K, Cin, Cout] -> the parameter's [Cout, *k, Cin]
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 def _kcc(w: torch.Tensor) -> torch.Tensor:
@@ -104,15 +108,30 @@ def sparse_conv(x: torch.Tensor, w: torch.Tensor, rb: Rulebook, algo: str = "aut
                 bias: torch.Tensor | None = None, krsc: bool = False) -> torch.Tensor:
     """Sparse convolution of features ``x`` [n_in, Cin] with ``w`` [K, Cin, Cout] (any strides; with ``krsc``
     spconv's [Cout, *kernel, Cin]) over ``rb``, plus ``bias`` [Cout] (in x's dtype) added before the output's one
-    rounding."""
+    rounding. The inputs are checked here, once: the kernels behind it (forward and backward) skip their own
+    checks."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"features must be a float32/float16/bfloat16 tensor [N, C], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if x.shape[0] != rb.n_in:
         raise ValueError(f"features has {x.shape[0]} rows but the rulebook expects {rb.n_in}")
-    K = math.prod(w.shape[1:-1]) if krsc else w.shape[0]
+    if not isinstance(w, torch.Tensor) or (w.dim() < 3 if krsc else w.dim() != 3):
+        raise ValueError(f"weight must be [K, Cin, Cout]{' or [Cout, *kernel, Cin]' if krsc else ''}, got "
+                         f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
+    K, cin, cout = (math.prod(w.shape[1:-1]), w.shape[-1], w.shape[0]) if krsc else tuple(w.shape)
     if K != rb.kernel_volume:
         raise ValueError(f"weight has {K} kernel offsets but the rulebook has {rb.kernel_volume}")
+    if cin != x.shape[1]:
+        raise ValueError(f"weight has {cin} input channels but features has {x.shape[1]}")
     if w.dtype != x.dtype:
         raise ValueError(f"features dtype {x.dtype} differs from weight dtype {w.dtype}")
-    return SparseConvFunction.apply(x, w, bias, rb, resolve_algo(algo, x), krsc)
+    if w.device != x.device:
+        raise ValueError(f"features is on {x.device} but weight is on {w.device}")
+    if bias is not None and (bias.shape != (cout,) or bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(f"bias must be [{cout}] in {x.dtype} on {x.device}, got {tuple(bias.shape)} "
+                         f"{bias.dtype} on {bias.device}")
+    triton = backend_for(x) == "triton"
+    return SparseConvFunction.apply(x, w, bias, rb, resolve_algo(algo, x, triton), krsc, triton)
 
 
 def sparse_max_pool(x: torch.Tensor, rb: Rulebook) -> torch.Tensor:

@@ -114,3 +114,24 @@ def test_bad_layer_usage_raises_value_error():
     with pytest.raises(ValueError, match="voxels"):
         sp.SubMConv3d(2, 2, 3, indice_key="s")(sp.SparseConvTensor(f[:2], i[:2], [3, 3, 3], 2,
                                                                    indice_dict=x.indice_dict))
+
+
+def test_functional_sparse_conv_checks_its_inputs_once_for_the_kernels():
+    """``functional.sparse_conv`` validates what its kernels (forward and backward, which skip their own checks)
+    rely on: a mismatch is a ValueError naming it, never a kernel reading out of bounds."""
+    from kiln.sparse import functional as Fsp
+    from kiln.sparse.rulebook import build_subm
+
+    f, i = _good()
+    rb = build_subm(i, [3, 3, 3], [3, 3, 3], [1, 1, 1])
+    w = torch.randn(4, 3, 3, 3, 2)  # KRSC: Cout 4, Cin 2
+    assert Fsp.sparse_conv(f, w, rb, krsc=True).shape == (3, 4)
+    for args, kw, match in [((f, w[..., :1], rb), {"krsc": True}, "input channels"),
+                            ((f, w[:, :2], rb), {"krsc": True}, "kernel offsets"),
+                            ((f, w.double(), rb), {"krsc": True}, "dtype"),
+                            ((f[:, 0], w, rb), {"krsc": True}, r"\[N, C\]"),
+                            ((f[:2], w, rb), {"krsc": True}, "rows"),
+                            ((f, w, rb), {"krsc": True, "bias": torch.zeros(3)}, "bias"),
+                            ((f, torch.randn(27, 3, 4), rb), {}, "input channels")]:
+        with pytest.raises(ValueError, match=match):
+            Fsp.sparse_conv(*args, **kw)
