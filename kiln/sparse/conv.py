@@ -197,8 +197,8 @@ class SparseConvolution(SparseModule):
             w = w.to(feats.dtype)
         bias = self.bias.to(feats.dtype) if self.bias is not None else None
         out = Fsp.sparse_conv(feats, w, rb, self.algo, bias, krsc=True)
-        return SparseConvTensor(out, out_indices, out_shape, input.batch_size, indice_dict=input.indice_dict,
-                                benchmark=input.benchmark, validate=False)
+        return SparseConvTensor._derived(out, out_indices, list(out_shape), input.batch_size, input.indice_dict,
+                                         input.benchmark)
 
 
 def _make(cls_name, ndim, **fixed):

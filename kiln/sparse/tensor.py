@@ -119,6 +119,17 @@ class SparseConvTensor:
         self.benchmark = benchmark
         self.benchmark_record: dict = {}
 
+    @classmethod
+    def _derived(cls, features: torch.Tensor, indices: torch.Tensor, spatial_shape: list[int], batch_size: int,
+                 indice_dict: dict, benchmark: bool = False, grid=None, voxel_num=None) -> "SparseConvTensor":
+        """A layer's output, built without ``__init__``'s parsing and checks: every argument comes from a tensor
+        that passed them (or from a rulebook built from one). A backbone makes a few dozen of these per step."""
+        new = cls.__new__(cls)
+        new.features, new.indices, new.spatial_shape, new.batch_size = features, indices, spatial_shape, batch_size
+        new.indice_dict, new.grid, new.voxel_num, new.benchmark = indice_dict, grid, voxel_num, benchmark
+        new.benchmark_record = {}
+        return new
+
     @property
     def spatial_size(self) -> int:
         return int(np.prod(self.spatial_shape))
@@ -133,8 +144,8 @@ class SparseConvTensor:
         if not isinstance(feature, torch.Tensor) or feature.dim() != 2 or feature.shape[0] != self.indices.shape[0]:
             shape = tuple(feature.shape) if isinstance(feature, torch.Tensor) else type(feature).__name__
             raise ValueError(f"replace_feature needs features [{self.indices.shape[0]}, C], got {shape}")
-        new = SparseConvTensor(feature, self.indices, self.spatial_shape, self.batch_size, self.grid,
-                               self.voxel_num, self.indice_dict, self.benchmark, validate=False)
+        new = SparseConvTensor._derived(feature, self.indices, self.spatial_shape, self.batch_size, self.indice_dict,
+                                        self.benchmark, self.grid, self.voxel_num)
         new.benchmark_record = self.benchmark_record
         return new
 
