@@ -75,7 +75,24 @@ def test_quantized_store_kv_and_rope_store_write_the_reference_codes(qdtype, dty
     kv_cache._rope_and_store_kv_triton(q1, k1, v, pos, cos_sin, outs[0], outs[1], slots, True, ks, vs)
     kv_cache.rope_and_store_kv_ref(q2, k2, v, pos, cos_sin, outs[2], outs[3], slots, True, ks, vs)
     assert torch.allclose(q1, q2, rtol=1e-6, atol=1e-6)
-    assert codes_close(outs[0], outs[2], qdtype) and codes_close(outs[1], outs[3], qdtype)
+    assert roped_codes_close(outs[0], outs[2], k2, ks, slots, qdtype) and codes_close(outs[1], outs[3], qdtype)
+
+
+def roped_codes_close(got, ref, roped, scale, slots, qdtype):
+    """``codes_close`` for codes of rotated keys: the kernel's fp32 rotation may differ from torch's in the last
+    bit (FMA contraction), which moves a value sitting on a rounding boundary (x.5 for int8) to the next code. Such
+    a code may differ by one; any other difference fails."""
+    if codes_close(got, ref, qdtype):
+        return True
+    if qdtype != torch.int8:
+        return False
+    ok = slots >= 0
+    g = got.view(-1, *roped.shape[1:])[slots[ok]].int()
+    r = ref.view(-1, *roped.shape[1:])[slots[ok]].int()
+    v = (roped[ok].float() * (1.0 / scale.float())[None, :, None]).abs()
+    on_boundary = ((v - v.floor()) - 0.5).abs() < 1e-4
+    differ = g != r
+    return bool(((g - r).abs() <= 1).all() and on_boundary[differ].all())
 
 
 def paged_setup(g, qdtype, dtype, lens_new, lens_k, hq=4, hkv=2, d=32, bs=8):
