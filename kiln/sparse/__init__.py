@@ -14,6 +14,8 @@ from .pool import (SparseAvgPool1d, SparseAvgPool2d, SparseAvgPool3d, SparseMaxP
                    SparseMaxPool3d)
 from .rulebook import deterministic, is_deterministic, set_deterministic
 from .tensor import IndiceData, SparseConvTensor
+from . import utils  # spconv.pytorch.utils' names (PointToVoxel)
+from .voxelize import PointToVoxel
 
 __all__ = [
     "ConvAlgo", "IndiceData", "RemoveGrid", "SparseAvgPool1d", "SparseAvgPool2d", "SparseAvgPool3d",
@@ -21,5 +23,5 @@ __all__ = [
     "SparseConvTranspose2d", "SparseConvTranspose3d", "SparseConvolution", "SparseIdentity", "SparseInverseConv1d",
     "SparseInverseConv2d", "SparseInverseConv3d", "SparseMaxPool1d", "SparseMaxPool2d", "SparseMaxPool3d",
     "SparseModule", "SparseReLU", "SparseSequential", "SubMConv1d", "SubMConv2d", "SubMConv3d", "ToDense",
-    "deterministic", "is_deterministic", "set_deterministic",
+    "deterministic", "is_deterministic", "set_deterministic", "utils",
 ]

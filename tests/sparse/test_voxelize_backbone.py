@@ -16,6 +16,7 @@ def test_point_to_voxel_matches_spconv():
     g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
     pts = torch.rand(3000, 4, generator=g) * torch.tensor([12.0, 10.0, 4.0, 1.0]) - torch.tensor([1.0, 0, 0.5, 0])
     args = ([0.5, 0.5, 0.5], [0, 0, 0, 10, 8, 3], 4, 200, 5)  # more voxels than 200: overflow dropped
+    assert ksp.utils.PointToVoxel is PointToVoxel  # spconv.pytorch.utils' name, for `import kiln.sparse as spconv`
     ours = PointToVoxel(*args)(pts)
     theirs = utils.PointToVoxel(*args)(pts)
     assert torch.equal(ours[1], theirs[1].int()), "ZYX coordinates in first-point order"
