@@ -129,6 +129,13 @@ class ConvPlan:
     dst: torch.Tensor  # int64 [P] destination row of each pair
     blocks: list[PlanBlock]
 
+    def with_offsets_reversed(self) -> "ConvPlan":
+        """The same pairs and blocks with offset k read as K-1-k (the plan of a mirrored rulebook's twin)."""
+        last = self.kernel_volume - 1
+        blocks = [PlanBlock(b.r0, b.r1, [(last - k, z0, z1, g0) for k, z0, z1, g0 in b.segments], b.bag_idx,
+                            b.bag_off, b.n_products) for b in self.blocks]
+        return ConvPlan(self.n_rows, self.kernel_volume, self.src, self.dst, blocks)
+
 
 def plan_block_pairs(cin: int, cout: int) -> int:
     """Pairs per block: the largest power of two whose product buffer fits ``PLAN_BUDGET_BYTES`` (>= 4096)."""

@@ -7,6 +7,7 @@ import torch
 import kiln.sparse as sp
 import kiln.sparse.functional as Fsp
 from kiln.ops import sparse_gemm
+from kiln.sparse.rulebook import build_subm
 
 from .helpers import random_voxels, rel_err
 
@@ -63,10 +64,9 @@ def test_planned_path_with_many_blocks_matches_gather_scatter_at_two_threads(mon
 def test_plan_splits_large_rulebooks_into_blocks(monkeypatch):
     feats, idx, shape, batch = random_voxels(3000, (12, 30, 28), 1, 4, 0)
     x = sp.SparseConvTensor(feats, idx, shape, batch)
-    conv = sp.SubMConv3d(4, 4, 3, indice_key="s")
-    conv(x)
-    rb = x.indice_dict["s"].rulebook
+    rb = build_subm(idx, shape, [3, 3, 3], [1, 1, 1])  # fresh: a rulebook keeps the plan its first layer asked for
     plan = rb.plan(4096)
+    assert rb.plan(1 << 20) is plan
     assert len(plan.blocks) == -(-sum(rb.counts) // 4096)
     assert [b.r0 for b in plan.blocks[1:]] == [b.r1 for b in plan.blocks[:-1]]
     assert plan.blocks[0].r0 == 0 and plan.blocks[-1].r1 == rb.n_out
@@ -74,3 +74,24 @@ def test_plan_splits_large_rulebooks_into_blocks(monkeypatch):
     # the centre offset (identity pairs) is read in place: never gathered
     gathered = sum(z1 - z0 for b in plan.blocks for _, z0, z1, g0 in b.segments if g0 >= 0)
     assert gathered == sum(rb.counts) - rb.n_out
+
+
+def test_mirrored_rulebook_twin_reuses_the_plan_with_offsets_reversed():
+    """A submanifold rulebook (odd kernel) and its swapped twin hold the same pairs, offset k as K-1-k: the twin's
+    plan (the input gradient's) is the original's relabelled, and computes what a freshly built plan computes."""
+    from kiln.ops import sparse_gemm as sg
+
+    feats, idx, shape, batch = random_voxels(2000, (12, 30, 28), 1, 4, 1)
+    rb = build_subm(idx, shape, [3, 3, 3], [1, 1, 1])
+    fwd = rb.plan(4096)
+    twin = rb.swapped()
+    got = twin.plan(4096)
+    assert got.src is fwd.src and [s[0] for s in got.blocks[0].segments] == \
+        [rb.kernel_volume - 1 - s[0] for s in fwd.blocks[0].segments]
+    fresh = sg.build_plan(twin.out_idx, twin.in_idx, twin.counts, twin.n_out, twin.identity_offset, 4096)
+    w = torch.randn(rb.kernel_volume, 4, 5)
+    dy = torch.randn(rb.n_out, 5)
+    a = sg.planned_conv_backward(feats, w, dy, got)
+    b = sg.planned_conv_backward(feats, w, dy, fresh)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
