@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ._triton import tl, triton
+
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []  # outgrown buffers stay allocated: a captured CUDA graph may still point at them
 MIN_COUNTERS = 4096
@@ -42,3 +44,18 @@ def split_counters(device: torch.device | str, n: int) -> torch.Tensor | None:
     t = torch.zeros(max(n, MIN_COUNTERS, 2 * (0 if t is None else t.numel())), dtype=torch.int32, device=device)
     _COUNTERS[key] = t
     return t
+
+
+@triton.jit
+def last_to_arrive(counter, arrivals):
+    """The group's arrival, in each of its ``arrivals`` programs after it stored its partial: True in the program
+    that arrives last, which then reads the others' partials (``.cg`` loads: from L2) and calls ``rearm``. The
+    barrier puts every thread's stores before the count; acq_rel at GPU scope publishes them to the last program."""
+    tl.debug_barrier()
+    return tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == arrivals - 1
+
+
+@triton.jit
+def rearm(counter):
+    """The last program sets its group's counter back to 0 for the next launch (ordered by the stream)."""
+    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")

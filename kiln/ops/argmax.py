@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._counters import split_counters
+from ._counters import last_to_arrive, rearm, split_counters
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor
 from ._triton import cdiv, next_power_of_2, tl, triton
 
@@ -57,15 +57,14 @@ def _argmax_kernel(X, PV, PI, CNT, OUT, V, sx, NCHUNK: tl.constexpr, CHUNK: tl.c
     else:
         tl.store(PV + row * NCHUNK + c, m)
         tl.store(PI + row * NCHUNK + c, first)
-        tl.debug_barrier()
-        if tl.atomic_add(CNT + row, 1, sem="acq_rel") == NCHUNK - 1:  # the row's last chunk merges them all
+        if last_to_arrive(CNT + row, NCHUNK):  # the row's last chunk merges them all
             j = tl.arange(0, BLOCK_C)
             j_ok = j < NCHUNK
             pv = tl.load(PV + row * NCHUNK + j, mask=j_ok, other=float("-inf"), cache_modifier=".cg")
             pi = tl.load(PI + row * NCHUNK + j, mask=j_ok, other=2147483647, cache_modifier=".cg")
             _, best = _first_max(pv, pi, j_ok, 2147483647)
             tl.store(OUT + row, best.to(tl.int64))
-            tl.atomic_xchg(CNT + row, 0)
+            rearm(CNT + row)
 
 
 def _argmax_triton(x: torch.Tensor, counters: torch.Tensor, chunk: int | None = None) -> torch.Tensor:

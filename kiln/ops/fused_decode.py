@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from ._counters import split_counters
+from ._counters import last_to_arrive, rearm, split_counters
 from ._dispatch import FLOAT_DTYPES, backend_for, check_same, check_tensor, interpreting, pdl_launch_args
 from ._triton import next_power_of_2, tl, triton
 from .attention import (_precision, _upcast, decode_num_splits, paged_attention, paged_attention_ref,
@@ -228,9 +228,8 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
         row = seq * HQ + head
         tl.store(MID_O + (row[:, None] * SPLITS + split) * D + d[None, :], out, mask=g_ok[:, None])
         tl.store(MID_LSE + row * SPLITS + split, lse, mask=g_ok)
-        tl.debug_barrier()  # every thread's partials are issued before the counter moves
         lock = LOCKS + seq * HKV + kvh
-        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
+        if last_to_arrive(lock, SPLITS):
             # the last split of this (sequence, KV head) merges all of them, RED_G heads at a time: every load
             # of a chunk is issued at once (one L2 round trip), not one head after another
             s_idx = tl.arange(0, BLOCK_S)
@@ -250,7 +249,7 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
                 o = tl.sum(parts * w[:, :, None], 1)  # [RED_G, D]
                 tl.store(O + seq * so_t + (kvh * GROUP + g0 + rg)[:, None] * so_h + d[None, :], o.to(dt),
                          mask=rg_ok[:, None])
-            tl.atomic_xchg(lock, 0)
+            rearm(lock)
 
 
 def _decode_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, seqlens_k,

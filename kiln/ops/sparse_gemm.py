@@ -34,7 +34,8 @@ from .split_k import sum_partials_if_last_of
 _REF_CHUNK_ELEMS = 1 << 24
 
 
-def _check_common(x, weight, bias=None):
+def check_conv_inputs(x, weight, bias=None):
+    """Features [N, Cin] in a float dtype, weight [K, Cin, Cout] and bias [Cout] in its dtype on its device."""
     check_tensor("features", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=3, dtypes=(x.dtype,), device=x.device)
     if weight.shape[1] != x.shape[1]:
@@ -71,7 +72,7 @@ def gather_gemm_scatter(x: torch.Tensor, weight: torch.Tensor, in_idx: torch.Ten
     submanifold kernel): it becomes a plain GEMM with no gather or scatter. The bias is added to the fp32 sum,
     before the one rounding to x's dtype.
     """
-    _check_common(x, weight, bias)
+    check_conv_inputs(x, weight, bias)
     if len(counts) != weight.shape[0]:
         raise ValueError(f"counts has {len(counts)} offsets but weight has {weight.shape[0]}")
     fp32 = _accumulate_fp32(x)
@@ -277,7 +278,7 @@ def planned_conv(x: torch.Tensor, weight: torch.Tensor, plan: ConvPlan,
     order (fixed: offset order within a row), computed in fp32 on the CPU for half inputs (the bias too, before
     the one rounding).
     """
-    _check_common(x, weight, bias)
+    check_conv_inputs(x, weight, bias)
     if plan.kernel_volume != weight.shape[0]:
         raise ValueError(f"plan has {plan.kernel_volume} offsets but weight has {weight.shape[0]}")
     fp32 = _accumulate_fp32(x)
@@ -380,7 +381,7 @@ def implicit_gemm(x: torch.Tensor, weight: torch.Tensor, pair_map: torch.Tensor,
     ``reverse_offsets`` uses ``weight[K-1-k]`` for offset k (a mirrored submanifold rulebook's input gradient),
     read through a negative stride rather than a flipped copy.
     """
-    _check_common(x, weight, bias)
+    check_conv_inputs(x, weight, bias)
     check_tensor("pair_map", pair_map, ndim=2, dtypes=(torch.int32,), device=x.device)
     if pair_map.shape[1] != weight.shape[0]:
         raise ValueError(f"pair_map has {pair_map.shape[1]} offsets but weight has {weight.shape[0]}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ._counters import last_to_arrive, rearm
 from ._dispatch import interpreting, pdl_launch_args
 from ._triton import cdiv, direct, next_power_of_2, tl, triton
 
@@ -65,9 +66,7 @@ def sum_partials_if_last(P, Y, B, Counters, tile, offs_m, offs_n, m_mask, n_mask
     partials in split order, adds the bias and rounds once into ``Y``, as ``sum_partials`` would (the same
     arithmetic, so the same bits), then re-arms the counter to 0. A decode step then needs no separate sum kernel
     per split linear, and no launch gap before it."""
-    tl.debug_barrier()  # every thread of the program has stored its part of the partial before it is counted
-    arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel", scope="gpu")
-    if arrived == SPLIT - 1:
+    if last_to_arrive(Counters + tile, SPLIT):
         mask = m_mask[:, None] & n_mask[None, :]
         ptrs = P + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :]
         acc = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")  # L2: other SMs wrote the partials
@@ -77,7 +76,7 @@ def sum_partials_if_last(P, Y, B, Counters, tile, offs_m, offs_n, m_mask, n_mask
             acc += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
                  mask=mask)
-        tl.atomic_xchg(Counters + tile, 0, sem="relaxed", scope="gpu")
+        rearm(Counters + tile)
 
 
 @triton.jit
@@ -89,9 +88,7 @@ def sum_partials_if_last_of(P, Y, Counters, tile, offs_m, offs_n, m_mask, n_mask
     (element (m, n) at ``m * stride_ym + n * stride_yn``: the weight gradient lands in the parameter's layout).
     The counter is an integer arrival count, not a float atomic: the sum's order is fixed and the bits are
     reproducible."""
-    tl.debug_barrier()  # every thread of the program has stored its part of the partial before it is counted
-    arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel", scope="gpu")
-    if arrived == arrivals - 1:
+    if last_to_arrive(Counters + tile, arrivals):
         mask = m_mask[:, None] & n_mask[None, :]
         ptrs = P + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :]
         acc = tl.zeros([offs_m.shape[0], offs_n.shape[0]], dtype=tl.float32)
@@ -99,7 +96,7 @@ def sum_partials_if_last_of(P, Y, Counters, tile, offs_m, offs_n, m_mask, n_mask
             acc += tl.load(ptrs + sp * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")  # L2: other SMs
         tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn,
                  acc.to(Y.dtype.element_ty), mask=mask)
-        tl.atomic_xchg(Counters + tile, 0, sem="relaxed", scope="gpu")
+        rearm(Counters + tile)
 
 
 def sum_partials(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,

@@ -19,7 +19,7 @@ import math
 import torch
 
 from kiln.ops import sparse_gemm
-from kiln.ops._dispatch import FLOAT_DTYPES, backend_for
+from kiln.ops._dispatch import backend_for
 
 from .rulebook import Rulebook, is_deterministic
 
@@ -110,26 +110,15 @@ def sparse_conv(x: torch.Tensor, w: torch.Tensor, rb: Rulebook, algo: str = "aut
     spconv's [Cout, *kernel, Cin]) over ``rb``, plus ``bias`` [Cout] (in x's dtype) added before the output's one
     rounding. The inputs are checked here, once: the kernels behind it (forward and backward) skip their own
     checks."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"features must be a float32/float16/bfloat16 tensor [N, C], got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if krsc and (not isinstance(w, torch.Tensor) or w.dim() < 3):
+        raise ValueError(f"weight must be spconv's [Cout, *kernel, Cin], got "
+                         f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
+    sparse_gemm.check_conv_inputs(x, _kcc(w) if krsc else w, bias)
     if x.shape[0] != rb.n_in:
         raise ValueError(f"features has {x.shape[0]} rows but the rulebook expects {rb.n_in}")
-    if not isinstance(w, torch.Tensor) or (w.dim() < 3 if krsc else w.dim() != 3):
-        raise ValueError(f"weight must be [K, Cin, Cout]{' or [Cout, *kernel, Cin]' if krsc else ''}, got "
-                         f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
-    K, cin, cout = (math.prod(w.shape[1:-1]), w.shape[-1], w.shape[0]) if krsc else tuple(w.shape)
+    K = math.prod(w.shape[1:-1]) if krsc else w.shape[0]
     if K != rb.kernel_volume:
         raise ValueError(f"weight has {K} kernel offsets but the rulebook has {rb.kernel_volume}")
-    if cin != x.shape[1]:
-        raise ValueError(f"weight has {cin} input channels but features has {x.shape[1]}")
-    if w.dtype != x.dtype:
-        raise ValueError(f"features dtype {x.dtype} differs from weight dtype {w.dtype}")
-    if w.device != x.device:
-        raise ValueError(f"features is on {x.device} but weight is on {w.device}")
-    if bias is not None and (bias.shape != (cout,) or bias.dtype != x.dtype or bias.device != x.device):
-        raise ValueError(f"bias must be [{cout}] in {x.dtype} on {x.device}, got {tuple(bias.shape)} "
-                         f"{bias.dtype} on {bias.device}")
     triton = backend_for(x) == "triton"
     return SparseConvFunction.apply(x, w, bias, rb, resolve_algo(algo, x, triton), krsc, triton)
 

@@ -129,7 +129,7 @@ def test_functional_sparse_conv_checks_its_inputs_once_for_the_kernels():
     for args, kw, match in [((f, w[..., :1], rb), {"krsc": True}, "input channels"),
                             ((f, w[:, :2], rb), {"krsc": True}, "kernel offsets"),
                             ((f, w.double(), rb), {"krsc": True}, "dtype"),
-                            ((f[:, 0], w, rb), {"krsc": True}, r"\[N, C\]"),
+                            ((f[:, 0], w, rb), {"krsc": True}, "features must have 2 dims"),
                             ((f[:2], w, rb), {"krsc": True}, "rows"),
                             ((f, w, rb), {"krsc": True, "bias": torch.zeros(3)}, "bias"),
                             ((f, torch.randn(27, 3, 4), rb), {}, "input channels")]:
