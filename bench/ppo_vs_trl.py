@@ -352,14 +352,22 @@ def main(argv=None) -> int:
         if "gc_freeze" in runs:
             results["trl_gc_freeze"] = run_trl(a, model_dir, device, train_texts, reward, freeze=True)
 
+    def final_reward(name):
+        return eval_reward(engine, results[name]["policy"].named_parameters(), eval_ids, eval_texts, reward,
+                           a.response_length, a.temperature, seed=4242, samples=a.eval_samples)
+
+    finals = {name: final_reward(name) for name in results}
+    # the same policies again in reverse order: the shared engine must score a policy the same whichever policy
+    # it held before (a stale weight or cached state would favour or penalise the one evaluated first)
+    finals_reversed = {name: final_reward(name) for name in reversed(list(results))}
     summary = {}
     for name, r in results.items():
         steady = r["iteration_s"][1:] or r["iteration_s"]
-        final = eval_reward(engine, r["policy"].named_parameters(), eval_ids, eval_texts, reward,
-                            a.response_length, a.temperature, seed=4242, samples=a.eval_samples)
+        final = finals[name]
         summary[name] = {"s_per_iteration": statistics.median(steady),
                          "rollout_tokens_per_s": statistics.median(r["tokens_per_s"][1:] or r["tokens_per_s"]),
                          "train_scores": r["scores"], "train_kl": r["kl"], "final_eval_reward": final,
+                         "final_eval_reward_reverse_order": finals_reversed[name],
                          "iteration_s": r["iteration_s"]}
     k = summary["kiln"]
     kp = results["kiln"]["phases"]
@@ -389,7 +397,7 @@ def main(argv=None) -> int:
           f"max {gap['max_abs_logprob_diff']:.2e}")
     for name, r in summary.items():
         print(f"train scores {name:>14}: " + " ".join(f"{x:.3f}" for x in r["train_scores"])
-              + f" | final eval {r['final_eval_reward']:.4f}")
+              + f" | final eval {r['final_eval_reward']:.4f} (reverse order {r['final_eval_reward_reverse_order']:.4f})")
     path = Path(a.json) if a.json else Path(__file__).with_suffix(".json")
     table.save(path)
     data = json.loads(path.read_text())

@@ -156,6 +156,10 @@ for f in sorted(out.glob("reward_seed*.json")):
     s = json.loads(f.read_text())["summary"]
     if "trl_gc_freeze" in s:
         pairs.append((f.stem, s["kiln"]["final_eval_reward"], s["trl_gc_freeze"]["final_eval_reward"]))
+        rev = [s[n].get("final_eval_reward_reverse_order") for n in ("kiln", "trl_gc_freeze")]
+        if None not in rev and rev != [pairs[-1][1], pairs[-1][2]]:
+            print(f"{f.stem}: the engine scored a policy differently in reverse order: kiln {rev[0]:.4f}, "
+                  f"TRL+gc {rev[1]:.4f}")
 if pairs:
     import statistics as st
     for name, k, t in pairs:
