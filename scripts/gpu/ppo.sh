@@ -89,9 +89,10 @@ reward_seed() {  # one seed's paired kiln / TRL run; its lines printed together 
   timeout "$STEP_LIMIT_S" $PY bench/ppo_vs_trl.py --device "$DEVICE" --iterations "$REWARD_ITERS" \
       --batch-size "$BENCH_BATCH" --response-length "$BENCH_LEN" --eval-samples "$EVAL_SAMPLES" --seed "$seed" \
       --trl-runs gc_freeze $TRL_FLAG --json "$OUT/reward_seed$seed.json" > "$log" 2>&1 \
-      || echo "reward seed $seed failed or timed out" >> "$log"
+      || { rc=$?; tail -n 5 "$log" > "$log.tail"; echo "reward seed $seed failed or timed out (rc $rc):" >> "$log";
+           cat "$log.tail" >> "$log"; rm -f "$log.tail"; }
   { echo "-- final reward, seed $seed: $REWARD_ITERS iterations, kiln and TRL + gc.freeze() (fp32)"
-    grep -E "final eval|train scores|failed or timed out" "$log"; } || true
+    grep -E "final eval|train scores" "$log"; grep -A5 "failed or timed out" "$log"; } || true
   rm -f "$log"
 }
 # REWARD_PARALLEL seeds at once: the bundled model leaves the GPU mostly idle, and rewards do not depend on timing
