@@ -24,7 +24,7 @@ from .distributed import (SINGLE, EngineDeadError, TensorParallel, TPWorkers, ch
 from .kv_cache import BlockManager
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .runner import ModelRunner
-from .sampler import PendingSample, Sampler
+from .sampler import PendingSample, Sampler, SeedStream
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
@@ -218,10 +218,8 @@ class LLMEngine:
                              f"{len(ids)}-token prompt (max_model_len={self.max_model_len})")
         seqs = []
         for i in range(params.n):
-            gen = None
-            if params.seed is not None:
-                gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
-            seqs.append(Sequence(request_id, i, list(ids), len(ids), params, gen))
+            rng = SeedStream(params.seed + i) if params.seed is not None else None
+            seqs.append(Sequence(request_id, i, list(ids), len(ids), params, rng))
         req = Request(request_id, text, ids, params, seqs, RequestMetrics(arrival_time or time.time()))
         self.requests[request_id] = req
         for s in seqs:
@@ -314,7 +312,7 @@ class LLMEngine:
         with self._worker_errors():
             pending = self.sampler.sample(result.logits, [s.params for s in seqs],
                                           [(s.token_ids, s.num_prompt_tokens) for s in seqs],
-                                          [s.generator for s in seqs], [self._banned(s) for s in seqs])
+                                          [s.rng for s in seqs], [self._banned(s) for s in seqs])
             step = _StepInFlight(batch, seqs, pending)
             if result.decode and self.async_scheduling:
                 self._in_flight = step
@@ -332,7 +330,7 @@ class LLMEngine:
             self.stats["steps_ahead"] += 1
             nxt = _StepInFlight(batch, batch.seqs, self.sampler.sample(
                 result.logits, [s.params for s in prev.seqs], [(s.token_ids, s.num_prompt_tokens) for s in prev.seqs],
-                [s.generator for s in prev.seqs], [[] for _ in prev.seqs]))
+                [s.rng for s in prev.seqs], [[] for _ in prev.seqs]))
         outputs = self._complete(prev)
         if nxt is not None:
             # the next step's bookkeeping needs this step's tokens (full blocks are hashed by their token ids)

@@ -1,17 +1,21 @@
 """Turn the step's logits into tokens: penalties, temperature, top-k, top-p, min-p, seeded sampling, logprobs.
 
-Everything runs on the logits' device in batched tensor ops; per-request seeds use per-request generators, so a
-seeded request samples the same tokens whatever else shares its batch. Sampling uses the exponential-race trick
-(argmax of p / E with E ~ Exp(1)), which draws exactly from p without a host round trip.
+Everything runs on the logits' device in batched tensor ops, and a seeded request samples the same tokens whatever
+else shares its batch. Sampling draws exactly from p without a host round trip: on the Triton backend (CUDA) one
+kernel takes the argmax of the logits plus Gumbel noise that it computes from each row's seed and draw number
+(``kiln.ops.argmax.gumbel_argmax_rows``); elsewhere the exponential race (argmax of p / E, E ~ Exp(1)) with a
+``torch.Generator`` per seeded request. The two backends draw different numbers for one seed.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
 
-from kiln.ops.argmax import argmax_rows
+from kiln.ops._dispatch import backend_for
+from kiln.ops.argmax import argmax_rows, gumbel_argmax_rows
 
 from .sampling_params import SamplingParams
 
@@ -58,6 +62,26 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     probs = logits.softmax(dim=-1)
     threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
     return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+@dataclass(eq=False)
+class SeedStream:
+    """A seeded request's random numbers: on the Triton backend draw d is a pure function of (seed, d), so the
+    stream is only a count; elsewhere a ``torch.Generator`` made on first use and advanced one row per draw."""
+
+    seed: int
+    draws: int = 0
+    _generator: torch.Generator | None = None
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    @property
+    def key(self) -> int:
+        """The seed's low 64 bits as a signed int64 (the kernel's Philox key)."""
+        return ((self.seed & 0xFFFFFFFFFFFFFFFF) ^ 1 << 63) - (1 << 63)
 
 
 @dataclass
@@ -111,21 +135,23 @@ class Sampler:
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.host_rng = random.Random(seed)  # keys of unseeded rows on the Triton backend
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 histories: list[tuple[list[int], int]], generators: list[torch.Generator | None],
+                 histories: list[tuple[list[int], int]], streams: list[SeedStream | None],
                  banned: list[list[int]]) -> SampleResult:
         """Sample and read the result (see ``sample``)."""
-        return self.sample(logits, params, histories, generators, banned).result()
+        return self.sample(logits, params, histories, streams, banned).result()
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
-               histories: list[tuple[list[int], int]], generators: list[torch.Generator | None],
+               histories: list[tuple[list[int], int]], streams: list[SeedStream | None],
                banned: list[list[int]]) -> PendingSample:
         """logits [B, V] (any float dtype); one entry per row in the lists. ``histories`` holds each row's
-        (prompt + output token list, prompt length), read only for penalties (no per-step copies). ``banned``
-        token ids get -inf (EOS and stop ids before ``min_tokens``). Queues the work and the copies to the host
-        without waiting for them."""
+        (prompt + output token list, prompt length), read only for penalties (no per-step copies). ``streams``
+        are the seeded rows' random streams (None: the engine's), each advanced by one draw. ``banned`` token ids
+        get -inf (EOS and stop ids before ``min_tokens``). Queues the work and the copies to the host without
+        waiting for them."""
         if (all(p.greedy and p.logprobs is None and not p.needs_penalties() for p in params)
                 and not any(banned)):  # the common serving case: one argmax, one read
             return PendingSample(argmax_rows(logits))
@@ -169,14 +195,12 @@ class Sampler:
                 x = apply_top_p(x, torch.tensor([p.top_p for p in params], device=dev))
             if any(p.min_p > 0.0 for p in params):
                 x = apply_min_p(x, torch.tensor([p.min_p for p in params], device=dev))
-            probs = x.softmax(dim=-1)
-            noise = torch.empty_like(probs).exponential_(generator=self.generator)
-            for i, g in enumerate(generators):
-                if g is not None and not params[i].greedy:
-                    noise[i].exponential_(generator=g)
-            sampled = argmax_rows(probs / noise)
+            sampled = self._draw(x, params, streams)
             tokens = torch.where(greedy, tokens, sampled)
 
+        for st in streams:
+            if st is not None:
+                st.draws += 1
         if not want_lp:
             return PendingSample(tokens)
         chosen = raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
@@ -184,3 +208,18 @@ class Sampler:
         k = max(p.logprobs or 0 for p in params)
         top = tuple(raw_logprobs.topk(k, dim=-1)) if k else None
         return PendingSample(tokens, chosen, ranks, top, [p.logprobs or 0 for p in params])
+
+    def _draw(self, x: torch.Tensor, params: list[SamplingParams], streams: list[SeedStream | None]) -> torch.Tensor:
+        """One index per row of the tempered, filtered logits ``x`` [B, V], drawn from softmax(x)."""
+        if backend_for(x) == "triton":
+            rng = self.host_rng
+            keys = [rng.getrandbits(64) - (1 << 63) if st is None else st.key for st in streams]
+            draws = [0 if st is None else st.draws & 0xFFFFFFFF for st in streams]
+            kd = torch.tensor([keys, draws], dtype=torch.int64).to(x.device, non_blocking=True)
+            return gumbel_argmax_rows(x, kd[0], kd[1])
+        probs = x.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, st in enumerate(streams):
+            if st is not None and not params[i].greedy:
+                noise[i].exponential_(generator=st.generator(x.device))
+        return argmax_rows(probs / noise)

@@ -6,9 +6,8 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
-import torch
-
 from .outputs import Logprob
+from .sampler import SeedStream
 from .sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -27,7 +26,7 @@ class Sequence:
     token_ids: list[int]             # prompt + generated
     num_prompt_tokens: int
     params: SamplingParams
-    generator: torch.Generator | None = None
+    rng: SeedStream | None = None     # a seeded sample's random stream (None: the engine's)
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING
     num_computed_tokens: int = 0     # tokens whose K/V are in the cache

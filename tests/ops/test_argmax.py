@@ -49,3 +49,55 @@ def test_public_op_checks_and_falls_back(monkeypatch):
         argmax.argmax_rows(x[:, :0])
     with pytest.raises(ValueError, match="x must have dtype"):
         argmax.argmax_rows(x.long())
+
+
+# ----------------------------------------------------------------------------------------------- Gumbel sampling
+def _gumbel(x, seeds, draws, chunk=None):
+    counters = split_counters(x.device, x.shape[0])
+    out = argmax._argmax_triton(x, counters, chunk, seeds, draws)
+    assert int(counters.abs().sum()) == 0
+    return out
+
+
+@requires_triton
+@pytest.mark.parametrize("V,chunk", [(7, None), (300, 64), (5000, None)])
+def test_gumbel_argmax_matches_the_torch_philox_reference(V, chunk):
+    """The kernel's noise is the reference's, bit for bit: with zero logits the argmax is the noise's alone."""
+    g = torch.Generator(device=DEVICE).manual_seed(V)
+    seeds = torch.tensor([0, 1, 2**40 + 7, -5, 2**63 - 1, -2**63], dtype=torch.int64, device=DEVICE)
+    draws = torch.tensor([0, 3, 7, 2**31 + 1, 2**32 - 1, 12], dtype=torch.int64, device=DEVICE)
+    for x in (torch.zeros(6, V, device=DEVICE), 3 * torch.randn(6, V, device=DEVICE, generator=g)):
+        x[1, : V // 2] = float("-inf")  # filtered tokens (top-k / top-p) never win
+        got = _gumbel(x, seeds, draws, chunk)
+        ref = argmax.gumbel_argmax_reference(x.cpu(), seeds.cpu(), draws.cpu())
+        assert torch.equal(got.cpu(), ref), (got, ref)
+        assert (got[1] >= V // 2).item()
+
+
+def test_philox_reference_draws_from_the_softmax():
+    """20000 rows, one seed each: the sampled frequencies match softmax(x) (the Gumbel-max trick)."""
+    p = torch.tensor([0.05, 0.1, 0.15, 0.3, 0.4])
+    n = 20000
+    x = p.log().expand(n, 5)
+    idx = argmax.gumbel_argmax_reference(x, torch.arange(n, dtype=torch.int64) * 7919 + 11, torch.zeros(n, dtype=torch.int64))
+    freq = torch.bincount(idx, minlength=5).float() / n
+    assert torch.all((freq - p).abs() < 4 * (p * (1 - p) / n).sqrt()), freq
+    u = argmax.philox_uniform_reference(torch.tensor([3, 3, 3]), torch.tensor([0, 0, 1]), 1000)
+    assert torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])   # a pure function of (seed, draw)
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.03
+
+
+def test_gumbel_public_op_checks(monkeypatch):
+    x = torch.randn(3, 50, device=DEVICE)
+    s = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="seeds must have dtype"):
+        argmax.gumbel_argmax_rows(x, s.int(), s)
+    with pytest.raises(ValueError, match="one entry per row"):
+        argmax.gumbel_argmax_rows(x, s[:2], s[:2])
+    if DEVICE.type == "cpu":
+        with pytest.raises(ValueError, match="Triton backend only"):
+            argmax.gumbel_argmax_rows(x, s, s)
+        monkeypatch.setenv("KILN_OPS", "triton")
+    got = argmax.gumbel_argmax_rows(x, s, s)
+    assert torch.equal(got.cpu(), argmax.gumbel_argmax_reference(x.cpu(), s.cpu(), s.cpu()))
+    assert argmax.gumbel_argmax_rows(x[:0], s[:0], s[:0]).shape == (0,)
