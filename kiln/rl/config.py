@@ -36,6 +36,10 @@ class PPOConfig:
     seed: int = 42
     gradient_checkpointing: bool = False    # TRL: True
     bf16: bool = False                      # TRL: True (autocast of the training forwards)
+    # TrainingArguments' name: torch.compile the trained policy + value forward (dynamic shapes: one compile for
+    # every prompt length). A small model's training step is bound by Python and kernel launches, which the
+    # compiled graph removes; the first iterations pay the compile
+    torch_compile: bool = False
     logging_steps: int = 10
     save_steps: int | None = None           # checkpoint every N iterations into output_dir (None: only save_model)
     output_dir: str | None = None
@@ -110,6 +114,8 @@ class PPOConfig:
             raise ValueError("set stop_token or stop_token_id, not both")
         if self.rollout_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"rollout_dtype must be auto, float32, bfloat16 or float16, got {self.rollout_dtype!r}")
+        if not isinstance(self.torch_compile, bool):
+            raise ValueError(f"torch_compile must be True or False, got {self.torch_compile!r}")
         if not isinstance(self.fsdp, bool):
             raise ValueError(f"fsdp must be True or False, got {self.fsdp!r}")
         if self.lr_scheduler_type not in ("linear", "constant"):

@@ -460,6 +460,7 @@ class PPOTrainer:
         self._data_iter: Iterator | None = None
         self._rollout_seed = args.seed * 1_000_003
         self._sync_plan = None  # built on the first sync_weights()
+        self._compiled: nn.Module | None = None  # torch_compile: the compiled training module, built on first use
         # DDP: gradients are averaged across ranks; self.model stays the plain module (saving, scoring, syncing).
         # FSDP: self.model is itself the sharded module, which averages the gradients
         self.ddp_model: nn.Module | None = None
@@ -648,6 +649,15 @@ class PPOTrainer:
             with self.ddp_model.no_sync():
                 yield
 
+    def _train_module(self) -> nn.Module:
+        """What the PPO epochs call: the DDP wrapper under torchrun, else the model; compiled once if asked."""
+        module = self.ddp_model if self.ddp_model is not None else self.model
+        if not self.args.torch_compile:
+            return module
+        if self._compiled is None:
+            self._compiled = torch.compile(module, dynamic=True)
+        return self._compiled
+
     def _autocast(self):
         if not self.args.bf16:
             return nullcontext()
@@ -824,7 +834,7 @@ class PPOTrainer:
         acc_t = torch.zeros((len(stat_names),) + shape, device=self.device)
         micro = a.train_micro_batch_size
         B = a.batch_size
-        train_module = self.ddp_model if self.ddp_model is not None else self.model
+        train_module = self._train_module()
         lm = a.local_mini_batch_size
         for epoch in range(a.num_ppo_epochs):
             # the same permutation on every rank; rank r trains on its slice of each global mini-batch, in the

@@ -8,6 +8,7 @@ import torch
 from kiln.llm import LLM, SamplingParams
 from kiln.llm.sampler import Sampler, SeedStream, apply_min_p, apply_penalties, apply_top_k, apply_top_p
 from kiln.ops.argmax import gumbel_argmax_reference
+from tests.conftest import DEVICE
 
 
 def test_top_k_keeps_exactly_the_k_largest():
@@ -59,18 +60,19 @@ def test_penalties_follow_their_formulas():
 
 @pytest.mark.parametrize("backend", ["ref", "triton"])
 def test_sampler_seeded_rows_follow_their_own_stream(backend, monkeypatch):
-    """Both sampling paths (per-request torch generators; the Philox Gumbel kernel, here under the interpreter):
-    a seeded row's token depends on its seed, draw number and logits only, and each call advances the draw."""
+    """Both sampling paths (per-request torch generators; the Philox Gumbel kernel, under the interpreter without a
+    GPU): a seeded row's token depends on its seed, draw number and logits only, and each call advances the draw."""
     if backend == "triton":
         pytest.importorskip("triton")
-    monkeypatch.setenv("KILN_OPS", backend)
+    if backend == "ref" or DEVICE.type == "cpu":
+        monkeypatch.setenv("KILN_OPS", backend)
     logits = 2 * torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
     hot = SamplingParams(temperature=2.0, seed=7)
     other = SamplingParams(temperature=1.0)
 
     def run(rows, streams, sampler_seed):
-        return Sampler(torch.device("cpu"), sampler_seed)(logits[rows], [hot if s else other for s in streams],
-                                                          [([], 0)] * len(rows), streams, [[]] * len(rows))
+        return Sampler(DEVICE, sampler_seed)(logits[rows].to(DEVICE), [hot if s else other for s in streams],
+                                             [([], 0)] * len(rows), streams, [[]] * len(rows))
 
     alone_streams = [SeedStream(7)]
     alone = [run([1], alone_streams, 0).token_ids[0] for _ in range(4)]
