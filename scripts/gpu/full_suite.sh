@@ -4,6 +4,7 @@
 # wheels in .whl/ (scripts/gpu/fetch_test_wheels.sh downloads them here; carry .whl), installed into /tmp/site.
 #
 #   bash scripts/gpu/full_suite.sh          # carry .whl; $OUT/pytest.log (+ _serial), the summary last
+#   TESTS="tests/llm tests/rl" PYTEST_ARGS=-v bash scripts/gpu/full_suite.sh   # a subset; -v names failures as they happen
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-gpu_out}"
@@ -19,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
 # pass 1 in parallel; pass 2 re-runs its failures one at a time: engines size their KV cache from the GPU memory
 # left free, which the other workers' engines take (a clear ValueError under contention, not a failure of the code)
-timeout -s KILL "${LIMIT:-420}" python3 -m pytest -q -n "${WORKERS:-12}" -rfEs --durations=10 ${TESTS:-tests} \
+timeout -s KILL "${LIMIT:-420}" python3 -m pytest -q -n "${WORKERS:-12}" -rfEs --durations=10 ${PYTEST_ARGS:-} ${TESTS:-tests} \
   > "$OUT/pytest.log" 2>&1
 echo "pass 1 (parallel) rc=$?: $(tail -n 1 "$OUT/pytest.log")"
 timeout -s KILL "${LIMIT2:-150}" python3 -m pytest -q --lf -rfEs ${TESTS:-tests} > "$OUT/pytest_serial.log" 2>&1
