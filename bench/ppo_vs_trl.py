@@ -126,7 +126,7 @@ def run_kiln(a, model_dir, device, train_texts, reward):
                     total_episodes=a.iterations * a.batch_size, num_sample_generations=0,
                     local_rollout_forward_batch_size=a.batch_size, bf16=a.bf16, lr_scheduler_type="linear",
                     adam_epsilon=1e-8, weight_decay=0.0, rollout_dtype=a.kiln_rollout_dtype,
-                    torch_compile=a.kiln_compile)
+                    torch_compile=a.kiln_compile, cuda_graphs=not a.kiln_eager)
     tr = PPOTrainer(cfg, model=policy, model_path=model_dir, reward_model=reward, value_model=value,
                     train_dataset=PromptDataset(train_texts), device=device)
     if a.kiln_rollouts == "hf":
@@ -142,7 +142,10 @@ def run_kiln(a, model_dir, device, train_texts, reward):
             phases[k].append(s[f"time/{k}_s"])
     return {"iteration_s": iter_s, "tokens_per_s": tok_s, "scores": scores, "kl": kls, "policy": tr.model.policy,
             "phases": phases, "rollout_dtype": str(tr.llm.engine.dtype).replace("torch.", ""),
-            "engine_vs_policy": engine_policy_gap(tr, train_texts[:a.batch_size])}
+            "engine_vs_policy": engine_policy_gap(tr, train_texts[:a.batch_size]),
+            "train_step": ("torch.compile" if a.kiln_compile else "eager" if tr._graphs is None
+                           else f"eager (graph capture failed: {tr._graphs.failure})" if tr._graphs.failure
+                           else f"CUDA graphs ({tr._graphs.captures} captured)")}
 
 
 def hf_rollouts(tr):
@@ -319,6 +322,8 @@ def main(argv=None) -> int:
     p.add_argument("--kiln-compile", action="store_true",
                    help="kiln's PPOConfig.torch_compile (the training forward compiled; its first iterations pay "
                         "the compile, which the median over iterations leaves out and the mean keeps)")
+    p.add_argument("--kiln-eager", action="store_true",
+                   help="kiln's training steps eager (PPOConfig.cuda_graphs=False), not replayed from CUDA graphs")
     p.add_argument("--json", default=None, help="where to write the JSON (default: bench/ppo_vs_trl.json)")
     a = p.parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -378,6 +383,7 @@ def main(argv=None) -> int:
     k["phases_s"] = {ph: statistics.median(kp[ph][1:] or kp[ph]) for ph in PHASES}
     k["rollout_dtype"] = results["kiln"]["rollout_dtype"]
     k["engine_vs_policy"] = results["kiln"]["engine_vs_policy"]
+    k["train_step"] = results["kiln"]["train_step"]
     table = Table(f"PPO iteration, {model_dir.name}, batch {a.batch_size} x {a.response_length} tokens, "
                   f"{a.num_ppo_epochs} epochs x {a.num_mini_batches} minibatches"
                   f"{', bf16 autocast' if a.bf16 else ', fp32'}", anchor_name="TRL 1.12")
@@ -393,7 +399,7 @@ def main(argv=None) -> int:
     print(table.render())
     ph = k["phases_s"]
     other = k["s_per_iteration"] - sum(ph.values())
-    print(f"kiln phases (median s/iteration; rollout engine {k['rollout_dtype']}): "
+    print(f"kiln phases (median s/iteration; rollout engine {k['rollout_dtype']}; training {k['train_step']}): "
           + ", ".join(f"{n} {v:.4f}" for n, v in ph.items()) + f", other {max(other, 0.0):.4f}")
     for name, r in summary.items():  # the median leaves the first iteration out; the mean of all keeps it
         print(f"{name}: mean s/iteration over all {len(r['iteration_s'])} iterations "

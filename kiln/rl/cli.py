@@ -72,6 +72,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--torch-compile", action="store_true",
                    help="compile the training forward (PPOConfig.torch_compile): faster steps after a compile of "
                         "about two minutes, for long runs")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run every training step eagerly (PPOConfig.cuda_graphs=False); by default a CUDA run "
+                        "replays each micro-step from a CUDA graph")
     p.add_argument("--eval-size", type=int, default=32, help="held-out prompts for the before/after reward")
     p.add_argument("--output-dir", default=None, help="checkpoint, stats JSON and ppo_curves.png go here")
     p.add_argument("--no-progress", action="store_true")
@@ -104,7 +107,7 @@ def run(args) -> int:
                     target=args.adaptive_kl or 6.0, horizon=args.kl_horizon,
                     total_episodes=iterations * args.batch_size * world,
                     output_dir=args.output_dir, num_sample_generations=5, fsdp=args.fsdp,
-                    torch_compile=args.torch_compile)
+                    torch_compile=args.torch_compile, cuda_graphs=not args.no_cuda_graphs)
     peft_config = None
     if args.lora_r:
         from peft import LoraConfig

@@ -40,6 +40,13 @@ class PPOConfig:
     # every prompt length). A small model's training step is bound by Python and kernel launches, which the
     # compiled graph removes; the first iterations pay the compile
     torch_compile: bool = False
+    # kiln: on CUDA (one process, no torch_compile, no gradient checkpointing) replay each training micro-step
+    # (forward, losses, backward) from a CUDA graph captured once per padded shape (kiln/rl/graphs.py); a model
+    # that cannot be captured falls back to eager with a warning. False: always eager
+    cuda_graphs: bool = True
+    # kiln: with cuda_graphs, training tensors are padded (masked tokens) to a multiple of this many positions on
+    # each side of the prompt / response boundary, so a run needs a few graphs rather than one per prompt length
+    cuda_graph_bucket: int = 16
     logging_steps: int = 10
     save_steps: int | None = None           # checkpoint every N iterations into output_dir (None: only save_model)
     output_dir: str | None = None
@@ -116,6 +123,11 @@ class PPOConfig:
             raise ValueError(f"rollout_dtype must be auto, float32, bfloat16 or float16, got {self.rollout_dtype!r}")
         if not isinstance(self.torch_compile, bool):
             raise ValueError(f"torch_compile must be True or False, got {self.torch_compile!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
+        if isinstance(self.cuda_graph_bucket, bool) or not isinstance(self.cuda_graph_bucket, int) \
+                or self.cuda_graph_bucket < 1:
+            raise ValueError(f"cuda_graph_bucket must be a positive int, got {self.cuda_graph_bucket!r}")
         if not isinstance(self.fsdp, bool):
             raise ValueError(f"fsdp must be True or False, got {self.fsdp!r}")
         if self.lr_scheduler_type not in ("linear", "constant"):

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from kiln.ops._dispatch import resolve_device
 
 from .config import PPOConfig
+from .graphs import MicroStepGraphs
 from .kl import AdaptiveKLController, FixedKLController
 from .rewards import check_scores, compute_rewards, masked_mean, masked_whiten, model_scores
 from .value_head import PolicyAndValue
@@ -461,6 +462,7 @@ class PPOTrainer:
         self._rollout_seed = args.seed * 1_000_003
         self._sync_plan = None  # built on the first sync_weights()
         self._compiled: nn.Module | None = None  # torch_compile: the compiled training module, built on first use
+        self._graphs: MicroStepGraphs | None = None  # cuda_graphs: the training micro-step's graphs, built on first use
         # DDP: gradients are averaged across ranks; self.model stays the plain module (saving, scoring, syncing).
         # FSDP: self.model is itself the sharded module, which averages the gradients
         self.ddp_model: nn.Module | None = None
@@ -658,10 +660,12 @@ class PPOTrainer:
             self._compiled = torch.compile(module, dynamic=True)
         return self._compiled
 
-    def _autocast(self):
+    def _autocast(self, cache: bool = True):
+        """bf16 autocast if asked; ``cache=False`` where the region is captured into a CUDA graph (autocast's
+        weight-cast cache must not outlive a capture)."""
         if not self.args.bf16:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
     # ------------------------------------------------------------------------------------------- rollout
     def generate(self, batch: list, temperature: float | None = None, seed: int | None = None) -> Rollout:
@@ -747,9 +751,10 @@ class PPOTrainer:
         return check_scores(raw, len(ro.texts), f"reward function {getattr(self.reward_model, '__name__', '')}"
                             .rstrip()).to(self.device)
 
-    def _forward(self, module, ro: Rollout, rows, with_values: bool):
-        ctx = ro.context_length
-        ids, attn, pos = ro.query_responses[rows], ro.attention_mask[rows], ro.position_ids[rows]
+    def _forward(self, module, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, ctx: int,
+                 with_values: bool):
+        """Response-position logits (divided by the temperature) and, ``with_values``, values of ``[rows, ctx + T]``
+        query-responses whose first response token sits at ``ctx``."""
         if with_values:
             logits, values = module(ids, attn, pos)
             values = values[:, ctx - 1:-1]
@@ -759,6 +764,51 @@ class PPOTrainer:
         logits = logits[:, ctx - 1:-1].float() / self.args.temperature
         return logits, values
 
+    def _train_inputs(self, ro: Rollout, logprobs, values, advantages, returns, bucket: int) -> dict:
+        """The tensors the PPO epochs read, ``[B, ...]``; with ``bucket > 1`` the prompts are left-padded and the
+        responses right-padded (masked, attention off) to multiples of it, so the shapes repeat across iterations."""
+        ctx, T = ro.context_length, ro.responses.shape[1]
+        left, right = -ctx % bucket, -T % bucket
+        pad = torch.nn.functional.pad
+        both, resp = (left, right), (0, right)
+        return {"ids": pad(ro.query_responses, both), "attn": pad(ro.attention_mask, both),
+                "pos": pad(ro.position_ids, both), "responses": pad(ro.responses, resp),
+                "mask": pad(ro.mask, resp), "logprobs": pad(logprobs, resp), "values": pad(values, resp),
+                "advantages": pad(advantages, resp), "returns": pad(returns, resp)}
+
+    def _micro_step(self, module, inputs: dict, idx: torch.Tensor, scale, sync: bool = True) -> torch.Tensor:
+        """Forward, clipped policy + value loss and backward (scaled by ``scale``) of rows ``idx``; returns the
+        stats ``[approxkl, pg_clipfrac, pg_loss, vf_loss, vf_clipfrac, entropy, ratio]``. Eager, or the body of
+        a CUDA graph (then ``scale`` is a tensor and nothing here may read a value on the host)."""
+        a = self.args
+        ids = inputs["ids"][idx]
+        ctx = ids.shape[1] - inputs["responses"].shape[1]
+        with self._autocast(cache=False), self._no_grad_sync(sync):
+            logits, vpred = self._forward(module, ids, inputs["attn"][idx], inputs["pos"][idx], ctx, True)
+        m = inputs["mask"][idx]
+        new_logprobs = logprobs_from_logits(logits, inputs["responses"][idx])
+        pg, pg_stats = policy_loss(new_logprobs, inputs["logprobs"][idx], inputs["advantages"][idx], m, a.cliprange)
+        vf, vf_stats = value_loss(vpred.float(), inputs["values"][idx], inputs["returns"][idx], m,
+                                  a.cliprange_value)
+        loss = pg + a.vf_coef * vf
+        with self._no_grad_sync(sync):
+            (loss * scale).backward()
+        with torch.no_grad():
+            ent = masked_mean(entropy_from_logits(logits), m)
+            return torch.stack([pg_stats["approxkl"], pg_stats["clipfrac"], pg.detach(), vf.detach(),
+                                vf_stats["clipfrac"], ent, pg_stats["ratio"]]).float()
+
+    def _micro_step_graphs(self) -> MicroStepGraphs | None:
+        """The CUDA graphs of the training micro-step where they apply (see ``PPOConfig.cuda_graphs``), else None."""
+        a = self.args
+        if (not a.cuda_graphs or self.device.type != "cuda" or self.world_size > 1 or a.torch_compile
+                or a.gradient_checkpointing):
+            return None
+        if self._graphs is None:
+            self._graphs = MicroStepGraphs(lambda inputs, idx, scale: self._micro_step(self.model, inputs, idx, scale),
+                                           list(self.model.parameters()))
+        return None if self._graphs.failure is not None else self._graphs
+
     @torch.no_grad()
     def _score_rollout(self, ro: Rollout) -> dict[str, torch.Tensor]:
         a = self.args
@@ -766,13 +816,14 @@ class PPOTrainer:
         logprobs, ref_logprobs, values = [], [], []
         for s in range(0, n, a.local_rollout_forward_batch_size):
             rows = slice(s, s + a.local_rollout_forward_batch_size)
+            ids, attn, pos = ro.query_responses[rows], ro.attention_mask[rows], ro.position_ids[rows]
             with self._autocast():
-                logits, v = self._forward(self.model, ro, rows, True)
+                logits, v = self._forward(self.model, ids, attn, pos, ro.context_length, True)
             logprobs.append(logprobs_from_logits(logits, ro.responses[rows]))
             values.append(v.float())
             del logits
             with self._reference() as ref, self._autocast():
-                ref_logits, _ = self._forward(ref, ro, rows, False)
+                ref_logits, _ = self._forward(ref, ids, attn, pos, ro.context_length, False)
             ref_logprobs.append(logprobs_from_logits(ref_logits, ro.responses[rows]))
             del ref_logits
         return {"logprobs": torch.cat(logprobs), "ref_logprobs": torch.cat(ref_logprobs), "values": torch.cat(values)}
@@ -835,6 +886,9 @@ class PPOTrainer:
         micro = a.train_micro_batch_size
         B = a.batch_size
         train_module = self._train_module()
+        graphs = self._micro_step_graphs()
+        inputs = self._train_inputs(ro, logprobs, values, advantages, returns,
+                                    a.cuda_graph_bucket if graphs is not None else 1)
         lm = a.local_mini_batch_size
         for epoch in range(a.num_ppo_epochs):
             # the same permutation on every rank; rank r trains on its slice of each global mini-batch, in the
@@ -844,25 +898,17 @@ class PPOTrainer:
                 mb = perm[mb_start:mb_start + a.mini_batch_size][self.rank * lm:(self.rank + 1) * lm]
                 chunks = [mb[i:i + micro] for i in range(0, len(mb), micro)]
                 for n_chunk, idx in enumerate(chunks):
-                    sync = n_chunk == len(chunks) - 1
-                    with self._autocast(), self._no_grad_sync(sync):
-                        logits, vpred = self._forward(train_module, ro, idx, True)
-                    m = mask[idx]
-                    new_logprobs = logprobs_from_logits(logits, ro.responses[idx])
-                    pg, pg_stats = policy_loss(new_logprobs, logprobs[idx], advantages[idx], m, a.cliprange)
-                    vf, vf_stats = value_loss(vpred.float(), values[idx], returns[idx], m, a.cliprange_value)
-                    loss = pg + a.vf_coef * vf
-                    with self._no_grad_sync(sync):
-                        (loss / len(chunks)).backward()
-                    with torch.no_grad():
-                        ent = masked_mean(entropy_from_logits(logits), m)
-                        acc_t[:, epoch, mb_idx] += torch.stack(
-                            [pg_stats["approxkl"], pg_stats["clipfrac"], pg.detach(), vf.detach(),
-                             vf_stats["clipfrac"], ent, pg_stats["ratio"]]).float() / len(chunks)
+                    if graphs is not None:
+                        stats = graphs.run(inputs, idx, 1.0 / len(chunks))
+                    else:
+                        stats = self._micro_step(train_module, inputs, idx, 1.0 / len(chunks),
+                                                 sync=n_chunk == len(chunks) - 1)
+                    acc_t[:, epoch, mb_idx] += stats / len(chunks)
                 if a.max_grad_norm is not None:  # FSDP's DTensor grads: the norm is taken over all shards
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.max_grad_norm)
                 self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                # graphs accumulate into the same .grad tensors every replay: zero them in place
+                self.optimizer.zero_grad(set_to_none=graphs is None or not graphs.active)
         if self.world_size > 1:  # each rank averaged its micro-batches; the global mean averages the ranks
             dist.all_reduce(acc_t)
             acc_t /= self.world_size

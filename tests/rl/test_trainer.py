@@ -100,6 +100,83 @@ def test_compiled_training_step_matches_the_eager_one(tiny_policy):
         torch.testing.assert_close(after[1][k], v, atol=1e-5, rtol=1e-4, msg=k)
 
 
+def test_padded_training_inputs_give_the_same_losses_and_gradients(tiny_policy):
+    """The CUDA graphs' bucket padding (masked prompt tokens on the left, masked response slots on the right)
+    changes no loss, stat or gradient of a micro-step."""
+    tr = PPOTrainer(small_config(response_length=5), model=str(tiny_policy), reward_model=e_share,
+                    train_dataset=PromptDataset(PROMPTS))
+    ro = tr.generate(PROMPTS[:4])
+    fwd = tr._score_rollout(ro)
+    gen = torch.Generator().manual_seed(0)
+    adv, ret = (torch.randn(ro.mask.shape, generator=gen) for _ in range(2))
+    fwd["logprobs"] = fwd["logprobs"] - 0.05 * torch.rand(ro.mask.shape, generator=gen)  # ratios away from 1
+    idx = torch.tensor([2, 0, 3])
+    results = []
+    for bucket in (1, 16):
+        inputs = tr._train_inputs(ro, fwd["logprobs"], fwd["values"], adv, ret, bucket)
+        if bucket > 1:
+            assert inputs["ids"].shape[1] % 16 == 0 and inputs["responses"].shape[1] == 16
+            assert inputs["ids"].shape[1] - 16 == -(-ro.context_length // 16) * 16
+        tr.model.zero_grad(set_to_none=True)
+        stats = tr._micro_step(tr.model, inputs, idx, 0.5)
+        results.append((stats, {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-5)
+    assert results[0][1].keys() == results[1][1].keys() and results[0][1]
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_cuda_graphs_config_is_checked():
+    for bad in ({"cuda_graphs": "yes"}, {"cuda_graph_bucket": 0}, {"cuda_graph_bucket": True}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            PPOConfig(**bad)
+
+
+def _two_iterations(tiny_policy, zero_grads_between=False, policy_forward=None, **cfg):
+    tr = PPOTrainer(small_config(total_episodes=16, **cfg), model=str(tiny_policy), reward_model=e_share,
+                    train_dataset=PromptDataset(PROMPTS), device="cuda")
+    if policy_forward is not None:
+        tr.model.forward = policy_forward(tr.model.forward)
+    stats = [tr.step()]
+    if zero_grads_between:  # a user's set_to_none between steps: the graphs must put their .grad tensors back
+        tr.optimizer.zero_grad(set_to_none=True)
+    stats.append(tr.step())
+    return tr, stats
+
+
+@pytest.mark.gpu
+def test_cuda_graph_training_steps_match_the_eager_ones(tiny_policy):
+    """Two iterations (the second replays the first's graphs with new rollouts), graphed and eager: same rollouts
+    (same seed), so the updated weights and the stats agree to rounding."""
+    eager, eager_stats = _two_iterations(tiny_policy, cuda_graphs=False, zero_grads_between=True)
+    graphed, graphed_stats = _two_iterations(tiny_policy, zero_grads_between=True)
+    assert eager._graphs is None
+    assert graphed._graphs.failure is None and graphed._graphs.captures >= 1 and graphed._graphs.active
+    for k, v in snapshot(eager.model).items():
+        torch.testing.assert_close(graphed.model.state_dict()[k], v, atol=1e-5, rtol=1e-4, msg=k)
+    for s_e, s_g in zip(eager_stats, graphed_stats):
+        for name in ("loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "policy/entropy_avg", "val/ratio"):
+            assert s_g[name] == pytest.approx(s_e[name], rel=1e-4, abs=1e-6), name
+
+
+@pytest.mark.gpu
+def test_a_model_that_syncs_in_forward_trains_eagerly_after_a_failed_capture(tiny_policy, caplog):
+    def syncing(forward):
+        def run(input_ids, attention_mask, position_ids):
+            if input_ids.sum().item() < 0:  # a host read of a device value: not capturable
+                raise AssertionError("unreachable")
+            return forward(input_ids, attention_mask, position_ids)
+        return run
+
+    eager, _ = _two_iterations(tiny_policy, cuda_graphs=False, policy_forward=syncing)
+    with caplog.at_level("WARNING", logger="kiln.rl.graphs"):
+        fallback, _ = _two_iterations(tiny_policy, policy_forward=syncing)
+    assert fallback._graphs.failure and not fallback._graphs.active
+    assert "CUDA graph capture failed" in caplog.text
+    for k, v in snapshot(eager.model).items():  # the failed capture left no gradient behind
+        torch.testing.assert_close(fallback.model.state_dict()[k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+
 def test_separate_value_model_trains(tiny_policy, tmp_path):
     critic_dir = make_policy_checkpoint(tmp_path / "critic", seed=3, hidden=32)
     critic = transformers.AutoModelForCausalLM.from_pretrained(critic_dir)
