@@ -9,7 +9,8 @@
 #      (+ gc.freeze(), the same updates) trained REWARD_ITERS iterations from each seed, paired mean and spread;
 #      REWARD_PARALLEL seeds run at once (default 1);
 #   5. a compact table of all of it, printed last.
-# PRECS (default "fp32 bf16") picks the bench precisions; DEMO_ITERS=0 skips the demo.
+# PRECS (default "fp32 bf16") picks the bench precisions; DEMO_ITERS=0 skips the demo; KILN_FLAGS go to the bench
+# (e.g. "--kiln-eager" for training steps without CUDA graphs).
 #
 #   bash scripts/gpu/ppo.sh            # from the repository root; results go to $OUT (default ./out/ppo)
 #   DEVICE=cpu DEMO_ITERS=2 BENCH_ITERS=2 BENCH_BATCH=8 BENCH_LEN=8 bash scripts/gpu/ppo.sh   # dry run of every step
@@ -34,6 +35,7 @@ PRECS="${PRECS:-fp32 bf16}"
 REWARD_SEEDS="${REWARD_SEEDS:-}"
 REWARD_ITERS="${REWARD_ITERS:-30}"
 REWARD_PARALLEL="${REWARD_PARALLEL:-1}"
+KILN_FLAGS="${KILN_FLAGS:-}"
 STEP_LIMIT_S="${STEP_LIMIT_S:-170}"
 DEMO_LIMIT_S="${DEMO_LIMIT_S:-150}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -79,7 +81,7 @@ for PREC in $PRECS; do
   [ "$PREC" = bf16 ] && EXTRA="--bf16"
   echo "-- $PREC"
   timeout "$STEP_LIMIT_S" $PY bench/ppo_vs_trl.py --device "$DEVICE" --iterations "$BENCH_ITERS" \
-      --batch-size "$BENCH_BATCH" --response-length "$BENCH_LEN" --eval-samples "$EVAL_SAMPLES" $EXTRA $TRL_FLAG \
+      --batch-size "$BENCH_BATCH" --response-length "$BENCH_LEN" --eval-samples "$EVAL_SAMPLES" $EXTRA $TRL_FLAG $KILN_FLAGS \
       --json "$OUT/ppo_vs_trl_b${BENCH_BATCH}_$PREC.json" || echo "bench $PREC failed or timed out (rc $?)"
 done
 
@@ -88,7 +90,7 @@ reward_seed() {  # one seed's paired kiln / TRL run; its lines printed together 
   log=$(mktemp)
   timeout "$STEP_LIMIT_S" $PY bench/ppo_vs_trl.py --device "$DEVICE" --iterations "$REWARD_ITERS" \
       --batch-size "$BENCH_BATCH" --response-length "$BENCH_LEN" --eval-samples "$EVAL_SAMPLES" --seed "$seed" \
-      --trl-runs gc_freeze $TRL_FLAG --json "$OUT/reward_seed$seed.json" > "$log" 2>&1 \
+      --trl-runs gc_freeze $TRL_FLAG $KILN_FLAGS --json "$OUT/reward_seed$seed.json" > "$log" 2>&1 \
       || { rc=$?; tail -n 5 "$log" > "$log.tail"; echo "reward seed $seed failed or timed out (rc $rc):" >> "$log";
            cat "$log.tail" >> "$log"; rm -f "$log.tail"; }
   { echo "-- final reward, seed $seed: $REWARD_ITERS iterations, kiln and TRL + gc.freeze() (fp32)"
