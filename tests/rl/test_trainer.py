@@ -108,9 +108,9 @@ def test_padded_training_inputs_give_the_same_losses_and_gradients(tiny_policy):
     ro = tr.generate(PROMPTS[:4])
     fwd = tr._score_rollout(ro)
     gen = torch.Generator().manual_seed(0)
-    adv, ret = (torch.randn(ro.mask.shape, generator=gen) for _ in range(2))
-    fwd["logprobs"] = fwd["logprobs"] - 0.05 * torch.rand(ro.mask.shape, generator=gen)  # ratios away from 1
-    idx = torch.tensor([2, 0, 3])
+    adv, ret = (torch.randn(ro.mask.shape, generator=gen).to(tr.device) for _ in range(2))
+    fwd["logprobs"] = fwd["logprobs"] - 0.05 * torch.rand(ro.mask.shape, generator=gen).to(tr.device)  # ratio != 1
+    idx = torch.tensor([2, 0, 3], device=tr.device)
     results = []
     for bucket in (1, 16):
         inputs = tr._train_inputs(ro, fwd["logprobs"], fwd["values"], adv, ret, bucket)
