@@ -145,7 +145,7 @@ def run_kiln(a, model_dir, device, train_texts, reward):
             "engine_vs_policy": engine_policy_gap(tr, train_texts[:a.batch_size]),
             "train_step": ("torch.compile" if a.kiln_compile else "eager" if tr._graphs is None
                            else f"eager (graph capture failed: {tr._graphs.failure})" if tr._graphs.failure
-                           else f"CUDA graphs ({tr._graphs.captures} captured)")}
+                           else f"CUDA graphs ({tr._graphs.captures} captured in {tr._graphs.capture_s:.2f} s)")}
 
 
 def hf_rollouts(tr):

@@ -25,6 +25,7 @@ with the gradients saved and restored around it, so a capture changes no trainin
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -63,6 +64,7 @@ class MicroStepGraphs:
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.failure: str | None = None
         self.captures = 0
+        self.capture_s = 0.0  # wall time of the warm-ups and captures (the price of the graphs)
         self._grads: list[torch.Tensor | None] | None = None  # the .grad tensors every graph accumulates into
         self._param_ptrs: list[int] | None = None
 
@@ -120,6 +122,7 @@ class MicroStepGraphs:
             p.grad = g
 
     def _capture(self, inputs: dict[str, torch.Tensor], idx: torch.Tensor, scale: float) -> _Graph | None:
+        t0 = time.perf_counter()
         static = {name: t.clone() for name, t in inputs.items()}
         static_idx = idx.clone()
         static_scale = torch.tensor(scale, dtype=torch.float32, device=idx.device)
@@ -163,4 +166,9 @@ class MicroStepGraphs:
                 g.copy_(s)
             p.grad = g
         self.captures += 1
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        self.capture_s += dt
+        logger.info("PPO micro-step graph %d captured in %.3f s (%s)", self.captures, dt,
+                    ", ".join(f"{k} {tuple(v.shape)}" for k, v in static.items() if k in ("ids", "responses")))
         return _Graph(graph=graph, inputs=static, idx=static_idx, scale=static_scale, out=out)

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
@@ -56,6 +57,11 @@ from .rewards import check_scores, compute_rewards, masked_mean, masked_whiten, 
 from .value_head import PolicyAndValue
 
 logger = logging.getLogger(__name__)
+
+# SDPA backends for the training forward: not cuDNN's. Left-padded prompts give fully masked query rows, and
+# cuDNN attention's backward (torch 2.11, H100, bf16) returns NaN gradients for them at some lengths (64 in
+# scripts/gpu/ppo_graph_probe.py; 63 was fine). The memory-efficient kernel, which PyTorch picks next, gives zeros.
+_TRAIN_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 __all__ = ["PPOTrainer", "compute_advantages", "policy_loss", "value_loss", "logprobs_from_logits",
            "entropy_from_logits", "plot_stats"]
@@ -783,7 +789,7 @@ class PPOTrainer:
         a = self.args
         ids = inputs["ids"][idx]
         ctx = ids.shape[1] - inputs["responses"].shape[1]
-        with self._autocast(cache=False), self._no_grad_sync(sync):
+        with self._autocast(cache=False), self._no_grad_sync(sync), sdpa_kernel(_TRAIN_ATTENTION):
             logits, vpred = self._forward(module, ids, inputs["attn"][idx], inputs["pos"][idx], ctx, True)
         m = inputs["mask"][idx]
         new_logprobs = logprobs_from_logits(logits, inputs["responses"][idx])

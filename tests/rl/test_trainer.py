@@ -100,10 +100,12 @@ def test_compiled_training_step_matches_the_eager_one(tiny_policy):
         torch.testing.assert_close(after[1][k], v, atol=1e-5, rtol=1e-4, msg=k)
 
 
-def test_padded_training_inputs_give_the_same_losses_and_gradients(tiny_policy):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_padded_training_inputs_give_the_same_losses_and_gradients(tiny_policy, bf16):
     """The CUDA graphs' bucket padding (masked prompt tokens on the left, masked response slots on the right)
-    changes no loss, stat or gradient of a micro-step."""
-    tr = PPOTrainer(small_config(response_length=5), model=str(tiny_policy), reward_model=e_share,
+    changes no loss, stat or gradient of a micro-step. bf16 on a GPU: 16 + 48 = 64 positions, where cuDNN's SDPA
+    backward gave NaN gradients for the fully masked rows before the training forward stopped using it."""
+    tr = PPOTrainer(small_config(response_length=40, bf16=bf16), model=str(tiny_policy), reward_model=e_share,
                     train_dataset=PromptDataset(PROMPTS))
     ro = tr.generate(PROMPTS[:4])
     fwd = tr._score_rollout(ro)
@@ -115,15 +117,17 @@ def test_padded_training_inputs_give_the_same_losses_and_gradients(tiny_policy):
     for bucket in (1, 16):
         inputs = tr._train_inputs(ro, fwd["logprobs"], fwd["values"], adv, ret, bucket)
         if bucket > 1:
-            assert inputs["ids"].shape[1] % 16 == 0 and inputs["responses"].shape[1] == 16
-            assert inputs["ids"].shape[1] - 16 == -(-ro.context_length // 16) * 16
+            assert inputs["ids"].shape[1] % 16 == 0 and inputs["responses"].shape[1] == 48
+            assert inputs["ids"].shape[1] - 48 == -(-ro.context_length // 16) * 16
         tr.model.zero_grad(set_to_none=True)
         stats = tr._micro_step(tr.model, inputs, idx, 0.5)
         results.append((stats, {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}))
-    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-5)
+    atol, rtol = (2e-4, 2e-2) if bf16 else (1e-6, 1e-4)
+    torch.testing.assert_close(results[1][0], results[0][0], atol=atol, rtol=rtol)
     assert results[0][1].keys() == results[1][1].keys() and results[0][1]
     for name, g in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], g, atol=1e-6, rtol=1e-4, msg=name)
+        assert torch.isfinite(results[1][1][name]).all(), name
+        torch.testing.assert_close(results[1][1][name], g, atol=atol * 10, rtol=rtol, msg=name)
 
 
 def test_cuda_graphs_config_is_checked():
@@ -145,18 +149,22 @@ def _two_iterations(tiny_policy, zero_grads_between=False, policy_forward=None, 
 
 
 @pytest.mark.gpu
-def test_cuda_graph_training_steps_match_the_eager_ones(tiny_policy):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cuda_graph_training_steps_match_the_eager_ones(tiny_policy, bf16):
     """Two iterations (the second replays the first's graphs with new rollouts), graphed and eager: same rollouts
-    (same seed), so the updated weights and the stats agree to rounding."""
-    eager, eager_stats = _two_iterations(tiny_policy, cuda_graphs=False, zero_grads_between=True)
-    graphed, graphed_stats = _two_iterations(tiny_policy, zero_grads_between=True)
+    (same seed), so the updated weights and the stats agree to rounding (bf16: to its rounding of the padded
+    shapes' sums)."""
+    eager, eager_stats = _two_iterations(tiny_policy, cuda_graphs=False, zero_grads_between=True, bf16=bf16)
+    graphed, graphed_stats = _two_iterations(tiny_policy, zero_grads_between=True, bf16=bf16)
     assert eager._graphs is None
     assert graphed._graphs.failure is None and graphed._graphs.captures >= 1 and graphed._graphs.active
+    atol, rel = (1e-2, 1e-2) if bf16 else (1e-5, 1e-4)
     for k, v in snapshot(eager.model).items():
-        torch.testing.assert_close(graphed.model.state_dict()[k], v, atol=1e-5, rtol=1e-4, msg=k)
+        assert torch.isfinite(graphed.model.state_dict()[k]).all(), k
+        torch.testing.assert_close(graphed.model.state_dict()[k], v, atol=atol, rtol=rel, msg=k)
     for s_e, s_g in zip(eager_stats, graphed_stats):
         for name in ("loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "policy/entropy_avg", "val/ratio"):
-            assert s_g[name] == pytest.approx(s_e[name], rel=1e-4, abs=1e-6), name
+            assert s_g[name] == pytest.approx(s_e[name], rel=rel, abs=1e-6 if not bf16 else 1e-4), name
 
 
 @pytest.mark.gpu
