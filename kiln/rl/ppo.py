@@ -775,7 +775,10 @@ class PPOTrainer:
         responses right-padded (masked, attention off) to multiples of it, so the shapes repeat across iterations."""
         ctx, T = ro.context_length, ro.responses.shape[1]
         left, right = -ctx % bucket, -T % bucket
-        pad = torch.nn.functional.pad
+
+        def pad(t: torch.Tensor, sides: tuple[int, int]) -> torch.Tensor:
+            return torch.nn.functional.pad(t, sides) if any(sides) else t
+
         both, resp = (left, right), (0, right)
         return {"ids": pad(ro.query_responses, both), "attn": pad(ro.attention_mask, both),
                 "pos": pad(ro.position_ids, both), "responses": pad(ro.responses, resp),
