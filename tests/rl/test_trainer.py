@@ -149,13 +149,17 @@ def _two_iterations(tiny_policy, zero_grads_between=False, policy_forward=None, 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bf16", [False, True])
-def test_cuda_graph_training_steps_match_the_eager_ones(tiny_policy, bf16):
+@pytest.mark.parametrize("bf16, accumulation", [(False, 1), (True, 1), (False, 2)])
+def test_cuda_graph_training_steps_match_the_eager_ones(tiny_policy, bf16, accumulation):
     """Two iterations (the second replays the first's graphs with new rollouts), graphed and eager: same rollouts
     (same seed), so the updated weights and the stats agree to rounding (bf16: to its rounding of the padded
-    shapes' sums)."""
-    eager, eager_stats = _two_iterations(tiny_policy, cuda_graphs=False, zero_grads_between=True, bf16=bf16)
-    graphed, graphed_stats = _two_iterations(tiny_policy, zero_grads_between=True, bf16=bf16)
+    shapes' sums). ``accumulation`` 2: two micro-batches per mini-batch, replays accumulating into one .grad."""
+    shape = dict(bf16=bf16)
+    if accumulation > 1:
+        shape.update(per_device_train_batch_size=2, gradient_accumulation_steps=accumulation, num_mini_batches=1)
+    eager, eager_stats = _two_iterations(tiny_policy, cuda_graphs=False, zero_grads_between=True, **shape)
+    graphed, graphed_stats = _two_iterations(tiny_policy, zero_grads_between=True, **shape)
+    assert graphed.args.local_mini_batch_size // graphed.args.train_micro_batch_size == accumulation
     assert eager._graphs is None
     assert graphed._graphs.failure is None and graphed._graphs.captures >= 1 and graphed._graphs.active
     atol, rel = (1e-2, 1e-2) if bf16 else (1e-5, 1e-4)
