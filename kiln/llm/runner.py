@@ -70,6 +70,12 @@ class ModelRunner:
                  device: torch.device, dtype: torch.dtype, max_model_len: int):
         self.model, self.mcfg, self.ecfg = model, model_config, engine_config
         self.device, self.dtype = device, dtype
+        if backend_for(torch.empty(0, device=device)) == "triton":  # a GPU, or KILN_OPS=triton (the interpreter)
+            from kiln.quant.llm import interleave_int4_rows_
+
+            # int4 weights in the layout the one-row GEMV streams fastest (kiln.ops.wo_gemm); files keep theirs
+            if n := interleave_int4_rows_(model):
+                logger.info("int4 weights: %d linears row-interleaved for the GPU's GEMV", n)
         # an int8 / fp8 KV cache (engines built with --kv-cache-dtype; kiln.llm.quantize) or the model's dtype
         self.kv_dtype: torch.dtype = getattr(model, "kv_cache_dtype", None) or dtype
         self.block_size = engine_config.block_size

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from kiln.ops.gemm import FP8_DTYPE, FP8_MAX, fp8_linear, w8a8_linear
-from kiln.ops.wo_gemm import (SUPPORTED_GROUP_SIZES, WeightOnly, dequantize_int4_weight, dequantize_int8_weight,
-                              pack_int4, wo_glu_linear)
+from kiln.ops.wo_gemm import (SUPPORTED_GROUP_SIZES, WeightOnly, deinterleave_int4_rows, dequantize_int4_weight,
+                              dequantize_int8_weight, interleave_int4_rows, pack_int4, wo_glu_linear)
 
 from .tensor_quant import quantize, quantize_asym, reduce_amax
 
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 WEIGHT_ONLY_MODES = ("int8-wo", "int4-wo")
 DEFAULT_GROUP_SIZE = 128
+# rows per interleaved group of the GPU's int4 layout: a 16-byte load holds one word column of 4 rows
+INT4_ROW_INTERLEAVE = 4
 
 
 def check_weight_only_args(mode: str, group_size: int | None = None) -> int | None:
@@ -182,8 +184,44 @@ class Int4WeightOnlyLinear(_WeightOnlyForward, _WeightOnlyLinear):
     def weight_only(self) -> WeightOnly:
         return WeightOnly(self.qweight, self.scales, self.zeros, self.group_size, 4)
 
+    @property
+    def row_interleave(self) -> int:
+        """R of a row-interleaved ``qweight`` (``interleave_rows_``), 0 for the usual packing."""
+        return self.qweight.shape[2] if self.qweight.dim() == 3 else 0
+
+    def interleave_rows_(self, rows: int = INT4_ROW_INTERLEAVE) -> bool:
+        """Store ``qweight`` as row-interleaved words [N / rows, K / 8, rows] (``kiln.ops.wo_gemm``
+        ``interleave_int4_rows``), the layout the GPU's one-row int4 GEMV streams fastest; the same bytes, replaced
+        in place, not copied beside. ``state_dict`` and ``load_state_dict`` keep the usual packing, so engine files
+        and checkpoints do not depend on it. False (and nothing changes) where the rows do not divide: a [gate | up]
+        weight pairs whole quads, so N must be a multiple of 2 * rows."""
+        if self.row_interleave or self.out_features % (2 * rows) or self.in_features % 8:
+            return False
+        self.qweight = interleave_int4_rows(self.qweight, rows)
+        return True
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.row_interleave:
+            destination[prefix + "qweight"] = deinterleave_int4_rows(self.qweight)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        rows = self.row_interleave
+        if rows:  # load the usual packing into the usual layout, then interleave again
+            self.qweight = deinterleave_int4_rows(self.qweight)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if rows:
+            self.interleave_rows_(rows)
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}"
+        return (super().extra_repr() + f", group_size={self.group_size}"
+                + (f", row_interleave={self.row_interleave}" if self.row_interleave else ""))
+
+
+def interleave_int4_rows_(model: nn.Module, rows: int = INT4_ROW_INTERLEAVE) -> int:
+    """``Int4WeightOnlyLinear.interleave_rows_`` on every int4 linear of ``model``; the number interleaved. The
+    engine calls it wherever its ops run in Triton (``ModelRunner``); the references read either layout."""
+    return sum(m.interleave_rows_(rows) for m in model.modules() if isinstance(m, Int4WeightOnlyLinear))
 
 
 WEIGHT_ONLY_MODULES = (Int8WeightOnlyLinear, Int4WeightOnlyLinear)

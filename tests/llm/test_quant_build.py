@@ -363,7 +363,8 @@ def test_activation_quantized_and_kv_engines_store_and_load_their_formats(engine
 def test_quantized_engine_triton_kernels_match_reference_path(checkpoints, tmp_path, monkeypatch, mode, kv):
     """A tiny engine end to end with every kernel in Triton (the interpreter on a CPU): activation quantization,
     INT8 / FP8 GEMMs, the quantized KV writes and both attention kernels, against the reference ops; for the
-    weight-only modes the decode step's gate/up GEMV with the SiLU-and-mul epilogue (``wo_glu_linear``)."""
+    weight-only modes the decode step's gate/up GEMV with the SiLU-and-mul epilogue (``wo_glu_linear``), for int4 on
+    row-interleaved words."""
     path, _ = checkpoints["qwen2"]  # qkv bias: the bias epilogue runs too
     engine = build_engine(path, tmp_path / "e", dtype="float32", quant=mode, kv_cache_dtype=kv,
                           group_size=32 if mode == "int4-wo" else None,
@@ -373,6 +374,9 @@ def test_quantized_engine_triton_kernels_match_reference_path(checkpoints, tmp_p
     for ops in ("ref", "triton"):
         monkeypatch.setenv("KILN_OPS", ops)
         llm = LLM(str(engine), dtype="float32", max_num_seqs=4, block_size=8, enable_prefix_caching=False)
+        if mode == "int4-wo":  # Triton ops run the int4 weights row-interleaved (the quads GEMV, the joined dot)
+            layouts = {m.row_interleave for m in llm.engine.runner.model.modules() if hasattr(m, "row_interleave")}
+            assert layouts == ({4} if ops == "triton" else {0}), layouts
         logits = llm.prompt_logits(prompts)
         # one prefill and one decode step reading the quantized cache
         toks = llm.generate({"prompt_token_ids": prompts[1]}, SamplingParams(max_tokens=2, temperature=0.0,

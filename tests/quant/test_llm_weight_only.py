@@ -77,6 +77,32 @@ def test_quantized_linears_round_trip_through_state_dict():
             assert torch.equal(empty.state_dict()[k], v)
 
 
+def test_int4_row_interleave_keeps_outputs_and_the_files_layout():
+    """``interleave_rows_`` (what the engine does on a GPU) stores the same bytes as row-interleaved words: the
+    forward is unchanged, ``state_dict`` still holds the usual packing (engine files do not depend on it), loading
+    one into an interleaved module interleaves it again, and a weight whose rows do not pair into quads stays."""
+    from kiln.quant.llm import interleave_int4_rows_
+
+    g = fresh_gen()
+    lin = make_linear(128, 24, True, g)
+    q = Int4WeightOnlyLinear.from_float(lin, 64)
+    x = torch.randn(3, 128, generator=g)
+    before, packed = q(x), q.qweight.clone()
+    model = nn.Sequential(q, Int4WeightOnlyLinear.from_float(make_linear(128, 20, False, g), 64))
+    assert interleave_int4_rows_(model) == 1  # 20 rows are not a multiple of 2 x 4
+    assert q.row_interleave == 4 and q.qweight.shape == (6, 16, 4) and model[1].row_interleave == 0
+    assert "row_interleave=4" in repr(q)
+    assert rel_err(q(x), before) <= 1e-6
+    sd = q.state_dict()
+    assert torch.equal(sd["qweight"], packed)
+    other = Int4WeightOnlyLinear.from_float(make_linear(128, 24, True, g), 64)
+    other.interleave_rows_()
+    other.load_state_dict(sd)
+    assert other.row_interleave == 4 and torch.equal(other.state_dict()["qweight"], packed)
+    assert torch.equal(other(x), q(x))
+    assert not q.interleave_rows_()  # already interleaved
+
+
 def test_quantize_weight_only_swaps_linears_but_not_the_lm_head():
     g = fresh_gen()
     model = nn.ModuleDict({"mlp": nn.Sequential(make_linear(64, 96, False, g), nn.ReLU(), make_linear(96, 64, True, g)),
