@@ -762,15 +762,17 @@ def quads_config(N: int, K: int, rows: int, group_size: int, sms: int = 132, glu
                  interp: bool | None = None) -> dict:
     """Tiles of the one-row GEMV on row-interleaved int4 words (``_int4_quads_gemv_kernel``): 64 rows (BLOCK_Q quads
     of ``rows``; with the SiLU-and-mul epilogue 32 gate and 32 up rows) x one group of at most 128 k per step with 2
-    warps (128 codes per thread), and K split for about six programs per SM down to two steps per split.
-    H100 (``scripts/gpu/int4_quad_gemv.py --graphs``, session 19), the fastest of six tiles (16-64 quads of 4 or 8
-    rows, 2-8 warps) on nine of the ten Llama-1B/8B linears; more programs per SM kept helping up to ~6."""
+    warps (128 codes per thread), and K split for about six programs per SM (eight with the epilogue) down to two
+    steps per split. H100, session 19 (``scripts/gpu/quads_sweep.py``: 8-32 quads, 2 or 4 warps, splits 1-16, on
+    the ten Llama-1B/8B linears): within 4% of the fastest config on every linear. A split kernel holds ~160
+    registers, six CTAs per SM: splits past that one wave got slower (8B down_proj 14.9 us at 12 splits, 20.0 at
+    16); the epilogue's kernel holds 128."""
     interp = interpreting() if interp is None else interp
     bw = min(16, group_size // 8) if not interp else min(4, group_size // 8)
     bq = max(1, (32 if glu else 64) // rows) if not interp else 2  # GLU: 32 gate and 32 up rows
     rows_per_program = bq * rows * (2 if glu else 1)
-    split = 1 if interp else split_k_for(1, N, K, 1, rows_per_program, 8 * bw, sms, programs_per_sm=6,
-                                         min_k_tiles=2)
+    split = 1 if interp else split_k_for(1, N, K, 1, rows_per_program, 8 * bw, sms,
+                                         programs_per_sm=8 if glu else 6, min_k_tiles=2)
     return dict(BLOCK_Q=bq, BLOCK_W=bw, SPLIT_K=split, num_warps=2 if not interp else 4, PREFETCH=True)
 
 
