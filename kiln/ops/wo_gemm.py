@@ -373,6 +373,29 @@ def _nibble_of_columns(word, SHIFT: tl.constexpr, zf):
 
 
 @triton.jit
+def _quads_dot_words(W, pid_n, N, k0, k_hi, stride_wq, R: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GLU: tl.constexpr):
+    """The dot path's K tile of row-interleaved words as [BK / 8, BN] (column n = the tile's n-th output row, as
+    ``offs_n`` orders them; with ``GLU`` its gate rows, then their up rows). Loaded as [BN / R, BK / 8, R]: each
+    quad's (word, row) pairs are contiguous, whole 16-byte vectors and 128-byte lines."""
+    QN: tl.constexpr = BLOCK_N // R
+    a = tl.arange(0, QN)
+    if GLU:
+        HQ: tl.constexpr = QN // 2
+        own = pid_n * HQ + a % HQ
+        q = tl.where(a < HQ, own, own + N // (2 * R))
+        q_mask = own < N // (2 * R)
+    else:
+        q = pid_n * QN + a
+        q_mask = q < N // R
+    jw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    i = tl.arange(0, R)
+    word = tl.load(W + q[:, None, None].to(tl.int64) * stride_wq + (jw * R)[None, :, None] + i[None, None, :],
+                   mask=q_mask[:, None, None] & (8 * jw < k_hi)[None, :, None], other=0)
+    return tl.reshape(tl.permute(word, (1, 0, 2)), (BLOCK_K // 8, BLOCK_N))
+
+
+@triton.jit
 def _int4_words_to_tile(word, zf, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """int4 words [BK / 8, BN] (word j of column n holds k = 8j + b in nibble b) and ``zf = 2^23 + zero`` [BN] ->
     the fp32 tile ``code - zero`` [BK, BN] (row 8j + b), for tl.dot. The joins are nested so that the eight nibbles
@@ -476,10 +499,8 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, M, N, K, k_per_split, strid
             xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & (kk < k_hi)[None, :], other=0.0)
             zero, s = _group_zero_scale(Z, S, offs_n, n_mask, k0 // GROUP, stride_zn, stride_sn, HAS_ZERO, BLOCK_N)
             zf = zero + 8388608.0  # 2^23 + zero: the magic-number conversion's offset
-            if QUADS > 0:  # row-interleaved words [N / QUADS, K / 8, QUADS]: the tile as [BK / 8, BN] words
-                jw = k0 // 8 + offs_w
-                word = tl.load(W + (offs_n // QUADS)[None, :].to(tl.int64) * stride_wn + jw[:, None] * QUADS
-                               + (offs_n % QUADS)[None, :], mask=(8 * jw < k_hi)[:, None] & n_mask[None, :], other=0)
+            if QUADS > 0:  # row-interleaved words [N / QUADS, K / 8, QUADS]
+                word = _quads_dot_words(W, pid_n, N, k0, k_hi, stride_wn, QUADS, BLOCK_N, BLOCK_K, GLU)
                 w = _int4_words_to_tile(word, zf, BLOCK_K, BLOCK_N)
             else:
                 jb = k0 // 2 + offs_j

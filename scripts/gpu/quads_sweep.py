@@ -2,6 +2,7 @@
 GEMV, per Llama linear, and a sweep of the quads tiles and splits around ``quads_config`` (issue 8).
 
     python3 scripts/gpu/quads_sweep.py [--json F]
+    python3 scripts/gpu/quads_sweep.py --m 16 64 256    # batched: the joined dot on both layouts, no sweep
 
 Timing as in ``wo_ab.py``: a CUDA graph of back-to-back calls over distinct weight copies (past L2), engine
 layouts (fp32 scales, group zero points, group 128), gate_up with the SiLU-and-mul epilogue as the engine runs it.
@@ -31,7 +32,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["llama-8b", "llama-1b"])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--m", type=int, nargs="+", default=None, help="rows: time the joined dot on both layouts")
     args = ap.parse_args()
+    if args.m:
+        return batched(args.models, args.m)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(torch.cuda.get_device_name(0))
     results: dict = {}
@@ -80,6 +84,28 @@ def main() -> int:
         results[f"{model}/step_ms"] = {key: v / 1e3 for key, v in step.items()}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def batched(models: list[str], ms: list[int]) -> int:
+    """The joined dot (M > 1) reading the usual packing and the row-interleaved words, engine configs."""
+    for m in ms:
+        print(f"== M = {m}: us per linear, usual / interleaved (ratio)")
+        for model in models:
+            for name, (n, k) in linears(SHAPES[model]).items():
+                ws, _ = quantized_copies(n, k, 4)
+                quads = [wo_gemm.interleave_int4_rows(q, 4) for q, _, _ in ws]
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                glu = name == "gate_up_proj" and m <= 16  # the engine's decode-sized calls fuse the SiLU
+                t = []
+                for w in ([q for q, _, _ in ws], quads):
+                    t.append(graph_time(lambda w=w: [wo_gemm._wo_triton(x, qw, s, z, GROUP, None, 4, glu=glu)
+                                                     for qw, (_, s, z) in zip(w, ws)], len(ws)) * 1e6)
+                a = wo_gemm._wo_triton(x, ws[0][0], ws[0][1], ws[0][2], GROUP, None, 4, glu=glu).float()
+                b = wo_gemm._wo_triton(x, quads[0], ws[0][1], ws[0][2], GROUP, None, 4, glu=glu).float()
+                err = ((a - b).abs().max() / a.abs().max()).item()
+                print(f"   {model:9s} {name:13s} {t[0]:8.1f} {t[1]:8.1f}  ({t[0] / t[1]:.2f}x; rel diff {err:.1e})")
+                del ws, quads
     return 0
 
 
