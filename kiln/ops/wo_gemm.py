@@ -68,12 +68,17 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting, pdl_launch_args
-from ._triton import cdiv, next_power_of_2, tl, triton
+from ._triton import cdiv, direct, next_power_of_2, tl, triton
 from .activation import silu_and_mul, silu_and_mul_ref, silu_mul_f32
 from ._counters import last_to_arrive, rearm, split_counters
 from .split_k import split_k_for, sum_partials_if_last
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
+# from this many rows (prefill) an int4 weight is dequantized to the activation dtype once and multiplied by the
+# float GEMM: its dequantization in the dot tiles is ALU-bound (H100, session 19: Llama-3.1-8B qkv_proj at M = 256
+# 150-178 us, where the weight's bf16 bytes stream in ~4 us). At 512 and above no decode graph (max_num_seqs <= 256
+# by default) holds the float copy in its pool, and a prefill LM head sees one row per sequence.
+INT4_DEQUANT_MIN_M = 512
 # the bits of 1.0f, passed to the int4 GEMV as a run-time value so that its magic-number exponents live in registers:
 # the LOP3 that masks a nibble then also ORs in the exponent (with both constants immediate, ptxas emits two LOP3s
 # per code; sm_90 SASS of the 128x128 word tile: 824 -> 712 instructions per loop step, bit-identical results)
@@ -707,6 +712,50 @@ def _int4_quads_gemv_kernel(X, W, S, Z, B, P, Y, Counters, N, K, k_per_split, st
             rearm(Counters + pid)
 
 
+@triton.jit
+def _int4_dequant_kernel(W, S, Z, Out, N, K, stride_wn, stride_zn, stride_sn, stride_on, QUADS: tl.constexpr,
+                         GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Out [N, K] = (code - zero) * scale in Out's dtype, from int4 words: the usual packing read as int32 [N, K / 8]
+    (``QUADS`` = 0) or row-interleaved words [N / QUADS, K / 8, QUADS]. A block of BLOCK_W words (8 * BLOCK_W k)
+    lies inside one group: one zero point and one scale per row."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    jw = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    n_mask = offs_n < N
+    mask = n_mask[:, None] & (jw < K // 8)[None, :]
+    if QUADS > 0:
+        ptrs = W + (offs_n // QUADS).to(tl.int64)[:, None] * stride_wn + (jw * QUADS)[None, :] + (offs_n % QUADS)[:, None]
+    else:
+        ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + jw[None, :]
+    word = tl.load(ptrs, mask=mask, other=0)
+    g = tl.program_id(1) * BLOCK_W * 8 // GROUP
+    zero, scale = _group_zero_scale(Z, S, offs_n, n_mask, g, stride_zn, stride_sn, HAS_ZERO, BLOCK_N)
+    zero = zero[:, None, None, None, None]
+    c = tl.join(tl.join(tl.join(word & 0xF, (word >> 16) & 0xF), tl.join((word >> 8) & 0xF, (word >> 24) & 0xF)),
+                tl.join(tl.join((word >> 4) & 0xF, (word >> 20) & 0xF), tl.join((word >> 12) & 0xF, (word >> 28) & 0xF)))
+    w = (c.to(tl.float32) - zero) * scale[:, None, None, None, None]  # [BN, BW, 2, 2, 2]: nibble 4a + 2b + c
+    kk = tl.program_id(1) * BLOCK_W * 8 + tl.arange(0, BLOCK_W * 8)
+    tl.store(Out + offs_n.to(tl.int64)[:, None] * stride_on + kk[None, :],
+             tl.reshape(w, (BLOCK_N, BLOCK_W * 8)).to(Out.dtype.element_ty),
+             mask=n_mask[:, None] & (kk < K)[None, :])
+
+
+def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                           group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The int4 weight (usual packing or row-interleaved words) as a float [N, K] of ``dtype``, in one pass: many
+    rows (prefill) multiply it with the float GEMM (``w4a16_linear``'s large-M path)."""
+    N, K = int4_weight_shape(qweight)
+    quads = qweight.shape[2] if qweight.dim() == 3 else 0
+    words = qweight if quads else qweight.contiguous().view(torch.int32)
+    out = torch.empty(N, K, device=qweight.device, dtype=dtype)
+    bw = min(16, group_size // 8) if not interpreting() else min(4, group_size // 8)
+    bn = 32 if not interpreting() else 8
+    direct(_int4_dequant_kernel)[(cdiv(N, bn), cdiv(K // 8, bw))](
+        words, scales, zeros if zeros is not None else scales, out, N, K, words.stride(0),
+        zeros.stride(0) if zeros is not None else 0, scales.stride(0), out.stride(0), QUADS=quads, GROUP=group_size,
+        HAS_ZERO=zeros is not None, BLOCK_N=bn, BLOCK_W=bw, num_warps=4)
+    return out
+
+
 @functools.lru_cache(maxsize=4096)
 def _wo_config_cached(M: int, N: int, K: int, bits: int, group_size: int, sms: int, interp: bool,
                       glu: bool) -> tuple:
@@ -853,6 +902,16 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
         scales = scales.contiguous()
     if zeros is not None and zeros.stride(1) != 1:
         zeros = zeros.contiguous()
+    if bits == 4 and config is None and M >= INT4_DEQUANT_MIN_M:  # prefill: dequantize once, float GEMM
+        w = dequantize_int4_triton(qweight, scales, zeros, group_size, x.dtype)
+        b = bias.to(x.dtype) if bias is not None else None
+        if glu:
+            y.copy_(silu_and_mul(F.linear(x2, w, b)))
+        elif b is not None:
+            torch.addmm(b, x2, w.t(), out=y)
+        else:
+            torch.mm(x2, w.t(), out=y)
+        return y.view(*x.shape[:-1], n_out)
     if quads and M == 1 and not (config or {}).get("USE_DOT", False):
         _int4_quads_gemv(x2, qweight, scales, zeros, group_size, bias, y, config, glu)
         return y.view(*x.shape[:-1], n_out)
