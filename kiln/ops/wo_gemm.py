@@ -74,11 +74,13 @@ from ._counters import last_to_arrive, rearm, split_counters
 from .split_k import split_k_for, sum_partials_if_last
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
-# from this many rows (prefill) an int4 weight is dequantized to the activation dtype once and multiplied by the
-# float GEMM: its dequantization in the dot tiles is ALU-bound (H100, session 19: Llama-3.1-8B qkv_proj at M = 256
-# 150-178 us, where the weight's bf16 bytes stream in ~4 us). At 512 and above no decode graph (max_num_seqs <= 256
-# by default) holds the float copy in its pool, and a prefill LM head sees one row per sequence.
-INT4_DEQUANT_MIN_M = 512
+# from this many rows (prefill, large decode batches) an int4 weight is dequantized to the activation dtype once and
+# multiplied by the float GEMM: dequantizing in the dot tiles is ALU-bound. H100, session 19
+# (scripts/gpu/quads_sweep.py --m): at M = 128 dequantize + cuBLAS beat the dot on all ten Llama-1B/8B linears
+# (8B qkv_proj 45 against 116 us, down_proj 112 against 384-414), at M = 64 on six of ten
+INT4_DEQUANT_MIN_M = 128
+# the float copy is made in slices of at most this many bytes (a decode graph's memory pool holds one)
+INT4_DEQUANT_SLICE_BYTES = 256 * 2**20
 # the bits of 1.0f, passed to the int4 GEMV as a run-time value so that its magic-number exponents live in registers:
 # the LOP3 that masks a nibble then also ORs in the exponent (with both constants immediate, ptxas emits two LOP3s
 # per code; sm_90 SASS of the 128x128 word tile: 824 -> 712 instructions per loop step, bit-identical results)
@@ -878,6 +880,30 @@ def _int4_quads_gemv(x2, words, scales, zeros, group_size, bias, y, config, glu)
     return y
 
 
+def _int4_dequant_linear(x2, qweight, scales, zeros, group_size, bias, y, glu):
+    """``y = x2 @ dequant(w).T + bias`` (``glu``: silu(gate) * up) for many rows: the weight dequantized to x's dtype
+    (``dequantize_int4_triton``) in slices of at most INT4_DEQUANT_SLICE_BYTES, each multiplied by the float GEMM.
+    The slices bound the float copy (a Llama-3.1-8B LM head whole would be 1 GB) where a decode graph's pool holds
+    it; a GLU weight goes whole (its SiLU-and-mul pairs rows N/2 apart)."""
+    N, K = int4_weight_shape(qweight)
+    b = bias.to(x2.dtype) if bias is not None else None
+    if glu:
+        w = dequantize_int4_triton(qweight, scales, zeros, group_size, x2.dtype)
+        y.copy_(silu_and_mul(F.linear(x2, w, b)))
+        return
+    quads = qweight.shape[2] if qweight.dim() == 3 else 1
+    rows = max(quads, INT4_DEQUANT_SLICE_BYTES // (K * x2.element_size()) // 64 * 64)
+    for a in range(0, N, rows):
+        e = min(N, a + rows)
+        w = dequantize_int4_triton(qweight[a // quads:e // quads] if quads > 1 else qweight[a:e], scales[a:e],
+                                   zeros[a:e] if zeros is not None else None, group_size, x2.dtype)
+        part = F.linear(x2, w, b[a:e] if b is not None else None)
+        if a == 0 and e == N:
+            y.copy_(part)
+        else:
+            y[:, a:e] = part
+
+
 def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, config=None, glu=False):
     """Launch the kernel; ``out`` [M, N] (tests pass a poisoned buffer), ``config`` overrides ``wo_config`` (or
     ``quads_config``). ``glu``: the weight is a fused [gate | up] [2I, K] and the output is silu(gate) * up [M, I]
@@ -902,15 +928,8 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
         scales = scales.contiguous()
     if zeros is not None and zeros.stride(1) != 1:
         zeros = zeros.contiguous()
-    if bits == 4 and config is None and M >= INT4_DEQUANT_MIN_M:  # prefill: dequantize once, float GEMM
-        w = dequantize_int4_triton(qweight, scales, zeros, group_size, x.dtype)
-        b = bias.to(x.dtype) if bias is not None else None
-        if glu:
-            y.copy_(silu_and_mul(F.linear(x2, w, b)))
-        elif b is not None:
-            torch.addmm(b, x2, w.t(), out=y)
-        else:
-            torch.mm(x2, w.t(), out=y)
+    if bits == 4 and config is None and M >= INT4_DEQUANT_MIN_M:  # many rows: dequantize once, float GEMM
+        _int4_dequant_linear(x2, qweight, scales, zeros, group_size, bias, y, glu)
         return y.view(*x.shape[:-1], n_out)
     if quads and M == 1 and not (config or {}).get("USE_DOT", False):
         _int4_quads_gemv(x2, qweight, scales, zeros, group_size, bias, y, config, glu)

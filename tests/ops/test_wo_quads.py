@@ -149,3 +149,32 @@ def test_quads_gemv_compiles_lean_for_sm90(N, K, glu):
     codes = cfg["BLOCK_Q"] * 4 * cfg["BLOCK_W"] * 8 * (2 if glu else 1) // (32 * warps)
     if loop:
         assert sum(loop.values()) <= 4.2 * codes, loop
+
+
+@requires_triton
+@pytest.mark.parametrize("rows", [0, 4])
+def test_dequantize_int4_triton_is_exact_on_both_layouts(rows):
+    N, K, G = (72, 384, 64) if not BIG else (4096, 4096, 128)
+    _, q, s, z, _ = operands(N, K, G, torch.float32)
+    qw = wo_gemm.interleave_int4_rows(q, rows) if rows else q
+    for zeros in (z, None):
+        ref = wo_gemm.dequantize_int4_weight(q, s, zeros, G)
+        assert torch.equal(wo_gemm.dequantize_int4_triton(qw, s, zeros, G, torch.float32), ref)
+        half = wo_gemm.dequantize_int4_triton(qw, s, zeros, G, torch.bfloat16).float()
+        assert ((half - ref).abs() <= ref.abs() * 2**-7).all()  # one bf16 step (the interpreter may truncate)
+
+
+@requires_triton
+@pytest.mark.parametrize("rows", [0, 4])
+@pytest.mark.parametrize("glu", [False, True])
+def test_many_rows_dequantize_in_slices_then_float_gemm(monkeypatch, rows, glu):
+    """From INT4_DEQUANT_MIN_M rows the weight is dequantized to x's dtype (in slices of bounded bytes: 64 rows
+    here, so 200 rows take four, the last partial) and multiplied by the float GEMM; with the SiLU-and-mul whole."""
+    monkeypatch.setattr(wo_gemm, "INT4_DEQUANT_SLICE_BYTES", 64 * 256 * 4)
+    N, K, G = 200, 256, 64
+    x, q, s, z, b = operands(N, K, G, torch.float32, bias=True, M=wo_gemm.INT4_DEQUANT_MIN_M)
+    qw = wo_gemm.interleave_int4_rows(q, rows) if rows else q
+    out = torch.full((x.shape[0], N // 2 if glu else N), float("nan"), device=DEVICE)
+    y = wo_gemm._wo_triton(x, qw, s, z, G, b, 4, out=out, glu=glu)
+    assert not torch.isnan(out).any()
+    assert rel_err(y, reference(x, q, s, z, G, b, glu)) <= 1e-5
