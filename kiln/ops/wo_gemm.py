@@ -11,7 +11,7 @@ contiguous, so ``out = x @ dequant(w).T + bias`` in x's dtype.
   ``G = group_size`` (32, 64 or 128) consecutive k: ``w[n, k] = (code[n, k] - zeros[n, k // G]) * scales[n, k // G]``.
 
 The references dequantize to fp32 and multiply in fp32, rounding once to x's dtype. The Triton kernel (one kernel
-for both widths) dequantizes in registers and never materialises a float weight:
+for both widths) dequantizes in registers and, below ``INT4_DEQUANT_MIN_M`` rows, never materialises a float weight:
 
 - int4: a K tile is one contiguous [BLOCK_N, BLOCK_K/2] block of packed bytes (vector loads, each byte read
   once). Low nibbles multiply the even activations x[k0 + 2j], high nibbles the odd ones x[k0 + 2j + 1], so
@@ -30,11 +30,14 @@ for both widths) dequantizes in registers and never materialises a float weight:
 - Row-interleaved int4 (``interleave_int4_rows``, what the engine runs on a GPU): the same words stored
   [N / R, K / 8, R], R rows of one word column side by side. The one-row GEMV (``_int4_quads_gemv_kernel``) loads
   them [Q, W * R] at a time, so each thread holds one word column for many rows and its eight activations are
-  loaded, converted and folded into the bias terms once for all of them: ~3.6 sm_90 instructions per code against
-  6.7 for the usual packing, where a 16-byte load gives a thread four columns of one row. The weight stream then
-  bounds it, not instruction issue (H100, Llama-3.1-8B LM head 147 -> 104 us). Batched calls read the same words
-  into the joined dot tile (``_int4_words_to_tile``). Files keep the usual packing; ``kiln.quant.llm`` interleaves
-  at load.
+  loaded, converted and folded into the bias terms once for all of them: ~3.7 sm_90 instructions per code against
+  6.7 for the usual packing, where a 16-byte load gives a thread four columns of one row (H100, Llama-3.1-8B LM
+  head 147 -> 104 us; the 8B decode step's linears 2.64 -> ~1.96 ms). Batched calls read the same words into the
+  joined dot tile (``_quads_dot_words``, ``_int4_words_to_tile``). Files keep the usual packing;
+  ``kiln.quant.llm`` interleaves at load.
+- Many rows (``INT4_DEQUANT_MIN_M``, prefill): the one place a float weight is materialised. Dequantizing inside
+  the dot tiles is ALU-bound, so the int4 weight (either layout) is dequantized to x's dtype once, in bounded
+  slices, and multiplied by the float GEMM: 2-6x faster than the dot from 128 rows on the H100.
 
 One row (batch-1 decode) takes a CUDA-core GEMV path (no tensor-core padding of M to 16, the weight stream is
 the whole cost); more rows take ``tl.dot`` tiles, so any M works. The GEMV (int8, or int4 on words) issues its
@@ -373,10 +376,20 @@ def _int4_word_gemv_tile(word, zero, xs, one_bits):
 
 
 @triton.jit
-def _nibble_of_columns(word, SHIFT: tl.constexpr, zf):
-    """Nibble ``SHIFT / 4`` of int32 words [BK / 8, BN] minus the column's zero point (``zf = 2^23 + zero`` [BN]),
-    as exact fp32."""
-    return (((word >> SHIFT) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zf[None, :]
+def _nibble_minus(word, SHIFT: tl.constexpr, zf):
+    """Nibble ``SHIFT / 4`` of int32 words minus the zero point, exact fp32 (``zf = 2^23 + zero``, broadcast against
+    ``word``): the magic-number conversion, no I2F."""
+    return (((word >> SHIFT) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zf
+
+
+@triton.jit
+def _word_nibbles_minus_zero(word, zf):
+    """All eight codes of int32 words minus the zero point, joined as [..., 2, 2, 2] where element [..., a, b, c] is
+    nibble 4a + 2b + c: reshaped to [..., 8] they run in k order (k = 8j + b)."""
+    return tl.join(tl.join(tl.join(_nibble_minus(word, 0, zf), _nibble_minus(word, 16, zf)),
+                           tl.join(_nibble_minus(word, 8, zf), _nibble_minus(word, 24, zf))),
+                   tl.join(tl.join(_nibble_minus(word, 4, zf), _nibble_minus(word, 20, zf)),
+                           tl.join(_nibble_minus(word, 12, zf), _nibble_minus(word, 28, zf))))
 
 
 @triton.jit
@@ -405,18 +418,8 @@ def _quads_dot_words(W, pid_n, N, k0, k_hi, stride_wq, R: tl.constexpr, BLOCK_N:
 @triton.jit
 def _int4_words_to_tile(word, zf, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """int4 words [BK / 8, BN] (word j of column n holds k = 8j + b in nibble b) and ``zf = 2^23 + zero`` [BN] ->
-    the fp32 tile ``code - zero`` [BK, BN] (row 8j + b), for tl.dot. The joins are nested so that the eight nibbles
-    land in k order: element [j, n, a, b, c] of the joined tensor is nibble 4a + 2b + c."""
-    n0 = _nibble_of_columns(word, 0, zf)
-    n1 = _nibble_of_columns(word, 4, zf)
-    n2 = _nibble_of_columns(word, 8, zf)
-    n3 = _nibble_of_columns(word, 12, zf)
-    n4 = _nibble_of_columns(word, 16, zf)
-    n5 = _nibble_of_columns(word, 20, zf)
-    n6 = _nibble_of_columns(word, 24, zf)
-    n7 = _nibble_of_columns(word, 28, zf)
-    w = tl.join(tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7)))
-    w = tl.reshape(w, (BLOCK_K // 8, BLOCK_N, 8))
+    the fp32 tile ``code - zero`` [BK, BN] (row 8j + b), for tl.dot."""
+    w = tl.reshape(_word_nibbles_minus_zero(word, zf[None, :]), (BLOCK_K // 8, BLOCK_N, 8))
     return tl.reshape(tl.permute(w, (0, 2, 1)), (BLOCK_K, BLOCK_N))
 
 
@@ -725,19 +728,17 @@ def _int4_dequant_kernel(W, S, Z, Out, N, K, stride_wn, stride_zn, stride_sn, st
     n_mask = offs_n < N
     mask = n_mask[:, None] & (jw < K // 8)[None, :]
     if QUADS > 0:
-        ptrs = W + (offs_n // QUADS).to(tl.int64)[:, None] * stride_wn + (jw * QUADS)[None, :] + (offs_n % QUADS)[:, None]
+        ptrs = (W + (offs_n // QUADS).to(tl.int64)[:, None] * stride_wn + (jw * QUADS)[None, :]
+                + (offs_n % QUADS)[:, None])
     else:
         ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + jw[None, :]
     word = tl.load(ptrs, mask=mask, other=0)
     g = tl.program_id(1) * BLOCK_W * 8 // GROUP
     zero, scale = _group_zero_scale(Z, S, offs_n, n_mask, g, stride_zn, stride_sn, HAS_ZERO, BLOCK_N)
-    zero = zero[:, None, None, None, None]
-    c = tl.join(tl.join(tl.join(word & 0xF, (word >> 16) & 0xF), tl.join((word >> 8) & 0xF, (word >> 24) & 0xF)),
-                tl.join(tl.join((word >> 4) & 0xF, (word >> 20) & 0xF), tl.join((word >> 12) & 0xF, (word >> 28) & 0xF)))
-    w = (c.to(tl.float32) - zero) * scale[:, None, None, None, None]  # [BN, BW, 2, 2, 2]: nibble 4a + 2b + c
+    codes = _word_nibbles_minus_zero(word, (zero + 8388608.0)[:, None])  # [BN, BW, 2, 2, 2]
+    w = tl.reshape(codes, (BLOCK_N, BLOCK_W * 8)) * scale[:, None]
     kk = tl.program_id(1) * BLOCK_W * 8 + tl.arange(0, BLOCK_W * 8)
-    tl.store(Out + offs_n.to(tl.int64)[:, None] * stride_on + kk[None, :],
-             tl.reshape(w, (BLOCK_N, BLOCK_W * 8)).to(Out.dtype.element_ty),
+    tl.store(Out + offs_n.to(tl.int64)[:, None] * stride_on + kk[None, :], w.to(Out.dtype.element_ty),
              mask=n_mask[:, None] & (kk < K)[None, :])
 
 
@@ -1017,4 +1018,20 @@ def _check_w4a16(device, dtype, g):
     return _rel(w4a16_linear(x, q, s, z, G), w4a16_linear_ref(x, q, s, z, G)), backend_for(x)
 
 
-DOCTOR_CHECKS = {"w8a16_linear": _check_w8a16, "w4a16_linear": _check_w4a16}
+def _check_w4a16_interleaved(device, dtype, g):
+    """One row and many rows on row-interleaved words (the engine's GPU layout): the quads GEMV, the many-row
+    dequantize + GEMM."""
+    N, K, G = 48, 256, 64
+    q = torch.randint(0, 256, (N, K // 2), device=device, dtype=torch.uint8, generator=g)
+    s = torch.rand(N, K // G, device=device, generator=g) * 0.01 + 1e-3
+    z = torch.randint(0, 16, (N, K // G), device=device, dtype=torch.uint8, generator=g)
+    quads = interleave_int4_rows(q, 4)
+    errs = []
+    for M in (1, INT4_DEQUANT_MIN_M):
+        x = torch.randn(M, K, device=device, dtype=dtype, generator=g)
+        errs.append(_rel(w4a16_linear(x, quads, s, z, G), w4a16_linear_ref(x, q, s, z, G)))
+    return max(errs), backend_for(x)
+
+
+DOCTOR_CHECKS = {"w8a16_linear": _check_w8a16, "w4a16_linear": _check_w4a16,
+                 "w4a16_linear (row-interleaved)": _check_w4a16_interleaved}

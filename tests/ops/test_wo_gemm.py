@@ -322,7 +322,7 @@ def test_weight_only_ops_reject_bad_input(call, match):
 def test_weight_only_doctor_checks_are_registered_and_pass():
     checks = all_checks()
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    for name in ("w8a16_linear", "w4a16_linear"):
+    for name in ("w8a16_linear", "w4a16_linear", "w4a16_linear (row-interleaved)"):
         assert name in checks
         for dtype in DTYPES:
             err, backend = checks[name](DEVICE, dtype, g)
