@@ -801,7 +801,8 @@ def _wo_config(M, N, K, bits, group_size, sms, interp, glu=False):
                     INT4_WORDS=bits == 4 and M == 1, INT4_JOIN=bits == 4 and M > 1)
     if M == 1:
         # int8: the tile of INT8_GEMV_TILES whose row tiles best fill whole waves of resident CTAs (see there).
-        # int4 on 32-bit words, reduced once (H100, scripts/gpu/wo_ab.py --sweep, session 14): 64 rows x one group of
+        # int4 on 32-bit words of the usual packing (the engine on a GPU interleaves rows: quads_config), reduced
+        # once (H100, scripts/gpu/wo_ab.py --sweep, session 14): 64 rows x one group of
         # 128 k with 4 warps (64 codes per thread, ~128 registers), K split for about four programs per SM down to
         # two K tiles a split; with the SiLU-and-mul epilogue, which cannot split K, 128 rows with 8 warps. Against
         # session 13's 64 rows / 2 warps at two programs per SM the step's linears went 2.85 -> 2.70 ms (8B) and
