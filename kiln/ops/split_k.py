@@ -59,6 +59,17 @@ def _split_k_sum_kernel(P, B, Y, N, SPLIT, stride_ps, stride_pm, stride_ym, HAS_
 
 
 @triton.jit
+def sum_partials_in_order(ptrs, mask, stride_ps, SPLIT: tl.constexpr):
+    """The fp32 partials at ``ptrs + s * stride_ps`` summed in split order (deterministic), read through L2 (``.cg``:
+    other SMs wrote them). Called by a tile's last program to arrive (``last_to_arrive``), which then applies its own
+    epilogue and re-arms the counter."""
+    acc = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    for sp in tl.static_range(1, SPLIT):
+        acc += tl.load(ptrs + sp * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")
+    return acc
+
+
+@triton.jit
 def sum_partials_if_last(P, Y, B, Counters, tile, offs_m, offs_n, m_mask, n_mask, stride_ps, stride_pm, stride_ym,
                          SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """The split-K sum inside the GEMM: called by every split program of an output tile after it stored its fp32
@@ -68,10 +79,8 @@ def sum_partials_if_last(P, Y, B, Counters, tile, offs_m, offs_n, m_mask, n_mask
     per split linear, and no launch gap before it."""
     if last_to_arrive(Counters + tile, SPLIT):
         mask = m_mask[:, None] & n_mask[None, :]
-        ptrs = P + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :]
-        acc = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")  # L2: other SMs wrote the partials
-        for sp in tl.static_range(1, SPLIT):
-            acc += tl.load(ptrs + sp * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")
+        acc = sum_partials_in_order(P + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :], mask, stride_ps,
+                                    SPLIT)
         if HAS_BIAS:
             acc += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),

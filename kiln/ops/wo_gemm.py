@@ -74,7 +74,7 @@ from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting, pd
 from ._triton import cdiv, direct, next_power_of_2, tl, triton
 from .activation import silu_and_mul, silu_and_mul_ref, silu_mul_f32
 from ._counters import last_to_arrive, rearm, split_counters
-from .split_k import split_k_for, sum_partials_if_last
+from .split_k import split_k_for, sum_partials_if_last, sum_partials_in_order
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 # from this many rows (prefill, large decode batches) an int4 weight is dequantized to the activation dtype once and
@@ -658,7 +658,7 @@ def _int4_quads_gemv_kernel(X, W, S, Z, B, P, Y, Counters, N, K, k_per_split, st
     Program (p, s) takes BLOCK_Q quads of R rows (with ``GLU``, BLOCK_Q quads of gate rows and the BLOCK_Q up quads
     they pair with) and the s-th K range. Each thread holds one word column of many rows, so the eight activations
     of a column are loaded, converted and folded into the bias terms once per R rows per quad, where the usual
-    layout's 16-byte loads give a thread four columns of one row (sm_90 SASS: ~3.6 instructions per code against
+    layout's 16-byte loads give a thread four columns of one row (sm_90 SASS: ~3.7 instructions per code against
     6.7). Partials [Q, W, R] are scaled per K step and reduced once at the end. With ``SPLIT_K`` > 1 each program
     stores an fp32 partial in ``P`` [SPLIT_K, N] and the tile's last program to arrive sums them in split order,
     then runs the epilogue (bias, rounding, SiLU-and-mul); the sum order is fixed, so the bits are reproducible."""
@@ -710,9 +710,7 @@ def _int4_quads_gemv_kernel(X, W, S, Z, B, P, Y, Counters, N, K, k_per_split, st
         part = P + rows.to(tl.int64)
         tl.store(part + pid_k.to(tl.int64) * N, y, mask=row_mask)
         if last_to_arrive(Counters + pid, SPLIT_K):
-            y = tl.load(part, mask=row_mask, other=0.0, cache_modifier=".cg")  # L2: other SMs wrote the partials
-            for sp in tl.static_range(1, SPLIT_K):
-                y += tl.load(part + sp * N, mask=row_mask, other=0.0, cache_modifier=".cg")
+            y = sum_partials_in_order(part, row_mask, N, SPLIT_K)
             _quads_epilogue(y, rows, row_mask, B, Y, pid, N, HAS_BIAS, GLU, BLOCK_Q, R)
             rearm(Counters + pid)
 
@@ -842,12 +840,18 @@ def quads_config(N: int, K: int, rows: int, group_size: int, sms: int = 132, glu
     registers, six CTAs per SM: splits past that one wave got slower (8B down_proj 14.9 us at 12 splits, 20.0 at
     16); the epilogue's kernel holds 128."""
     interp = interpreting() if interp is None else interp
+    return dict(_quads_config_cached(N, K, rows, group_size, sms, glu, interp))
+
+
+@functools.lru_cache(maxsize=4096)
+def _quads_config_cached(N, K, rows, group_size, sms, glu, interp) -> tuple:
+    """``quads_config`` per shape, cached: a decode step's GEMV pays a dict lookup, not the split arithmetic."""
     bw = min(16, group_size // 8) if not interp else min(4, group_size // 8)
     bq = max(1, (32 if glu else 64) // rows) if not interp else 2  # GLU: 32 gate and 32 up rows
     rows_per_program = bq * rows * (2 if glu else 1)
     split = 1 if interp else split_k_for(1, N, K, 1, rows_per_program, 8 * bw, sms,
                                          programs_per_sm=8 if glu else 6, min_k_tiles=2)
-    return dict(BLOCK_Q=bq, BLOCK_W=bw, SPLIT_K=split, num_warps=2 if not interp else 4, PREFETCH=True)
+    return tuple(dict(BLOCK_Q=bq, BLOCK_W=bw, SPLIT_K=split, num_warps=2 if not interp else 4, PREFETCH=True).items())
 
 
 def _int4_quads_gemv(x2, words, scales, zeros, group_size, bias, y, config, glu):
