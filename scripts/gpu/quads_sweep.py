@@ -33,7 +33,14 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=["llama-8b", "llama-1b"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--m", type=int, nargs="+", default=None, help="rows: time the joined dot on both layouts")
+    ap.add_argument("--tiles", nargs="+", default=None, help="BLOCK_QxWARPS pairs to sweep, e.g. 1x1 4x2")
+    ap.add_argument("--splits", type=int, nargs="+", default=None)
     args = ap.parse_args()
+    global TILES, SPLITS
+    if args.tiles:
+        TILES = tuple(tuple(int(v) for v in t.split("x")) for t in args.tiles)
+    if args.splits:
+        SPLITS = tuple(args.splits)
     if args.m:
         return batched(args.models, args.m)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -72,6 +79,7 @@ def main() -> int:
                     cfg = dict(BLOCK_Q=bq, BLOCK_W=16, SPLIT_K=split, num_warps=warps)
                     sweep[f"{bq}x16x4/w{warps}/s{split}"] = timed(cfg)
             best = min(sweep, key=sweep.get)
+            print(f"{'':26s}" + ", ".join(f"{k} {v:.1f}" for k, v in sorted(sweep.items(), key=lambda kv: kv[1])[:6]))
             times = 1 if name == "lm_head" else layers
             for key, t in (("usual", usual), ("quads", default), ("best", sweep[best])):
                 step[key] += t * times
