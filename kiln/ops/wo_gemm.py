@@ -300,9 +300,10 @@ def _int8_to_f32(q):
 
 
 @triton.jit
-def _nibble_minus_zero(code, zf):
-    """int32 codes 0..15 [BN, BK/2] and ``zf = 2^23 + zero`` fp32 [BN] -> fp32 ``code - zero`` (exact)."""
-    return (code | 0x4B000000).to(tl.float32, bitcast=True) - zf[:, None]
+def _nibble_minus(word, SHIFT: tl.constexpr, zf):
+    """The 4-bit code at bits [SHIFT, SHIFT + 4) of int32 ``word`` (packed bytes or words) minus the zero point,
+    exact fp32 (``zf = 2^23 + zero``, broadcast against ``word``): the magic-number conversion, no I2F."""
+    return (((word >> SHIFT) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zf
 
 
 @triton.jit
@@ -373,13 +374,6 @@ def _int4_word_gemv_tile(word, zero, xs, one_bits):
     part += _biased_nibble(r19, 15, e8) * xs[7]
     part += _biased_nibble(r19, 19, e4) * xs[0]
     return part
-
-
-@triton.jit
-def _nibble_minus(word, SHIFT: tl.constexpr, zf):
-    """Nibble ``SHIFT / 4`` of int32 words minus the zero point, exact fp32 (``zf = 2^23 + zero``, broadcast against
-    ``word``): the magic-number conversion, no I2F."""
-    return (((word >> SHIFT) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zf
 
 
 @triton.jit
@@ -516,8 +510,8 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, M, N, K, k_per_split, strid
                 jb = k0 // 2 + offs_j
                 byte = tl.load(W + offs_n[None, :].to(tl.int64) * stride_wn + jb[:, None],
                                mask=(2 * jb < k_hi)[:, None] & n_mask[None, :], other=0).to(tl.int32)
-                lo = ((byte & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zf[None, :]
-                hi = (((byte >> 4) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zf[None, :]
+                lo = _nibble_minus(byte, 0, zf[None, :])
+                hi = _nibble_minus(byte, 4, zf[None, :])
                 w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))
             if UPCAST:
                 part = tl.dot(xt.to(tl.float32), w, input_precision="ieee")
@@ -556,8 +550,8 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, M, N, K, k_per_split, strid
             # a K tile lies inside one group (BLOCK_K divides GROUP): one scale, one zero per row
             zero, s = _group_zero_scale(Z, S, offs_n, n_mask, k0 // GROUP, stride_zn, stride_sn, HAS_ZERO, BLOCK_N)
             zf = zero + 8388608.0  # 2^23 + zero: the magic-number conversion's offset
-            w_lo = _nibble_minus_zero(byte & 0xF, zf)
-            w_hi = _nibble_minus_zero((byte >> 4) & 0xF, zf)
+            w_lo = _nibble_minus(byte, 0, zf[:, None])
+            w_hi = _nibble_minus(byte, 4, zf[:, None])
             if USE_DOT:
                 if UPCAST:
                     part = tl.dot(xe.to(tl.float32), tl.trans(w_lo), input_precision="ieee")
