@@ -71,6 +71,9 @@ def _compile(module: str, kernel: str, signature: dict, constexprs: dict, num_wa
 
     fn = getattr(importlib.import_module(module), kernel)
     names = fn.arg_names
+    # constexprs left at their defaults are constexprs too (a launch passes them so), not i32 arguments
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default
+                     and p.name not in constexprs}, **constexprs}
     sig = {n: "constexpr" if n in constexprs else signature.get(n, "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in constexprs}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
