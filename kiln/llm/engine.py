@@ -301,7 +301,10 @@ class LLMEngine:
         if not batch.seqs:
             return []
         with self._worker_errors():
-            result = self.runner.execute(batch)
+            # decode steps sample every row; plain-greedy ones take the argmax inside the decode graph
+            greedy = all(n == 1 for n in batch.num_new_tokens) and self.sampler.plain_greedy(
+                [s.params for s in batch.seqs], [self._banned(s) for s in batch.seqs])
+            result = self.runner.execute(batch, greedy=greedy)
             if self.workers is not None and self.device.type == "cuda":
                 self.workers.wait_for_device(self.device)  # a dead worker raises here, not in a stuck sync
         self._account(batch)
@@ -312,7 +315,7 @@ class LLMEngine:
         with self._worker_errors():
             pending = self.sampler.sample(result.logits, [s.params for s in seqs],
                                           [(s.token_ids, s.num_prompt_tokens) for s in seqs],
-                                          [s.rng for s in seqs], [self._banned(s) for s in seqs])
+                                          [s.rng for s in seqs], [self._banned(s) for s in seqs], result.tokens)
             step = _StepInFlight(batch, seqs, pending)
             if result.decode and self.async_scheduling:
                 self._in_flight = step
@@ -325,12 +328,15 @@ class LLMEngine:
         self._in_flight = None
         nxt = None
         if self._can_run_ahead(prev.seqs):
-            result = self.runner.execute_ahead(prev.seqs, prev.sample.tokens)
+            params = [s.params for s in prev.seqs]
+            none_banned = [[] for _ in prev.seqs]  # _can_run_ahead: no sequence has a ban this step
+            result = self.runner.execute_ahead(prev.seqs, prev.sample.tokens,
+                                               greedy=self.sampler.plain_greedy(params, none_banned))
             batch = ScheduledBatch(list(prev.seqs), [1] * len(prev.seqs))
             self.stats["steps_ahead"] += 1
             nxt = _StepInFlight(batch, batch.seqs, self.sampler.sample(
-                result.logits, [s.params for s in prev.seqs], [(s.token_ids, s.num_prompt_tokens) for s in prev.seqs],
-                [s.rng for s in prev.seqs], [[] for _ in prev.seqs]))
+                result.logits, params, [(s.token_ids, s.num_prompt_tokens) for s in prev.seqs],
+                [s.rng for s in prev.seqs], none_banned, result.tokens))
         outputs = self._complete(prev)
         if nxt is not None:
             # the next step's bookkeeping needs this step's tokens (full blocks are hashed by their token ids)

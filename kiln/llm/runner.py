@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 import torch
 
 from kiln.ops import backend_for, gemv
+from kiln.ops.argmax import argmax_rows
 
 from .config import EngineConfig, ModelConfig
 from .context import AttentionContext, set_context
@@ -23,9 +24,10 @@ CPU_DEFAULT_KV_BYTES = 512 * 2**20
 
 @dataclass
 class StepResult:
-    logits: torch.Tensor           # [S, V] for the sequences that sample this step
+    logits: torch.Tensor | None    # [S, V] for the sequences that sample this step (None: ``tokens`` given)
     sample_rows: list[int]         # index into batch.seqs of each logits row
     decode: bool = False           # one token per sequence, every row samples
+    tokens: torch.Tensor | None = None  # [S] int64 on the device: a greedy decode graph's argmax (see ``_replay``)
 
 
 @dataclass
@@ -99,6 +101,8 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                     self.kv_pool.numel() * self.kv_pool.element_size() / 2**20)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # the same decode graphs ending in the greedy argmax, written into the next step's input ids (one process)
+        self.greedy_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # the PyTorch reference attention reads lengths on the host, which a graph cannot capture: with
         # KILN_OPS=ref the engine runs eagerly
         if device.type == "cuda" and not engine_config.enforce_eager and backend_for(self.kv_pool) == "triton":
@@ -237,7 +241,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_decode_graphs(self) -> None:
-        """One graph per decode batch size, largest first, all in one memory pool; replays pad to a bucket."""
+        """One graph per decode batch size, largest first, all in one memory pool; replays pad to a bucket.
+
+        Without tensor parallelism each size also gets a greedy twin (``greedy_graphs``) that ends in the argmax
+        and writes the tokens into the graph's own input ids. A plain-greedy decode step (the common serving case,
+        ``Sampler.plain_greedy``) then launches nothing but its replay and the tokens' copy to the host: no
+        separate argmax launch, no logits copy, and a run-ahead step after it needs no device copy of its input ids.
+        Each of those was a launch plus a gap on the GPU, ~36 us of a 0.64 ms Llama-3.2-1B int4 step beyond its
+        graph (H100, session 22)."""
         sizes = self.graph_batch_sizes()
         bmax = sizes[-1]
         max_blocks = -(-self.max_model_len // self.block_size)
@@ -260,6 +271,7 @@ class ModelRunner:
         self.g_cu = torch.arange(bmax + 1, dtype=torch.int32, device=dev)
         self.g_out = torch.empty(bmax, self.mcfg.vocab_size, dtype=self.dtype, device=dev)  # logits
         pool = torch.cuda.graph_pool_handle()
+        greedy_twins = self.tp is None or self.tp.size == 1
         for b in reversed(sizes):
             ctx = AttentionContext(slot_mapping=self.g_slots[:b], cu_seqlens_q=self.g_cu[:b + 1],
                                    seqlens_k=self.g_lens[:b], block_tables=self.g_tables[:b], max_seqlen_q=1,
@@ -268,14 +280,20 @@ class ModelRunner:
             try:
                 # the LM head runs inside the graph too: one replay per decode step, nothing else to launch
                 self.g_out[:b] = self.model.compute_logits(self.model(self.g_ids[:b], self.g_pos[:b]))  # warm-up
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                self.graphs[b] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graphs[b], pool=pool):
                     self.g_out[:b] = self.model.compute_logits(self.model(self.g_ids[:b], self.g_pos[:b]))
+                if greedy_twins:
+                    self.greedy_graphs[b] = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(self.greedy_graphs[b], pool=pool):
+                        logits = self.model.compute_logits(self.model(self.g_ids[:b], self.g_pos[:b]))
+                        argmax_rows(logits, out=self.g_ids[:b])
+                    del logits
             finally:
                 set_context(None)
-            self.graphs[b] = graph
         torch.cuda.synchronize(dev)
-        logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(sizes), sizes)
+        logger.info("captured %d decode CUDA graphs (batch sizes %s)%s", len(sizes), sizes,
+                    ", each with a greedy twin" if greedy_twins else "")
 
     def release_graphs(self) -> None:
         """Drop the decode CUDA graphs (later steps run eagerly): a graph that captured NCCL collectives keeps
@@ -283,27 +301,37 @@ class ModelRunner:
         if self.graphs:
             torch.cuda.synchronize(self.device)
             self.graphs.clear()
+            self.greedy_graphs.clear()
 
-    def _replay(self, inp: StepInput, device_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def _replay(self, inp: StepInput, device_ids: torch.Tensor | None = None,
+                greedy: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Stage the step's inputs and replay its batch size's graph -> (logits [n, V], None), or with ``greedy``
+        (and a greedy twin) (None, tokens [n]): the argmax, left in the graph's input ids for a run-ahead step.
+        ``device_ids``: the step's input ids on the device (run-ahead), possibly those very tokens."""
         n = inp.input_ids.shape[0]
         b = next(s for s in sorted(self.graphs) if s >= n)
         stream = torch.cuda.current_stream(self.device)
         self.h_copied.synchronize()  # normally long done: the previous step's results have been read since
         stage_graph_inputs(inp, b, self.h_ids, self.h_pos, self.h_slots, self.h_lens, self.h_tables)
-        # the int64 rows, the lengths and the first b table rows
-        used = 8 * 3 * self.h_lens.shape[0] + 4 * (self.h_lens.shape[0] + b * self.h_tables.shape[1])
-        self.g_bytes[:used].copy_(self.h_bytes[:used], non_blocking=True)
+        # the int64 rows (ids only when the host has them), the lengths and the first b table rows
+        bmax = self.h_lens.shape[0]
+        start = 8 * bmax if device_ids is not None else 0
+        used = 8 * 3 * bmax + 4 * (bmax + b * self.h_tables.shape[1])
+        self.g_bytes[start:used].copy_(self.h_bytes[start:used], non_blocking=True)
         self.h_copied.record(stream)
-        if device_ids is not None:
+        if device_ids is not None and device_ids.data_ptr() != self.g_ids.data_ptr():
             self.g_ids[:n].copy_(device_ids)
+        if greedy and b in self.greedy_graphs:
+            self.greedy_graphs[b].replay()
+            return None, self.g_ids[:n]
         self.graphs[b].replay()
-        return self.g_out[:n]
+        return self.g_out[:n], None
 
     @torch.inference_mode()
     def run(self, inp: StepInput) -> torch.Tensor:
         """One forward on this rank (every tensor-parallel rank runs it with the same inputs) -> logits [S, V]."""
         if inp.graph:
-            return self._replay(inp)
+            return self._replay(inp)[0]
         dev = self.device
         ctx = AttentionContext(
             slot_mapping=inp.slot_mapping.to(dev, non_blocking=True),
@@ -334,27 +362,34 @@ class ModelRunner:
             self.broadcast(inp)
         return self.run(inp)
 
-    def execute(self, batch: ScheduledBatch) -> StepResult:
+    def execute(self, batch: ScheduledBatch, greedy: bool = False) -> StepResult:
+        """Run the batch. ``greedy``: every row samples by plain argmax (``Sampler.plain_greedy``), so a decode step
+        replayed through a greedy graph returns its tokens instead of logits."""
         inp, sample_rows = self.pack(batch)
-        return StepResult(self._run_everywhere(inp), sample_rows, inp.is_decode and inp.logits_idx is None)
+        decode = inp.is_decode and inp.logits_idx is None
+        if greedy and inp.graph and self.broadcast is None:
+            with torch.inference_mode():
+                logits, tokens = self._replay(inp, greedy=True)
+            return StepResult(logits, sample_rows, decode, tokens)
+        return StepResult(self._run_everywhere(inp), sample_rows, decode)
 
     def can_run_ahead(self) -> bool:
         """``execute_ahead`` needs the step's token ids only on this process: no tensor-parallel worker reads them
         from its host."""
         return self.broadcast is None
 
-    def execute_ahead(self, seqs: list, tokens: torch.Tensor) -> StepResult:
+    def execute_ahead(self, seqs: list, tokens: torch.Tensor, greedy: bool = False) -> StepResult:
         """The decode step after one whose sampled ``tokens`` [len(seqs)] are still on the device (not yet read by
-        the host): each sequence feeds that token, copied into the step's input on the device, so the host can
-        queue this step before it reads the previous one's tokens."""
+        the host): each sequence feeds that token, copied into the step's input on the device (a greedy graph left
+        them there already), so the host can queue this step before it reads the previous one's tokens.
+        ``greedy`` as in ``execute``."""
         inp = self._pack_decode(seqs, ahead=True)
         if inp.graph:
             with torch.inference_mode():
-                logits = self._replay(inp, device_ids=tokens)
-        else:
-            inp.input_ids = tokens
-            logits = self.run(inp)
-        return StepResult(logits, list(range(len(seqs))), True)
+                logits, out = self._replay(inp, device_ids=tokens, greedy=greedy)
+            return StepResult(logits, list(range(len(seqs))), True, out)
+        inp.input_ids = tokens
+        return StepResult(self.run(inp), list(range(len(seqs))), True)
 
     def all_logits(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits at every new token of the batch, [T, V] (parity checks, prompt scoring)."""

@@ -143,18 +143,26 @@ class Sampler:
         """Sample and read the result (see ``sample``)."""
         return self.sample(logits, params, histories, streams, banned).result()
 
+    @staticmethod
+    def plain_greedy(params: list[SamplingParams], banned: list[list[int]]) -> bool:
+        """Every row takes the argmax of its raw logits (greedy, no logprobs, penalties or banned ids): the common
+        serving case, one argmax and one read, which a decode step's CUDA graph can take itself
+        (``ModelRunner.execute(greedy=True)``)."""
+        return all(p.greedy and p.logprobs is None and not p.needs_penalties() for p in params) and not any(banned)
+
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
+    def sample(self, logits: torch.Tensor | None, params: list[SamplingParams],
                histories: list[tuple[list[int], int]], streams: list[SeedStream | None],
-               banned: list[list[int]]) -> PendingSample:
+               banned: list[list[int]], tokens: torch.Tensor | None = None) -> PendingSample:
         """logits [B, V] (any float dtype); one entry per row in the lists. ``histories`` holds each row's
         (prompt + output token list, prompt length), read only for penalties (no per-step copies). ``streams``
         are the seeded rows' random streams (None: the engine's), each advanced by one draw. ``banned`` token ids
         get -inf (EOS and stop ids before ``min_tokens``). Queues the work and the copies to the host without
-        waiting for them."""
-        if (all(p.greedy and p.logprobs is None and not p.needs_penalties() for p in params)
-                and not any(banned)):  # the common serving case: one argmax, one read
-            return PendingSample(argmax_rows(logits))
+        waiting for them. ``tokens``: a plain-greedy step's argmax, already taken on the device (no ``logits``)."""
+        if self.plain_greedy(params, banned):  # the common serving case: one argmax, one read
+            return PendingSample(tokens if tokens is not None else argmax_rows(logits))
+        if logits is None:
+            raise ValueError("sampling these rows needs the step's logits: only plain-greedy rows come as tokens")
         logits = logits.float()
         B, V = logits.shape
         dev = logits.device

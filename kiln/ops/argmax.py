@@ -21,24 +21,27 @@ from __future__ import annotations
 import torch
 
 from ._counters import last_to_arrive, rearm, split_counters
-from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor
+from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, pdl_launch_args
 from ._triton import cdiv, next_power_of_2, tl, triton
 
 CHUNK = 8192  # elements per program: 16 KB of bf16, 64 per thread at 4 warps
 
 
-def argmax_rows(x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """``x.argmax(dim=-1)`` for x [B, V] (fp32 / fp16 / bf16) -> [B] int64."""
+def argmax_rows(x: torch.Tensor, chunk: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` for x [B, V] (fp32 / fp16 / bf16) -> [B] int64, written into ``out`` when given (a
+    decode graph writes the tokens straight into its next step's input ids)."""
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     B, V = x.shape
     if V == 0:
         raise ValueError("argmax_rows needs a non-empty last dim")
-    if B == 0 or backend_for(x) != "triton":
-        return x.argmax(dim=-1)
-    counters = split_counters(x.device, B)
+    if out is not None:
+        check_tensor("out", out, ndim=1, dtypes=(torch.int64,), device=x.device)
+        if out.shape[0] != B or out.stride(0) != 1:
+            raise ValueError(f"out must be a contiguous [{B}] int64 tensor, got shape {tuple(out.shape)}")
+    counters = split_counters(x.device, B) if B and backend_for(x) == "triton" else None
     if counters is None:
-        return x.argmax(dim=-1)
-    return _argmax_triton(x, counters, chunk)
+        return torch.argmax(x, dim=-1, out=out) if out is not None else x.argmax(dim=-1)
+    return _argmax_triton(x, counters, chunk, out=out)
 
 
 @triton.jit
@@ -64,11 +67,14 @@ def _uniform(seed, draw, cols):
 
 @triton.jit
 def _argmax_kernel(X, PV, PI, CNT, OUT, V, sx, SEED, DRAW, NCHUNK: tl.constexpr, CHUNK: tl.constexpr,
-                   BLOCK_C: tl.constexpr, GUMBEL: tl.constexpr):
+                   BLOCK_C: tl.constexpr, GUMBEL: tl.constexpr, PDL: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     offs = c * CHUNK + tl.arange(0, CHUNK)
     ok = offs < V
+    if PDL:  # the logits are the previous kernel's output (the LM head, in a decode graph)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     v = tl.load(X + row * sx + offs, mask=ok, other=float("-inf")).to(tl.float32)
     if GUMBEL:
         u = _uniform(tl.load(SEED + row), tl.load(DRAW + row), offs)
@@ -90,19 +96,21 @@ def _argmax_kernel(X, PV, PI, CNT, OUT, V, sx, SEED, DRAW, NCHUNK: tl.constexpr,
 
 
 def _argmax_triton(x: torch.Tensor, counters: torch.Tensor, chunk: int | None = None,
-                   seeds: torch.Tensor | None = None, draws: torch.Tensor | None = None) -> torch.Tensor:
+                   seeds: torch.Tensor | None = None, draws: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     B, V = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
     chunk = chunk or min(CHUNK, max(16, next_power_of_2(V)))
     nchunk = cdiv(V, chunk)
-    out = torch.empty(B, dtype=torch.int64, device=x.device)
+    out = torch.empty(B, dtype=torch.int64, device=x.device) if out is None else out
     pv = torch.empty(B, nchunk, dtype=torch.float32, device=x.device)
     pi = torch.empty(B, nchunk, dtype=torch.int32, device=x.device)
     gumbel = seeds is not None
     _argmax_kernel[(B, nchunk)](x, pv, pi, counters, out, V, x.stride(0), seeds if gumbel else out,
                                 draws if gumbel else out, NCHUNK=nchunk, CHUNK=chunk,
-                                BLOCK_C=max(2, next_power_of_2(nchunk)), GUMBEL=gumbel, num_warps=4)
+                                BLOCK_C=max(2, next_power_of_2(nchunk)), GUMBEL=gumbel, num_warps=4,
+                                **pdl_launch_args())
     return out
 
 

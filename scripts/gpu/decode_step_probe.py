@@ -103,18 +103,14 @@ def main():
     tpot = statistics.median(tpots[False])
 
     graph = eng.runner.graphs[1]
-    torch.cuda.synchronize()
-    for _ in range(10):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(args.replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    replay = start.elapsed_time(end) / 1e3 / args.replays
+    replay = back_to_back(graph, args.replays)
     print(f"graph replay back to back: {1e3 * replay:.3f} ms ({100 * nbytes / bw / replay:.1f}% of the roofline); "
           f"GPU idle per synchronous step ~{1e3 * (tpot - replay):.3f} ms")
+    twin = getattr(eng.runner, "greedy_graphs", {}).get(1)
+    if twin is not None:  # what a plain-greedy step replays: the graph ending in the argmax
+        greedy = back_to_back(twin, args.replays)
+        print(f"greedy twin replay back to back: {1e3 * greedy:.3f} ms; run-ahead TPOT - greedy replay = "
+              f"{1e6 * (statistics.median(tpots[True]) - greedy):.1f} us per step outside the graph")
 
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -131,6 +127,20 @@ def main():
         print(f"  {t:8.1f} us  x{e.count // 5:3d}  {e.key[:90]}")
     gaps_in_run_ahead(llm, eng, request, args.tokens)
     llm.shutdown()
+
+
+def back_to_back(graph, replays: int) -> float:
+    """Seconds per replay of ``graph``, replayed back to back (GPU time only, no host work in between)."""
+    torch.cuda.synchronize()
+    for _ in range(10):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / replays
 
 
 def gaps_in_run_ahead(llm, eng, request, tokens: int) -> None:

@@ -116,3 +116,38 @@ def test_one_token_prompt_chunks_beside_decode_rows_do_not_sample(checkpoints):
         outs = llm.generate([[0, 5, 6], [0, 9, 10, 11, 12, 13, 14]], p)
         assert outs[1].outputs[0].token_ids == alone.outputs[0].token_ids
         assert llm.engine.get_stats()["kv_blocks_used"] == 0
+
+
+class _CountedGraph:
+    def __init__(self, graph, counts):
+        self.graph, self.counts = graph, counts
+
+    def replay(self):
+        self.counts["replays"] += 1
+        self.graph.replay()
+
+
+@pytest.mark.gpu
+def test_greedy_decode_graphs_take_the_argmax_themselves(engines):
+    """On CUDA every decode graph has a greedy twin that ends in the argmax, written into the next step's input ids.
+    Plain-greedy requests must get the tokens that the sampler takes from the logits (``logprobs=0`` sends the
+    same requests through it). The batch shrinks as requests finish, so replays are padded. Checked with and
+    without run-ahead, and the twins must really have replayed."""
+    prompts = [[0, 5, 9, 33], [0, 3, 200], list(range(2, 30))]
+    lengths = (24, 5, 13)
+    plain = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in lengths]
+    via_logits = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, logprobs=0) for m in lengths]
+    for llm in engines:
+        runner = llm.engine.runner
+        assert runner.greedy_graphs and set(runner.greedy_graphs) == set(runner.graphs)
+        counts = {"replays": 0}
+        twins = runner.greedy_graphs
+        runner.greedy_graphs = {b: _CountedGraph(g, counts) for b, g in twins.items()}
+        try:
+            fast = llm.generate(prompts, plain)
+            replays = counts["replays"]
+            slow = llm.generate(prompts, via_logits)
+        finally:
+            runner.greedy_graphs = twins
+        assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in slow]
+        assert replays >= max(lengths) - 1 and counts["replays"] == replays

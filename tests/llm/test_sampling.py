@@ -11,6 +11,27 @@ from kiln.ops.argmax import gumbel_argmax_reference
 from tests.conftest import DEVICE
 
 
+def test_plain_greedy_rows_take_given_tokens_and_others_need_logits():
+    """``Sampler.plain_greedy``: greedy rows without logprobs, penalties or bans. Such a step may hand the sampler
+    the argmax its decode graph took (no logits); any other step without logits is a clear error."""
+    greedy, lp = SamplingParams(temperature=0), SamplingParams(temperature=0, logprobs=0)
+    hot, pen = SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=0, repetition_penalty=1.2)
+    assert Sampler.plain_greedy([greedy, greedy], [[], []])
+    assert not Sampler.plain_greedy([greedy, lp], [[], []])
+    assert not Sampler.plain_greedy([greedy, hot], [[], []])
+    assert not Sampler.plain_greedy([pen], [[]])
+    assert not Sampler.plain_greedy([greedy], [[3]])
+    sampler = Sampler(DEVICE)
+    tokens = torch.tensor([4, 9], device=DEVICE)
+    hist = [([1, 2], 2), ([1], 1)]
+    assert sampler.sample(None, [greedy, greedy], hist, [None, None], [[], []], tokens).result().token_ids == [4, 9]
+    logits = torch.randn(2, 16, device=DEVICE)
+    assert sampler.sample(logits, [greedy, greedy], hist, [None, None], [[], []]).result().token_ids == \
+        logits.argmax(-1).tolist()
+    with pytest.raises(ValueError, match="needs the step's logits"):
+        sampler.sample(None, [greedy, lp], hist, [None, None], [[], []], tokens)
+
+
 def test_top_k_keeps_exactly_the_k_largest():
     logits = torch.randn(5, 50)
     k = torch.tensor([1, 3, 50, 0, 7])

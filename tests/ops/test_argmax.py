@@ -51,6 +51,23 @@ def test_public_op_checks_and_falls_back(monkeypatch):
         argmax.argmax_rows(x.long())
 
 
+@pytest.mark.parametrize("backend", ["triton", "ref"])
+def test_argmax_into_a_given_buffer(monkeypatch, backend):
+    """``out=``: the tokens land in a slice of a wider buffer (a decode graph's input ids), nothing around it moves;
+    a wrong buffer is a clear error."""
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("KILN_OPS", backend)
+    x = torch.randn(3, 70, device=DEVICE)
+    buf = torch.full((5,), -7, dtype=torch.int64, device=DEVICE)
+    got = argmax.argmax_rows(x, chunk=16, out=buf[:3])
+    assert got.data_ptr() == buf.data_ptr()
+    assert torch.equal(buf[:3], x.argmax(dim=-1)) and buf[3:].tolist() == [-7, -7]
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        argmax.argmax_rows(x, out=buf[:2])
+    with pytest.raises(ValueError, match="out must have dtype"):
+        argmax.argmax_rows(x, out=buf[:3].int())
+
+
 # ----------------------------------------------------------------------------------------------- Gumbel sampling
 def _gumbel(x, seeds, draws, chunk=None):
     counters = split_counters(x.device, x.shape[0])
