@@ -11,6 +11,7 @@ import torch
 
 from kiln.ops import backend_for, gemv
 from kiln.ops.argmax import argmax_rows
+from kiln.ops.host_copy import copy_words, host_copy_supported
 
 from .config import EngineConfig, ModelConfig
 from .context import AttentionContext, set_context
@@ -266,6 +267,8 @@ class ModelRunner:
         self.h_lens, self.h_tables = h_i32[:bmax], h_i32[bmax:].view(bmax, max_blocks)
         self.g_slots.fill_(-1)
         self.g_lens.fill_(1)
+        # the staged inputs go in by a kernel reading the pinned buffer, not the copy engine (kiln.ops.host_copy)
+        self.kernel_copies = host_copy_supported(dev)
         self.h_copied = torch.cuda.Event()  # the last step's copies have left the host buffers
         self.h_copied.record(torch.cuda.current_stream(dev))
         self.g_cu = torch.arange(bmax + 1, dtype=torch.int32, device=dev)
@@ -317,7 +320,10 @@ class ModelRunner:
         bmax = self.h_lens.shape[0]
         start = 8 * bmax if device_ids is not None else 0
         used = 8 * 3 * bmax + 4 * (bmax + b * self.h_tables.shape[1])
-        self.g_bytes[start:used].copy_(self.h_bytes[start:used], non_blocking=True)
+        if self.kernel_copies:
+            copy_words(self.g_bytes[start:used], self.h_bytes[start:used])
+        else:
+            self.g_bytes[start:used].copy_(self.h_bytes[start:used], non_blocking=True)
         self.h_copied.record(stream)
         if device_ids is not None and device_ids.data_ptr() != self.g_ids.data_ptr():
             self.g_ids[:n].copy_(device_ids)

@@ -16,6 +16,7 @@ import torch
 
 from kiln.ops._dispatch import backend_for
 from kiln.ops.argmax import argmax_rows, gumbel_argmax_rows
+from kiln.ops.host_copy import copy_words, host_copy_supported
 
 from .sampling_params import SamplingParams
 
@@ -92,11 +93,16 @@ class SampleResult:
 
 
 def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
-    """Queue a copy of ``t`` into pinned host memory (no wait): CUDA tensors only; host tensors as they are."""
+    """Queue a copy of ``t`` into pinned host memory (no wait): CUDA tensors only; host tensors as they are. Small
+    whole-word tensors (the tokens) go by a kernel writing the pinned buffer (``kiln.ops.host_copy``): no
+    copy-engine hand-off after a decode step's graph."""
     if t is None or not t.is_cuda:
         return t
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
+    if t.is_contiguous() and (t.numel() * t.element_size()) % 4 == 0 and host_copy_supported(t.device):
+        copy_words(host, t)
+    else:
+        host.copy_(t, non_blocking=True)
     return host
 
 
