@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import deque
 
 import torch
 
@@ -24,6 +25,9 @@ from ._triton import cdiv, direct, tl, triton
 
 logger = logging.getLogger(__name__)
 BLOCK = 1024  # 4-byte words per program
+# pinned tensors a queued kernel still reads or writes, each with an event after that kernel: torch's caching host
+# allocator tracks its own copies' use of a pinned block, not a kernel's, and would hand a freed block out again
+_IN_USE: deque = deque()
 
 
 @triton.jit
@@ -51,7 +55,21 @@ def copy_words(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     n = d.numel()
     if n:
         direct(_copy_words_kernel)[(cdiv(n, BLOCK),)](s, d, n, BLOCK=BLOCK, num_warps=4)
+        host = src if dst.is_cuda else dst
+        if not host.is_cuda:
+            _hold_until_done(host, dst.device if dst.is_cuda else src.device)
     return dst
+
+
+def _hold_until_done(host: torch.Tensor, device: torch.device) -> None:
+    """Keep ``host`` allocated until the kernel just queued on ``device``'s current stream has run (see _IN_USE)."""
+    if device.type != "cuda":
+        return
+    while _IN_USE and _IN_USE[0][0].query():
+        _IN_USE.popleft()
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(device))
+    _IN_USE.append((done, host))
 
 
 @functools.lru_cache(maxsize=None)

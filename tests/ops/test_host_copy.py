@@ -54,3 +54,11 @@ def test_pinned_memory_reaches_the_gpu_by_kernel():
     assert host_copy.host_copy_supported(DEVICE)
     with pytest.raises(ValueError, match="pinned host memory"):
         host_copy.copy_words(torch.zeros(4, dtype=torch.int32, device=DEVICE), torch.zeros(4, dtype=torch.int32))
+    # a pinned buffer stays allocated until the kernel that writes it has run (the host allocator cannot see it)
+    src = torch.arange(4, dtype=torch.int32, device=DEVICE)
+    first = torch.zeros(4, dtype=torch.int32).pin_memory()
+    host_copy.copy_words(first, src)
+    assert any(t is first for _, t in host_copy._IN_USE)
+    torch.cuda.synchronize()
+    host_copy.copy_words(torch.zeros(4, dtype=torch.int32).pin_memory(), src)
+    assert not any(t is first for _, t in host_copy._IN_USE) and first.tolist() == [0, 1, 2, 3]
