@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections import deque
 
 import torch
@@ -28,6 +29,7 @@ BLOCK = 1024  # 4-byte words per program
 # pinned tensors a queued kernel still reads or writes, each with an event after that kernel: torch's caching host
 # allocator tracks its own copies' use of a pinned block, not a kernel's, and would hand a freed block out again
 _IN_USE: deque = deque()
+_IN_USE_LOCK = threading.Lock()
 
 
 @triton.jit
@@ -65,11 +67,12 @@ def _hold_until_done(host: torch.Tensor, device: torch.device) -> None:
     """Keep ``host`` allocated until the kernel just queued on ``device``'s current stream has run (see _IN_USE)."""
     if device.type != "cuda":
         return
-    while _IN_USE and _IN_USE[0][0].query():
-        _IN_USE.popleft()
     done = torch.cuda.Event()
     done.record(torch.cuda.current_stream(device))
-    _IN_USE.append((done, host))
+    with _IN_USE_LOCK:
+        while _IN_USE and _IN_USE[0][0].query():
+            _IN_USE.popleft()
+        _IN_USE.append((done, host))
 
 
 @functools.lru_cache(maxsize=None)
