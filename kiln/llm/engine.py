@@ -300,10 +300,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        banned = [self._banned(s) for s in batch.seqs]
         with self._worker_errors():
             # decode steps sample every row; plain-greedy ones take the argmax inside the decode graph
             greedy = all(n == 1 for n in batch.num_new_tokens) and self.sampler.plain_greedy(
-                [s.params for s in batch.seqs], [self._banned(s) for s in batch.seqs])
+                [s.params for s in batch.seqs], banned)
             result = self.runner.execute(batch, greedy=greedy)
             if self.workers is not None and self.device.type == "cuda":
                 self.workers.wait_for_device(self.device)  # a dead worker raises here, not in a stuck sync
@@ -315,7 +316,8 @@ class LLMEngine:
         with self._worker_errors():
             pending = self.sampler.sample(result.logits, [s.params for s in seqs],
                                           [(s.token_ids, s.num_prompt_tokens) for s in seqs],
-                                          [s.rng for s in seqs], [self._banned(s) for s in seqs], result.tokens)
+                                          [s.rng for s in seqs], [banned[r] for r in result.sample_rows],
+                                          result.tokens)
             step = _StepInFlight(batch, seqs, pending)
             if result.decode and self.async_scheduling:
                 self._in_flight = step
