@@ -321,7 +321,7 @@ class ModelRunner:
         start = 8 * bmax if device_ids is not None else 0
         used = 8 * 3 * bmax + 4 * (bmax + b * self.h_tables.shape[1])
         if self.kernel_copies:
-            copy_words(self.g_bytes[start:used], self.h_bytes[start:used])
+            copy_words(self.g_bytes[start:used], self.h_bytes[start:used], hold=False)  # h_copied guards reuse
         else:
             self.g_bytes[start:used].copy_(self.h_bytes[start:used], non_blocking=True)
         self.h_copied.record(stream)

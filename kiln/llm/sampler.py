@@ -16,7 +16,7 @@ import torch
 
 from kiln.ops._dispatch import backend_for
 from kiln.ops.argmax import argmax_rows, gumbel_argmax_rows
-from kiln.ops.host_copy import copy_words, host_copy_supported
+from kiln.ops.host_copy import copy_words, host_copy_supported, whole_words
 
 from .sampling_params import SamplingParams
 
@@ -99,7 +99,7 @@ def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None or not t.is_cuda:
         return t
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    if t.is_contiguous() and (t.numel() * t.element_size()) % 4 == 0 and host_copy_supported(t.device):
+    if whole_words(t) and host_copy_supported(t.device):
         copy_words(host, t)
     else:
         host.copy_(t, non_blocking=True)

@@ -39,15 +39,22 @@ def _copy_words_kernel(SRC, DST, N, BLOCK: tl.constexpr):
     tl.store(DST + offs, tl.load(SRC + offs, mask=ok), mask=ok)
 
 
+def whole_words(t: torch.Tensor) -> bool:
+    """Whether ``copy_words`` can take ``t``: contiguous, 4-byte aligned, a whole number of 4-byte words."""
+    return t.is_contiguous() and (t.numel() * t.element_size()) % 4 == 0 and t.data_ptr() % 4 == 0
+
+
 def _words(t: torch.Tensor, name: str) -> torch.Tensor:
-    if not t.is_contiguous() or (t.numel() * t.element_size()) % 4 or t.data_ptr() % 4:
+    if not whole_words(t):
         raise ValueError(f"{name} must be contiguous whole 4-byte words, got shape {tuple(t.shape)} {t.dtype}")
     return t.view(-1).view(torch.int32)
 
 
-def copy_words(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+def copy_words(dst: torch.Tensor, src: torch.Tensor, hold: bool = True) -> torch.Tensor:
     """``dst.copy_(src)`` by one kernel launch on the current stream: two tensors of the same dtype and size, one on
-    a CUDA device and the other on it or in pinned host memory, each contiguous whole 4-byte words."""
+    a CUDA device and the other on it or in pinned host memory, each contiguous whole 4-byte words. ``hold``: keep
+    the pinned side allocated until the kernel has run (a caller that owns a persistent buffer and its own event,
+    like the decode runner's staging buffer, passes False)."""
     if dst.dtype != src.dtype or dst.numel() != src.numel():
         raise ValueError(f"dst and src must match: {tuple(dst.shape)} {dst.dtype} vs {tuple(src.shape)} {src.dtype}")
     for name, t in (("dst", dst), ("src", src)):
@@ -58,7 +65,7 @@ def copy_words(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     if n:
         direct(_copy_words_kernel)[(cdiv(n, BLOCK),)](s, d, n, BLOCK=BLOCK, num_warps=4)
         host = src if dst.is_cuda else dst
-        if not host.is_cuda:
+        if hold and not host.is_cuda:
             _hold_until_done(host, dst.device if dst.is_cuda else src.device)
     return dst
 

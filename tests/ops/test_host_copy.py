@@ -45,6 +45,10 @@ def test_copy_words_rejects_what_it_cannot_copy():
 
 def test_host_copy_is_for_cuda_devices():
     assert not host_copy.host_copy_supported(torch.device("cpu"))
+    assert host_copy.whole_words(torch.zeros(3, dtype=torch.int32))
+    assert host_copy.whole_words(torch.zeros(8, dtype=torch.uint8))
+    assert not host_copy.whole_words(torch.zeros(6, dtype=torch.uint8))
+    assert not host_copy.whole_words(torch.zeros(4, 2, dtype=torch.int32).t())
 
 
 @pytest.mark.gpu
@@ -62,3 +66,7 @@ def test_pinned_memory_reaches_the_gpu_by_kernel():
     torch.cuda.synchronize()
     host_copy.copy_words(torch.zeros(4, dtype=torch.int32).pin_memory(), src)
     assert not any(t is first for _, t in host_copy._IN_USE) and first.tolist() == [0, 1, 2, 3]
+    # a caller that guards its own persistent buffer skips the hold
+    kept = torch.zeros(4, dtype=torch.int32).pin_memory()
+    host_copy.copy_words(kept, src, hold=False)
+    assert not any(t is kept for _, t in host_copy._IN_USE)
