@@ -20,9 +20,10 @@ workload; the HF anchor is not run.
   python bench/llm_throughput.py --models tiny --workloads b d --quant int8-wo int4-wo w8a8 fp8 --device cpu
   python bench/llm_throughput.py --models llama-1b --workloads b --quant int8-wo int4-wo --interleave --repeat 7
 
-``--interleave`` times the batch-1 row (b) in alternating rounds over every mode's engine at once (small batch-1
-engines) and reports the median of the per-round TPOT ratios, so drift between runs cannot land on one side of the
-ratio only.
+``--interleave`` times the batch-1 row (b) and the batch-64 row (d) in alternating rounds over every mode's engine
+at once (one set of engines per workload, each holding only that workload's KV cache) and reports the median of the
+per-round ratios (TPOT for (b), output tok/s for (d)), so drift between runs cannot land on one side of the ratio
+only.
 
 Tensor parallelism (``--tensor-parallel-size 1 2``): the same workloads at each size (dummy weights, one engine
 per size, its worker processes started by the engine), each size against the first; the HF anchor is not run.
@@ -218,7 +219,7 @@ def engine_entry(mode: str, kv_cache_dtype: str | None, lm_head: bool = True, em
     return {"quant": quant, "kv_cache": {"dtype": kv_cache_dtype} if kv_cache_dtype else None, "dtype": "bfloat16"}
 
 
-def build_quant_engine(args, model: str, mode: str, device: str, max_num_seqs: int = 64):
+def build_quant_engine(args, model: str, mode: str, device: str, max_num_seqs: int = 64, max_model_len: int = 2048):
     """(label, LLM) of one --quant mode's dummy-weight engine. Engines built while others are alive size their KV
     cache from what those left (the runner counts the process's allocations), so several fit at once."""
     from kiln.llm import LLM
@@ -232,39 +233,48 @@ def build_quant_engine(args, model: str, mode: str, device: str, max_num_seqs: i
     t0 = time.perf_counter()
     llm = LLM(str(d), dtype="bfloat16" if device == "cuda" else "float32", device=device,
               load_format="dummy", max_num_seqs=min(8, max_num_seqs) if small else max_num_seqs,
-              max_num_batched_tokens=8192, max_model_len=2048, gpu_memory_utilization=0.85)
+              max_num_batched_tokens=8192, max_model_len=max_model_len, gpu_memory_utilization=0.85)
     print(f"   {model} {label}: engine {engine_bytes(llm.engine.model) / 1e9:.3f} GB, ready in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
     return label, llm
 
 
-def interleaved_batch1(args, model: str, device: str, modes: list[str], table: Table, details: dict) -> None:
-    """Workload (b) for every mode in alternating rounds (``bench.common.alternating_rounds``) on engines that are
-    all alive at once (batch-1 engines: a small KV cache each), plus each engine's size. The bf16 TPOT moved between
-    1.16 and 1.27 ms across runs on one H100 model (session 13) while int8-wo's held at 0.80 ms, so a ratio from
-    separate timings carries that drift; here each round gives every mode the same conditions, and the row's ratio
-    is the median of the per-round ratios."""
-    engines = dict(build_quant_engine(args, model, m, device, max_num_seqs=4) for m in modes)
+def interleaved(args, model: str, device: str, modes: list[str], workload: str, table: Table, details: dict,
+                sizes_row: bool) -> None:
+    """Workload (b) or (d) for every mode in alternating rounds (``bench.common.alternating_rounds``) on engines
+    that are all alive at once, each with the KV cache of that workload only (4 sequences for (b); 64 of 1024
+    tokens for (d)), plus each engine's size (``sizes_row``). The bf16 TPOT moved between 1.16 and 1.27 ms across
+    runs on one H100 model (session 13) while int8-wo's held at 0.80 ms, and on an H200 (session 24) the same
+    bf16 engine's batch-64 TPOT ranged 2.54-3.23 ms between processes, so a ratio from separate timings carries that
+    drift; here each round gives every mode the same conditions, and the row's ratio is the median of the
+    per-round ratios: bf16's TPOT over the mode's for (b), the mode's output tok/s over bf16's for (d)."""
+    seqs, model_len = (4, 2048) if workload == "b" else (64, 1024)
+    engines = dict(build_quant_engine(args, model, m, device, max_num_seqs=seqs, max_model_len=model_len)
+                   for m in modes)
     labels = list(engines)
-    sizes = {lab: engine_bytes(llm.engine.model) for lab, llm in engines.items()}
-    for lab in labels:
-        table.add(f"{model} engine size {lab}", sizes[lab] / 1e9, sizes[labels[0]] / 1e9, "GB", higher_is_better=False)
-    prompts, outs = make_workload("b", SHAPES[model]["vocab_size"], small=device == "cpu")
-    for llm in engines.values():  # warm-up, untimed
+    if sizes_row:
+        sizes = {lab: engine_bytes(llm.engine.model) for lab, llm in engines.items()}
+        for lab in labels:
+            table.add(f"{model} engine size {lab}", sizes[lab] / 1e9, sizes[labels[0]] / 1e9, "GB",
+                      higher_is_better=False)
+    prompts, outs = make_workload(workload, SHAPES[model]["vocab_size"], small=device == "cpu")
+    for llm in engines.values():  # warm-up, untimed: the whole workload once (every prefill shape it compiles)
         time_generate(llm, prompts, outs, 1)
-    rounds = alternating_rounds([lambda llm=llm: time_generate(llm, prompts, outs, 1, warmup=False)["tpot_p50_ms"]
+    rounds = alternating_rounds([lambda llm=llm: time_generate(llm, prompts, outs, 1, warmup=False)
                                  for llm in engines.values()], args.repeat)
-    tpot = dict(zip(labels, rounds))
+    stats = dict(zip(labels, rounds))
     base = labels[0]
+    key, unit, name = (("tpot_p50_ms", "ms", "TPOT p50") if workload == "b" else ("out_tok_s", "tok/s", "out tok/s"))
     for lab in labels:
-        ratios = [b / q for b, q in zip(tpot[base], tpot[lab])]
-        med = statistics.median(tpot[lab])
-        row = table.add(f"{model} (b) {lab} TPOT p50, interleaved", med, statistics.median(tpot[base]), "ms",
-                        higher_is_better=False)
-        row.extra = {"tpot_ms_per_round": tpot[lab], "ratio_per_round": ratios,
-                     "median_ratio": statistics.median(ratios)}
-        details["runs"][f"{model}/b-interleaved/{lab}"] = row.extra
-        print(f"   {model} (b) {lab}, interleaved: TPOT p50 per round {[round(t, 3) for t in tpot[lab]]} ms, "
+        vals = [st[key] for st in stats[lab]]
+        base_vals = [st[key] for st in stats[base]]
+        ratios = [b / q if workload == "b" else q / b for b, q in zip(base_vals, vals)]
+        row = table.add(f"{model} ({workload}) {lab} {name}, interleaved", statistics.median(vals),
+                        statistics.median(base_vals), unit, higher_is_better=workload != "b")
+        row.extra = {f"{key}_per_round": vals, "ratio_per_round": ratios, "median_ratio": statistics.median(ratios),
+                     "tpot_ms_per_round": [st["tpot_p50_ms"] for st in stats[lab]]}
+        details["runs"][f"{model}/{workload}-interleaved/{lab}"] = row.extra
+        print(f"   {model} ({workload}) {lab}, interleaved: {name} per round {[round(v, 3) for v in vals]} {unit}, "
               f"median ratio to bf16 {statistics.median(ratios):.3f}x (rounds {min(ratios):.3f}-{max(ratios):.3f})",
               flush=True)
     table.save(args.json)
@@ -284,12 +294,13 @@ def run_quant(args, device: str) -> Table:
     for model in args.models:
         cfg = SHAPES[model]
         workloads = list(args.workloads)
-        sized = args.interleave and "b" in workloads  # the interleaved run adds the engine-size rows
-        if sized:
-            interleaved_batch1(args, model, device, modes, table, details)
-            workloads.remove("b")
-            if not workloads:
-                continue
+        alternated = [w for w in ("b", "d") if w in workloads] if args.interleave else []
+        sized = bool(alternated)  # the first interleaved workload adds the engine-size rows
+        for w in alternated:
+            interleaved(args, model, device, modes, w, table, details, sizes_row=w == alternated[0])
+            workloads.remove(w)
+        if not workloads:
+            continue
         base: dict[str, float] = {}
         for mode in modes:
             label, llm = build_quant_engine(args, model, mode, device)
@@ -423,8 +434,8 @@ def main() -> int:
     ap.add_argument("--quantize-embedding", action="store_true",
                     help="with --quant: weight-only engines store the embedding int8 per row (as kiln build)")
     ap.add_argument("--interleave", action="store_true",
-                    help="with --quant: time workload (b) in alternating rounds over all modes' engines, alive at "
-                         "once (--repeat rounds); the ratio is the median of the per-round ratios")
+                    help="with --quant: time workloads (b) and (d) in alternating rounds over all modes' engines, "
+                         "alive at once (--repeat rounds); the ratio is the median of the per-round ratios")
     ap.add_argument("--device", default=None, help="cuda (default when present) or cpu (dry runs, --models tiny)")
     ap.add_argument("--tensor-parallel-size", type=int, nargs="+", default=None, metavar="N",
                     help="compare these tensor-parallel sizes (one GPU per rank) on the workloads (no HF anchor)")

@@ -474,24 +474,31 @@ def test_bench_roofline_counts_the_bytes_a_decode_step_reads(tied):
     assert streamed_bytes(model) == engine_bytes(model) - (0 if tied else table)
 
 
-def test_bench_interleaved_batch1_runs_every_mode_in_alternating_rounds(tmp_path, capsys):
-    """bench/llm_throughput.py --quant --interleave (CPU dry run, tiny model): every mode's engine is alive at once,
-    each round times every mode once (in rotated order), and the row keeps the per-round TPOTs and ratios; the other
-    workloads still run engine by engine, without a second set of engine-size rows."""
+def test_bench_interleave_runs_every_mode_in_alternating_rounds(tmp_path, capsys):
+    """bench/llm_throughput.py --quant --interleave (CPU dry run, tiny model): for (b) and (d) every mode's engine is
+    alive at once, each round times every mode once (in rotated order), and the row keeps the per-round figures and
+    ratios (TPOT for (b), output tok/s for (d)); the engine-size rows come once; a workload that is not interleaved
+    ((c)) still runs engine by engine."""
     import json
 
     from bench import llm_throughput
 
     out = tmp_path / "lt.json"
-    argv = ["llm_throughput.py", "--models", "tiny", "--workloads", "b", "d", "--quant", "int8-wo", "--interleave",
-            "--repeat", "3", "--device", "cpu", "--json", str(out)]
+    argv = ["llm_throughput.py", "--models", "tiny", "--workloads", "b", "c", "d", "--quant", "int8-wo",
+            "--interleave", "--repeat", "3", "--device", "cpu", "--json", str(out)]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("sys.argv", argv)
         assert llm_throughput.main() == 0
     rows = {r["workload"]: r for r in json.loads(out.read_text())["rows"]}
     inter = rows["tiny (b) int8-wo TPOT p50, interleaved"]["extra"]
-    assert len(inter["tpot_ms_per_round"]) == 3 and len(inter["ratio_per_round"]) == 3
-    assert all(t > 0 for t in inter["tpot_ms_per_round"])
-    assert "tiny (d) int8-wo out tok/s" in rows
+    assert len(inter["tpot_p50_ms_per_round"]) == 3 and len(inter["ratio_per_round"]) == 3
+    assert all(t > 0 for t in inter["tpot_p50_ms_per_round"])
+    batch = rows["tiny (d) int8-wo out tok/s, interleaved"]
+    assert len(batch["extra"]["out_tok_s_per_round"]) == 3 and batch["higher_is_better"]
+    base = rows["tiny (d) bf16 out tok/s, interleaved"]["extra"]
+    assert base["ratio_per_round"] == [1.0, 1.0, 1.0]
+    ratios = [q / b for q, b in zip(batch["extra"]["out_tok_s_per_round"], base["out_tok_s_per_round"])]
+    assert batch["extra"]["ratio_per_round"] == pytest.approx(ratios)
+    assert "tiny (c) int8-wo out tok/s" in rows
     assert sum(name.startswith("tiny engine size") for name in rows) == 2
     assert "median ratio to bf16" in capsys.readouterr().out
