@@ -28,6 +28,7 @@ import torch
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting
 from ._triton import TunedLauncher, cdiv, next_power_of_2, tl, triton
+from .activation import silu_and_mul_ref, silu_mul_f32
 from .split_k import iters_per_split, split_k_for, sum_partials
 
 MAX_K = 131071  # 131071 * 128 * 128 < 2**31: the int32 accumulator cannot overflow
@@ -547,6 +548,21 @@ def quantize_activation(x: torch.Tensor, dtype: torch.dtype = torch.int8, smooth
     return quantize_activation_ref(x, dtype, smooth, static_scale)
 
 
+def silu_and_mul_quantize(x: torch.Tensor, dtype: torch.dtype = torch.int8,
+                          smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_activation(silu_and_mul(x), dtype, smooth)`` in one launch: x [M, 2I] = [gate | up] (a fused
+    gate/up projection's output) -> (q [M, I], scale fp32 [M]). The quantizer computes silu(gate) * up, rounded to
+    x's dtype as ``silu_and_mul`` returns it, where it would have read that op's output: the W8A8 / FP8 down
+    projection then costs one launch before its GEMM, not two. Dynamic per token only."""
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    if x.shape[1] % 2:
+        raise ValueError(f"x's last dim must be even ([gate | up]), got shape {tuple(x.shape)}")
+    _check_act(x[:, : x.shape[1] // 2], dtype, smooth, None)
+    if backend_for(x) == "triton":
+        return _quant_act_triton(x, dtype, smooth, None, glu=True)
+    return quantize_activation_ref(silu_and_mul_ref(x), dtype, smooth)
+
+
 def round_half_away(v: torch.Tensor) -> torch.Tensor:
     """Round to the nearest integer, ties away from zero (the kernels' int8 rounding)."""
     return torch.sign(v) * torch.floor(v.abs() + 0.5)
@@ -599,9 +615,21 @@ def cast_to_qdtype(v, QDT: tl.constexpr, IS_FP8: tl.constexpr, MANUAL_FP8: tl.co
 
 
 @triton.jit
+def _act_values(x_row, kk, K, stride_xk, GLU: tl.constexpr):
+    """The row's activations at columns ``kk`` as fp32 (0 past K); with ``GLU`` the row is [gate | up] (2K wide)
+    and the values are silu(gate) * up rounded to x's dtype, ``silu_and_mul``'s output."""
+    if GLU:
+        g = tl.load(x_row + kk * stride_xk, mask=kk < K, other=0.0).to(tl.float32)
+        u = tl.load(x_row + (K + kk) * stride_xk, mask=kk < K, other=0.0).to(tl.float32)
+        dt = x_row.dtype.element_ty
+        return silu_mul_f32(g, u, dt).to(dt).to(tl.float32)
+    return tl.load(x_row + kk * stride_xk, mask=kk < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _quant_act_kernel(X, SMOOTH, SSCALE, Q, S, K, stride_xm, stride_xk, stride_qm,
                       HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr, IS_FP8: tl.constexpr,
-                      MANUAL_FP8: tl.constexpr, QMAX: tl.constexpr, BLOCK_K: tl.constexpr):
+                      MANUAL_FP8: tl.constexpr, QMAX: tl.constexpr, BLOCK_K: tl.constexpr, GLU: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_xm
     offs = tl.arange(0, BLOCK_K)
@@ -611,7 +639,7 @@ def _quant_act_kernel(X, SMOOTH, SSCALE, Q, S, K, stride_xm, stride_xk, stride_q
         amax = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs
-            v = tl.load(x_row + kk * stride_xk, mask=kk < K, other=0.0).to(tl.float32)
+            v = _act_values(x_row, kk, K, stride_xk, GLU)
             if HAS_SMOOTH:
                 v = v * tl.load(SMOOTH + kk, mask=kk < K, other=0.0)
             amax = tl.maximum(amax, tl.abs(v))
@@ -619,7 +647,7 @@ def _quant_act_kernel(X, SMOOTH, SSCALE, Q, S, K, stride_xm, stride_xk, stride_q
     inv = 1.0 / scale
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs
-        v = tl.load(x_row + kk * stride_xk, mask=kk < K, other=0.0).to(tl.float32)
+        v = _act_values(x_row, kk, K, stride_xk, GLU)
         if HAS_SMOOTH:
             v = v * tl.load(SMOOTH + kk, mask=kk < K, other=0.0)
         q = cast_to_qdtype(v * inv, Q.dtype.element_ty, IS_FP8, MANUAL_FP8)
@@ -627,9 +655,11 @@ def _quant_act_kernel(X, SMOOTH, SSCALE, Q, S, K, stride_xm, stride_xk, stride_q
     tl.store(S + row, scale)
 
 
-def _quant_act_triton(x, dtype, smooth, static_scale, out=None):
-    """Launch one program per row; ``out`` (tests pass a poisoned buffer) receives q."""
+def _quant_act_triton(x, dtype, smooth, static_scale, out=None, glu: bool = False):
+    """Launch one program per row; ``out`` (tests pass a poisoned buffer) receives q. ``glu``: x is [gate | up]
+    and the row quantized is silu(gate) * up."""
     M, K = x.shape
+    K = K // 2 if glu else K
     q = out if out is not None else torch.empty(M, K, device=x.device, dtype=dtype)
     scale = torch.empty(M, device=x.device, dtype=torch.float32)
     if M == 0:
@@ -641,7 +671,7 @@ def _quant_act_triton(x, dtype, smooth, static_scale, out=None):
                             static_scale.reshape(1) if static_scale is not None else dummy, q, scale, K,
                             x.stride(0), x.stride(1), q.stride(0), HAS_SMOOTH=smooth is not None,
                             STATIC=static_scale is not None, IS_FP8=dtype == FP8_DTYPE,
-                            MANUAL_FP8=interpreting(), QMAX=_qmax(dtype), BLOCK_K=block_k,
+                            MANUAL_FP8=interpreting(), QMAX=_qmax(dtype), BLOCK_K=block_k, GLU=glu,
                             num_warps=4 if K <= 4096 else 8)
     return q, scale
 

@@ -1,11 +1,13 @@
-"""RMSNorm with an optional fused residual add (Llama-style pre-norm blocks)."""
+"""RMSNorm with an optional fused residual add (Llama-style pre-norm blocks), and the same norm fused with the
+per-token activation quantization of a W8A8 / FP8 GEMM that consumes it (``rms_norm_quant``)."""
 
 from __future__ import annotations
 
 import torch
 
-from ._dispatch import FLOAT_DTYPES, backend_for, check_same, check_tensor, pdl_launch_args
+from ._dispatch import FLOAT_DTYPES, backend_for, check_same, check_tensor, interpreting, pdl_launch_args
 from ._triton import next_power_of_2, tl, triton
+from .gemm import FP8_DTYPE, _check_act, _qmax, cast_to_qdtype, quantize_activation_ref
 
 
 def rms_norm(
@@ -96,3 +98,86 @@ def _rms_norm_triton(x, weight, eps, residual):
         _rms_norm_kernel[(n,)](x2, r2, weight, y2, ro2, x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0),
                                H, eps, HAS_RESIDUAL=True, **launch)
     return y, ro
+
+
+# ------------------------------------------------------------------------------------------------ norm + quantize
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
+                   dtype: torch.dtype = torch.int8, smooth: torch.Tensor | None = None) -> tuple:
+    """``quantize_activation(rms_norm(x, weight, eps, residual), dtype, smooth)`` in one kernel: the normalised row
+    (rounded to x's dtype, as ``rms_norm`` returns it) is quantized per token while it is still in registers.
+
+    A W8A8 / FP8 linear after a norm otherwise costs a second launch that reads the norm's output back; at batch 64
+    a Llama-3.2-1B decode step ran 64 quantizer launches (bench/RESULTS.md, session 24), half of them after a norm.
+    The arithmetic is the two ops' own, so the bits are too. x: [N, H] float; returns ``(q [N, H], scale fp32 [N])``,
+    with ``residual`` ``(q, scale, x + residual)``."""
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    if x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dim, got shape {tuple(x.shape)}")
+    check_tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
+    check_same("weight.shape[0]", weight.shape[0], "x.shape[-1]", x.shape[-1])
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if residual is not None:
+        check_tensor("residual", residual, dtypes=(x.dtype,), device=x.device)
+        check_same("residual.shape", tuple(residual.shape), "x.shape", tuple(x.shape))
+    _check_act(x, dtype, smooth, None)
+    if backend_for(x, weight) == "triton":
+        return _rms_norm_quant_triton(x, weight, eps, residual, dtype, smooth)
+    return rms_norm_quant_ref(x, weight, eps, residual, dtype, smooth)
+
+
+def rms_norm_quant_ref(x, weight, eps=1e-6, residual=None, dtype=torch.int8, smooth=None):
+    out = rms_norm_ref(x, weight, eps, residual)
+    y = out[0] if residual is not None else out
+    q, scale = quantize_activation_ref(y, dtype, smooth)
+    return (q, scale, out[1]) if residual is not None else (q, scale)
+
+
+@triton.jit
+def _rms_norm_quant_kernel(X, R, W, SMOOTH, Q, S, RO, stride_x, stride_r, stride_q, stride_ro, H, eps,
+                           HAS_RESIDUAL: tl.constexpr, HAS_SMOOTH: tl.constexpr, IS_FP8: tl.constexpr,
+                           MANUAL_FP8: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """One row: ``_rms_norm_kernel``'s norm (and residual sum), then ``gemm._quant_act_kernel``'s dynamic per-token
+    quantization of the result, with the same roundings."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        sm = tl.load(SMOOTH + cols, mask=mask, other=0.0)
+    if PDL:  # the weights are parameters; x and the residual are the previous kernel's output
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(RO.dtype.element_ty)
+        tl.store(RO + row * stride_ro + cols, x, mask=mask)
+    dt = X.dtype.element_ty
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / H
+    y = ((xf * tl.rsqrt(var + eps)).to(dt).to(tl.float32) * w).to(dt).to(tl.float32)  # rms_norm's output
+    if HAS_SMOOTH:
+        y = y * sm
+    scale = tl.maximum(tl.max(tl.abs(y), 0), 1e-12) / QMAX
+    inv = 1.0 / scale
+    tl.store(Q + row * stride_q + cols, cast_to_qdtype(y * inv, Q.dtype.element_ty, IS_FP8, MANUAL_FP8), mask=mask)
+    tl.store(S + row, scale)
+
+
+def _rms_norm_quant_triton(x, weight, eps, residual, dtype, smooth):
+    n, H = x.shape
+    x2 = x if x.stride(1) == 1 else x.contiguous()
+    q = torch.empty(n, H, dtype=dtype, device=x.device)
+    scale = torch.empty(n, dtype=torch.float32, device=x.device)
+    ro = torch.empty_like(x2) if residual is not None else None
+    r2 = (residual if residual.stride(1) == 1 else residual.contiguous()) if residual is not None else None
+    block = next_power_of_2(H)
+    if n:
+        _rms_norm_quant_kernel[(n,)](
+            x2, r2 if r2 is not None else x2, weight, smooth if smooth is not None else scale, q, scale,
+            ro if ro is not None else x2, x2.stride(0), r2.stride(0) if r2 is not None else 0, q.stride(0),
+            ro.stride(0) if ro is not None else 0, H, eps, HAS_RESIDUAL=residual is not None,
+            HAS_SMOOTH=smooth is not None, IS_FP8=dtype == FP8_DTYPE, MANUAL_FP8=interpreting(), QMAX=_qmax(dtype),
+            BLOCK=block, num_warps=4 if block <= 4096 else 8, **pdl_launch_args())
+    return (q, scale, ro) if residual is not None else (q, scale)

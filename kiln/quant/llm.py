@@ -30,7 +30,7 @@ import logging
 import torch
 from torch import nn
 
-from kiln.ops.gemm import FP8_DTYPE, FP8_MAX, fp8_linear, w8a8_linear
+from kiln.ops.gemm import FP8_DTYPE, FP8_MAX, fp8_gemm, fp8_linear, int8_gemm, w8a8_linear
 from kiln.ops.wo_gemm import (SUPPORTED_GROUP_SIZES, WeightOnly, deinterleave_int4_rows, dequantize_int4_weight,
                               dequantize_int8_weight, interleave_int4_rows, pack_int4, wo_glu_linear)
 
@@ -358,6 +358,16 @@ class W8A8Linear(_PerChannelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return w8a8_linear(x, self.qweight, self.scale, self.bias, self.smooth)
 
+    def input_quantization(self) -> tuple[torch.dtype, torch.Tensor | None]:
+        """How ``forward`` quantizes its input, (dtype, run-time smoother): the norm before this layer can do it in
+        its own kernel (``RMSNorm.quantized``) and pass the result to ``forward_quantized``."""
+        return torch.int8, self.smooth
+
+    def forward_quantized(self, q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """``forward`` on activations already quantized per token as ``input_quantization`` says: q [M, K], scale
+        fp32 [M] -> [M, N] in ``out_dtype``."""
+        return int8_gemm(q, self.qweight, scale, self.scale, self.bias, out_dtype=out_dtype)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", runtime_smooth={self.smooth is not None}"
 
@@ -377,6 +387,14 @@ class Fp8Linear(_PerChannelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.qweight, self.scale, self.bias)
+
+    def input_quantization(self) -> tuple[torch.dtype, torch.Tensor | None]:
+        """How ``forward`` quantizes its input (e4m3 per token, no smoother): see ``W8A8Linear``."""
+        return FP8_DTYPE, None
+
+    def forward_quantized(self, q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """``forward`` on e4m3 activations already quantized per token: q [M, K], scale fp32 [M] -> [M, N]."""
+        return fp8_gemm(q, self.qweight, scale, self.scale, self.bias, out_dtype=out_dtype)
 
 
 ACTIVATION_MODULES = (W8A8Linear, Fp8Linear)

@@ -129,6 +129,34 @@ def test_quantized_engine_generates_and_logits_are_close_to_float(engines, held_
     assert agree >= (0.97 if name == "int8-wo" else 0.85), agree
 
 
+@pytest.mark.parametrize("name", ["w8a8", "fp8"])
+def test_activation_quantized_engine_quantizes_in_the_norm_kernel_with_the_same_logits(engines, held_out_windows,
+                                                                                          name, monkeypatch):
+    """In a W8A8 / FP8 engine each RMSNorm quantizes its output per token for the qkv_proj / gate_up_proj after it
+    (``RMSNorm.quantized``, one kernel), and the SiLU-and-mul kernel quantizes down_proj's input
+    (``silu_and_mul_quantize``), instead of the linears' own quantizer launches; the logits are those of the unfused
+    path (norm or activation, then the linear's ``forward``) bit for bit."""
+    from kiln.llm.layers.norm import RMSNorm
+    from kiln.llm.models import llama
+
+    llm = engines[name][1]
+    cls = type(llm.engine.model.model.layers[0].self_attn.qkv_proj)
+    assert cls is (W8A8Linear if name == "w8a8" else Fp8Linear)
+    norms, acts = [], []
+    quantized, glu = RMSNorm.quantized, llama.silu_and_mul_quantize
+    monkeypatch.setattr(RMSNorm, "quantized", lambda self, *a: norms.append(self) or quantized(self, *a))
+    monkeypatch.setattr(llama, "silu_and_mul_quantize", lambda *a: acts.append(a) or glu(*a))
+    fused = llm.prompt_logits(held_out_windows[:1])[0]
+    layers = len(llm.engine.model.model.layers)
+    assert len(norms) == 2 * layers and len(acts) == layers
+    monkeypatch.delattr(cls, "input_quantization")
+    norms.clear()
+    acts.clear()
+    unfused = llm.prompt_logits(held_out_windows[:1])[0]
+    assert not norms and not acts
+    assert torch.equal(fused, unfused)
+
+
 def test_held_out_perplexity_of_every_mode_within_its_limit(engines, held_out_windows):
     """int8-wo <= +1%, int4-wo <= +5%, w8a8 <= +3%, fp8 <= +2%, int8 / fp8 KV cache <= +1% over the float
     engine (same bf16 weights, fp32 compute), on 4,088 held-out tokens the calibration never saw."""

@@ -161,3 +161,85 @@ def test_fp8_gemm_refuses_cards_without_fp8(monkeypatch):
     assert gemm.fp8_supported("cpu")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert gemm.fp8_supported("cuda")
+
+
+@requires_triton
+@pytest.mark.parametrize("qdtype", [torch.int8, FP8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_quant_kernel_has_the_bits_of_the_norm_then_the_quantizer(qdtype, dtype):
+    """``rms_norm_quant`` (one launch) writes exactly what ``rms_norm`` followed by ``quantize_activation`` write
+    (two launches): the same codes, scales and residual sum, with and without a residual and a smoother, a row of
+    zeros included; its reference is the two references composed."""
+    from kiln.ops import norm
+
+    g = fresh_gen()
+    M, H = (5, 83) if not BIG else (64, 4096)
+    x = (torch.randn(M, H, device=DEVICE, generator=g) * 3).to(dtype)
+    res = torch.randn(M, H, device=DEVICE, generator=g).to(dtype)
+    x[1], res[1] = 0, 0
+    w = (torch.rand(H, device=DEVICE, generator=g) + 0.5).to(dtype)
+    smooth = torch.rand(H, device=DEVICE, generator=g) + 0.5
+    for r in (None, res):
+        for sm in (None, smooth):
+            fused = norm._rms_norm_quant_triton(x, w, 1e-5, r, qdtype, sm)
+            normed = norm._rms_norm_triton(x, w, 1e-5, r)
+            q, s = gemm._quant_act_triton(normed[0] if r is not None else normed, qdtype, sm, None)
+            assert torch.equal(fused[0].view(torch.uint8), q.view(torch.uint8)), (r is None, sm is None)
+            assert torch.equal(fused[1], s)
+            if r is not None:
+                assert torch.equal(fused[2], normed[1])
+            ref = norm.rms_norm_quant_ref(x, w, 1e-5, r, qdtype, sm)
+            composed = gemm.quantize_activation_ref(
+                norm.rms_norm_ref(x, w, 1e-5, r)[0] if r is not None else norm.rms_norm_ref(x, w, 1e-5), qdtype, sm)
+            assert torch.equal(ref[0].view(torch.uint8), composed[0].view(torch.uint8)) and torch.equal(ref[1],
+                                                                                                    composed[1])
+            # kernel vs reference: the norm's fp32 sum order (and, under the interpreter, its fp32 -> bf16 rounding
+            # toward zero) may move the row's largest value by a bf16 ulp or two
+            tol = 1e-5 if dtype == torch.float32 else 2.0 ** -6
+            assert (fused[1] - ref[1]).abs().max() <= tol * ref[1].abs().max()
+    assert norm.rms_norm_quant(x, w, 1e-5, dtype=qdtype)[0].dtype == qdtype
+
+
+def test_rms_norm_quant_bad_inputs_name_the_argument():
+    from kiln.ops import norm
+
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="x must have 2 dims"):
+        norm.rms_norm_quant(x[None], torch.ones(8))
+    with pytest.raises(ValueError, match="weight.shape"):
+        norm.rms_norm_quant(x, torch.ones(7))
+    with pytest.raises(ValueError, match="int8 or float8"):
+        norm.rms_norm_quant(x, torch.ones(8), dtype=torch.int16)
+    with pytest.raises(ValueError, match="smooth has 3 values"):
+        norm.rms_norm_quant(x, torch.ones(8), smooth=torch.ones(3))
+    with pytest.raises(ValueError, match="residual.shape"):
+        norm.rms_norm_quant(x, torch.ones(8), residual=torch.randn(4, 9))
+
+
+@requires_triton
+@pytest.mark.parametrize("qdtype", [torch.int8, FP8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_quantize_kernel_has_the_bits_of_the_activation_then_the_quantizer(qdtype, dtype):
+    """``silu_and_mul_quantize`` (one launch) writes exactly what ``silu_and_mul`` followed by
+    ``quantize_activation`` write: the same codes and scales, with and without a smoother, over several K tiles
+    and a ragged tail, a zero row included; its reference is the two references composed."""
+    from kiln.ops import activation
+
+    g = fresh_gen()
+    M, inner = (4, 150) if not BIG else (64, 14336)
+    x = (torch.randn(M, 2 * inner, device=DEVICE, generator=g) * 3).to(dtype)
+    x[2] = 0
+    smooth = torch.rand(inner, device=DEVICE, generator=g) + 0.5
+    for sm in (None, smooth):
+        q, s = gemm._quant_act_triton(x, qdtype, sm, None, glu=True)
+        q2, s2 = gemm._quant_act_triton(activation._silu_and_mul_triton(x), qdtype, sm, None)
+        assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s, s2), sm is None
+        qr, sr = gemm.quantize_activation_ref(activation.silu_and_mul_ref(x), qdtype, sm)
+        ref = gemm.silu_and_mul_quantize(x.cpu(), qdtype, sm.cpu() if sm is not None else None)
+        assert torch.equal(ref[0].view(torch.uint8), qr.cpu().view(torch.uint8)) and torch.equal(ref[1], sr.cpu())
+        tol = 1e-5 if dtype == torch.float32 else 2.0 ** -6  # the interpreter rounds fp32 -> bf16 toward zero
+        assert (s - sr).abs().max() <= tol * sr.abs().max()
+    with pytest.raises(ValueError, match="must be even"):
+        gemm.silu_and_mul_quantize(x[:, :-1])
+    with pytest.raises(ValueError, match=f"smooth has {inner + 1} values"):
+        gemm.silu_and_mul_quantize(x, qdtype, torch.ones(inner + 1, device=DEVICE))

@@ -72,6 +72,27 @@ def test_w8a8_linear_matches_dequantized_reference(bias, smooth):
     assert rel_err(q(x), lin(x)) <= (0.015 if smooth else 0.06)
 
 
+@pytest.mark.parametrize("mode", ["w8a8", "w8a8-smooth", "fp8"])
+def test_forward_quantized_is_forward_on_pre_quantized_activations(mode):
+    """``input_quantization`` says how ``forward`` quantizes its input (dtype, run-time smoother); activations
+    quantized that way elsewhere (a norm's kernel) through ``forward_quantized`` give ``forward``'s bits."""
+    from kiln.ops.gemm import quantize_activation
+
+    g = fresh_gen()
+    K, N = 96, 37
+    lin = make_linear(K, N, True, g)
+    x = outlier_input(12, K, g)
+    if mode == "fp8":
+        q = Fp8Linear.from_float(lin)
+    else:
+        q = W8A8Linear.from_float(lin, x.abs().amax(0) if mode == "w8a8-smooth" else None, alpha=0.5)
+    dtype, smooth = q.input_quantization()
+    assert dtype == (torch.int8 if mode != "fp8" else torch.float8_e4m3fn)
+    assert (smooth is not None) == (mode == "w8a8-smooth")
+    qa, sa = quantize_activation(x, dtype, smooth)
+    assert torch.equal(q.forward_quantized(qa, sa, x.dtype), q(x))
+
+
 def test_smoothing_lowers_w8a8_error_on_outlier_activations():
     g = fresh_gen()
     lin = make_linear(128, 64, False, g)

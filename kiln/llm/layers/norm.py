@@ -1,4 +1,5 @@
-"""RMSNorm module over ``kiln.ops.rms_norm`` (fused residual add when a residual is passed)."""
+"""RMSNorm module over ``kiln.ops.rms_norm`` (fused residual add when a residual is passed), and over
+``kiln.ops.norm.rms_norm_quant`` where a W8A8 / FP8 linear follows it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 from kiln.ops import rms_norm
+from kiln.ops.norm import rms_norm_quant
 
 
 class RMSNorm(nn.Module):
@@ -16,3 +18,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         return rms_norm(x, self.weight, self.eps, residual)
+
+    def quantized(self, x: torch.Tensor, residual: torch.Tensor | None, dtype: torch.dtype,
+                  smooth: torch.Tensor | None = None) -> tuple:
+        """The norm (and residual sum) with its output quantized per token for the linear after it, in one kernel:
+        ``(q [T, H], scale [T])``, plus ``x + residual`` when a residual is passed. x: [..., H]."""
+        H = x.shape[-1]
+        return rms_norm_quant(x.reshape(-1, H), self.weight, self.eps,
+                              residual.reshape(-1, H) if residual is not None else None, dtype, smooth)

@@ -18,6 +18,7 @@ from kiln.llm.layers.norm import RMSNorm
 from kiln.llm.layers.parallel import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
                                       kv_replicas, lm_head_logits)
 from kiln.ops import rope_cos_sin_cache, silu_and_mul
+from kiln.ops.gemm import silu_and_mul_quantize
 from kiln.ops.gemv import linear, rms_norm_linear, silu_mul_linear
 
 from .base import CausalLM, ParamTarget
@@ -80,17 +81,29 @@ class LlamaMLP(nn.Module):
         return self.down(self.gate_up_proj(x))
 
     def down(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """down_proj(silu(gate) * up); float weights fold the activation into the GEMV."""
-        if not isinstance(self.down_proj, nn.Linear):  # quantized (kiln.quant.llm)
+        """down_proj(silu(gate) * up); float weights fold the activation into the GEMV, activation-quantized ones
+        (W8A8, FP8) into the kernel that quantizes their input."""
+        quantization = getattr(self.down_proj, "input_quantization", None)
+        if quantization is not None:
+            q, scale = silu_and_mul_quantize(gate_up.reshape(-1, gate_up.shape[-1]), *quantization())
+            y = self.down_proj.forward_quantized(q, scale, gate_up.dtype)
+            return self.tp.all_reduce(y.view(*gate_up.shape[:-1], -1))
+        if not isinstance(self.down_proj, nn.Linear):  # weight-only quantized (kiln.quant.llm)
             return self.tp.all_reduce(self.down_proj(silu_and_mul(gate_up)))
         return self.tp.all_reduce(silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias))
 
 
 def _norm_proj(norm: RMSNorm, proj: nn.Module, x: torch.Tensor, residual: torch.Tensor | None):
     """``proj(norm(x, residual))`` (plus the residual sum when given): float projections fold the norm into the
-    GEMV; weight-only quantized ones run after it."""
+    GEMV; activation-quantized ones (W8A8, FP8) take their input quantized by the norm's kernel; weight-only
+    quantized ones run after it."""
     if isinstance(proj, nn.Linear):
         return rms_norm_linear(x, norm.weight, norm.eps, proj.weight, proj.bias, residual)
+    quantization = getattr(proj, "input_quantization", None)
+    if quantization is not None:
+        out = norm.quantized(x, residual, *quantization())
+        y = proj.forward_quantized(out[0], out[1], x.dtype).view(*x.shape[:-1], -1)
+        return y if residual is None else (y, out[2].view(x.shape))
     if residual is None:
         return proj(norm(x))
     h, residual = norm(x, residual)
