@@ -79,6 +79,8 @@ class ModelRunner:
             # int4 weights in the layout the one-row GEMV streams fastest (kiln.ops.wo_gemm); files keep theirs
             if n := interleave_int4_rows_(model):
                 logger.info("int4 weights: %d linears row-interleaved for the GPU's GEMV", n)
+        if device.type == "cuda" and (n := self.warm_up_quantized_linears()):
+            logger.info("quantized linears: %d prefill-sized calls to compile their GEMMs before serving", n)
         # an int8 / fp8 KV cache (engines built with --kv-cache-dtype; kiln.llm.quantize) or the model's dtype
         self.kv_dtype: torch.dtype = getattr(model, "kv_cache_dtype", None) or dtype
         self.block_size = engine_config.block_size
@@ -108,6 +110,43 @@ class ModelRunner:
         # KILN_OPS=ref the engine runs eagerly
         if device.type == "cuda" and not engine_config.enforce_eager and backend_for(self.kv_pool) == "triton":
             self.capture_decode_graphs()
+
+    def warm_up_token_counts(self) -> list[int]:
+        """Row counts that reach every prefill-sized tile of the quantized GEMMs: their tiles change with M at
+        powers of two (kiln.ops.gemm ``fixed_config`` / TMA tiles, ``wo_config``) and Triton compiles M divisible by
+        16 and M not divisible by 16 apart, so 2^k and 2^k + 1 from 64 to the step's token budget (decode sizes
+        compile while the decode graphs are captured)."""
+        budget = self.ecfg.max_num_batched_tokens
+        counts, m = [], 64
+        while m <= budget:
+            counts += [m] + ([m + 1] if m + 1 <= budget else [])
+            m *= 2
+        return counts[1:]  # 64 itself is a decode size
+
+    def warm_up_quantized_linears(self, token_counts: Iterable[int] | None = None) -> int:
+        """Call one quantized linear of each kind (module class and weight shapes; the LM head aside, which a step
+        only runs on its sampled rows) on zeros of each of ``token_counts`` rows (default
+        ``warm_up_token_counts()``), so the Triton GEMMs compile at start-up and not inside the first mixed batch
+        that reaches a new tile: a W8A8 engine's first 157-token step took 0.64 s for its compile on an H200
+        (bench/RESULTS.md, session 24). Returns the number of calls."""
+        from kiln.quant.llm import QUANTIZED_MODULES
+
+        head = getattr(self.model, "lm_head", None)
+        kinds: dict[tuple, tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = {}
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, QUANTIZED_MODULES) and mod is not head:
+                # a weight-only gate/up projection runs with the SiLU-and-mul epilogue (the MLPs call glu_forward)
+                glu = name.endswith("gate_up_proj") and hasattr(mod, "glu_forward")
+                shapes = tuple((n, tuple(t.shape), t.dtype) for n, t in mod.state_dict().items())
+                kinds.setdefault((type(mod), glu, shapes), (mod.in_features, mod.glu_forward if glu else mod))
+        if not kinds:
+            return 0
+        counts = list(token_counts) if token_counts is not None else self.warm_up_token_counts()
+        with torch.inference_mode():
+            for k, call in kinds.values():
+                for m in counts:
+                    call(torch.zeros(m, k, dtype=self.dtype, device=self.device))
+        return len(kinds) * len(counts)
 
     # ------------------------------------------------------------------------------------------ sizing
     def bytes_per_block(self) -> int:

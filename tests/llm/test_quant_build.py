@@ -157,6 +157,34 @@ def test_activation_quantized_engine_quantizes_in_the_norm_kernel_with_the_same_
     assert torch.equal(fused, unfused)
 
 
+@pytest.mark.parametrize("name", ["w8a8", "int4-wo-g128"])
+def test_runner_warms_up_one_quantized_linear_of_each_kind_at_prefill_row_counts(engines, name, monkeypatch):
+    """On a GPU the runner calls one quantized linear per kind (class and weight shapes) at each prefill row count
+    whose tiles or Triton specialization differ, so their GEMMs compile at start-up, not in the first mixed batch
+    that needs them; the LM head (sampled rows only) is left out. Here it is called directly on the CPU engine."""
+    runner = engines[name][1].engine.runner
+    model = runner.model
+    monkeypatch.setattr(runner.ecfg, "max_num_batched_tokens", 300)
+    assert runner.warm_up_token_counts() == [65, 128, 129, 256, 257]
+    seen = []
+    for mod in model.modules():
+        if isinstance(mod, (W8A8Linear, Fp8Linear) + WEIGHT_ONLY_MODULES):
+            for method in ("forward", "glu_forward"):
+                if hasattr(mod, method):
+                    monkeypatch.setattr(mod, method, lambda x, mod=mod, method=method, f=getattr(mod, method):
+                                        seen.append((mod, method, x.shape[0])) or f(x))
+    calls = runner.warm_up_quantized_linears([3, 5])
+    layer = model.model.layers[0]
+    # qkv, o, gate_up and down of one layer (the others share their shapes), never the LM head; the weight-only
+    # gate/up projection through its SiLU-and-mul epilogue, as the MLP calls it
+    glu = "glu_forward" if name == "int4-wo-g128" else "forward"
+    expected = {(layer.self_attn.qkv_proj, "forward"), (layer.self_attn.o_proj, "forward"),
+                (layer.mlp.gate_up_proj, glu), (layer.mlp.down_proj, "forward")}
+    assert calls == 8 == len(seen)
+    assert {(id(m), f) for m, f, _ in seen} == {(id(m), f) for m, f in expected}
+    assert sorted({rows for _, _, rows in seen}) == [3, 5]
+
+
 def test_held_out_perplexity_of_every_mode_within_its_limit(engines, held_out_windows):
     """int8-wo <= +1%, int4-wo <= +5%, w8a8 <= +3%, fp8 <= +2%, int8 / fp8 KV cache <= +1% over the float
     engine (same bf16 weights, fp32 compute), on 4,088 held-out tokens the calibration never saw."""
