@@ -146,6 +146,8 @@ class ModelRunner:
             for k, call in kinds.values():
                 for m in counts:
                     call(torch.zeros(m, k, dtype=self.dtype, device=self.device))
+        if self.device.type == "cuda":  # the activations' blocks go back before the KV cache is sized
+            torch.cuda.empty_cache()
         return len(kinds) * len(counts)
 
     # ------------------------------------------------------------------------------------------ sizing
