@@ -11,6 +11,7 @@ import torch
 
 from kiln.ops import gemm
 from tests.conftest import DEVICE, requires_triton
+from tests.ops.sm90 import ptxas_path, sm90_compile
 
 BIG = DEVICE.type == "cuda"
 FP8 = gemm.FP8_DTYPE
@@ -243,3 +244,18 @@ def test_silu_and_mul_quantize_kernel_has_the_bits_of_the_activation_then_the_qu
         gemm.silu_and_mul_quantize(x[:, :-1])
     with pytest.raises(ValueError, match=f"smooth has {inner + 1} values"):
         gemm.silu_and_mul_quantize(x, qdtype, torch.ones(inner + 1, device=DEVICE))
+
+
+@pytest.mark.skipif(ptxas_path() is None, reason="needs Triton's bundled ptxas")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fused_quantizers_compile_for_sm90_without_spills(fp8):
+    """The fused quantizers compiled for the H100/H200 here (CI has no GPU; the interpreter does not compile):
+    the norm with its residual and smoother over an 8B row (4096), and the SiLU-and-mul quantizer of down_proj's
+    input, both for int8 and e4m3 codes, build for sm_90a and spill nothing."""
+    q, qmax = ("*fp8e4nv", 448.0) if fp8 else ("*i8", 127.0)
+    sig = dict(X="*bf16", R="*bf16", W="*bf16", SMOOTH="*fp32", Q=q, S="*fp32", RO="*bf16", eps="fp32")
+    consts = dict(HAS_RESIDUAL=True, HAS_SMOOTH=True, IS_FP8=fp8, MANUAL_FP8=False, QMAX=qmax, BLOCK=4096, PDL=True)
+    assert sm90_compile("kiln.ops.norm", "_rms_norm_quant_kernel", sig, consts, 4)[1] == 0
+    sig = dict(X="*bf16", SMOOTH="*fp32", SSCALE="*fp32", Q=q, S="*fp32")
+    consts = dict(HAS_SMOOTH=True, STATIC=False, IS_FP8=fp8, MANUAL_FP8=False, QMAX=qmax, BLOCK_K=1024, GLU=True)
+    assert sm90_compile("kiln.ops.gemm", "_quant_act_kernel", sig, consts, 8)[1] == 0
