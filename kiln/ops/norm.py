@@ -25,6 +25,14 @@ def rms_norm(
     normalised and also returned, so a transformer block does its residual add and norm in one pass:
     returns ``(y, x + residual)``. Without it returns ``y``. Inputs are never modified.
     """
+    _check_norm_args(x, weight, eps, residual)
+    if backend_for(x, weight) == "triton":
+        return _rms_norm_triton(x, weight, eps, residual)
+    return rms_norm_ref(x, weight, eps, residual)
+
+
+def _check_norm_args(x, weight, eps, residual) -> None:
+    """The argument checks ``rms_norm`` and ``rms_norm_quant`` share, each a ValueError naming the argument."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dim, got shape {tuple(x.shape)}")
@@ -35,9 +43,6 @@ def rms_norm(
     if residual is not None:
         check_tensor("residual", residual, dtypes=(x.dtype,), device=x.device)
         check_same("residual.shape", tuple(residual.shape), "x.shape", tuple(x.shape))
-    if backend_for(x, weight) == "triton":
-        return _rms_norm_triton(x, weight, eps, residual)
-    return rms_norm_ref(x, weight, eps, residual)
 
 
 def rms_norm_ref(x, weight, eps=1e-6, residual=None):
@@ -110,16 +115,8 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, res
     a Llama-3.2-1B decode step ran 64 quantizer launches (bench/RESULTS.md, session 24), half of them after a norm.
     The arithmetic is the two ops' own, so the bits are too. x: [N, H] float; returns ``(q [N, H], scale fp32 [N])``,
     with ``residual`` ``(q, scale, x + residual)``."""
-    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    if x.shape[-1] == 0:
-        raise ValueError(f"x must have a non-empty last dim, got shape {tuple(x.shape)}")
-    check_tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
-    check_same("weight.shape[0]", weight.shape[0], "x.shape[-1]", x.shape[-1])
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if residual is not None:
-        check_tensor("residual", residual, dtypes=(x.dtype,), device=x.device)
-        check_same("residual.shape", tuple(residual.shape), "x.shape", tuple(x.shape))
+    check_tensor("x", x, ndim=2)
+    _check_norm_args(x, weight, eps, residual)
     _check_act(x, dtype, smooth, None)
     if backend_for(x, weight) == "triton":
         return _rms_norm_quant_triton(x, weight, eps, residual, dtype, smooth)
