@@ -48,7 +48,11 @@ otherwise cost each K step a dependent round trip to L2); with programmatic depe
 activations wait (``gdc_wait``).
 
 The one-row int8 GEMV picks its tile by how fully the row tiles fill whole waves of resident CTAs
-(``INT8_GEMV_TILES``): a batch-1 GEMV lasts as long as its last wave.
+(``INT8_GEMV_TILES``): a batch-1 GEMV lasts as long as its last wave. Wide weights (a gate/up, an LM head) instead take a
+pipelined tile (``_int8_pipelined_tile``): ``STAGES`` makes the K loop
+``tl.range(..., num_stages=STAGES)``, so Triton keeps STAGES - 1 weight tiles in flight as ``cp.async`` copies in
+shared memory, not in registers, and the stream reaches 90-100% of the copy bandwidth where the register prefetch
+held 72-85%.
 
 ``wo_glu_linear`` runs a fused [gate | up] weight with the SiLU-and-mul in the epilogue (``GLU``): each program
 takes HALF gate rows and the HALF up rows they pair with (row n and row n + N/2, no weight reordering) and stores
@@ -439,7 +443,7 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, M, N, K, k_per_split, strid
                     SPLIT_K: tl.constexpr,
                     REDUCE_EACH_TILE: tl.constexpr = True, INT4_WORDS: tl.constexpr = False,
                     INT4_JOIN: tl.constexpr = False, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
-                    GLU: tl.constexpr = False, QUADS: tl.constexpr = 0):
+                    GLU: tl.constexpr = False, QUADS: tl.constexpr = 0, STAGES: tl.constexpr = None):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -479,7 +483,7 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, M, N, K, k_per_split, strid
         tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH and INT4_WORDS:
         x_pf = _x_word_columns(x_rows, k_lo + 8 * offs_w, k_hi, m_mask, stride_xk)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         if BITS == 8:
             kk = k0 + offs_k
             xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & (kk < k_hi)[None, :], other=0.0)
@@ -646,7 +650,8 @@ def _quads_epilogue(y, rows, row_mask, B, Y, pid, N, HAS_BIAS: tl.constexpr, GLU
 def _int4_quads_gemv_kernel(X, W, S, Z, B, P, Y, Counters, N, K, k_per_split, stride_wq, stride_zn, stride_sn,
                             ONE_BITS, BLOCK_Q: tl.constexpr, BLOCK_W: tl.constexpr, R: tl.constexpr,
                             GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr):
+                            SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr,
+                            STAGES: tl.constexpr = None):
     """The one-row int4 GEMV on row-interleaved words (``interleave_int4_rows``: W int32 [N / R, K / 8, R]).
 
     Program (p, s) takes BLOCK_Q quads of R rows (with ``GLU``, BLOCK_Q quads of gate rows and the BLOCK_Q up quads
@@ -655,7 +660,10 @@ def _int4_quads_gemv_kernel(X, W, S, Z, B, P, Y, Counters, N, K, k_per_split, st
     layout's 16-byte loads give a thread four columns of one row (sm_90 SASS: ~3.7 instructions per code against
     6.7). Partials [Q, W, R] are scaled per K step and reduced once at the end. With ``SPLIT_K`` > 1 each program
     stores an fp32 partial in ``P`` [SPLIT_K, N] and the tile's last program to arrive sums them in split order,
-    then runs the epilogue (bias, rounding, SiLU-and-mul); the sum order is fixed, so the bits are reproducible."""
+    then runs the epilogue (bias, rounding, SiLU-and-mul); the sum order is fixed, so the bits are reproducible.
+    ``STAGES`` (with PREFETCH off) pipelines the loads into shared memory instead, as the int8 GEMV's wide tiles do;
+    on the H200 that was slower on every Llama linear (``scripts/gpu/pipelined_gemv_sweep.py``), so the engine
+    keeps the register prefetch here."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     STEP: tl.constexpr = BLOCK_W * 8
@@ -684,7 +692,7 @@ def _int4_quads_gemv_kernel(X, W, S, Z, B, P, Y, Counters, N, K, k_per_split, st
         tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH:
         x_nx = _quads_x(X, j, k_lo, k_hi)
-    for k0 in range(k_lo, k_hi, STEP):
+    for k0 in tl.range(k_lo, k_hi, STEP, num_stages=STAGES):
         if PREFETCH:  # everything the next step reads is in flight while this one computes
             word, zero, scale, xs = w_nx, z_nx, s_nx, x_nx
             w_nx, z_nx, s_nx = _quads_weights(W_q, Z, S, rows, q_mask, k0 + STEP, k_hi, stride_zn, stride_sn, QQ,
@@ -772,6 +780,18 @@ def wo_config(M: int, N: int, K: int, bits: int, group_size: int, sms: int = 132
 # us against 8.8 for 4 x 1024 at 6 per SM). Residency follows from ptxas's 242, 156 and 244 registers per thread
 # at 64 threads (checked in tests/ops/test_wo_gemm.py).
 INT8_GEMV_TILES = ((8, 1024, 2, 4), (4, 1024, 2, 6), (4, 2048, 2, 4))
+# One-row int8 tiles with the loads pipelined into shared memory (BLOCK_N, BLOCK_K, warps, STAGES), for weights whose
+# row tiles alone give every SM several CTAs. H200, session 25 (scripts/gpu/pipelined_gemv_sweep.py: 16/32 rows x
+# 256/512 k, 4/6 stages, splits 1, a, 2a; engine layouts, gate_up with its SiLU-and-mul epilogue), us against the
+# register prefetch: 8B gate_up 36.9 -> 31.3, lm_head 148.4 -> 120.5, down_proj 16.8 -> 16.1; 1B gate_up 13.7 ->
+# 11.3, lm_head 87.9 -> 62.7. The narrow layers lost (1B qkv_proj 3.4 -> 4.3 us, o_proj 2.9 -> 3.4: a pipeline's
+# prologue is as long as their whole stream), and so did the int4 quads GEMV on every linear (its per-step work is
+# the cost, not bytes in flight), which keeps its register prefetch.
+# In the engine (decode_step_probe.py's graph replay, int8-wo) it took the 8B step from 2.794 to 2.585 ms and the 1B
+# from 0.696 to 0.612. The 8B down_proj's pipelined tile (16 x 512, 16.8 -> 16.1 us alone) made the 8B step 0.26 ms
+# slower in the engine, so it was left out: under PDL the register-prefetch kernel's first weight tile goes out
+# while gate_up finishes, where a pipelined kernel issues nothing before its gdc_wait.
+INT8_PIPELINED_TILE = (32, 256, 4, 6)  # for weights with at least 3 row tiles per SM (gate_up, LM head)
 
 
 def _int8_gemv_tile(N: int, sms: int) -> tuple[int, int, int]:
@@ -782,6 +802,13 @@ def _int8_gemv_tile(N: int, sms: int) -> tuple[int, int, int]:
 
     best = max(INT8_GEMV_TILES, key=lambda t: (round(fill(t), 1), -INT8_GEMV_TILES.index(t)))
     return best[:3]
+
+
+def _int8_pipelined_tile(N: int, K: int, sms: int) -> tuple[int, int, int, int] | None:
+    """``INT8_PIPELINED_TILE`` where the weight suits it, else None: it wants several CTAs per SM from row tiles
+    alone (no split K) and enough K steps to fill its pipeline."""
+    bn, bk, _, stages = INT8_PIPELINED_TILE
+    return INT8_PIPELINED_TILE if cdiv(N, bn) >= 3 * sms and K >= bk * stages else None
 
 
 def _wo_config(M, N, K, bits, group_size, sms, interp, glu=False):
@@ -801,6 +828,11 @@ def _wo_config(M, N, K, bits, group_size, sms, interp, glu=False):
         # 0.594 -> 0.530 ms (1B). Where the row tiles alone give four programs per SM (an LM head), 2 warps (128
         # codes per thread) stream better: 1B LM head 69.9 against 76.1 us
         if bits == 8:
+            pipelined = _int8_pipelined_tile(N, K, sms)
+            if pipelined is not None:
+                bn, bk, warps, stages = pipelined
+                return dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=1, num_warps=warps,
+                            PREFETCH=False, STAGES=stages)
             bn, bk, warps = _int8_gemv_tile(N, sms)
             bk = min(bk, kp)
             split = split_k_for(M, N, K, 1, bn, bk, sms)
@@ -876,7 +908,7 @@ def _int4_quads_gemv(x2, words, scales, zeros, group_size, bias, y, config, glu)
         counters, N, K, k_per_split, words.stride(0), zeros.stride(0) if zeros is not None else 0, scales.stride(0),
         ONE_BITS_VALUE, BLOCK_Q=bq, BLOCK_W=bw, R=R, GROUP=group_size, HAS_ZERO=zeros is not None,
         HAS_BIAS=bias is not None, SPLIT_K=split, PREFETCH=cfg.get("PREFETCH", True), GLU=glu,
-        num_warps=cfg.get("num_warps", 2), **pdl_launch_args())
+        STAGES=cfg.get("STAGES"), num_warps=cfg.get("num_warps", 2), **pdl_launch_args())
     return y
 
 

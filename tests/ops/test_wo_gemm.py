@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kiln.ops import wo_gemm
+from kiln.ops.activation import silu_and_mul_ref
 from kiln.ops.selfcheck import all_checks
 from kiln.ops._counters import split_counters
 from tests.conftest import DEVICE, requires_triton
@@ -230,6 +231,44 @@ def test_gemv_prefetch_gives_the_same_bits_and_is_for_the_gemv_only(bits):
                            config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, USE_DOT=True, PREFETCH=True))
 
 
+@requires_triton
+@pytest.mark.parametrize("glu", [False, True])
+def test_int8_gemv_pipelined_loads_give_the_same_bits(glu):
+    """The int8 GEMV with its loads pipelined by the compiler (``STAGES``, no register prefetch: the wide and long
+    weights' tiles) computes exactly what the prefetching loop does, with the SiLU-and-mul epilogue too, and matches
+    the reference; the interpreter runs the same loop body that the GPU pipelines."""
+    g = fresh_gen()
+    N, K = (64, 320) if not BIG else (28672, 4096)
+    q, s = int8_operands(N, K, g)
+    x = torch.randn(1, K, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    bn, bk = (16, 32) if not BIG else wo_gemm.INT8_PIPELINED_TILE[:2]
+    base = dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=1, num_warps=4)
+    fetched = wo_gemm._wo_triton(x, q, s, None, 0, None, bits=8, config=dict(base, PREFETCH=True), glu=glu)
+    piped = wo_gemm._wo_triton(x, q, s, None, 0, None, bits=8, config=dict(base, PREFETCH=False, STAGES=6), glu=glu)
+    assert torch.equal(fetched, piped)
+    ref = wo_gemm.w8a16_linear_ref(x, q, s)
+    if glu:
+        ref = silu_and_mul_ref(ref)
+    assert rel_err(piped, ref) <= RTOL[torch.bfloat16]
+
+
+def test_int8_gemv_pipelines_wide_weights_only(monkeypatch):
+    """Weights whose row tiles give every SM several CTAs (gate_up, LM head) take the pipelined tile, with no split
+    and no register prefetch; the narrow layers (qkv, o_proj, down_proj) keep the register-prefetch tiles: there a
+    pipeline's prologue is as long as the stream, and the 8B down_proj lost its early weight loads under PDL."""
+    monkeypatch.setattr(wo_gemm, "interpreting", lambda: False)
+    cfg = wo_gemm.wo_config
+    for n, k in ((28672, 4096), (128256, 4096), (16384, 2048), (128256, 2048)):
+        c = cfg(1, n, k, 8, 0, 132)
+        assert (c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["STAGES"]) == wo_gemm.INT8_PIPELINED_TILE, (n, k)
+        assert c["SPLIT_K"] == 1 and c["PREFETCH"] is False
+    for n, k in ((6144, 4096), (4096, 4096), (4096, 14336), (3072, 2048), (2048, 2048), (2048, 8192)):
+        assert "STAGES" not in cfg(1, n, k, 8, 0, 132), (n, k)
+    assert "STAGES" not in cfg(1, 28672, 1024, 8, 0, 132)  # too short to fill the pipeline
+    assert "STAGES" not in cfg(1, 28672, 4096, 4, 128, 132)  # int4 keeps its own GEMV
+    assert "STAGES" not in cfg(4, 28672, 4096, 8, 0, 132)  # more rows: the dot tiles
+
+
 def test_weight_only_split_k_heuristic_fills_the_gpu_for_decode_only(monkeypatch):
     monkeypatch.setattr(wo_gemm, "interpreting", lambda: False)  # the GPU tiles, also under the interpreter
     sms = 132
@@ -355,6 +394,26 @@ def test_default_batch1_tiles_compile_lean_for_sm90(monkeypatch, bits, glu):
         assert sum(loop.values()) <= 7.0 * codes, loop
 
 
+@pytest.mark.skipif(ptxas_path() is None, reason="needs Triton's bundled ptxas")
+@pytest.mark.parametrize("glu", [False, True])
+def test_int8_pipelined_tile_compiles_to_cp_async_for_sm90(monkeypatch, glu):
+    """The wide int8 tile (the 8B gate_up, with and without the SiLU-and-mul epilogue) compiled for sm_90a: its main
+    loop's loads are cp.async copies (LDGSTS: the compiler pipelined them into shared memory, the point of
+    ``STAGES``), with no register spills."""
+    monkeypatch.setattr(wo_gemm, "interpreting", lambda: False)
+    cfg = wo_gemm.wo_config(1, 28672, 4096, 8, 0, 132, glu)
+    assert cfg.get("STAGES")
+    warps = cfg.pop("num_warps")
+    consts = {**dict(BITS=8, GROUP=1, HAS_ZERO=False, HAS_BIAS=False, UPCAST=False, PDL=True, REDUCE_EACH_TILE=True,
+                     INT4_WORDS=False, INT4_JOIN=False, M=1, stride_xk=1, GLU=glu), **cfg}
+    sig = dict(ONE_BITS="i32", X="*bf16", W="*i8", S="*fp32", Z="*u8", B="*bf16", Y="*fp32", Out="*bf16",
+               Counters="*i32")
+    regs, spills, loop = sm90_compile("kiln.ops.wo_gemm", "_wo_gemm_kernel", sig, consts, warps)
+    assert spills == 0, (cfg, regs)
+    if loop:  # (cuobjdump ships with Triton's ptxas; without it only the spills are checked)
+        assert loop.get("LDGSTS", 0) > 0, loop
+
+
 def test_int8_gemv_tile_fills_whole_waves():
     """The one-row int8 tile is the INT8_GEMV_TILES entry whose CTAs fill the most of their last wave (H100: 132
     SMs): the 8B o_proj / down_proj (4096 rows) fit one wave of 8-row tiles at 4 per SM, the 6144-row qkv_proj
@@ -367,7 +426,7 @@ def test_int8_gemv_tile_fills_whole_waves():
     assert pick(3072, 132) == (4, 1024, 2)
     assert pick(28672, 132) == (8, 1024, 2)
     assert pick(128256, 132) == (8, 1024, 2)
-    cfg = wo_gemm._wo_config(1, 4096, 14336, 8, 0, 132, False)
+    cfg = wo_gemm._wo_config(1, 4096, 4096, 8, 0, 132, False)
     assert (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["SPLIT_K"]) == (8, 1024, 2, 1)
     assert wo_gemm._wo_config(1, 4096, 512, 8, 0, 132, False)["BLOCK_K"] == 512  # K shorter than the tile
 
