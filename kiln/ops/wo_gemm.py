@@ -48,11 +48,10 @@ otherwise cost each K step a dependent round trip to L2); with programmatic depe
 activations wait (``gdc_wait``).
 
 The one-row int8 GEMV picks its tile by how fully the row tiles fill whole waves of resident CTAs
-(``INT8_GEMV_TILES``): a batch-1 GEMV lasts as long as its last wave. Wide weights (a gate/up, an LM head) instead take a
-pipelined tile (``_int8_pipelined_tile``): ``STAGES`` makes the K loop
-``tl.range(..., num_stages=STAGES)``, so Triton keeps STAGES - 1 weight tiles in flight as ``cp.async`` copies in
-shared memory, not in registers, and the stream reaches 90-100% of the copy bandwidth where the register prefetch
-held 72-85%.
+(``INT8_GEMV_TILES``): a batch-1 GEMV lasts as long as its last wave. Wide weights (a gate/up, an LM head) take
+a pipelined tile instead (``_int8_pipelined_tile``): ``STAGES`` makes the K loop ``tl.range(...,
+num_stages=STAGES)``, so Triton keeps STAGES - 1 weight tiles in flight as ``cp.async`` copies in shared memory, not
+in registers, and the stream reaches 90-100% of the copy bandwidth where the register prefetch held 72-85%.
 
 ``wo_glu_linear`` runs a fused [gate | up] weight with the SiLU-and-mul in the epilogue (``GLU``): each program
 takes HALF gate rows and the HALF up rows they pair with (row n and row n + N/2, no weight reordering) and stores
