@@ -26,23 +26,64 @@ def ptxas_path() -> str | None:
 def sm90_compile(module: str, kernel: str, signature: dict[str, str], constexprs: dict[str, object],
                  num_warps: int) -> tuple[int, int, dict[str, int]]:
     """(registers per thread, spill-store bytes, opcode counts of the main loop's body in SASS) of
-    ``module.kernel`` compiled for sm_90a, in a fresh process without
-    TRITON_INTERPRET (the interpreter's functions do not compile). ``signature`` gives each runtime argument's
+    ``module.kernel`` compiled for sm_90a, in a worker process without TRITON_INTERPRET (the interpreter's
+    functions do not compile; ``_worker``). ``signature`` gives each runtime argument's
     Triton type ('*bf16', 'i32', ...); every name in ``constexprs`` is a constexpr (as a launch makes an int
     argument equal to 1); every other argument is taken as 16-aligned / divisible by 16, as a launch specialises
     aligned pointers and the model shapes (without that the compiler cannot vectorise a load)."""
     import json
+
+    worker = _worker()
+    worker.stdin.write(json.dumps([module, kernel, signature, constexprs, num_warps]) + "\n")
+    worker.stdin.flush()
+    for line in worker.stdout:  # the compiler may print; the answer is the line with the marker
+        if line.startswith(_MARK):
+            reply = json.loads(line[len(_MARK):])
+            if "error" in reply:
+                raise RuntimeError(f"sm_90 compile of {module}.{kernel} failed: {reply['error']}")
+            regs, spills, mix = reply["ok"]
+            return regs, spills, mix
+    raise RuntimeError(f"the sm_90 compile worker exited while compiling {module}.{kernel}")
+
+
+_MARK = "SM90-RESULT "
+_WORKER_CODE = f"""
+import json, sys
+from tests.ops.sm90 import _compile
+for line in sys.stdin:
+    try:
+        reply = {{"ok": _compile(*json.loads(line))}}
+    except Exception as exc:  # reported to the caller, which raises
+        reply = {{"error": repr(exc)}}
+    print({_MARK!r} + json.dumps(reply), flush=True)
+"""
+_WORKERS: list = []
+
+
+def _worker() -> subprocess.Popen:
+    """One compile process for the whole test session, started on first use: importing torch and Triton costs
+    ~4 s, more than half of a small kernel's compile, and the CI suite compiles a dozen tiles."""
+    import atexit
     import sys
 
+    if _WORKERS and _WORKERS[0].poll() is None:
+        return _WORKERS[0]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json, sys; from tests.ops.sm90 import _compile; "
-            "print(json.dumps(_compile(*json.loads(sys.argv[1]))))")
-    args = json.dumps([module, kernel, signature, constexprs, num_warps])
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env, cwd=root,
-                         check=True).stdout
-    regs, spills, mix = json.loads(out.strip().splitlines()[-1])
-    return regs, spills, mix
+    proc = subprocess.Popen([sys.executable, "-c", _WORKER_CODE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env, cwd=root)
+    _WORKERS[:] = [proc]
+    atexit.register(_stop, proc)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _loop_mix(sass: str) -> dict[str, int]:
