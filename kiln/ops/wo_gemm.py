@@ -649,8 +649,7 @@ def _quads_epilogue(y, rows, row_mask, B, Y, pid, N, HAS_BIAS: tl.constexpr, GLU
 def _int4_quads_gemv_kernel(X, W, S, Z, B, P, Y, Counters, N, K, k_per_split, stride_wq, stride_zn, stride_sn,
                             ONE_BITS, BLOCK_Q: tl.constexpr, BLOCK_W: tl.constexpr, R: tl.constexpr,
                             GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr,
-                            STAGES: tl.constexpr = None):
+                            SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr):
     """The one-row int4 GEMV on row-interleaved words (``interleave_int4_rows``: W int32 [N / R, K / 8, R]).
 
     Program (p, s) takes BLOCK_Q quads of R rows (with ``GLU``, BLOCK_Q quads of gate rows and the BLOCK_Q up quads
@@ -660,9 +659,8 @@ def _int4_quads_gemv_kernel(X, W, S, Z, B, P, Y, Counters, N, K, k_per_split, st
     6.7). Partials [Q, W, R] are scaled per K step and reduced once at the end. With ``SPLIT_K`` > 1 each program
     stores an fp32 partial in ``P`` [SPLIT_K, N] and the tile's last program to arrive sums them in split order,
     then runs the epilogue (bias, rounding, SiLU-and-mul); the sum order is fixed, so the bits are reproducible.
-    ``STAGES`` (with PREFETCH off) pipelines the loads into shared memory instead, as the int8 GEMV's wide tiles do;
-    on the H200 that was slower on every Llama linear (``scripts/gpu/pipelined_gemv_sweep.py``), so the engine
-    keeps the register prefetch here."""
+    The loads stay prefetched in registers: pipelined into shared memory like the int8 GEMV's wide tiles, they were
+    slower on every Llama linear on the H200 (session 25; branch ``exp/int4-quads-stages``)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     STEP: tl.constexpr = BLOCK_W * 8
@@ -691,7 +689,7 @@ def _int4_quads_gemv_kernel(X, W, S, Z, B, P, Y, Counters, N, K, k_per_split, st
         tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH:
         x_nx = _quads_x(X, j, k_lo, k_hi)
-    for k0 in tl.range(k_lo, k_hi, STEP, num_stages=STAGES):
+    for k0 in range(k_lo, k_hi, STEP):
         if PREFETCH:  # everything the next step reads is in flight while this one computes
             word, zero, scale, xs = w_nx, z_nx, s_nx, x_nx
             w_nx, z_nx, s_nx = _quads_weights(W_q, Z, S, rows, q_mask, k0 + STEP, k_hi, stride_zn, stride_sn, QQ,
@@ -785,7 +783,7 @@ INT8_GEMV_TILES = ((8, 1024, 2, 4), (4, 1024, 2, 6), (4, 2048, 2, 4))
 # register prefetch: 8B gate_up 36.9 -> 31.3, lm_head 148.4 -> 120.5, down_proj 16.8 -> 16.1; 1B gate_up 13.7 ->
 # 11.3, lm_head 87.9 -> 62.7. The narrow layers lost (1B qkv_proj 3.4 -> 4.3 us, o_proj 2.9 -> 3.4: a pipeline's
 # prologue is as long as their whole stream), and so did the int4 quads GEMV on every linear (its per-step work is
-# the cost, not bytes in flight), which keeps its register prefetch.
+# the cost, not bytes in flight; branch exp/int4-quads-stages), which keeps its register prefetch.
 # In the engine (decode_step_probe.py's graph replay, int8-wo) it took the 8B step from 2.794 to 2.585 ms and the 1B
 # from 0.696 to 0.612. The 8B down_proj's pipelined tile (16 x 512, 16.8 -> 16.1 us alone) made the 8B step 0.26 ms
 # slower in the engine, so it was left out: under PDL the register-prefetch kernel's first weight tile goes out
@@ -907,7 +905,7 @@ def _int4_quads_gemv(x2, words, scales, zeros, group_size, bias, y, config, glu)
         counters, N, K, k_per_split, words.stride(0), zeros.stride(0) if zeros is not None else 0, scales.stride(0),
         ONE_BITS_VALUE, BLOCK_Q=bq, BLOCK_W=bw, R=R, GROUP=group_size, HAS_ZERO=zeros is not None,
         HAS_BIAS=bias is not None, SPLIT_K=split, PREFETCH=cfg.get("PREFETCH", True), GLU=glu,
-        STAGES=cfg.get("STAGES"), num_warps=cfg.get("num_warps", 2), **pdl_launch_args())
+        num_warps=cfg.get("num_warps", 2), **pdl_launch_args())
     return y
 
 

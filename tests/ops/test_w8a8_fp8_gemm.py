@@ -170,8 +170,8 @@ def test_fp8_gemm_refuses_cards_without_fp8(monkeypatch):
 def test_rms_norm_quant_kernel_has_the_bits_of_the_norm_then_the_quantizer(qdtype, dtype):
     """``rms_norm_quant`` (one launch) writes exactly what ``rms_norm`` followed by ``quantize_activation`` write
     (two launches; compiled in fp32, within an ulp of the scale and a code step): the same codes, scales and residual
-    sum, with and without a residual and a smoother, a row of
-    zeros included; its reference is the two references composed."""
+    sum, with and without a residual and a smoother, a row of zeros included; its reference is the two references
+    composed."""
     from kiln.ops import norm
 
     g = fresh_gen()

@@ -234,8 +234,8 @@ def test_gemv_prefetch_gives_the_same_bits_and_is_for_the_gemv_only(bits):
 @requires_triton
 @pytest.mark.parametrize("glu", [False, True])
 def test_int8_gemv_pipelined_loads_give_the_same_bits(glu):
-    """The int8 GEMV with its loads pipelined by the compiler (``STAGES``, no register prefetch: the wide and long
-    weights' tiles) computes exactly what the prefetching loop does, with the SiLU-and-mul epilogue too and a ragged
+    """The int8 GEMV with its loads pipelined by the compiler (``STAGES``, no register prefetch: the wide weights'
+    tile) computes exactly what the prefetching loop does, with the SiLU-and-mul epilogue too and a ragged
     last K tile (masked copies), and matches the reference; the interpreter runs the same loop body that the GPU
     pipelines."""
     g = fresh_gen()
