@@ -1,0 +1,143 @@
+"""GPU: A/B of the one-row int8 GEMV's tiles inside the engine (issue 8's batch-1 int8-wo bars).
+
+One dummy int8-wo engine per model; each variant swaps ``kiln.ops.wo_gemm._wo_config`` for the one-row int8
+linears, re-captures the decode graphs and replays the greedy graph back to back. Variants interleave over rounds
+on the same engine, so the table compares like with like. A variant spec is a comma list of:
+
+  main                 the shipped rule (the default for anything not named)
+  early:E              the pipelined tiles load their first E K tiles before gdc_wait (EARLY)
+  wide:BNxBKxST        the pipelined tile of the wide weights (gate_up, LM head)
+  narrow:BNxBKxST      the other one-row int8 linears (qkv, o_proj, down_proj) pipelined too, K split until the
+                       grid has about two CTAs per SM (at least ST K tiles per split)
+  down:BNxBKxST        only down_proj (K > 2 N) pipelined that way
+
+    python3 scripts/gpu/int8_pipe_ab.py --models llama-8b llama-1b --variants main early:1 early:1,narrow:16x256x4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.llm_throughput import SHAPES, engine_entry  # noqa: E402
+
+
+def parse(spec: str) -> dict:
+    out: dict = {}
+    for part in filter(None, spec.split(",")):
+        key, _, val = part.partition(":")
+        if key == "main":
+            continue
+        if key == "early":
+            out["early"] = int(val)
+        elif key in ("wide", "narrow", "down"):
+            out[key] = tuple(int(v) for v in val.split("x"))
+        else:
+            raise ValueError(f"unknown variant part {part!r}")
+    return out
+
+
+def make_config(original, spec: dict):
+    from kiln.ops.split_k import cdiv
+
+    def pipelined(N, K, sms, tile, glu, early):
+        bn, bk, st = tile
+        tiles = cdiv(N, bn)  # (with glu: N / 2 outputs, bn / 2 per program)
+        split = 1 if glu else max(1, min(2 * sms // max(1, tiles), K // (st * bk), 16))
+        cfg = dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split, num_warps=4, PREFETCH=False,
+                   STAGES=st)
+        if early:
+            cfg["EARLY"] = early
+        return cfg
+
+    def config(M, N, K, bits, group_size, sms, interp, glu=False):
+        cfg = original(M, N, K, bits, group_size, sms, interp, glu)
+        if interp or M != 1 or bits != 8:
+            return cfg
+        early = spec.get("early", 0)
+        if "STAGES" in cfg:  # a wide weight
+            tile = spec.get("wide", (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["STAGES"]))
+            return pipelined(N, K, sms, tile, glu, early)
+        if "narrow" in spec:
+            return pipelined(N, K, sms, spec["narrow"], glu, early)
+        if "down" in spec and K > 2 * N:
+            return pipelined(N, K, sms, spec["down"], glu, early)
+        return cfg
+
+    return config
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["llama-8b", "llama-1b"], choices=list(SHAPES))
+    ap.add_argument("--variants", nargs="+", default=["main", "early:1"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--replays", type=int, default=200)
+    ap.add_argument("--tokens", type=int, default=32)
+    args = ap.parse_args()
+    from kiln.llm import LLM, SamplingParams
+    from kiln.ops import wo_gemm
+
+    original = wo_gemm._wo_config
+    table = []
+    for model in args.models:
+        d = Path(tempfile.mkdtemp())
+        entry = engine_entry("int8-wo", None)
+        (d / "config.json").write_text(json.dumps({**SHAPES[model], "kiln_engine": entry}))
+        llm = LLM(str(d), dtype="bfloat16", device="cuda", load_format="dummy", max_num_seqs=1,
+                  max_num_batched_tokens=4096, max_model_len=2048, gpu_memory_utilization=0.85)
+        eng = llm.engine
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, SHAPES[model]["vocab_size"], (128,), generator=g).tolist()
+        params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True, detokenize=False)
+        times: dict[str, list[float]] = {v: [] for v in args.variants}
+        tokens: dict[str, list[int]] = {}
+        for _ in range(args.rounds):
+            for v in args.variants:
+                wo_gemm._wo_config = make_config(original, parse(v))
+                wo_gemm._wo_config_cached.cache_clear()
+                eng.runner.release_graphs()
+                eng.runner.capture_decode_graphs()
+                out = llm.generate([{"prompt_token_ids": prompt}], [params])[0]
+                tokens.setdefault(v, list(out.outputs[0].token_ids))
+                times[v].append(back_to_back(eng.runner.greedy_graphs[1], args.replays))
+        wo_gemm._wo_config = original
+        wo_gemm._wo_config_cached.cache_clear()
+        base = statistics.median(times[args.variants[0]])
+        for v in args.variants:
+            t = statistics.median(times[v])
+            same = sum(a == b for a, b in zip(tokens[v], tokens[args.variants[0]]))
+            table.append((model, v, t, base / t, " ".join(f"{1e3 * x:.3f}" for x in times[v]), same))
+            print(f"{model:9s} {v:34s} {1e3 * t:.3f} ms  x{base / t:.3f}  rounds {table[-1][4]}  "
+                  f"greedy tokens equal to the first variant's: {same}/{len(tokens[v])}", flush=True)
+        llm.shutdown()
+        del llm, eng
+        torch.cuda.empty_cache()
+    print("\n| model | variant | greedy graph replay (ms) | vs first |")
+    print("|---|---|---|---|")
+    for model, v, t, r, _, _ in table:
+        print(f"| {model} | {v} | {1e3 * t:.3f} | {r:.3f}x |")
+
+
+def back_to_back(graph, replays: int) -> float:
+    torch.cuda.synchronize()
+    for _ in range(10):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / replays
+
+
+if __name__ == "__main__":
+    main()
