@@ -442,8 +442,7 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, M, N, K, k_per_split, strid
                     SPLIT_K: tl.constexpr,
                     REDUCE_EACH_TILE: tl.constexpr = True, INT4_WORDS: tl.constexpr = False,
                     INT4_JOIN: tl.constexpr = False, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
-                    GLU: tl.constexpr = False, QUADS: tl.constexpr = 0, STAGES: tl.constexpr = None,
-                    EARLY: tl.constexpr = 0):
+                    GLU: tl.constexpr = False, QUADS: tl.constexpr = 0, STAGES: tl.constexpr = None):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -478,14 +477,12 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, M, N, K, k_per_split, strid
         if INT4_WORDS:  # the group's zero points and scales are weights too
             z_pf, s_pf = _group_zero_scale(Z, S, offs_n, n_mask, k_lo // GROUP, stride_zn, stride_sn, HAS_ZERO,
                                            BLOCK_N)
-    if EARLY > 0:  # the pipelined int8 GEMV's first EARLY K tiles, also before gdc_wait; reduced after the loop
-        w_early = _gemv_weight_tile(w_rows, k_lo, k_hi, n_mask, BITS, EARLY * BLOCK_K)
     if PDL:  # the activations are the previous kernel's output
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH and INT4_WORDS:
         x_pf = _x_word_columns(x_rows, k_lo + 8 * offs_w, k_hi, m_mask, stride_xk)
-    for k0 in tl.range(k_lo + EARLY * BLOCK_K, k_hi, BLOCK_K, num_stages=STAGES):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         if BITS == 8:
             kk = k0 + offs_k
             xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & (kk < k_hi)[None, :], other=0.0)
@@ -573,10 +570,6 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, M, N, K, k_per_split, strid
     if not USE_DOT:
         if BITS == 8:
             acc = tl.sum(acc1, axis=1)[None, :]
-            if EARLY > 0:
-                ke = k_lo + tl.arange(0, EARLY * BLOCK_K)
-                xe = tl.load(x_rows + ke[None, :] * stride_xk, mask=m_mask[:, None] & (ke < k_hi)[None, :], other=0.0)
-                acc += tl.sum(_int8_to_f32(w_early) * xe.to(tl.float32), axis=1)[None, :]
         elif REDUCE_EACH_TILE:
             acc = accn[None, :]
         elif INT4_WORDS:
@@ -1013,10 +1006,6 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
     cfg.setdefault("PREFETCH", gemv)
     if cfg["PREFETCH"] and not gemv:
         raise ValueError("PREFETCH is for the one-row GEMV (int8, or int4 on 32-bit words)")
-    early = cfg.get("EARLY", 0)
-    if early and (bits != 8 or cfg["USE_DOT"] or cfg["PREFETCH"] or early & (early - 1)):
-        raise ValueError(f"EARLY (got {early}) is a power of two of K tiles for the one-row int8 GEMV without "
-                         "PREFETCH")
     pdl = pdl_launch_args()
     _wo_gemm_kernel[grid](
         x2, qweight, scales, zeros if zeros is not None else dummy,

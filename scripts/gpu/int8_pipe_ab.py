@@ -5,13 +5,15 @@ linears, re-captures the decode graphs and replays the greedy graph back to back
 on the same engine, so the table compares like with like. A variant spec is a comma list of:
 
   main                 the shipped rule (the default for anything not named)
-  early:E              the pipelined tiles load their first E K tiles before gdc_wait (EARLY)
   wide:BNxBKxST        the pipelined tile of the wide weights (gate_up, LM head)
   narrow:BNxBKxST      the other one-row int8 linears (qkv, o_proj, down_proj) pipelined too, K split until the
                        grid has about two CTAs per SM (at least ST K tiles per split)
   down:BNxBKxST        only down_proj (K > 2 N) pipelined that way
 
-    python3 scripts/gpu/int8_pipe_ab.py --models llama-8b llama-1b --variants main early:1 early:1,narrow:16x256x4
+    python3 scripts/gpu/int8_pipe_ab.py --models llama-8b llama-1b --variants main down:16x512x6 narrow:8x512x4
+
+(Session 26 also ran an ``early:E`` part, the pipelined tiles loading their first E K tiles before gdc_wait; it
+lost everywhere and left with the kernel's EARLY knob, see bench/RESULTS.md.)
 """
 
 from __future__ import annotations
@@ -35,9 +37,7 @@ def parse(spec: str) -> dict:
         key, _, val = part.partition(":")
         if key == "main":
             continue
-        if key == "early":
-            out["early"] = int(val)
-        elif key in ("wide", "narrow", "down"):
+        if key in ("wide", "narrow", "down"):
             out[key] = tuple(int(v) for v in val.split("x"))
         else:
             raise ValueError(f"unknown variant part {part!r}")
@@ -47,28 +47,24 @@ def parse(spec: str) -> dict:
 def make_config(original, spec: dict):
     from kiln.ops.split_k import cdiv
 
-    def pipelined(N, K, sms, tile, glu, early):
+    def pipelined(N, K, sms, tile, glu):
         bn, bk, st = tile
         tiles = cdiv(N, bn)  # (with glu: N / 2 outputs, bn / 2 per program)
         split = 1 if glu else max(1, min(2 * sms // max(1, tiles), K // (st * bk), 16))
-        cfg = dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split, num_warps=4, PREFETCH=False,
-                   STAGES=st)
-        if early:
-            cfg["EARLY"] = early
-        return cfg
+        return dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split, num_warps=4, PREFETCH=False,
+                    STAGES=st)
 
     def config(M, N, K, bits, group_size, sms, interp, glu=False):
         cfg = original(M, N, K, bits, group_size, sms, interp, glu)
         if interp or M != 1 or bits != 8:
             return cfg
-        early = spec.get("early", 0)
         if "STAGES" in cfg:  # a wide weight
             tile = spec.get("wide", (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["STAGES"]))
-            return pipelined(N, K, sms, tile, glu, early)
+            return pipelined(N, K, sms, tile, glu)
         if "narrow" in spec:
-            return pipelined(N, K, sms, spec["narrow"], glu, early)
+            return pipelined(N, K, sms, spec["narrow"], glu)
         if "down" in spec and K > 2 * N:
-            return pipelined(N, K, sms, spec["down"], glu, early)
+            return pipelined(N, K, sms, spec["down"], glu)
         return cfg
 
     return config
@@ -77,7 +73,7 @@ def make_config(original, spec: dict):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["llama-8b", "llama-1b"], choices=list(SHAPES))
-    ap.add_argument("--variants", nargs="+", default=["main", "early:1"])
+    ap.add_argument("--variants", nargs="+", default=["main", "down:16x512x6"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--replays", type=int, default=200)
     ap.add_argument("--tokens", type=int, default=32)

@@ -253,29 +253,6 @@ def test_int8_gemv_pipelined_loads_give_the_same_bits(glu):
     assert rel_err(piped, ref) <= RTOL[torch.bfloat16]
 
 
-@requires_triton
-@pytest.mark.parametrize("glu,split,early", [(False, 1, 1), (True, 1, 2), (False, 3, 1), (False, 11, 1)])
-def test_int8_gemv_early_tiles_match_the_reference(glu, split, early):
-    """``EARLY``: the pipelined int8 GEMV loads its first K tiles before ``gdc_wait`` and reduces them after the
-    loop. Ragged last tile, the SiLU-and-mul epilogue, split K down to one tile per split (an empty loop) and more
-    early tiles than a split holds (masked, no traffic) all match the reference."""
-    g = fresh_gen()
-    N, K = (64, 330) if not BIG else (28672, 4100)
-    q, s = int8_operands(N, K, g)
-    x = torch.randn(1, K, device=DEVICE, dtype=torch.bfloat16, generator=g)
-    bn, bk = (16, 32) if not BIG else wo_gemm.INT8_PIPELINED_TILE[:2]
-    cfg = dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split, num_warps=4, PREFETCH=False,
-               STAGES=4, EARLY=early)
-    y = wo_gemm._wo_triton(x, q, s, None, 0, None, bits=8, config=cfg, glu=glu)
-    ref = wo_gemm.w8a16_linear_ref(x, q, s)
-    if glu:
-        ref = silu_and_mul_ref(ref)
-    assert rel_err(y, ref) <= RTOL[torch.bfloat16]
-    for bad in (dict(cfg, EARLY=3), dict(cfg, PREFETCH=True)):
-        with pytest.raises(ValueError, match="EARLY"):
-            wo_gemm._wo_triton(x, q, s, None, 0, None, bits=8, config=bad)
-
-
 def test_int8_gemv_pipelines_wide_weights_only(monkeypatch):
     """Weights whose row tiles give every SM several CTAs (gate_up, LM head) take the pipelined tile, with no split
     and no register prefetch; the narrow layers (qkv, o_proj, down_proj) keep the register-prefetch tiles: there a
