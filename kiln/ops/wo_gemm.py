@@ -442,8 +442,7 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, M, N, K, k_per_split, strid
                     SPLIT_K: tl.constexpr,
                     REDUCE_EACH_TILE: tl.constexpr = True, INT4_WORDS: tl.constexpr = False,
                     INT4_JOIN: tl.constexpr = False, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
-                    GLU: tl.constexpr = False, QUADS: tl.constexpr = 0, STAGES: tl.constexpr = None,
-                    TRIGGER_LATE: tl.constexpr = False):
+                    GLU: tl.constexpr = False, QUADS: tl.constexpr = 0, STAGES: tl.constexpr = None):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -480,8 +479,7 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, M, N, K, k_per_split, strid
                                            BLOCK_N)
     if PDL:  # the activations are the previous kernel's output
         tl.extra.cuda.gdc_wait()
-        if not TRIGGER_LATE:
-            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH and INT4_WORDS:
         x_pf = _x_word_columns(x_rows, k_lo + 8 * offs_w, k_hi, m_mask, stride_xk)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
@@ -569,8 +567,6 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, M, N, K, k_per_split, strid
                 accn += tl.sum(w_lo * xe.to(tl.float32) + w_hi * xo.to(tl.float32), axis=1) * s
             else:
                 acc4 += (w_lo * xe.to(tl.float32) + w_hi * xo.to(tl.float32)) * s[:, None]
-    if PDL and TRIGGER_LATE:
-        tl.extra.cuda.gdc_launch_dependents()
     if not USE_DOT:
         if BITS == 8:
             acc = tl.sum(acc1, axis=1)[None, :]

@@ -11,13 +11,11 @@ that reuses cached prefix blocks already decodes differently from the first one)
   narrow:BNxBKxST      the other one-row int8 linears (qkv, o_proj, down_proj) pipelined too, K split until the
                        grid has about two CTAs per SM (at least ST K tiles per split)
   down:BNxBKxST        only down_proj (K > 2 N) pipelined that way
-  late:glu|wide|all    the kernel lets the next one launch (PDL's gdc_launch_dependents) after its K loop, not
-                       right after its gdc_wait: in gate_up (glu), the pipelined tiles (wide) or every one-row GEMV
 
     python3 scripts/gpu/int8_pipe_ab.py --models llama-8b llama-1b --variants main down:16x512x6 narrow:8x512x4
 
-(Session 26 also ran an ``early:E`` part, the pipelined tiles loading their first E K tiles before gdc_wait; it
-lost everywhere and left with the kernel's EARLY knob, see bench/RESULTS.md.)
+(Session 26 also ran ``early:E``, the pipelined tiles loading their first E K tiles before gdc_wait, and
+``late:glu|wide|all``, PDL's trigger after the K loop; they left with their kernel knobs, see bench/RESULTS.md.)
 """
 
 from __future__ import annotations
@@ -41,9 +39,7 @@ def parse(spec: str) -> dict:
         key, _, val = part.partition(":")
         if key == "main":
             continue
-        if key == "late":
-            out["late"] = val
-        elif key in ("wide", "narrow", "down"):
+        if key in ("wide", "narrow", "down"):
             out[key] = tuple(int(v) for v in val.split("x"))
         else:
             raise ValueError(f"unknown variant part {part!r}")
@@ -61,16 +57,6 @@ def make_config(original, spec: dict):
                     STAGES=st)
 
     def config(M, N, K, bits, group_size, sms, interp, glu=False):
-        cfg = chosen(M, N, K, bits, group_size, sms, interp, glu)
-        if interp or M != 1 or bits != 8:
-            return cfg
-        late = spec.get("late")
-        if late == "all" or (late == "wide" and "STAGES" in cfg) or \
-                (late == "glu" and glu):
-            cfg["TRIGGER_LATE"] = True
-        return cfg
-
-    def chosen(M, N, K, bits, group_size, sms, interp, glu=False):
         cfg = original(M, N, K, bits, group_size, sms, interp, glu)
         if interp or M != 1 or bits != 8:
             return cfg
