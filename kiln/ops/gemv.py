@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ._dispatch import backend_for, check_same, check_tensor, interpreting, pdl_launch_args
 from ._triton import cdiv, next_power_of_2, tl, triton
 from .activation import silu_mul_f32
+from .norm import residual_sum, rms_normalize
 
 MAX_M = 16
 # Measured on an H200 (2026-11-26, scripts/gpu/decode_gemv_bench.py, CUDA-graph chains at M=1): the Triton GEMV
@@ -135,7 +136,7 @@ def _gemv_kernel(X, W, B, Y, R, RO, NW, M, N, K, stride_xm, stride_xk, stride_wn
             s = tl.load(x_rows + kk[None, :] * stride_xk, mask=mk, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
                 r = tl.load(R + offs_m[:, None].to(tl.int64) * stride_rm + kk[None, :], mask=mk, other=0.0)
-                s = (s + r.to(tl.float32)).to(dt).to(tl.float32)
+                s = residual_sum(s, r, dt).to(tl.float32)
             ss += tl.sum(s * s, axis=1)
         rstd = tl.rsqrt(ss / K + eps)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -157,12 +158,11 @@ def _gemv_kernel(X, W, B, Y, R, RO, NW, M, N, K, stride_xm, stride_xk, stride_wn
             s = tl.load(x_rows + kk[None, :] * stride_xk, mask=mk, other=0.0)
             if HAS_RESIDUAL:
                 r = tl.load(R + offs_m[:, None].to(tl.int64) * stride_rm + kk[None, :], mask=mk, other=0.0)
-                s = (s.to(tl.float32) + r.to(tl.float32)).to(dt)
+                s = residual_sum(s, r, dt)
                 if pid_n == 0:
                     tl.store(RO + offs_m[:, None].to(tl.int64) * stride_rom + kk[None, :], s, mask=mk)
             nw = tl.load(NW + kk, mask=k_mask, other=0.0).to(tl.float32)
-            xn = (s.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32) * nw[None, :]
-            xt = xn.to(dt)
+            xt = rms_normalize(s, rstd[:, None], nw[None, :], dt)
         else:
             xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=mk, other=0.0)
         if USE_DOT:

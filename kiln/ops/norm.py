@@ -56,6 +56,19 @@ def rms_norm_ref(x, weight, eps=1e-6, residual=None):
 
 
 @triton.jit
+def residual_sum(x, r, dt):
+    """``x + residual`` rounded once to the dtype: exactly what torch's fp16/bf16 add does."""
+    return (x.to(tl.float32) + r.to(tl.float32)).to(dt)
+
+
+@triton.jit
+def rms_normalize(x, rstd, w, dt):
+    """RMSNorm of a tile given its rows' ``1 / rms``: rounded to the dtype, times the weight, rounded again (the
+    order of every norm here; the kernels that fold a norm into a GEMV use it too, so they match bit for bit)."""
+    return ((x.to(tl.float32) * rstd).to(dt).to(tl.float32) * w).to(dt)
+
+
+@triton.jit
 def _rms_norm_kernel(X, R, W, Y, RO, stride_x, stride_r, stride_y, stride_ro, H, eps,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -69,12 +82,11 @@ def _rms_norm_kernel(X, R, W, Y, RO, stride_x, stride_r, stride_y, stride_ro, H,
     if HAS_RESIDUAL:
         r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
         # fp32 add rounded once to the input dtype: exactly what torch's fp16/bf16 add does
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(RO.dtype.element_ty)
+        x = residual_sum(x, r, RO.dtype.element_ty)
         tl.store(RO + row * stride_ro + cols, x, mask=mask)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / H
-    y = (xf * tl.rsqrt(var + eps)).to(Y.dtype.element_ty).to(tl.float32) * w
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row * stride_y + cols, rms_normalize(xf, tl.rsqrt(var + eps), w, Y.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -148,12 +160,12 @@ def _rms_norm_quant_kernel(X, R, W, SMOOTH, Q, S, RO, stride_x, stride_r, stride
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(RO.dtype.element_ty)
+        x = residual_sum(x, r, RO.dtype.element_ty)
         tl.store(RO + row * stride_ro + cols, x, mask=mask)
     dt = X.dtype.element_ty
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / H
-    y = ((xf * tl.rsqrt(var + eps)).to(dt).to(tl.float32) * w).to(dt).to(tl.float32)  # rms_norm's output
+    y = rms_normalize(xf, tl.rsqrt(var + eps), w, dt).to(tl.float32)  # rms_norm's output
     if HAS_SMOOTH:
         y = y * sm
     scale = tl.maximum(tl.max(tl.abs(y), 0), 1e-12) / QMAX

@@ -68,6 +68,7 @@ linear, 96 per step of an int4 8B decode (inside a decode CUDA graph, those gaps
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -77,6 +78,7 @@ from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor, interpreting, pd
 from ._triton import cdiv, direct, next_power_of_2, tl, triton
 from .activation import silu_and_mul, silu_and_mul_ref, silu_mul_f32
 from ._counters import last_to_arrive, rearm, split_counters
+from .norm import residual_sum, rms_normalize
 from .split_k import split_k_for, sum_partials_if_last, sum_partials_in_order
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -257,6 +259,57 @@ def wo_glu_linear(x: torch.Tensor, weight: WeightOnly, bias: torch.Tensor | None
     return silu_and_mul(weight.linear(x, bias))
 
 
+# The longest row whose RMSNorm the one-row int8 GEMV folds in (``wo_rms_norm_linear``): every program reads it whole.
+MAX_WO_NORM_K = 2048
+
+
+def wo_norm_fold_enabled() -> bool:
+    """``KILN_WO_NORM_FOLD=0`` keeps the RMSNorm kernel in front of the int8 GEMVs (A/B timing)."""
+    v = os.environ.get("KILN_WO_NORM_FOLD", "1").lower()
+    if v not in ("0", "1", "on", "off"):
+        raise ValueError(f"KILN_WO_NORM_FOLD must be 0 or 1, got {v!r}")
+    return v in ("1", "on")
+
+
+def wo_rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: WeightOnly,
+                       bias: torch.Tensor | None = None, residual: torch.Tensor | None = None, glu: bool = False):
+    """``weight.linear(rms_norm(x, norm_weight, eps, residual), bias)`` (``glu``: ``wo_glu_linear`` of it). Without
+    ``residual`` returns y; with it ``(y, x + residual)`` like ``rms_norm``.
+
+    One int8 decode row with K <= ``MAX_WO_NORM_K`` takes one launch: every GEMV program reads the whole row
+    for its ``1 / rms``, normalises each activation as it loads it (the norm kernel's roundings, so the bits are the
+    unfused ops'), and the first row tile's programs store the residual sum. That takes the norm kernel and its
+    round trip out of a decode layer twice, as the float GEMV's prologue does."""
+    from .gemv import decode_sized
+    from .norm import _check_norm_args, rms_norm
+
+    _check_norm_args(x, norm_weight, eps, residual)
+    weight.check(x, bias)
+    K = x.shape[-1]
+    rows = x.numel() // K if K else 0
+    if (weight.bits == 8 and rows == 1 and K <= MAX_WO_NORM_K and wo_norm_fold_enabled()
+            and decode_sized(x, norm_weight, *(() if residual is None else (residual,)))):
+        x2 = x.reshape(1, K)
+        r2 = None if residual is None else residual.reshape(1, K).contiguous()
+        ro = None if residual is None else torch.empty_like(x2)
+        y = _wo_triton(x2, *weight[:4], bias, 8, glu=glu, norm=(norm_weight, eps, r2, ro))
+        y = y.view(*x.shape[:-1], y.shape[-1])
+        return y if residual is None else (y, ro.view(x.shape))
+    out = rms_norm(x, norm_weight, eps, residual)
+    h = out if residual is None else out[0]
+    y = wo_glu_linear(h, weight, bias) if glu else weight.linear(h, bias)
+    return y if residual is None else (y, out[1])
+
+
+def wo_rms_norm_linear_ref(x, norm_weight, eps, weight: WeightOnly, bias=None, residual=None, glu=False):
+    from .norm import rms_norm_ref
+
+    out = rms_norm_ref(x, norm_weight, eps, residual)
+    h = out if residual is None else out[0]
+    y = wo_glu_linear_ref(h, weight, bias) if glu else weight.linear_ref(h, bias)
+    return y if residual is None else (y, out[1])
+
+
 def wo_glu_linear_ref(x, weight: WeightOnly, bias=None):
     return silu_and_mul_ref(weight.linear_ref(x, bias))
 
@@ -435,14 +488,15 @@ def _gemv_weight_tile(w_rows, k0, k_hi, n_mask, BITS: tl.constexpr, BLOCK_K: tl.
 
 
 @triton.jit
-def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, M, N, K, k_per_split, stride_xm, stride_xk, stride_wn,
-                    stride_sn, stride_zn, stride_ym, stride_ys, stride_om, ONE_BITS, BITS: tl.constexpr,
+def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, R, RO, NW, M, N, K, k_per_split, stride_xm, stride_xk,
+                    stride_wn, stride_sn, stride_zn, stride_ym, stride_ys, stride_om, ONE_BITS, eps, BITS: tl.constexpr,
                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr,
                     SPLIT_K: tl.constexpr,
                     REDUCE_EACH_TILE: tl.constexpr = True, INT4_WORDS: tl.constexpr = False,
                     INT4_JOIN: tl.constexpr = False, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
-                    GLU: tl.constexpr = False, QUADS: tl.constexpr = 0, STAGES: tl.constexpr = None):
+                    GLU: tl.constexpr = False, QUADS: tl.constexpr = 0, STAGES: tl.constexpr = None,
+                    NORM_K: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -482,10 +536,24 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, M, N, K, k_per_split, strid
         tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH and INT4_WORDS:
         x_pf = _x_word_columns(x_rows, k_lo + 8 * offs_w, k_hi, m_mask, stride_xk)
+    if NORM_K > 0:  # RMSNorm prologue (one row, int8): 1 / rms from the whole row; the first program stores x + r
+        kn = tl.arange(0, NORM_K)
+        xr = tl.load(X + kn, mask=kn < K, other=0.0)
+        if HAS_RESIDUAL:
+            xr = residual_sum(xr, tl.load(R + kn, mask=kn < K, other=0.0), dt)
+            if pid_n == 0 and pid_k == 0:  # (not in the K loop: a store there would keep it from pipelining)
+                tl.store(RO + kn, xr, mask=kn < K)
+        xr = xr.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(xr * xr, axis=0) / K + eps)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         if BITS == 8:
             kk = k0 + offs_k
             xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & (kk < k_hi)[None, :], other=0.0)
+            if NORM_K > 0:  # each activation normalised as it is loaded
+                if HAS_RESIDUAL:
+                    xt = residual_sum(xt, tl.load(R + kk[None, :], mask=(kk < k_hi)[None, :], other=0.0), dt)
+                nw = tl.load(NW + kk, mask=kk < k_hi, other=0.0).to(tl.float32)
+                xt = rms_normalize(xt, rstd, nw[None, :], dt)
             if PREFETCH:  # (the activations are not prefetched: the 8 x 1024 tile would spill)
                 wq = w_pf
                 w_pf = _gemv_weight_tile(w_rows, k0 + BLOCK_K, k_hi, n_mask, BITS, BLOCK_K)
@@ -933,11 +1001,12 @@ def _int4_dequant_linear(x2, qweight, scales, zeros, group_size, bias, y, glu):
             y[:, a:e] = part
 
 
-def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, config=None, glu=False):
+def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, config=None, glu=False, norm=None):
     """Launch the kernel; ``out`` [M, N] (tests pass a poisoned buffer), ``config`` overrides ``wo_config`` (or
     ``quads_config``). ``glu``: the weight is a fused [gate | up] [2I, K] and the output is silu(gate) * up [M, I]
     (one launch). int4 weights may be row-interleaved words (``interleave_int4_rows``): one row then takes the
-    quads GEMV, more rows the joined dot reading the same words."""
+    quads GEMV, more rows the joined dot reading the same words. ``norm`` = (norm weight [K], eps, residual [1, K]
+    or None, residual out [1, K] or None): the one-row int8 GEMV normalises its input itself (``NORM_K``)."""
     K = x.shape[-1]
     quads = qweight.shape[2] if qweight.dim() == 3 else 0
     N = int4_weight_shape(qweight)[0] if bits == 4 else qweight.shape[0]
@@ -1006,13 +1075,22 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
     cfg.setdefault("PREFETCH", gemv)
     if cfg["PREFETCH"] and not gemv:
         raise ValueError("PREFETCH is for the one-row GEMV (int8, or int4 on 32-bit words)")
+    nw, eps, residual, residual_out = norm if norm is not None else (dummy, 0.0, None, None)
+    if norm is not None:
+        if bits != 8 or M != 1 or not gemv:
+            raise ValueError("the RMSNorm prologue is for the one-row int8 GEMV")
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        cfg["NORM_K"] = next_power_of_2(K)
+        cfg["HAS_RESIDUAL"] = residual is not None
     pdl = pdl_launch_args()
     _wo_gemm_kernel[grid](
         x2, qweight, scales, zeros if zeros is not None else dummy,
         bias if bias is not None else dummy, target, y, counters,
+        residual if residual is not None else dummy, residual_out if residual_out is not None else dummy, nw,
         M, N, K, k_per_split, x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0),
         zeros.stride(0) if zeros is not None else 0, target.stride(-2), target.stride(0) if split > 1 else 0,
-        y.stride(0), ONE_BITS_VALUE, BITS=bits, GROUP=max(group_size, 1), HAS_ZERO=zeros is not None,
+        y.stride(0), ONE_BITS_VALUE, float(eps), BITS=bits, GROUP=max(group_size, 1), HAS_ZERO=zeros is not None,
         HAS_BIAS=bias is not None,
         UPCAST=interpreting() or x.dtype == torch.float32, GLU=glu, num_warps=num_warps, **pdl, **extra, **cfg)
     return y.view(*x.shape[:-1], n_out)

@@ -32,7 +32,8 @@ from torch import nn
 
 from kiln.ops.gemm import FP8_DTYPE, FP8_MAX, fp8_gemm, fp8_linear, int8_gemm, w8a8_linear
 from kiln.ops.wo_gemm import (SUPPORTED_GROUP_SIZES, WeightOnly, deinterleave_int4_rows, dequantize_int4_weight,
-                              dequantize_int8_weight, interleave_int4_rows, pack_int4, wo_glu_linear)
+                              dequantize_int8_weight, interleave_int4_rows, pack_int4, wo_glu_linear,
+                              wo_rms_norm_linear)
 
 from .tensor_quant import quantize, quantize_asym, reduce_amax
 
@@ -103,6 +104,13 @@ class _WeightOnlyForward:
         """``silu_and_mul(self(x))``: at decode one launch, the activation in the GEMV's epilogue
         (``kiln.ops.wo_gemm.wo_glu_linear``)."""
         return wo_glu_linear(x, self.weight_only(), self.bias)
+
+    def norm_forward(self, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
+                     glu: bool = False):
+        """``self(norm(x, residual))`` (``glu``: ``glu_forward``), plus ``x + residual`` when one is given: an
+        RMSNorm module in front of this linear; one int8 decode row takes it inside the GEMV
+        (``kiln.ops.wo_gemm.wo_rms_norm_linear``)."""
+        return wo_rms_norm_linear(x, norm.weight, norm.eps, self.weight_only(), self.bias, residual, glu)
 
 
 class _PerChannelLinear(_WeightOnlyLinear):

@@ -11,6 +11,10 @@ that reuses cached prefix blocks already decodes differently from the first one)
   narrow:BNxBKxST      the other one-row int8 linears (qkv, o_proj, down_proj) pipelined too, K split until the
                        grid has about two CTAs per SM (at least ST K tiles per split)
   down:BNxBKxST        only down_proj (K > 2 N) pipelined that way
+  env:NAME=VALUE       an environment variable set while the variant's graphs are captured (e.g.
+                       KILN_WO_NORM_FOLD=0: the RMSNorm kernel in front of the int8 GEMVs)
+  normk:K              ``wo_gemm.MAX_WO_NORM_K``: the longest row the int8 GEMV folds the RMSNorm into
+  fold:glu|plain       fold the RMSNorm only into gate_up (glu) or only into qkv_proj (plain)
 
     python3 scripts/gpu/int8_pipe_ab.py --models llama-8b llama-1b --variants main down:16x512x6 narrow:8x512x4
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -39,7 +44,14 @@ def parse(spec: str) -> dict:
         key, _, val = part.partition(":")
         if key == "main":
             continue
-        if key in ("wide", "narrow", "down"):
+        if key == "env":
+            name, _, value = val.partition("=")
+            out.setdefault("env", {})[name] = value
+        elif key == "fold":
+            out["fold"] = val
+        elif key == "normk":
+            out["normk"] = int(val)
+        elif key in ("wide", "narrow", "down"):
             out[key] = tuple(int(v) for v in val.split("x"))
         else:
             raise ValueError(f"unknown variant part {part!r}")
@@ -85,7 +97,22 @@ def main():
     from kiln.llm import LLM, SamplingParams
     from kiln.ops import wo_gemm
 
-    original = wo_gemm._wo_config
+    original, normk = wo_gemm._wo_config, wo_gemm.MAX_WO_NORM_K
+    import kiln.quant.llm as qllm
+
+    folded = qllm.wo_rms_norm_linear
+    only = {"which": None}
+
+    def fold_some(x, nw, eps, weight, bias=None, residual=None, glu=False):
+        if only["which"] is None or only["which"] == ("glu" if glu else "plain"):
+            return folded(x, nw, eps, weight, bias, residual, glu)
+        os.environ["KILN_WO_NORM_FOLD"] = "0"
+        try:
+            return folded(x, nw, eps, weight, bias, residual, glu)
+        finally:
+            os.environ.pop("KILN_WO_NORM_FOLD")
+
+    qllm.wo_rms_norm_linear = fold_some
     table = []
     for model in args.models:
         d = Path(tempfile.mkdtemp())
@@ -102,10 +129,20 @@ def main():
         logits: dict[str, torch.Tensor] = {}
         for _ in range(args.rounds):
             for v in args.variants:
-                wo_gemm._wo_config = make_config(original, parse(v))
+                spec = parse(v)
+                wo_gemm._wo_config = make_config(original, spec)
                 wo_gemm._wo_config_cached.cache_clear()
+                wo_gemm.MAX_WO_NORM_K = spec.get("normk", normk)
+                only["which"] = spec.get("fold")
+                saved = {k: os.environ.get(k) for k in spec.get("env", {})}
+                os.environ.update(spec.get("env", {}))
                 eng.runner.release_graphs()
                 eng.runner.capture_decode_graphs()
+                for k, old in saved.items():
+                    if old is None:
+                        os.environ.pop(k)
+                    else:
+                        os.environ[k] = old
                 llm.generate([{"prompt_token_ids": prompt}], [params])  # the new graphs run in the engine
                 logits.setdefault(v, first_token_logits(eng.runner))
                 times[v].append(back_to_back(eng.runner.greedy_graphs[1], args.replays))

@@ -33,7 +33,8 @@ def test_argmax_matches_torch(dtype, V, chunk):
 
 @requires_triton
 def test_argmax_of_a_strided_view_and_many_rows():
-    x = torch.randn(300, 130, device=DEVICE)[:, :129]
+    rows = 300 if DEVICE.type == "cuda" else 40  # the interpreter runs each of the rows x 9 chunk programs in Python
+    x = torch.randn(rows, 130, device=DEVICE)[:, :129]
     assert torch.equal(run(x, 16), x.argmax(dim=-1))
 
 

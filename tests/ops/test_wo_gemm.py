@@ -253,6 +253,77 @@ def test_int8_gemv_pipelined_loads_give_the_same_bits(glu):
     assert rel_err(piped, ref) <= RTOL[torch.bfloat16]
 
 
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("glu,residual", [(False, True), (True, True), (False, False)])
+def test_int8_gemv_folds_the_rms_norm_with_the_unfused_bits(monkeypatch, dtype, glu, residual):
+    """``wo_rms_norm_linear`` on one int8 decode row: one launch (the norm kernel is never called) that gives the
+    bits of ``rms_norm`` then the GEMV (``KILN_WO_NORM_FOLD=0``), ragged K, with the residual sum returned, and with
+    the SiLU-and-mul epilogue; the composed reference agrees to the dtype's tolerance."""
+    from kiln.ops import norm
+
+    monkeypatch.setenv("KILN_OPS", "triton")  # CPU tensors take the Triton path (the interpreter)
+    g = fresh_gen()
+    N, K = (48, 130) if not BIG else (16384, 2048)  # BIG: the 1B gate_up, the pipelined tile
+    weight = wo_gemm.WeightOnly(*int8_operands(N, K, g))
+    x = torch.randn(1, K, device=DEVICE, dtype=dtype, generator=g)
+    r = torch.randn(1, K, device=DEVICE, dtype=dtype, generator=g) if residual else None
+    nw = (torch.rand(K, device=DEVICE, generator=g) + 0.5).to(dtype)
+    unfused = dict(norm=norm.rms_norm)
+
+    def no_norm_kernel(*a, **k):
+        raise AssertionError("the folded path called the norm kernel")
+
+    monkeypatch.setattr(norm, "rms_norm", no_norm_kernel)
+    got = wo_gemm.wo_rms_norm_linear(x, nw, 1e-5, weight, None, r, glu)
+    monkeypatch.setattr(norm, "rms_norm", unfused["norm"])
+    monkeypatch.setenv("KILN_WO_NORM_FOLD", "0")
+    want = wo_gemm.wo_rms_norm_linear(x, nw, 1e-5, weight, None, r, glu)
+    ref = wo_gemm.wo_rms_norm_linear_ref(x, nw, 1e-5, weight, None, r, glu)
+    if residual:
+        assert torch.equal(got[1], want[1])
+        got, want, ref = got[0], want[0], ref[0]
+    assert got.shape == (1, N // 2 if glu else N)
+    if BIG:  # each kernel sums the row's squares in its own order: 1 / rms may move by an ulp
+        assert rel_err(got, want) <= RTOL[dtype]
+    else:
+        assert torch.equal(got, want)
+    assert rel_err(got, ref) <= RTOL[dtype] * (2 if glu else 1)  # (silu(gate) * up compounds two roundings)
+
+
+@requires_triton
+def test_int8_gemv_norm_prologue_over_split_k_and_its_errors(monkeypatch):
+    """Split K: every split's first row tile stores its part of the residual sum; the result is the unfused one.
+    The prologue is for one int8 row only, and a wrong norm weight is a clear error; more rows, or a row longer than
+    ``MAX_WO_NORM_K``, run the norm kernel and then the GEMV."""
+    from kiln.ops.norm import rms_norm
+
+    monkeypatch.setenv("KILN_OPS", "triton")  # the norm kernel too (the interpreter on a CPU)
+    g = fresh_gen()
+    N, K = 40, 200
+    q, s = int8_operands(N, K, g)
+    x = torch.randn(1, K, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    r = torch.randn(1, K, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    nw = torch.rand(K, device=DEVICE, generator=g).to(torch.bfloat16) + 0.5
+    h, summed = rms_norm(x, nw, 1e-6, r)
+    cfg = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, USE_DOT=False, SPLIT_K=3)
+    ro = torch.full_like(x, float("nan"))
+    y = wo_gemm._wo_triton(x, q, s, None, 0, None, bits=8, config=cfg, norm=(nw, 1e-6, r, ro))
+    assert torch.equal(ro, summed)
+    assert torch.equal(y, wo_gemm._wo_triton(h, q, s, None, 0, None, bits=8, config=cfg))
+    with pytest.raises(ValueError, match="one-row int8 GEMV"):
+        wo_gemm._wo_triton(x.expand(2, K), q, s, None, 0, None, bits=8, norm=(nw, 1e-6, None, None))
+    with pytest.raises(ValueError, match="weight"):
+        wo_gemm.wo_rms_norm_linear(x, nw[:-1], 1e-6, wo_gemm.WeightOnly(q, s))
+    calls = []
+    monkeypatch.setattr(wo_gemm, "_wo_triton", lambda *a, **k: calls.append(k.get("norm")) or torch.zeros(1))
+    for rows, k in ((2, K), (1, wo_gemm.MAX_WO_NORM_K + 64)):
+        xx = torch.randn(rows, k, device=DEVICE, dtype=torch.bfloat16, generator=g)
+        wo_gemm.wo_rms_norm_linear(xx, torch.ones(k, device=DEVICE, dtype=torch.bfloat16), 1e-6,
+                                   wo_gemm.WeightOnly(*int8_operands(8, k, g)))
+    assert calls == [None, None]  # the GEMV ran, without the prologue
+
+
 def test_int8_gemv_pipelines_wide_weights_only(monkeypatch):
     """Weights whose row tiles give every SM several CTAs (gate_up, LM head) take the pipelined tile, with no split
     and no register prefetch; the narrow layers (qkv, o_proj, down_proj) keep the register-prefetch tiles: there a
