@@ -259,7 +259,12 @@ def wo_glu_linear(x: torch.Tensor, weight: WeightOnly, bias: torch.Tensor | None
     return silu_and_mul(weight.linear(x, bias))
 
 
-# The longest row whose RMSNorm the one-row int8 GEMV folds in (``wo_rms_norm_linear``): every program reads it whole.
+# The longest row whose RMSNorm the one-row int8 GEMV folds in (``wo_rms_norm_linear``): each program reads the row
+# whole. H200, session 26 (scripts/gpu/int8_pipe_ab.py, greedy graph replay): folding the input norm into the 1B's
+# qkv_proj (K = 2048) took its int8-wo step from 0.608-0.610 to 0.587-0.590 ms; the 8B's (K = 4096) went from 2.573 to
+# 2.646-2.691 ms. The post-attention norm stays a kernel: folded into the pipelined gate_up GEMV it cost the 1B step
+# 40 us (0.608 -> 0.649 ms; 0.70 ms while the residual sum was stored inside the K loop, which then no longer
+# pipelined; the 8B's, in that version, 0.43 ms).
 MAX_WO_NORM_K = 2048
 
 
@@ -272,14 +277,15 @@ def wo_norm_fold_enabled() -> bool:
 
 
 def wo_rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: WeightOnly,
-                       bias: torch.Tensor | None = None, residual: torch.Tensor | None = None, glu: bool = False):
-    """``weight.linear(rms_norm(x, norm_weight, eps, residual), bias)`` (``glu``: ``wo_glu_linear`` of it). Without
-    ``residual`` returns y; with it ``(y, x + residual)`` like ``rms_norm``.
+                       bias: torch.Tensor | None = None, residual: torch.Tensor | None = None):
+    """``weight.linear(rms_norm(x, norm_weight, eps, residual), bias)``. Without ``residual`` returns y; with it
+    ``(y, x + residual)`` like ``rms_norm``.
 
-    One int8 decode row with K <= ``MAX_WO_NORM_K`` takes one launch: every GEMV program reads the whole row
-    for its ``1 / rms``, normalises each activation as it loads it (the norm kernel's roundings, so the bits are the
-    unfused ops'), and the first row tile's programs store the residual sum. That takes the norm kernel and its
-    round trip out of a decode layer twice, as the float GEMV's prologue does."""
+    One int8 decode row with K <= ``MAX_WO_NORM_K`` takes one launch: every GEMV program reads the whole row for its
+    ``1 / rms`` (the first one also stores the residual sum) and normalises each activation as it loads it, with the
+    norm kernel's roundings, so the bits are the unfused ops'. That takes the norm kernel and its round trip out of
+    the decode layer, as the float GEMV's prologue does (``gemv.rms_norm_linear``). Everything else runs the norm
+    kernel, then the linear."""
     from .gemv import decode_sized
     from .norm import _check_norm_args, rms_norm
 
@@ -292,21 +298,18 @@ def wo_rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w
         x2 = x.reshape(1, K)
         r2 = None if residual is None else residual.reshape(1, K).contiguous()
         ro = None if residual is None else torch.empty_like(x2)
-        y = _wo_triton(x2, *weight[:4], bias, 8, glu=glu, norm=(norm_weight, eps, r2, ro))
-        y = y.view(*x.shape[:-1], y.shape[-1])
+        y = _wo_triton(x2, *weight[:4], bias, 8, norm=(norm_weight, eps, r2, ro)).view(*x.shape[:-1], -1)
         return y if residual is None else (y, ro.view(x.shape))
     out = rms_norm(x, norm_weight, eps, residual)
-    h = out if residual is None else out[0]
-    y = wo_glu_linear(h, weight, bias) if glu else weight.linear(h, bias)
+    y = weight.linear(out if residual is None else out[0], bias)
     return y if residual is None else (y, out[1])
 
 
-def wo_rms_norm_linear_ref(x, norm_weight, eps, weight: WeightOnly, bias=None, residual=None, glu=False):
+def wo_rms_norm_linear_ref(x, norm_weight, eps, weight: WeightOnly, bias=None, residual=None):
     from .norm import rms_norm_ref
 
     out = rms_norm_ref(x, norm_weight, eps, residual)
-    h = out if residual is None else out[0]
-    y = wo_glu_linear_ref(h, weight, bias) if glu else weight.linear_ref(h, bias)
+    y = weight.linear_ref(out if residual is None else out[0], bias)
     return y if residual is None else (y, out[1])
 
 

@@ -105,12 +105,11 @@ class _WeightOnlyForward:
         (``kiln.ops.wo_gemm.wo_glu_linear``)."""
         return wo_glu_linear(x, self.weight_only(), self.bias)
 
-    def norm_forward(self, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
-                     glu: bool = False):
-        """``self(norm(x, residual))`` (``glu``: ``glu_forward``), plus ``x + residual`` when one is given: an
-        RMSNorm module in front of this linear; one int8 decode row takes it inside the GEMV
+    def norm_forward(self, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``self(norm(x, residual))``, plus ``x + residual`` when one is given (``norm``: the RMSNorm module in
+        front of this linear); one int8 decode row takes the norm inside the GEMV
         (``kiln.ops.wo_gemm.wo_rms_norm_linear``)."""
-        return wo_rms_norm_linear(x, norm.weight, norm.eps, self.weight_only(), self.bias, residual, glu)
+        return wo_rms_norm_linear(x, norm.weight, norm.eps, self.weight_only(), self.bias, residual)
 
 
 class _PerChannelLinear(_WeightOnlyLinear):

@@ -14,12 +14,12 @@ that reuses cached prefix blocks already decodes differently from the first one)
   env:NAME=VALUE       an environment variable set while the variant's graphs are captured (e.g.
                        KILN_WO_NORM_FOLD=0: the RMSNorm kernel in front of the int8 GEMVs)
   normk:K              ``wo_gemm.MAX_WO_NORM_K``: the longest row the int8 GEMV folds the RMSNorm into
-  fold:glu|plain       fold the RMSNorm only into gate_up (glu) or only into qkv_proj (plain)
 
     python3 scripts/gpu/int8_pipe_ab.py --models llama-8b llama-1b --variants main down:16x512x6 narrow:8x512x4
 
-(Session 26 also ran ``early:E``, the pipelined tiles loading their first E K tiles before gdc_wait, and
-``late:glu|wide|all``, PDL's trigger after the K loop; they left with their kernel knobs, see bench/RESULTS.md.)
+(Session 26 also ran ``early:E``, the pipelined tiles loading their first E K tiles before gdc_wait,
+``late:glu|wide|all``, PDL's trigger after the K loop, and ``fold:glu``, the RMSNorm folded into gate_up; they left
+with their kernel knobs or policies, see bench/RESULTS.md.)
 """
 
 from __future__ import annotations
@@ -47,8 +47,6 @@ def parse(spec: str) -> dict:
         if key == "env":
             name, _, value = val.partition("=")
             out.setdefault("env", {})[name] = value
-        elif key == "fold":
-            out["fold"] = val
         elif key == "normk":
             out["normk"] = int(val)
         elif key in ("wide", "narrow", "down"):
@@ -98,21 +96,6 @@ def main():
     from kiln.ops import wo_gemm
 
     original, normk = wo_gemm._wo_config, wo_gemm.MAX_WO_NORM_K
-    import kiln.quant.llm as qllm
-
-    folded = qllm.wo_rms_norm_linear
-    only = {"which": None}
-
-    def fold_some(x, nw, eps, weight, bias=None, residual=None, glu=False):
-        if only["which"] is None or only["which"] == ("glu" if glu else "plain"):
-            return folded(x, nw, eps, weight, bias, residual, glu)
-        os.environ["KILN_WO_NORM_FOLD"] = "0"
-        try:
-            return folded(x, nw, eps, weight, bias, residual, glu)
-        finally:
-            os.environ.pop("KILN_WO_NORM_FOLD")
-
-    qllm.wo_rms_norm_linear = fold_some
     table = []
     for model in args.models:
         d = Path(tempfile.mkdtemp())
@@ -133,7 +116,6 @@ def main():
                 wo_gemm._wo_config = make_config(original, spec)
                 wo_gemm._wo_config_cached.cache_clear()
                 wo_gemm.MAX_WO_NORM_K = spec.get("normk", normk)
-                only["which"] = spec.get("fold")
                 saved = {k: os.environ.get(k) for k in spec.get("env", {})}
                 os.environ.update(spec.get("env", {}))
                 eng.runner.release_graphs()
@@ -146,7 +128,7 @@ def main():
                 llm.generate([{"prompt_token_ids": prompt}], [params])  # the new graphs run in the engine
                 logits.setdefault(v, first_token_logits(eng.runner))
                 times[v].append(back_to_back(eng.runner.greedy_graphs[1], args.replays))
-        wo_gemm._wo_config = original
+        wo_gemm._wo_config, wo_gemm.MAX_WO_NORM_K = original, normk
         wo_gemm._wo_config_cached.cache_clear()
         base = statistics.median(times[args.variants[0]])
         for v in args.variants:

@@ -96,7 +96,7 @@ class LlamaMLP(nn.Module):
 def _norm_proj(norm: RMSNorm, proj: nn.Module, x: torch.Tensor, residual: torch.Tensor | None):
     """``proj(norm(x, residual))`` (plus the residual sum when given): float projections fold the norm into the
     GEMV; activation-quantized ones (W8A8, FP8) take their input quantized by the norm's kernel; weight-only
-    quantized ones fold it into an int8 decode GEMV and run after it otherwise."""
+    quantized ones fold it into an int8 decode GEMV and run after it otherwise, as any other module does."""
     if isinstance(proj, nn.Linear):
         return rms_norm_linear(x, norm.weight, norm.eps, proj.weight, proj.bias, residual)
     quantization = getattr(proj, "input_quantization", None)
@@ -104,7 +104,12 @@ def _norm_proj(norm: RMSNorm, proj: nn.Module, x: torch.Tensor, residual: torch.
         out = norm.quantized(x, residual, *quantization())
         y = proj.forward_quantized(out[0], out[1], x.dtype).view(*x.shape[:-1], -1)
         return y if residual is None else (y, out[2].view(x.shape))
-    return proj.norm_forward(norm, x, residual)  # weight-only: one int8 decode row folds the norm in
+    if hasattr(proj, "norm_forward"):  # weight-only quantized: one int8 decode row folds the norm in
+        return proj.norm_forward(norm, x, residual)
+    if residual is None:  # any other module (a calibration observer)
+        return proj(norm(x))
+    h, residual = norm(x, residual)
+    return proj(h), residual
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -124,9 +129,9 @@ class LlamaDecoderLayer(nn.Module):
         else:
             qkv, residual = _norm_proj(ln1, attn.qkv_proj, hidden, residual)
         hidden = attn.attend(positions, qkv, cos_sin)
-        if hasattr(mlp.gate_up_proj, "glu_forward"):  # weight-only quantized: SiLU-and-mul in the gate_up GEMV
-            act, residual = mlp.gate_up_proj.norm_forward(ln2, hidden, residual, glu=True)
-            return mlp.tp.all_reduce(mlp.down_proj(act)), residual
+        if hasattr(mlp.gate_up_proj, "glu_forward"):  # weight-only quantized: the norm kernel, then the MLP
+            h, residual = ln2(hidden, residual)
+            return mlp(h), residual
         gate_up, residual = _norm_proj(ln2, mlp.gate_up_proj, hidden, residual)
         return mlp.down(gate_up), residual
 
