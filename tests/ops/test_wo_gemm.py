@@ -503,3 +503,23 @@ def test_int8_gemv_tiles_residency_matches_their_register_use(monkeypatch, tile)
     regs, spills, _ = sm90_compile("kiln.ops.wo_gemm", "_wo_gemm_kernel", sig, consts, warps)
     per_warp = -(-regs * 32 // 256) * 256
     assert spills == 0 and 65536 // (per_warp * warps) == per_sm, (tile, regs)
+
+
+@pytest.mark.skipif(ptxas_path() is None, reason="needs Triton's bundled ptxas")
+def test_int8_gemv_with_the_norm_prologue_compiles_lean_for_sm90(monkeypatch):
+    """The 1B qkv_proj's tile with the RMSNorm folded in (the whole-row statistics, the residual sum, each activation
+    normalised in the loop), compiled for sm_90: no spills, and no more registers than the plain tile's residency
+    allows (H200, session 26: 158 against 156)."""
+    monkeypatch.setattr(wo_gemm, "interpreting", lambda: False)
+    cfg = wo_gemm.wo_config(1, 3072, 2048, 8, 0, 132)
+    warps = cfg.pop("num_warps")
+    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    per_sm = next(t[3] for t in wo_gemm.INT8_GEMV_TILES if t[:3] == (bn, bk, warps))
+    consts = dict(BITS=8, GROUP=128, HAS_ZERO=False, HAS_BIAS=False, UPCAST=False, PDL=True, PREFETCH=True,
+                  REDUCE_EACH_TILE=True, INT4_WORDS=False, INT4_JOIN=False, M=1, stride_xk=1, GLU=False,
+                  NORM_K=2048, HAS_RESIDUAL=True, **cfg)
+    sig = dict(ONE_BITS="i32", X="*bf16", W="*i8", S="*fp32", Z="*u8", B="*bf16", Y="*fp32", Out="*bf16",
+               Counters="*i32", R="*bf16", RO="*bf16", NW="*bf16", eps="fp32")
+    regs, spills, _ = sm90_compile("kiln.ops.wo_gemm", "_wo_gemm_kernel", sig, consts, warps)
+    per_warp = -(-regs * 32 // 256) * 256
+    assert spills == 0 and 65536 // (per_warp * warps) >= per_sm, (cfg, regs)
