@@ -55,7 +55,9 @@ in registers, and the stream reaches 90-100% of the copy bandwidth where the reg
 
 ``wo_glu_linear`` runs a fused [gate | up] weight with the SiLU-and-mul in the epilogue (``GLU``): each program
 takes HALF gate rows and the HALF up rows they pair with (row n and row n + N/2, no weight reordering) and stores
-silu(gate) * up, so a decode step's MLP needs no separate activation kernel.
+silu(gate) * up, so a decode step's MLP needs no separate activation kernel. ``wo_rms_norm_linear`` folds the
+RMSNorm (and residual add) in front of a one-row int8 GEMV into its prologue (``NORM_K``), for rows of at most
+``MAX_WO_NORM_K``: the decode layer's qkv_proj on a 1B-sized model, one norm kernel fewer per layer.
 
 Decode-sized calls (M <= 64) split K over extra programs (``SPLIT_K``) where the output tiles leave SMs idle: a
 4096-row weight makes only 64 column tiles, half an H100's SMs, and a GEMV is memory-bound, so it needs every SM
