@@ -291,12 +291,12 @@ def wo_rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w
     from .gemv import decode_sized
     from .norm import _check_norm_args, rms_norm
 
-    _check_norm_args(x, norm_weight, eps, residual)
-    weight.check(x, bias)
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
     if (weight.bits == 8 and rows == 1 and K <= MAX_WO_NORM_K and wo_norm_fold_enabled()
             and decode_sized(x, norm_weight, *(() if residual is None else (residual,)))):
+        _check_norm_args(x, norm_weight, eps, residual)  # (the unfused ops below check their own arguments)
+        weight.check(x, bias)
         x2 = x.reshape(1, K)
         r2 = None if residual is None else residual.reshape(1, K).contiguous()
         ro = None if residual is None else torch.empty_like(x2)

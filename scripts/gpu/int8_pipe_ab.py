@@ -35,7 +35,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench.llm_throughput import SHAPES, engine_entry  # noqa: E402
+from decode_step_probe import back_to_back  # noqa: E402
 
 
 def parse(spec: str) -> dict:
@@ -157,19 +159,6 @@ def first_token_logits(runner) -> torch.Tensor:
     runner.graphs[1].replay()
     torch.cuda.synchronize()
     return runner.g_out[0].clone()
-
-
-def back_to_back(graph, replays: int) -> float:
-    torch.cuda.synchronize()
-    for _ in range(10):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / replays
 
 
 if __name__ == "__main__":
