@@ -293,7 +293,8 @@ def test_int8_gemv_folds_the_rms_norm_with_the_unfused_bits(monkeypatch, dtype, 
 
 @requires_triton
 def test_int8_gemv_norm_prologue_over_split_k_and_its_errors(monkeypatch):
-    """Split K: every split's first row tile stores its part of the residual sum; the result is the unfused one.
+    """Split K: the first program stores the whole residual sum, every split normalises its own part of the row;
+    the result is the unfused one.
     The prologue is for one int8 row only, and a wrong norm weight is a clear error; more rows, or a row longer than
     ``MAX_WO_NORM_K``, run the norm kernel and then the GEMV."""
     from kiln.ops.norm import rms_norm
