@@ -268,6 +268,29 @@ def _forward_windows(model: nn.Module, windows: list[list[int]], device: torch.d
 
 
 # ------------------------------------------------------------------------------------------------ build
+def fold_decoder_norm_gains_(model: nn.Module) -> list[str]:
+    """int8-wo: every decoder layer's two RMSNorm gains folded into the linears after them
+    (``kiln.quant.llm.fold_norm_gains_``), so the engine's int8 decode GEMVs take the norms in their epilogues.
+    Returns what was folded (for the engine's config); models without such layers (GPT-2's LayerNorms) fold
+    nothing."""
+    from kiln.quant.llm import fold_norm_gains_
+
+    from .layers.norm import RMSNorm
+
+    pairs = (("input_layernorm", "self_attn", "qkv_proj"), ("post_attention_layernorm", "mlp", "gate_up_proj"))
+    layers = getattr(getattr(model, "model", None), "layers", ())
+    folded = []
+    for norm_name, block, proj in pairs:
+        found = [(getattr(layer, norm_name), getattr(getattr(layer, block), proj)) for layer in layers
+                 if isinstance(getattr(layer, norm_name, None), RMSNorm)
+                 and isinstance(getattr(getattr(layer, block, None), proj, None), nn.Linear)]
+        if found and len(found) == len(layers):
+            for norm, lin in found:
+                fold_norm_gains_(norm.weight, [lin])
+            folded.append(f"{norm_name} -> {proj}")
+    return folded
+
+
 def quantize_for_build_(model: nn.Module, spec: QuantSpec, tokenizer_dir) -> dict:
     """Quantize a loaded float model in place as ``spec`` says (calibrating first where needed); returns the
     engine config entries {"quant": ..., "kv_cache": ...} that ``prepare_engine_model_`` reads back."""
@@ -285,9 +308,12 @@ def quantize_for_build_(model: nn.Module, spec: QuantSpec, tokenizer_dir) -> dic
                       "tokens": sum(len(w) for w in windows)}
     quant_entry = None
     if spec.mode in ("int8-wo", "int4-wo"):
+        folded = fold_decoder_norm_gains_(model) if spec.mode == "int8-wo" else []
         quantize_parallel_(model, spec.mode, spec.group_size, lm_head=spec.lm_head, embedding=spec.embedding)
         quant_entry = {"mode": spec.mode, "group_size": spec.group_size, "lm_head": spec.lm_head,
                        "embedding": False}
+        if folded:
+            quant_entry["norm_gains_folded"] = folded
         if spec.embedding:  # tied to an int8-wo head: one int8 table, stored as lm_head.qweight / .scale
             shared = getattr(model.input_embeddings(), "shared", False)
             quant_entry["embedding"] = EMBEDDING_INT8 + (" (the lm_head table)" if shared else "")

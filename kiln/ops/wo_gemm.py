@@ -319,6 +319,72 @@ def wo_glu_linear_ref(x, weight: WeightOnly, bias=None):
     return silu_and_mul_ref(weight.linear_ref(x, bias))
 
 
+def wo_rms_scale_mode() -> str:
+    """Where the one-row GEMV's ``1 / rms`` epilogue gets the row's sum of squares: ``loop`` (from the activation
+    tiles the K loop loads anyway) or ``reread`` (the row read again after the loop). ``KILN_WO_RMS_SCALE``."""
+    v = os.environ.get("KILN_WO_RMS_SCALE", "loop")
+    if v not in ("loop", "reread"):
+        raise ValueError(f"KILN_WO_RMS_SCALE must be 'loop' or 'reread', got {v!r}")
+    return v
+
+
+def wo_fused_linear(x: torch.Tensor, weight: WeightOnly, bias: torch.Tensor | None = None,
+                    residual: torch.Tensor | None = None, rms_eps: float | None = None,
+                    glu: bool = False) -> torch.Tensor:
+    """``[residual +] f(x / rms(x))``, f = ``weight.linear(., bias)`` (``silu_and_mul`` of it with ``glu``), where
+    ``rms_eps`` (the norm's eps) says x is an RMSNorm's input whose gain was folded into the weight's columns at
+    build time (``kiln.quant.llm.fold_norm_gains_``), and ``residual`` [..., N] is added to the output.
+
+    Why: with the gain in the weight, ``W (x / rms(x)) = (W x) / rms(x)``, so one int8 decode row (a decode_sized
+    x of one row) takes the norm as one multiply in the GEMV's epilogue, with nothing added to its K loop, and the
+    previous linear adds the residual in its own epilogue (``ADD_RESIDUAL``, the unfused ops' rounding). A decode
+    layer then runs no RMSNorm kernel. The output's rounding differs from normalising x first (x / rms(x) is not
+    rounded to x's dtype here); ``wo_fused_linear_ref`` computes it in fp32. Anything else runs the unfused ops
+    (an RMSNorm of unit gain, the linear, the add)."""
+    from .gemv import decode_sized
+    from .norm import rms_norm
+
+    weight.check(x, bias)
+    N = int4_weight_shape(weight.qweight)[0] if weight.bits == 4 else weight.qweight.shape[0]
+    n_out = N // 2 if glu else N
+    if glu and N % 2:
+        raise ValueError(f"a [gate | up] weight needs an even number of rows, got {N}")
+    if glu and residual is not None:
+        raise ValueError("wo_fused_linear adds a residual to a plain linear's output, not to a SiLU-and-mul's")
+    if rms_eps is not None and (not isinstance(rms_eps, (int, float)) or isinstance(rms_eps, bool) or rms_eps < 0):
+        raise ValueError(f"rms_eps must be a non-negative float, got {rms_eps!r}")
+    if residual is not None:
+        check_tensor("residual", residual, dtypes=(x.dtype,), device=x.device)
+        if residual.shape != (*x.shape[:-1], n_out):
+            raise ValueError(f"residual must have shape {(*x.shape[:-1], n_out)} (x's rows, the output's width), "
+                             f"got {tuple(residual.shape)}")
+    K = x.shape[-1]
+    rows = x.numel() // K if K else 0
+    if weight.bits == 8 and rows == 1 and K > 0 and decode_sized(x, *(() if residual is None else (residual,))):
+        add = None if residual is None else residual.reshape(1, n_out).contiguous()
+        return _wo_triton(x, *weight[:4], bias, 8, glu=glu, rms_eps=rms_eps, add=add)
+    if rms_eps is not None:
+        x = rms_norm(x, torch.ones(K, dtype=x.dtype, device=x.device), rms_eps)
+    y = silu_and_mul(weight.linear(x, bias)) if glu else weight.linear(x, bias)
+    return y if residual is None else y + residual
+
+
+def wo_fused_linear_ref(x, weight: WeightOnly, bias=None, residual=None, rms_eps=None, glu=False):
+    """``wo_fused_linear`` in fp32: the product, times ``1 / rms(x)``, plus the bias, rounded once to x's dtype."""
+    w = (dequantize_int8_weight(weight.qweight, weight.scales) if weight.bits == 8 else
+         dequantize_int4_weight(weight.qweight, weight.scales, weight.zeros, weight.group_size))
+    xf = x.float()
+    y = xf @ w.T
+    if rms_eps is not None:
+        y = y * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_eps)
+    if bias is not None:
+        y = y + bias.float()
+    y = y.to(x.dtype)
+    if glu:
+        y = silu_and_mul_ref(y)
+    return y if residual is None else y + residual
+
+
 # ------------------------------------------------------------------------------------------------ reference
 def dequantize_int8_weight(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """int8 [N, K] and per-channel scale [N] -> fp32 [N, K]."""
@@ -501,7 +567,8 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, R, RO, NW, M, N, K, k_per_s
                     REDUCE_EACH_TILE: tl.constexpr = True, INT4_WORDS: tl.constexpr = False,
                     INT4_JOIN: tl.constexpr = False, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
                     GLU: tl.constexpr = False, QUADS: tl.constexpr = 0, STAGES: tl.constexpr = None,
-                    NORM_K: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False):
+                    NORM_K: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False, RMS_SCALE: tl.constexpr = 0,
+                    ADD_RESIDUAL: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -550,10 +617,13 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, R, RO, NW, M, N, K, k_per_s
                 tl.store(RO + kn, xr, mask=kn < K)
         xr = xr.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(xr * xr, axis=0) / K + eps)
+    ssq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)  # RMS_SCALE == 1: the row's squares, reduced once
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         if BITS == 8:
             kk = k0 + offs_k
             xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & (kk < k_hi)[None, :], other=0.0)
+            if RMS_SCALE == 1:
+                ssq += xt.to(tl.float32) * xt.to(tl.float32)
             if NORM_K > 0:  # each activation normalised as it is loaded
                 if HAS_RESIDUAL:
                     xt = residual_sum(xt, tl.load(R + kk[None, :], mask=(kk < k_hi)[None, :], other=0.0), dt)
@@ -651,6 +721,14 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, R, RO, NW, M, N, K, k_per_s
             acc = tl.sum(acc4, axis=1)[None, :]
     if BITS == 8:
         acc = acc * tl.load(S + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if RMS_SCALE > 0:  # x is an RMSNorm's input and the norm's gain is in W: y = (W x) / rms(x) (one row, whole K)
+        if RMS_SCALE == 1:
+            sq = tl.sum(ssq, axis=1)[:, None]
+        else:  # RMS_SCALE = the row re-read after the K loop (from L2), a power of two >= K
+            kn = tl.arange(0, RMS_SCALE)
+            xr = tl.load(X + kn, mask=kn < K, other=0.0).to(tl.float32)
+            sq = tl.sum(xr * xr, axis=0)
+        acc = acc * tl.rsqrt(sq / K + eps)
     if HAS_BIAS and SPLIT_K == 1:  # split K: added once, after the sum
         acc += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = Y + pid_k.to(tl.int64) * stride_ys + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
@@ -663,6 +741,10 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, R, RO, NW, M, N, K, k_per_s
         tl.store(y_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
         sum_partials_if_last(Y, Out, B, Counters, pid_m * tl.num_programs(1) + pid_n, offs_m, offs_n, m_mask, n_mask,
                              stride_ys, stride_ym, stride_om, SPLIT_K, HAS_BIAS)
+    elif ADD_RESIDUAL:  # y = residual + linear, each rounded as the unfused ops round them (R: contiguous [M, N])
+        r = tl.load(R + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], mask=m_mask[:, None] & n_mask[None, :],
+                    other=0.0)
+        tl.store(y_ptrs, residual_sum(acc.to(dt), r, dt), mask=m_mask[:, None] & n_mask[None, :])
     else:
         tl.store(y_ptrs, acc.to(dt), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -1006,12 +1088,15 @@ def _int4_dequant_linear(x2, qweight, scales, zeros, group_size, bias, y, glu):
             y[:, a:e] = part
 
 
-def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, config=None, glu=False, norm=None):
+def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, config=None, glu=False, norm=None,
+               rms_eps=None, add=None):
     """Launch the kernel; ``out`` [M, N] (tests pass a poisoned buffer), ``config`` overrides ``wo_config`` (or
     ``quads_config``). ``glu``: the weight is a fused [gate | up] [2I, K] and the output is silu(gate) * up [M, I]
     (one launch). int4 weights may be row-interleaved words (``interleave_int4_rows``): one row then takes the
     quads GEMV, more rows the joined dot reading the same words. ``norm`` = (norm weight [K], eps, residual [1, K]
-    or None, residual out [1, K] or None): the one-row int8 GEMV normalises its input itself (``NORM_K``)."""
+    or None, residual out [1, K] or None): the one-row int8 GEMV normalises its input itself (``NORM_K``).
+    ``rms_eps``: scale the output by 1 / rms(x) (``RMS_SCALE``); ``add`` [M, N]: return ``add + linear`` instead
+    (``ADD_RESIDUAL``); both for the one-row int8 GEMV, which then takes whole K sums."""
     K = x.shape[-1]
     quads = qweight.shape[2] if qweight.dim() == 3 else 0
     N = int4_weight_shape(qweight)[0] if bits == 4 else qweight.shape[0]
@@ -1063,6 +1148,15 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
             raise ValueError(f"the SiLU-and-mul epilogue pairs gate and up rows: BLOCK_N must be >= 2, got "
                              f"{cfg['BLOCK_N']}")
         cfg["SPLIT_K"] = 1  # the epilogue needs the whole sum
+    if rms_eps is not None or add is not None:
+        if bits != 8 or M != 1 or cfg["USE_DOT"]:
+            raise ValueError("the 1 / rms and residual epilogues are for the one-row int8 GEMV")
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        cfg["SPLIT_K"] = 1  # both need the whole sum (a narrow weight loses some SMs, and keeps one launch)
+        if rms_eps is not None:
+            cfg["RMS_SCALE"] = 1 if wo_rms_scale_mode() == "loop" else next_power_of_2(K)
+        cfg["ADD_RESIDUAL"] = add is not None
     split = cfg["SPLIT_K"]
     k_per_split = cdiv(cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     split = cdiv(K, k_per_split)  # no empty splits
@@ -1080,7 +1174,7 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
     cfg.setdefault("PREFETCH", gemv)
     if cfg["PREFETCH"] and not gemv:
         raise ValueError("PREFETCH is for the one-row GEMV (int8, or int4 on 32-bit words)")
-    nw, eps, residual, residual_out = norm if norm is not None else (dummy, 0.0, None, None)
+    nw, eps, residual, residual_out = norm if norm is not None else (dummy, rms_eps or 0.0, add, None)
     if norm is not None:
         if bits != 8 or M != 1 or not gemv:
             raise ValueError("the RMSNorm prologue is for the one-row int8 GEMV")

@@ -32,8 +32,8 @@ from torch import nn
 
 from kiln.ops.gemm import FP8_DTYPE, FP8_MAX, fp8_gemm, fp8_linear, int8_gemm, w8a8_linear
 from kiln.ops.wo_gemm import (SUPPORTED_GROUP_SIZES, WeightOnly, deinterleave_int4_rows, dequantize_int4_weight,
-                              dequantize_int8_weight, interleave_int4_rows, pack_int4, wo_glu_linear,
-                              wo_rms_norm_linear)
+                              dequantize_int8_weight, interleave_int4_rows, pack_int4, wo_fused_linear,
+                              wo_glu_linear, wo_rms_norm_linear)
 
 from .tensor_quant import quantize, quantize_asym, reduce_amax
 
@@ -153,6 +153,13 @@ class Int8WeightOnlyLinear(_WeightOnlyForward, _PerChannelLinear):
     def weight_only(self) -> WeightOnly:
         return WeightOnly(self.qweight, self.scale)
 
+    def fused_forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, rms_eps: float | None = None,
+                      glu: bool = False) -> torch.Tensor:
+        """``[residual +] self(x / rms(x))`` (SiLU-and-mul'ed with ``glu``), for a linear whose RMSNorm gain was
+        folded into its weight (``fold_norm_gains_``): one int8 decode row takes the 1 / rms and the residual add
+        in the GEMV's epilogue (``kiln.ops.wo_gemm.wo_fused_linear``)."""
+        return wo_fused_linear(x, self.weight_only(), self.bias, residual, rms_eps, glu)
+
 
 class Int4WeightOnlyLinear(_WeightOnlyForward, _WeightOnlyLinear):
     """W4A16: packed int4 weight [N, K/2], fp32 scales and uint8 zero points [N, K/group_size]."""
@@ -262,6 +269,21 @@ def quantize_weight_only_(model: nn.Module, mode: str, group_size: int | None = 
     log.info("quantize_weight_only_: %d linears -> %s%s", len(targets), mode,
              f" (group {group_size})" if group_size else "")
     return model
+
+
+@torch.no_grad()
+def fold_norm_gains_(norm_weight: torch.Tensor, linears: list[nn.Linear]) -> None:
+    """Move an RMSNorm's gain g into the columns of the float linears it feeds (``W[:, k] *= g[k]``) and set it
+    to 1, before they are quantized: ``W (g * n(x)) = (W diag(g)) n(x)``. Why: a norm of unit gain is just
+    ``x / rms(x)``, which the int8 decode GEMV applies to its output (``Int8WeightOnlyLinear.fused_forward``), so
+    the decode layer needs no norm kernel. The model's function is unchanged up to rounding; int8's per-channel
+    scales then cover the scaled rows."""
+    g = norm_weight.detach().float()
+    for lin in linears:
+        if lin.in_features != g.numel():
+            raise ValueError(f"a norm of {g.numel()} features cannot feed a linear of in_features={lin.in_features}")
+        lin.weight.copy_((lin.weight.float() * g[None, :]).to(lin.weight.dtype))
+    norm_weight.fill_(1.0)
 
 
 # ================================================================================================ W8A8 / FP8

@@ -14,6 +14,8 @@ that reuses cached prefix blocks already decodes differently from the first one)
   env:NAME=VALUE       an environment variable set while the variant's graphs are captured (e.g.
                        KILN_WO_NORM_FOLD=0: the RMSNorm kernel in front of the int8 GEMVs)
   normk:K              ``wo_gemm.MAX_WO_NORM_K``: the longest row the int8 GEMV folds the RMSNorm into
+  unfold               the layers' norms taken as if their gains were not 1: the norm kernels (or the qkv
+                       prologue) and separate residual adds, not the 1 / rms and residual epilogues
 
     python3 scripts/gpu/int8_pipe_ab.py --models llama-8b llama-1b --variants main down:16x512x6 narrow:8x512x4
 
@@ -49,6 +51,8 @@ def parse(spec: str) -> dict:
         if key == "env":
             name, _, value = val.partition("=")
             out.setdefault("env", {})[name] = value
+        elif key == "unfold":
+            out["unfold"] = True
         elif key == "normk":
             out["normk"] = int(val)
         elif key in ("wide", "narrow", "down"):
@@ -95,6 +99,7 @@ def main():
     if len(set(args.variants)) != len(args.variants):
         raise ValueError(f"variants repeat: {args.variants}")
     from kiln.llm import LLM, SamplingParams
+    from kiln.llm.layers.norm import RMSNorm
     from kiln.ops import wo_gemm
 
     original, normk = wo_gemm._wo_config, wo_gemm.MAX_WO_NORM_K
@@ -120,6 +125,9 @@ def main():
                 wo_gemm.MAX_WO_NORM_K = spec.get("normk", normk)
                 saved = {k: os.environ.get(k) for k in spec.get("env", {})}
                 os.environ.update(spec.get("env", {}))
+                for m in eng.runner.model.modules():
+                    if isinstance(m, RMSNorm):
+                        m.unit_gain = False if spec.get("unfold") else m.check_unit_gain()
                 eng.runner.release_graphs()
                 eng.runner.capture_decode_graphs()
                 for k, old in saved.items():

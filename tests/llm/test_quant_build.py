@@ -102,6 +102,40 @@ def test_quantized_engine_stores_packed_weights_and_loads_quantized_modules(engi
     assert not any(isinstance(m, nn.Linear) for m in model.model.layers.modules())
 
 
+def test_int8_engine_folds_the_norm_gains_and_decodes_without_norm_kernels(engines, monkeypatch):
+    """int8-wo builds move every decoder norm's gain into the linear after it (recorded in the engine config); the
+    runner sees the unit gains, and a batch-1 decode step runs each layer as ``_folded_int8_forward`` (1 / rms and
+    residual adds in the GEMVs' epilogues), with the tokens of the unfused layer. int4-wo keeps its norms."""
+    from kiln.llm.models.llama import LlamaDecoderLayer
+
+    path, llm = engines["int8-wo"]
+    quant = json.loads((path / "config.json").read_text())["kiln_engine"]["quant"]
+    assert quant["norm_gains_folded"] == ["input_layernorm -> qkv_proj", "post_attention_layernorm -> gate_up_proj"]
+    layers = llm.engine.model.model.layers
+    for layer in layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            assert norm.unit_gain and torch.equal(norm.weight, torch.ones_like(norm.weight))
+    assert not llm.engine.model.model.norm.unit_gain  # the final norm keeps its gain (the head may be tied)
+    int4 = engines["int4-wo-g128"][1].engine.model.model.layers[0]
+    assert not int4.input_layernorm.unit_gain and "norm_gains_folded" not in json.loads(
+        (engines["int4-wo-g128"][0] / "config.json").read_text())["kiln_engine"]["quant"]
+    calls = []
+    folded = LlamaDecoderLayer._folded_int8_forward
+    monkeypatch.setattr(LlamaDecoderLayer, "_folded_int8_forward",
+                        lambda self, *a: calls.append(1) or folded(self, *a))
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    got = llm.generate("ROMEO:", params)[0].outputs[0].token_ids
+    assert len(calls) == 3 * len(layers)  # the three decode steps after the prefill
+    for layer in layers:
+        layer.input_layernorm.unit_gain = layer.post_attention_layernorm.unit_gain = False
+    try:
+        want = llm.generate("ROMEO:", params)[0].outputs[0].token_ids
+    finally:
+        for layer in layers:
+            layer.input_layernorm.check_unit_gain(), layer.post_attention_layernorm.check_unit_gain()
+    assert len(calls) == 3 * len(layers) and got == want
+
+
 def test_engine_sizes_shrink(engines):
     size = {k: (p / "model.safetensors").stat().st_size for k, (p, _) in engines.items()}
     # the tied 4096 x 384 bf16 table is 3.1 MB of 15.7 MB; a quantized head adds its own quantized copy unless the
@@ -223,6 +257,9 @@ def test_quantized_engine_matches_float_model_with_dequantized_weights(checkpoin
                 else:
                     f_model.get_submodule(name).weight.copy_(mod.dequantized_weight())
                 n += 1
+        for name, p in q_model.named_parameters():  # the norms (int8-wo folds their gains into the linears)
+            if name.endswith("norm.weight"):
+                f_model.get_parameter(name).copy_(p)
         embed = q_model.model.embed_tokens
         assert isinstance(embed, Int8VocabParallelEmbedding) == emb
         if emb:

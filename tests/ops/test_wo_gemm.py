@@ -325,6 +325,87 @@ def test_int8_gemv_norm_prologue_over_split_k_and_its_errors(monkeypatch):
     assert calls == [None, None]  # the GEMV ran, without the prologue
 
 
+@requires_triton
+@pytest.mark.parametrize("mode", ["loop", "reread"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_gemv_epilogues_scale_by_one_over_rms_and_add_the_residual(monkeypatch, mode, dtype):
+    """``wo_fused_linear`` on one int8 decode row (gains folded into the weight): the output times 1 / rms(x), with
+    the bias, the SiLU-and-mul or the residual add, in one launch that never calls the norm kernel, against the fp32
+    reference and against the unfused ops (a unit-gain RMSNorm, the linear, the add); the residual add has the
+    unfused rounding exactly. Ragged N and K; the narrow weight is forced unsplit."""
+    from kiln.ops import norm
+
+    monkeypatch.setenv("KILN_OPS", "triton")
+    monkeypatch.setenv("KILN_WO_RMS_SCALE", mode)
+    g = fresh_gen()
+    N, K = (40, 130) if not BIG else (3072, 2048)
+    weight = wo_gemm.WeightOnly(*int8_operands(N, K, g))
+    x = torch.randn(1, K, device=DEVICE, dtype=dtype, generator=g) * 3
+    bias = torch.randn(N, device=DEVICE, dtype=dtype, generator=g)
+    r = torch.randn(1, N, device=DEVICE, dtype=dtype, generator=g)
+    unfused_norm = norm.rms_norm
+    unit = torch.ones(K, device=DEVICE, dtype=dtype)
+    xn = unfused_norm(x, unit, 1e-5)
+    cases = [  # (kwargs, the unfused ops)
+        (dict(bias=bias, rms_eps=1e-5), lambda: weight.linear(xn, bias)),
+        (dict(rms_eps=1e-5, glu=True), lambda: silu_and_mul_ref(weight.linear(xn))),
+        (dict(residual=r), lambda: weight.linear(x) + r),
+        (dict(bias=bias, residual=r, rms_eps=1e-5), lambda: weight.linear(xn, bias) + r),
+    ]
+
+    def no_norm_kernel(*a, **k):
+        raise AssertionError("the fused path called the norm kernel")
+
+    for kwargs, unfused in cases:
+        monkeypatch.setattr(norm, "rms_norm", no_norm_kernel)
+        got = wo_gemm.wo_fused_linear(x, weight, **kwargs)
+        monkeypatch.setattr(norm, "rms_norm", unfused_norm)
+        ref = wo_gemm.wo_fused_linear_ref(x, weight, **kwargs)
+        assert got.shape == ref.shape == (1, N // 2 if kwargs.get("glu") else N)
+        assert rel_err(got, ref) <= RTOL[dtype], kwargs
+        assert rel_err(got, unfused()) <= 2 * RTOL[dtype], kwargs
+        # the unfused add's bits; not in bf16 under the interpreter (its fp32 -> bf16 cast truncates where torch's
+        # rounds), nor in fp32 on a GPU (the scale's product and the add may contract into one FMA)
+        if set(kwargs) == {"residual"} and (dtype == torch.bfloat16) == BIG:
+            assert torch.equal(got, weight.linear(x) + r)
+
+
+@requires_triton
+def test_int8_gemv_epilogues_errors_and_fallbacks(monkeypatch):
+    """Bad arguments are ValueErrors naming them; more rows and int4 weights run the unfused ops, which give what
+    they would give composed by hand."""
+    monkeypatch.setenv("KILN_OPS", "triton")
+    g = fresh_gen()
+    N, K = 24, 64
+    weight = wo_gemm.WeightOnly(*int8_operands(N, K, g))
+    x = torch.randn(1, K, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    r = torch.randn(1, N, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        wo_gemm.wo_fused_linear(x, weight, residual=r[:, :-1])
+    with pytest.raises(ValueError, match="residual"):
+        wo_gemm.wo_fused_linear(x, weight, residual=r.float())
+    with pytest.raises(ValueError, match="SiLU-and-mul"):
+        wo_gemm.wo_fused_linear(x, weight, residual=r[:, : N // 2], glu=True)
+    with pytest.raises(ValueError, match="rms_eps"):
+        wo_gemm.wo_fused_linear(x, weight, rms_eps=-1.0)
+    with pytest.raises(ValueError, match="one-row int8 GEMV"):
+        wo_gemm._wo_triton(x.expand(2, K), *weight[:4], None, 8, rms_eps=1e-6)
+    monkeypatch.setenv("KILN_WO_RMS_SCALE", "sometimes")
+    with pytest.raises(ValueError, match="KILN_WO_RMS_SCALE"):
+        wo_gemm.wo_fused_linear(x, weight, rms_eps=1e-6)
+    monkeypatch.delenv("KILN_WO_RMS_SCALE")
+    from kiln.ops.norm import rms_norm
+
+    x2 = torch.randn(3, K, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    r2 = torch.randn(3, N, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    xn = rms_norm(x2, torch.ones(K, device=DEVICE, dtype=torch.bfloat16), 1e-6)
+    assert torch.equal(wo_gemm.wo_fused_linear(x2, weight, residual=r2, rms_eps=1e-6), weight.linear(xn) + r2)
+    q4, s4, z4 = int4_operands(N, K, 32, g)
+    w4 = wo_gemm.WeightOnly(q4, s4, z4, 32, 4)
+    xn1 = rms_norm(x, torch.ones(K, device=DEVICE, dtype=torch.bfloat16), 1e-6)
+    assert torch.equal(wo_gemm.wo_fused_linear(x, w4, residual=r, rms_eps=1e-6), w4.linear(xn1) + r)
+
+
 def test_int8_gemv_pipelines_wide_weights_only(monkeypatch):
     """Weights whose row tiles give every SM several CTAs (gate_up, LM head) take the pipelined tile, with no split
     and no register prefetch; the narrow layers (qkv, o_proj, down_proj) keep the register-prefetch tiles: there a

@@ -48,8 +48,10 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
         return self.attend(positions, self.qkv_proj(x), cos_sin)
 
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-        """Everything after the qkv projection: q/k norm, rotary + KV store (one launch), attention, o_proj."""
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, cos_sin: torch.Tensor,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Everything after the qkv projection: q/k norm, rotary + KV store (one launch), attention, o_proj.
+        ``residual`` (one rank, an int8-wo o_proj): returns ``residual + o_proj(...)``, added in o_proj's epilogue."""
         T = qkv.shape[0]
         q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size: self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
@@ -57,6 +59,8 @@ class LlamaAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         o = self.attn(q, k, v, rotary=(positions, cos_sin, True))
+        if residual is not None:
+            return self.o_proj.fused_forward(o, residual=residual)
         if not isinstance(self.o_proj, nn.Linear):  # weight-only quantized (kiln.quant.llm)
             return self.tp.all_reduce(self.o_proj(o))
         return self.tp.all_reduce(linear(o, self.o_proj.weight, self.o_proj.bias))
@@ -123,6 +127,8 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, positions, hidden, residual, cos_sin):
         # each RMSNorm is folded into the projection after it (one GEMV launch at decode; norm + cuBLAS otherwise)
         attn, mlp, ln1, ln2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
+        if residual is None and self._folded_int8_row(hidden):
+            return self._folded_int8_forward(positions, hidden, cos_sin), None
         if residual is None:
             residual = hidden
             qkv = _norm_proj(ln1, attn.qkv_proj, hidden, None)
@@ -134,6 +140,25 @@ class LlamaDecoderLayer(nn.Module):
             return mlp(h), residual
         gate_up, residual = _norm_proj(ln2, mlp.gate_up_proj, hidden, residual)
         return mlp.down(gate_up), residual
+
+
+    def _folded_int8_row(self, hidden: torch.Tensor) -> bool:
+        """One decode row through int8-wo linears whose norms' gains were folded into them at build (unit gains,
+        checked at start-up), on one rank: the layer can run without norm kernels (``_folded_int8_forward``)."""
+        attn, mlp = self.self_attn, self.mlp
+        return (hidden.shape[0] == 1 and self.input_layernorm.unit_gain and self.post_attention_layernorm.unit_gain
+                and attn.tp.size == 1 and all(hasattr(m, "fused_forward") for m in (
+                    attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)))
+
+    def _folded_int8_forward(self, positions, hidden, cos_sin) -> torch.Tensor:
+        """The layer on the residual stream ``hidden`` (the previous layer's down_proj added its residual): each
+        norm is the 1 / rms in the next GEMV's epilogue, and o_proj and down_proj add the residual in theirs
+        (``kiln.ops.wo_gemm.wo_fused_linear``). Returns the new residual stream."""
+        attn, mlp = self.self_attn, self.mlp
+        qkv = attn.qkv_proj.fused_forward(hidden, rms_eps=self.input_layernorm.eps)
+        h = attn.attend(positions, qkv, cos_sin, residual=hidden)
+        act = mlp.gate_up_proj.fused_forward(h, rms_eps=self.post_attention_layernorm.eps, glu=True)
+        return mlp.down_proj.fused_forward(act, residual=h)
 
 
 class LlamaModel(nn.Module):
@@ -169,8 +194,9 @@ class LlamaForCausalLM(CausalLM):
         residual = None
         for layer in self.model.layers:
             hidden, residual = layer(positions, hidden, residual, self.cos_sin_cache)
-        hidden, _ = self.model.norm(hidden, residual)
-        return hidden
+        if residual is None:  # the layers' residual adds were in their GEMVs (``_folded_int8_forward``)
+            return self.model.norm(hidden)
+        return self.model.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_head_logits(self.lm_head, hidden)
