@@ -12,7 +12,8 @@ that reuses cached prefix blocks already decodes differently from the first one)
                        grid has about two CTAs per SM (at least ST K tiles per split)
   down:BNxBKxST        only down_proj (K > 2 N) pipelined that way
   env:NAME=VALUE       an environment variable set while the variant's graphs are captured (e.g.
-                       KILN_WO_NORM_FOLD=0: the RMSNorm kernel in front of the int8 GEMVs)
+                       KILN_WO_NORM_FOLD=0: the RMSNorm kernel in front of the int8 GEMVs;
+                       KILN_DECODE_MIN_CHUNK=64: the decode attention's old split rule)
   normk:K              ``wo_gemm.MAX_WO_NORM_K``: the longest row the int8 GEMV folds the RMSNorm into
   unfold               the layers' norms taken as if their gains were not 1: the norm kernels (or the qkv
                        prologue) and separate residual adds, not the 1 / rms and residual epilogues
@@ -95,6 +96,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--replays", type=int, default=200)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=128, help="the context is about this plus --tokens")
     args = ap.parse_args()
     if len(set(args.variants)) != len(args.variants):
         raise ValueError(f"variants repeat: {args.variants}")
@@ -109,10 +111,11 @@ def main():
         entry = engine_entry("int8-wo", None)
         (d / "config.json").write_text(json.dumps({**SHAPES[model], "kiln_engine": entry}))
         llm = LLM(str(d), dtype="bfloat16", device="cuda", load_format="dummy", max_num_seqs=1,
-                  max_num_batched_tokens=4096, max_model_len=2048, gpu_memory_utilization=0.85)
+                  max_num_batched_tokens=4096, max_model_len=max(2048, args.prompt_len + args.tokens + 64),
+                  gpu_memory_utilization=0.85)
         eng = llm.engine
         g = torch.Generator().manual_seed(0)
-        prompt = torch.randint(0, SHAPES[model]["vocab_size"], (128,), generator=g).tolist()
+        prompt = torch.randint(0, SHAPES[model]["vocab_size"], (args.prompt_len,), generator=g).tolist()
         params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True, detokenize=False)
         llm.generate([{"prompt_token_ids": prompt}], [params])  # (later requests reuse its prefix blocks)
         times: dict[str, list[float]] = {v: [] for v in args.variants}
