@@ -227,42 +227,8 @@ def varlen_prefill_triton(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_ta
     return out
 
 
-# Keys a decode split takes at least. Splits exist to fill the GPU at long contexts; at short ones each extra split
-# is a program that rotates, stores a partial and joins the merge for almost no keys. H200, session 27
-# (scripts/gpu/int8_pipe_ab.py, the greedy graph at ~384 keys, 8 KV heads): 32 / 16 / 8 / 4 / 2 splits took the 8B
-# int8-wo step 2.649 / 2.607 / 2.599 / 2.554 / 2.516 ms, the 1B 0.550 / 0.545 / 0.540 / 0.535 / 0.534 ms. With this
-# floor a context up to 256 keys is one split and the split count grows with the context to ``decode_num_splits``
-# at 32 x 256 = 8192 keys; the CUDA graph of a batch size still serves every context length.
-DECODE_MIN_CHUNK = 256
-
-
-def decode_min_chunk(device: torch.device, block_n: int) -> int:
-    """The least keys per decode split (``DECODE_MIN_CHUNK`` on a GPU; one key tile under the interpreter, where
-    the tests' short contexts keep several splits), a multiple of ``block_n``. ``KILN_DECODE_MIN_CHUNK`` overrides
-    it (A/B timing, tests)."""
-    raw = os.environ.get("KILN_DECODE_MIN_CHUNK")
-    if raw is None:
-        n = DECODE_MIN_CHUNK if device.type == "cuda" and not interpreting() else block_n
-    else:
-        try:
-            n = int(raw)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise ValueError(f"KILN_DECODE_MIN_CHUNK must be a positive number of keys, got {raw!r}")
-    return -(-n // block_n) * block_n
-
-
 @triton.jit
-def decode_chunk(L, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, min_chunk):
-    """Keys per split of a decode over ``L`` keys: an even share in whole key tiles, at least ``min_chunk``; the
-    splits past ``cdiv(L, chunk)`` hold none. Both decode kernels chunk alike, so they sum the same keys in the same
-    order."""
-    return tl.maximum(tl.cdiv(tl.cdiv(L, SPLITS), BLOCK_N) * BLOCK_N, min_chunk)
-
-
-@triton.jit
-def _decode_split_kernel(Q, K, V, MID_O, MID_LSE, LENS_K, BT, KS, VS, scale_log2e, min_chunk,
+def _decode_split_kernel(Q, K, V, MID_O, MID_LSE, LENS_K, BT, KS, VS, scale_log2e,
                          sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, bt_stride, block_size,
                          smo_b, smo_h, smo_s, sml_b, sml_h,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -272,7 +238,7 @@ def _decode_split_kernel(Q, K, V, MID_O, MID_LSE, LENS_K, BT, KS, VS, scale_log2
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     L = tl.load(LENS_K + seq)
-    chunk = decode_chunk(L, SPLITS, BLOCK_N, min_chunk)
+    chunk = tl.cdiv(tl.cdiv(L, SPLITS), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, L)
     g = tl.arange(0, BLOCK_G)
@@ -366,7 +332,6 @@ def paged_decode_triton(q, k_cache, v_cache, seqlens_k, block_tables, scale, num
     scales, quant = _kv_scales(k_cache, k_scale, v_scale)
     _decode_split_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, mid_o, mid_lse, seqlens_k, block_tables, *scales, scale * 1.4426950408889634,
-        decode_min_chunk(q.device, block_n),
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         k_cache.shape[1], mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n,

@@ -11,9 +11,7 @@ attention per step over 16 layers). Here one grid (sequence, KV head, split) doe
   of the cache and is the one that writes them there, so no program reads a slot written in the same launch;
 - each split writes its partial output and log-sum-exp, then bumps a per-(sequence, KV head) counter; the program
   that finishes last reduces the splits and resets the counter to zero for the next launch (the "last block"
-  pattern: no second kernel, no spinning);
-- a split takes at least ``attention.DECODE_MIN_CHUNK`` keys (``decode_chunk``), so at short contexts only the
-  splits holding keys run (the others exit at once) and one split alone writes the output itself.
+  pattern: no second kernel, no spinning).
 
 Splits, tiles and rounding are the unfused kernels' (cos/sin and each rotary product rounded to the dtype, the
 same key chunks per split, probabilities rounded to the dtype before the PV product, the same merge), so greedy
@@ -31,8 +29,8 @@ import torch
 from ._counters import last_to_arrive, rearm, split_counters
 from ._dispatch import FLOAT_DTYPES, backend_for, check_same, check_tensor, interpreting, pdl_launch_args
 from ._triton import next_power_of_2, tl, triton
-from .attention import (_precision, _upcast, decode_chunk, decode_min_chunk, decode_num_splits, paged_attention,
-                        paged_attention_ref, softmax_pv_step)
+from .attention import (_precision, _upcast, decode_num_splits, paged_attention, paged_attention_ref,
+                        softmax_pv_step)
 from .kv_cache import rope_and_store_kv, rope_and_store_kv_ref
 from .rotary import rotate_halves
 
@@ -148,7 +146,7 @@ def _attend_tile(m_i, l_i, acc, r1, r2, ka, kz, vv, kn1, kn2, vn, n, end, new_at
 
 
 @triton.jit
-def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_LSE, LOCKS, O, scale_log2e, min_chunk,
+def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_LSE, LOCKS, O, scale_log2e,
                         sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, s_cs, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
                         bt_stride, block_size, so_t, so_h, HKV,
                         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -157,30 +155,13 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
     seq = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    L = tl.load(LENS_K + seq)
-    # the unfused kernel's chunking over all L keys, so every split sums the same keys in the same order; splits
-    # past the last key (short contexts: ``decode_chunk``'s floor) do nothing, not even join the merge
-    chunk = decode_chunk(L, SPLITS, BLOCK_N, min_chunk)
-    active = tl.cdiv(L, chunk)
-    if split < active:
-        _decode_rope_split(Q, K, V, POS, CS, KC, VC, SLOTS, BT, MID_O, MID_LSE, LOCKS, O, scale_log2e, sq_t, sq_h,
-                           sk_t, sk_h, sv_t, sv_h, s_cs, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, bt_stride,
-                           block_size, so_t, so_h, HKV, seq, kvh, split, L, chunk, active, GROUP, BLOCK_G, HALF,
-                           BLOCK_N, SPLITS, BLOCK_S, RED_G, UPCAST, PRECISION, PDL)
-
-
-@triton.jit
-def _decode_rope_split(Q, K, V, POS, CS, KC, VC, SLOTS, BT, MID_O, MID_LSE, LOCKS, O, scale_log2e, sq_t, sq_h,
-                       sk_t, sk_h, sv_t, sv_h, s_cs, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, bt_stride, block_size,
-                       so_t, so_h, HKV, seq, kvh, split, L, chunk, active,
-                       GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
-                       SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, RED_G: tl.constexpr, UPCAST: tl.constexpr,
-                       PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """One split that holds keys: ``active`` of them run for this (sequence, KV head)."""
     dt = O.dtype.element_ty
     D: tl.constexpr = 2 * HALF
     HQ = HKV * GROUP
+    L = tl.load(LENS_K + seq)
     new_at = L - 1  # the new token is key L - 1; keys before it are in the cache
+    # the unfused kernel's chunking over all L keys, so every split sums the same keys in the same order
+    chunk = tl.cdiv(tl.cdiv(L, SPLITS), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, L)
 
@@ -192,7 +173,7 @@ def _decode_rope_split(Q, K, V, POS, CS, KC, VC, SLOTS, BT, MID_O, MID_LSE, LOCK
     slot = tl.load(SLOTS + seq).to(tl.int64)
     # the split's first key tile is in the cache already (keys before the new one: written by earlier steps, and
     # the previous kernel, the qkv projection, does not touch the cache), so it is read before ``gdc_wait``, under
-    # that kernel's tail
+    # that kernel's tail; with 32 splits a context of up to 2048 keys is one tile per split
     d = tl.arange(0, D)
     n0 = start + tl.arange(0, BLOCK_N)
     ka0, kz0, vv0 = _cached_tile(BT, KC, VC, seq, bt_stride, block_size, kvh, skc_b, skc_s, skc_h, svc_b, svc_s,
@@ -237,7 +218,7 @@ def _decode_rope_split(Q, K, V, POS, CS, KC, VC, SLOTS, BT, MID_O, MID_LSE, LOCK
         m_i, l_i, acc = _attend_tile(m_i, l_i, acc, r1, r2, ka, kz, vv, kn1, kn2, vn, n, end, new_at, scale_log2e,
                                      UPCAST, PRECISION)
 
-    if active == 1:  # (SPLITS == 1, or a context of one chunk): the merge of one split is its own output
+    if SPLITS == 1:
         tl.store(O + seq * so_t + head[:, None] * so_h + d[None, :], (acc * (1.0 / l_i)[:, None]).to(dt),
                  mask=g_ok[:, None])
     else:
@@ -248,11 +229,11 @@ def _decode_rope_split(Q, K, V, POS, CS, KC, VC, SLOTS, BT, MID_O, MID_LSE, LOCK
         tl.store(MID_O + (row[:, None] * SPLITS + split) * D + d[None, :], out, mask=g_ok[:, None])
         tl.store(MID_LSE + row * SPLITS + split, lse, mask=g_ok)
         lock = LOCKS + seq * HKV + kvh
-        if last_to_arrive(lock, active):
+        if last_to_arrive(lock, SPLITS):
             # the last split of this (sequence, KV head) merges all of them, RED_G heads at a time: every load
             # of a chunk is issued at once (one L2 round trip), not one head after another
             s_idx = tl.arange(0, BLOCK_S)
-            s_ok = s_idx < active
+            s_ok = s_idx < SPLITS
             rg = tl.arange(0, RED_G)
             for g0 in range(0, GROUP, RED_G):
                 rg_ok = (g0 + rg) < GROUP
@@ -289,15 +270,15 @@ def _decode_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_
         mid_o = mid_lse = out
     cs = cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous()
     block_s = max(2, next_power_of_2(splits))
-    block_n = 64 if q.is_cuda and not interpreting() else 16
     # heads merged per pass of the reduction: at most 8K fp32 partials in registers (64 per thread)
     red_g = max(1, min(next_power_of_2(group), 8192 // (block_s * d)))
     _decode_rope_kernel[(B, hkv, splits)](
         q, k, v, positions, cs, k_cache, v_cache, slot_mapping, seqlens_k, block_tables, mid_o, mid_lse, locks,
-        out, scale * 1.4426950408889634, decode_min_chunk(q.device, block_n), q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), v.stride(0), v.stride(1), cs.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        block_tables.stride(0), k_cache.shape[1], out.stride(0), out.stride(1), hkv,
-        GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), HALF=d // 2, BLOCK_N=block_n, SPLITS=splits,
+        out, scale * 1.4426950408889634, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), cs.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
+        k_cache.shape[1], out.stride(0), out.stride(1), hkv,
+        GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), HALF=d // 2,
+        BLOCK_N=64 if q.is_cuda and not interpreting() else 16, SPLITS=splits,
         BLOCK_S=block_s, RED_G=red_g, UPCAST=_upcast(q), PRECISION=_precision(q), num_warps=4,
         num_stages=2, **pdl_launch_args())
     return out

@@ -12,8 +12,7 @@ that reuses cached prefix blocks already decodes differently from the first one)
                        grid has about two CTAs per SM (at least ST K tiles per split)
   down:BNxBKxST        only down_proj (K > 2 N) pipelined that way
   env:NAME=VALUE       an environment variable set while the variant's graphs are captured (e.g.
-                       KILN_WO_NORM_FOLD=0: the RMSNorm kernel in front of the int8 GEMVs;
-                       KILN_DECODE_MIN_CHUNK=64: the decode attention's old split rule)
+                       KILN_WO_NORM_FOLD=0: the RMSNorm kernel in front of the int8 GEMVs)
   normk:K              ``wo_gemm.MAX_WO_NORM_K``: the longest row the int8 GEMV folds the RMSNorm into
   unfold               the layers' norms taken as if their gains were not 1: the norm kernels (or the qkv
                        prologue) and separate residual adds, not the 1 / rms and residual epilogues
@@ -23,6 +22,10 @@ that reuses cached prefix blocks already decodes differently from the first one)
 (Session 26 also ran ``early:E``, the pipelined tiles loading their first E K tiles before gdc_wait,
 ``late:glu|wide|all``, PDL's trigger after the K loop, and ``fold:glu``, the RMSNorm folded into gate_up; they left
 with their kernel knobs or policies, see bench/RESULTS.md.)
+
+A replay of one fixed step is a fair A/B for the GEMVs, not for attention: session 27's floor of keys per decode
+split (branch exp/decode-min-chunk) replayed 94 us faster per 8B step here and ran 270 us slower per token in
+bench/llm_throughput.py, whose context grows every step. Check attention changes there.
 """
 
 from __future__ import annotations

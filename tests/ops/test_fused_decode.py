@@ -85,29 +85,6 @@ def test_fused_decode_matches_unfused_ops(dtype, hq, hkv, d, splits):
 
 
 @requires_triton
-@pytest.mark.parametrize("splits", [3, None])
-def test_short_contexts_run_only_the_splits_that_hold_keys(monkeypatch, splits):
-    """With a floor of keys per split (``KILN_DECODE_MIN_CHUNK``) a short context runs fewer splits than the grid
-    has: one alone writes the output, two or more merge among themselves; the counters end at zero and a second
-    launch gives the same bits."""
-    monkeypatch.setenv("KILN_DECODE_MIN_CHUNK", "1024" if BIG else "32")
-    g = torch.Generator(device=DEVICE).manual_seed(5)
-    cached = [0, 5, 3000, 700, 1500] if BIG else [0, 5, 40, 17, 90]  # 1, 1, 2, 1 and 3 splits' worth of keys
-    q, k, v, pos, cs, kc, vc, slots, lens, bt = make_decode(g, torch.float16, 8, 2, 64, 16 if BIG else 8, cached)
-    ref = decode_attention_rope_ref(q, k, v, pos, cs, kc.clone(), vc.clone(), slots, lens, bt, 0.125)
-    locks = split_counters(DEVICE, q.shape[0] * 2)
-    got = fused_decode._decode_attention_rope_triton(q, k, v, pos, cs, kc, vc, slots, lens, bt, 0.125, locks,
-                                                     num_splits=splits)
-    assert rel(got, ref) <= TOL[torch.float16] and int(locks.abs().sum()) == 0
-    again = fused_decode._decode_attention_rope_triton(q, k, v, pos, cs, kc, vc, slots, lens, bt, 0.125, locks,
-                                                       num_splits=splits)
-    assert torch.equal(again, got)
-    monkeypatch.setenv("KILN_DECODE_MIN_CHUNK", "0")
-    with pytest.raises(ValueError, match="KILN_DECODE_MIN_CHUNK"):
-        fused_decode._decode_attention_rope_triton(q, k, v, pos, cs, kc, vc, slots, lens, bt, 0.125, locks)
-
-
-@requires_triton
 def test_padding_rows_store_nothing_and_real_rows_are_unaffected():
     g = torch.Generator(device=DEVICE).manual_seed(1)
     q, k, v, pos, cs, kc, vc, slots, lens, bt = make_decode(g, torch.float16, 8, 2, 64, 8, [3, 20], pad_rows=2)
@@ -177,15 +154,12 @@ def test_attention_layer_takes_the_fused_path_in_decode_steps(monkeypatch, fused
 @requires_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("splits", [1, 3, None])
-@pytest.mark.parametrize("min_chunk", [None, "1024" if BIG else "32"])
-def test_fused_equals_the_unfused_kernels(monkeypatch, dtype, splits, min_chunk):
+def test_fused_equals_the_unfused_kernels(dtype, splits):
     """Same key chunks per split, same rounding: the fused kernel reproduces rope_and_store_kv + the split-K decode
     kernel + its reduction (to the last bit, or to one rounding where the merge of several splits sums in another
     order), so greedy decoding does not move when the fusion is switched on."""
     from kiln.ops import attention, kv_cache
 
-    if min_chunk is not None:  # both kernels chunk alike (``attention.decode_chunk``)
-        monkeypatch.setenv("KILN_DECODE_MIN_CHUNK", min_chunk)
     g = torch.Generator(device=DEVICE).manual_seed(11)
     cached = [0, 5, 3000, 77, 1] * 4 if BIG else [0, 5, 40, 17]
     q, k, v, pos, cs, kc, vc, slots, lens, bt = make_decode(g, dtype, 8, 2, 64, 16 if BIG else 8, cached)
