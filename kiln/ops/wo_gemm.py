@@ -57,7 +57,10 @@ in registers, and the stream reaches 90-100% of the copy bandwidth where the reg
 takes HALF gate rows and the HALF up rows they pair with (row n and row n + N/2, no weight reordering) and stores
 silu(gate) * up, so a decode step's MLP needs no separate activation kernel. ``wo_rms_norm_linear`` folds the
 RMSNorm (and residual add) in front of a one-row int8 GEMV into its prologue (``NORM_K``), for rows of at most
-``MAX_WO_NORM_K``: the decode layer's qkv_proj on a 1B-sized model, one norm kernel fewer per layer.
+``MAX_WO_NORM_K``, with the unfused bits. ``wo_fused_linear`` serves weights that already hold the norm's gain
+(int8-wo engines fold it in at build): the GEMV multiplies its output by ``1 / rms(x)``, from squares of the
+activation tiles its K loop loads anyway (``RMS_SCALE``), and adds a residual in its epilogue (``ADD_RESIDUAL``), so
+an int8 decode layer runs no norm kernel at all (``LlamaDecoderLayer._folded_int8_forward``).
 
 Decode-sized calls (M <= 64) split K over extra programs (``SPLIT_K``) where the output tiles leave SMs idle: a
 4096-row weight makes only 64 column tiles, half an H100's SMs, and a GEMV is memory-bound, so it needs every SM
@@ -266,7 +269,8 @@ def wo_glu_linear(x: torch.Tensor, weight: WeightOnly, bias: torch.Tensor | None
 # qkv_proj (K = 2048) took its int8-wo step from 0.608-0.610 to 0.587-0.590 ms; the 8B's (K = 4096) went from 2.573 to
 # 2.646-2.691 ms. The post-attention norm stays a kernel: folded into the pipelined gate_up GEMV it cost the 1B step
 # 40 us (0.608 -> 0.649 ms; 0.70 ms while the residual sum was stored inside the K loop, which then no longer
-# pipelined; the 8B's, in that version, 0.43 ms).
+# pipelined; the 8B's, in that version, 0.43 ms). Engines built since session 27 fold the norm gains into the weights
+# and take ``wo_fused_linear`` instead, which adds nothing to the K loop; this fold serves norms of other gains.
 MAX_WO_NORM_K = 2048
 
 
@@ -321,7 +325,9 @@ def wo_glu_linear_ref(x, weight: WeightOnly, bias=None):
 
 def wo_rms_scale_mode() -> str:
     """Where the one-row GEMV's ``1 / rms`` epilogue gets the row's sum of squares: ``loop`` (from the activation
-    tiles the K loop loads anyway) or ``reread`` (the row read again after the loop). ``KILN_WO_RMS_SCALE``."""
+    tiles the K loop loads anyway) or ``reread`` (the row read again after the loop). ``KILN_WO_RMS_SCALE``.
+    H200, session 27 (scripts/gpu/int8_pipe_ab.py, greedy graph replay): loop 0.550 / 2.477 ms per 1B / 8B step,
+    reread 0.553 / 2.504, the unfused layer (norm kernels, session 26's qkv fold) 0.588 / 2.560."""
     v = os.environ.get("KILN_WO_RMS_SCALE", "loop")
     if v not in ("loop", "reread"):
         raise ValueError(f"KILN_WO_RMS_SCALE must be 'loop' or 'reread', got {v!r}")
