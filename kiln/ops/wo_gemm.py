@@ -323,17 +323,6 @@ def wo_glu_linear_ref(x, weight: WeightOnly, bias=None):
     return silu_and_mul_ref(weight.linear_ref(x, bias))
 
 
-def wo_rms_scale_mode() -> str:
-    """Where the one-row GEMV's ``1 / rms`` epilogue gets the row's sum of squares: ``loop`` (from the activation
-    tiles the K loop loads anyway) or ``reread`` (the row read again after the loop). ``KILN_WO_RMS_SCALE``.
-    H200, session 27 (scripts/gpu/int8_pipe_ab.py, greedy graph replay): loop 0.550 / 2.477 ms per 1B / 8B step,
-    reread 0.553 / 2.504, the unfused layer (norm kernels, session 26's qkv fold) 0.588 / 2.560."""
-    v = os.environ.get("KILN_WO_RMS_SCALE", "loop")
-    if v not in ("loop", "reread"):
-        raise ValueError(f"KILN_WO_RMS_SCALE must be 'loop' or 'reread', got {v!r}")
-    return v
-
-
 def wo_fused_linear(x: torch.Tensor, weight: WeightOnly, bias: torch.Tensor | None = None,
                     residual: torch.Tensor | None = None, rms_eps: float | None = None,
                     glu: bool = False) -> torch.Tensor:
@@ -342,9 +331,12 @@ def wo_fused_linear(x: torch.Tensor, weight: WeightOnly, bias: torch.Tensor | No
     build time (``kiln.quant.llm.fold_norm_gains_``), and ``residual`` [..., N] is added to the output.
 
     Why: with the gain in the weight, ``W (x / rms(x)) = (W x) / rms(x)``, so one int8 decode row (a decode_sized
-    x of one row) takes the norm as one multiply in the GEMV's epilogue, with nothing added to its K loop, and the
-    previous linear adds the residual in its own epilogue (``ADD_RESIDUAL``, the unfused ops' rounding). A decode
-    layer then runs no RMSNorm kernel. The output's rounding differs from normalising x first (x / rms(x) is not
+    x of one row) takes the norm as one multiply in the GEMV's epilogue (``RMS_SCALE``; the sum of squares comes
+    from the activation tiles the K loop loads anyway), and the previous linear adds the residual in its own
+    epilogue (``ADD_RESIDUAL``, the unfused ops' rounding). A decode layer then runs no RMSNorm kernel. H200,
+    session 27 (scripts/gpu/int8_pipe_ab.py, greedy graph replay): 1B / 8B int8-wo step 0.588 / 2.560 ms with the
+    norm kernels (and session 26's qkv prologue), 0.550 / 2.477 ms without; re-reading the row after the loop for
+    its squares instead gave 0.553 / 2.504. The output's rounding differs from normalising x first (x / rms(x) is not
     rounded to x's dtype here); ``wo_fused_linear_ref`` computes it in fp32. Anything else runs the unfused ops
     (an RMSNorm of unit gain, the linear, the add)."""
     from .gemv import decode_sized
@@ -573,7 +565,7 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, R, RO, NW, M, N, K, k_per_s
                     REDUCE_EACH_TILE: tl.constexpr = True, INT4_WORDS: tl.constexpr = False,
                     INT4_JOIN: tl.constexpr = False, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
                     GLU: tl.constexpr = False, QUADS: tl.constexpr = 0, STAGES: tl.constexpr = None,
-                    NORM_K: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False, RMS_SCALE: tl.constexpr = 0,
+                    NORM_K: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False, RMS_SCALE: tl.constexpr = False,
                     ADD_RESIDUAL: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -623,12 +615,12 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, R, RO, NW, M, N, K, k_per_s
                 tl.store(RO + kn, xr, mask=kn < K)
         xr = xr.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(xr * xr, axis=0) / K + eps)
-    ssq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)  # RMS_SCALE == 1: the row's squares, reduced once
+    ssq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)  # RMS_SCALE: the row's squares, reduced once
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         if BITS == 8:
             kk = k0 + offs_k
             xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & (kk < k_hi)[None, :], other=0.0)
-            if RMS_SCALE == 1:
+            if RMS_SCALE:
                 ssq += xt.to(tl.float32) * xt.to(tl.float32)
             if NORM_K > 0:  # each activation normalised as it is loaded
                 if HAS_RESIDUAL:
@@ -727,14 +719,8 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, R, RO, NW, M, N, K, k_per_s
             acc = tl.sum(acc4, axis=1)[None, :]
     if BITS == 8:
         acc = acc * tl.load(S + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if RMS_SCALE > 0:  # x is an RMSNorm's input and the norm's gain is in W: y = (W x) / rms(x) (one row, whole K)
-        if RMS_SCALE == 1:
-            sq = tl.sum(ssq, axis=1)[:, None]
-        else:  # RMS_SCALE = the row re-read after the K loop (from L2), a power of two >= K
-            kn = tl.arange(0, RMS_SCALE)
-            xr = tl.load(X + kn, mask=kn < K, other=0.0).to(tl.float32)
-            sq = tl.sum(xr * xr, axis=0)
-        acc = acc * tl.rsqrt(sq / K + eps)
+    if RMS_SCALE:  # x is an RMSNorm's input and the norm's gain is in W: y = (W x) / rms(x) (one row, whole K)
+        acc = acc * tl.rsqrt(tl.sum(ssq, axis=1)[:, None] / K + eps)
     if HAS_BIAS and SPLIT_K == 1:  # split K: added once, after the sum
         acc += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = Y + pid_k.to(tl.int64) * stride_ys + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
@@ -1160,8 +1146,7 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
         if x2.stride(1) != 1:
             x2 = x2.contiguous()
         cfg["SPLIT_K"] = 1  # both need the whole sum (a narrow weight loses some SMs, and keeps one launch)
-        if rms_eps is not None:
-            cfg["RMS_SCALE"] = 1 if wo_rms_scale_mode() == "loop" else next_power_of_2(K)
+        cfg["RMS_SCALE"] = rms_eps is not None
         cfg["ADD_RESIDUAL"] = add is not None
     split = cfg["SPLIT_K"]
     k_per_split = cdiv(cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]

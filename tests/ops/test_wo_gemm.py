@@ -326,9 +326,8 @@ def test_int8_gemv_norm_prologue_over_split_k_and_its_errors(monkeypatch):
 
 
 @requires_triton
-@pytest.mark.parametrize("mode", ["loop", "reread"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int8_gemv_epilogues_scale_by_one_over_rms_and_add_the_residual(monkeypatch, mode, dtype):
+def test_int8_gemv_epilogues_scale_by_one_over_rms_and_add_the_residual(monkeypatch, dtype):
     """``wo_fused_linear`` on one int8 decode row (gains folded into the weight): the output times 1 / rms(x), with
     the bias, the SiLU-and-mul or the residual add, in one launch that never calls the norm kernel, against the fp32
     reference and against the unfused ops (a unit-gain RMSNorm, the linear, the add); the residual add has the
@@ -336,7 +335,6 @@ def test_int8_gemv_epilogues_scale_by_one_over_rms_and_add_the_residual(monkeypa
     from kiln.ops import norm
 
     monkeypatch.setenv("KILN_OPS", "triton")
-    monkeypatch.setenv("KILN_WO_RMS_SCALE", mode)
     g = fresh_gen()
     N, K = (40, 130) if not BIG else (3072, 2048)
     weight = wo_gemm.WeightOnly(*int8_operands(N, K, g))
@@ -390,10 +388,6 @@ def test_int8_gemv_epilogues_errors_and_fallbacks(monkeypatch):
         wo_gemm.wo_fused_linear(x, weight, rms_eps=-1.0)
     with pytest.raises(ValueError, match="one-row int8 GEMV"):
         wo_gemm._wo_triton(x.expand(2, K), *weight[:4], None, 8, rms_eps=1e-6)
-    monkeypatch.setenv("KILN_WO_RMS_SCALE", "sometimes")
-    with pytest.raises(ValueError, match="KILN_WO_RMS_SCALE"):
-        wo_gemm.wo_fused_linear(x, weight, rms_eps=1e-6)
-    monkeypatch.delenv("KILN_WO_RMS_SCALE")
     from kiln.ops.norm import rms_norm
 
     x2 = torch.randn(3, K, device=DEVICE, dtype=torch.bfloat16, generator=g)
@@ -585,6 +579,31 @@ def test_int8_gemv_tiles_residency_matches_their_register_use(monkeypatch, tile)
     regs, spills, _ = sm90_compile("kiln.ops.wo_gemm", "_wo_gemm_kernel", sig, consts, warps)
     per_warp = -(-regs * 32 // 256) * 256
     assert spills == 0 and 65536 // (per_warp * warps) == per_sm, (tile, regs)
+
+
+@pytest.mark.skipif(ptxas_path() is None, reason="needs Triton's bundled ptxas")
+@pytest.mark.parametrize("shape", ["qkv", "o_proj", "gate_up"])
+def test_int8_gemv_epilogues_compile_lean_for_sm90(monkeypatch, shape):
+    """The 8B decode layer's tiles with the 1 / rms epilogue (its squares summed in the K loop) or the residual
+    add, compiled for sm_90: no spills, and the plain tile's residency (CTAs per SM) kept."""
+    monkeypatch.setattr(wo_gemm, "interpreting", lambda: False)
+    N, K, glu = {"qkv": (6144, 4096, False), "o_proj": (4096, 4096, False), "gate_up": (28672, 4096, True)}[shape]
+    cfg = wo_gemm.wo_config(1, N, K, 8, 0, 132, glu=glu)
+    warps = cfg.pop("num_warps")
+    pipelined = "STAGES" in cfg
+    consts = dict(BITS=8, GROUP=128, HAS_ZERO=False, HAS_BIAS=False, UPCAST=False, PDL=True,
+                  PREFETCH=cfg.pop("PREFETCH", True), REDUCE_EACH_TILE=True, INT4_WORDS=False, INT4_JOIN=False, M=1,
+                  stride_xk=1, GLU=glu, RMS_SCALE=shape != "o_proj", ADD_RESIDUAL=shape == "o_proj", **cfg)
+    sig = dict(ONE_BITS="i32", X="*bf16", W="*i8", S="*fp32", Z="*u8", B="*bf16", Y="*bf16", Out="*bf16",
+               Counters="*i32", R="*bf16", RO="*bf16", NW="*bf16", eps="fp32")
+    regs, spills, _ = sm90_compile("kiln.ops.wo_gemm", "_wo_gemm_kernel", sig, consts, warps)
+    base_regs, _, _ = sm90_compile("kiln.ops.wo_gemm", "_wo_gemm_kernel", sig,
+                                   dict(consts, RMS_SCALE=False, ADD_RESIDUAL=False), warps)
+
+    def per_sm(r):
+        return 65536 // (-(-r * 32 // 256) * 256 * warps)
+
+    assert spills == 0 and (pipelined or per_sm(regs) >= per_sm(base_regs)), (shape, regs, base_regs)
 
 
 @pytest.mark.skipif(ptxas_path() is None, reason="needs Triton's bundled ptxas")

@@ -134,3 +134,23 @@ def test_weight_only_bad_input_is_named():
         quantize_weight_only_(nn.Sequential(nn.ReLU()), "int8-wo")
     q, s = quantize_int8_weight(torch.zeros(3, 5))  # an all-zero channel quantizes to zeros, no division by 0
     assert torch.equal(q, torch.zeros(3, 5, dtype=torch.int8)) and torch.isfinite(s).all()
+
+
+def test_fold_norm_gains_moves_the_gain_into_the_linears_columns():
+    """``fold_norm_gains_``: the norm's gain goes into every linear it feeds, the norm keeps a gain of exactly 1,
+    and norm -> linear computes the same function; a linear of another width is a clear error."""
+    from kiln.ops.norm import rms_norm_ref
+    from kiln.quant.llm import fold_norm_gains_
+
+    torch.manual_seed(0)
+    g = torch.rand(24) + 0.5
+    lins = [nn.Linear(24, 16), nn.Linear(24, 8, bias=False)]
+    x = torch.randn(5, 24)
+    before = [lin(rms_norm_ref(x, g, 1e-6)) for lin in lins]
+    gain = g.clone()
+    fold_norm_gains_(gain, lins)
+    assert torch.equal(gain, torch.ones(24))
+    for lin, want in zip(lins, before):
+        torch.testing.assert_close(lin(rms_norm_ref(x, gain, 1e-6)), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="in_features=12"):
+        fold_norm_gains_(torch.rand(24), [nn.Linear(12, 4)])

@@ -141,7 +141,6 @@ class LlamaDecoderLayer(nn.Module):
         gate_up, residual = _norm_proj(ln2, mlp.gate_up_proj, hidden, residual)
         return mlp.down(gate_up), residual
 
-
     def _folded_int8_row(self, hidden: torch.Tensor) -> bool:
         """One decode row through int8-wo linears whose norms' gains were folded into them at build (unit gains,
         checked at start-up), on one rank: the layer can run without norm kernels (``_folded_int8_forward``)."""
