@@ -269,8 +269,8 @@ def _forward_windows(model: nn.Module, windows: list[list[int]], device: torch.d
 
 # ------------------------------------------------------------------------------------------------ build
 def fold_decoder_norm_gains_(model: nn.Module) -> list[str]:
-    """int8-wo: every decoder layer's two RMSNorm gains folded into the linears after them
-    (``kiln.quant.llm.fold_norm_gains_``), so the engine's int8 decode GEMVs take the norms in their epilogues.
+    """Weight-only modes: every decoder layer's two RMSNorm gains folded into the linears after them
+    (``kiln.quant.llm.fold_norm_gains_``), so the engine's decode GEMVs take the norms in their epilogues.
     Returns what was folded (for the engine's config); models without such layers (GPT-2's LayerNorms) fold
     nothing."""
     from kiln.quant.llm import fold_norm_gains_
@@ -308,7 +308,7 @@ def quantize_for_build_(model: nn.Module, spec: QuantSpec, tokenizer_dir) -> dic
                       "tokens": sum(len(w) for w in windows)}
     quant_entry = None
     if spec.mode in ("int8-wo", "int4-wo"):
-        folded = fold_decoder_norm_gains_(model) if spec.mode == "int8-wo" else []
+        folded = fold_decoder_norm_gains_(model)
         quantize_parallel_(model, spec.mode, spec.group_size, lm_head=spec.lm_head, embedding=spec.embedding)
         quant_entry = {"mode": spec.mode, "group_size": spec.group_size, "lm_head": spec.lm_head,
                        "embedding": False}

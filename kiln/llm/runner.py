@@ -79,7 +79,7 @@ class ModelRunner:
             # int4 weights in the layout the one-row GEMV streams fastest (kiln.ops.wo_gemm); files keep theirs
             if n := interleave_int4_rows_(model):
                 logger.info("int4 weights: %d linears row-interleaved for the GPU's GEMV", n)
-        # RMSNorms of unit gain (int8-wo engines fold the gains into the linears): decode layers may skip them
+        # RMSNorms of unit gain (weight-only engines fold the gains into the linears): decode layers may skip them
         from .layers.norm import RMSNorm
 
         if n := sum(m.check_unit_gain() for m in model.modules() if isinstance(m, RMSNorm)):

@@ -58,9 +58,10 @@ takes HALF gate rows and the HALF up rows they pair with (row n and row n + N/2,
 silu(gate) * up, so a decode step's MLP needs no separate activation kernel. ``wo_rms_norm_linear`` folds the
 RMSNorm (and residual add) in front of a one-row int8 GEMV into its prologue (``NORM_K``), for rows of at most
 ``MAX_WO_NORM_K``, with the unfused bits. ``wo_fused_linear`` serves weights that already hold the norm's gain
-(int8-wo engines fold it in at build): the GEMV multiplies its output by ``1 / rms(x)``, from squares of the
-activation tiles its K loop loads anyway (``RMS_SCALE``), and adds a residual in its epilogue (``ADD_RESIDUAL``), so
-an int8 decode layer runs no norm kernel at all (``LlamaDecoderLayer._folded_int8_forward``).
+(weight-only engines fold it in at build): the GEMV multiplies its output by ``1 / rms(x)``, from squares of the
+activation tiles its K loop loads anyway (``RMS_SCALE``; the int4 quads GEMV reads the row again, ``RMS_ROW``), and
+adds a residual in its epilogue (``ADD_RESIDUAL``), so a decode layer runs no norm kernel at all
+(``LlamaDecoderLayer._folded_forward``).
 
 Decode-sized calls (M <= 64) split K over extra programs (``SPLIT_K``) where the output tiles leave SMs idle: a
 4096-row weight makes only 64 column tiles, half an H100's SMs, and a GEMV is memory-bound, so it needs every SM
@@ -329,8 +330,10 @@ def wo_fused_linear(x: torch.Tensor, weight: WeightOnly, bias: torch.Tensor | No
     """``[residual +] f(x / rms(x))``, f = ``weight.linear(., bias)`` (``silu_and_mul`` of it with ``glu``), where
     ``rms_eps`` (the norm's eps) says x is an RMSNorm's input whose gain was folded into the weight's columns at
     build time (``kiln.quant.llm.fold_norm_gains_``), and ``residual`` [..., N] is added to the output.
+    int4 weights take the same epilogues in the quads GEMV (row-interleaved words), which reads the row again for
+    its squares after the K loop: a split-K program has seen only part of it.
 
-    Why: with the gain in the weight, ``W (x / rms(x)) = (W x) / rms(x)``, so one int8 decode row (a decode_sized
+    Why: with the gain in the weight, ``W (x / rms(x)) = (W x) / rms(x)``, so one decode row (a decode_sized
     x of one row) takes the norm as one multiply in the GEMV's epilogue (``RMS_SCALE``; the sum of squares comes
     from the activation tiles the K loop loads anyway), and the previous linear adds the residual in its own
     epilogue (``ADD_RESIDUAL``, the unfused ops' rounding). A decode layer then runs no RMSNorm kernel. H200,
@@ -358,9 +361,10 @@ def wo_fused_linear(x: torch.Tensor, weight: WeightOnly, bias: torch.Tensor | No
                              f"got {tuple(residual.shape)}")
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
-    if weight.bits == 8 and rows == 1 and K > 0 and decode_sized(x, *(() if residual is None else (residual,))):
+    gemv = weight.bits == 8 or weight.qweight.dim() == 3  # int8, or int4 as row-interleaved words (the quads GEMV)
+    if gemv and rows == 1 and K > 0 and decode_sized(x, *(() if residual is None else (residual,))):
         add = None if residual is None else residual.reshape(1, n_out).contiguous()
-        return _wo_triton(x, *weight[:4], bias, 8, glu=glu, rms_eps=rms_eps, add=add)
+        return _wo_triton(x, *weight[:4], bias, weight.bits, glu=glu, rms_eps=rms_eps, add=add)
     if rms_eps is not None:
         x = rms_norm(x, torch.ones(K, dtype=x.dtype, device=x.device), rms_eps)
     y = silu_and_mul(weight.linear(x, bias)) if glu else weight.linear(x, bias)
@@ -776,27 +780,36 @@ def _quads_x(X, j, k0, k_hi):
 
 
 @triton.jit
-def _quads_epilogue(y, rows, row_mask, B, Y, pid, N, HAS_BIAS: tl.constexpr, GLU: tl.constexpr,
-                    BLOCK_Q: tl.constexpr, R: tl.constexpr):
+def _quads_epilogue(y, rows, row_mask, X, B, RES, Y, pid, N, K, eps, HAS_BIAS: tl.constexpr, GLU: tl.constexpr,
+                    BLOCK_Q: tl.constexpr, R: tl.constexpr, RMS_ROW: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
     """Whole sums ``y`` of the program's rows (flat): + bias, rounded once to Y's dtype; with ``GLU`` the first half
     are gate rows and the second the up rows they pair with, stored as silu(gate) * up with the unfused ops'
-    rounding (gate and up rounded first)."""
+    rounding (gate and up rounded first). ``RMS_ROW`` (a power of two >= K): the sums are first scaled by
+    1 / rms(x), x's row read again (from L2: the whole K, which a split-K program has not seen); ``ADD_RESIDUAL``:
+    ``RES`` [N] is added to the rounded output, as the unfused add rounds it."""
     dt = Y.dtype.element_ty
+    if RMS_ROW > 0:
+        kn = tl.arange(0, RMS_ROW)
+        xr = tl.load(X + kn, mask=kn < K, other=0.0).to(tl.float32)
+        y = y * tl.rsqrt(tl.sum(xr * xr, axis=0) / K + eps)
     if HAS_BIAS:
         y += tl.load(B + rows, mask=row_mask, other=0.0).to(tl.float32)
     if GLU:
         g, u = tl.split(tl.permute(tl.reshape(y.to(dt).to(tl.float32), (2, BLOCK_Q * R)), (1, 0)))
         offs_o = pid * BLOCK_Q * R + tl.arange(0, BLOCK_Q * R)
         tl.store(Y + offs_o, silu_mul_f32(g, u, dt).to(dt), mask=offs_o < N // 2)
+    elif ADD_RESIDUAL:
+        tl.store(Y + rows, residual_sum(y.to(dt), tl.load(RES + rows, mask=row_mask, other=0.0), dt), mask=row_mask)
     else:
         tl.store(Y + rows, y.to(dt), mask=row_mask)
 
 
 @triton.jit
-def _int4_quads_gemv_kernel(X, W, S, Z, B, P, Y, Counters, N, K, k_per_split, stride_wq, stride_zn, stride_sn,
-                            ONE_BITS, BLOCK_Q: tl.constexpr, BLOCK_W: tl.constexpr, R: tl.constexpr,
+def _int4_quads_gemv_kernel(X, W, S, Z, B, P, Y, Counters, RES, N, K, k_per_split, stride_wq, stride_zn, stride_sn,
+                            ONE_BITS, eps, BLOCK_Q: tl.constexpr, BLOCK_W: tl.constexpr, R: tl.constexpr,
                             GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr):
+                            SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr,
+                            RMS_ROW: tl.constexpr = 0, ADD_RESIDUAL: tl.constexpr = False):
     """The one-row int4 GEMV on row-interleaved words (``interleave_int4_rows``: W int32 [N / R, K / 8, R]).
 
     Program (p, s) takes BLOCK_Q quads of R rows (with ``GLU``, BLOCK_Q quads of gate rows and the BLOCK_Q up quads
@@ -851,13 +864,15 @@ def _int4_quads_gemv_kernel(X, W, S, Z, B, P, Y, Counters, N, K, k_per_split, st
     rows = tl.reshape(rows, (QQ * R,))
     row_mask = tl.reshape(q_mask[:, None] & (i < R)[None, :], (QQ * R,))
     if SPLIT_K == 1:
-        _quads_epilogue(y, rows, row_mask, B, Y, pid, N, HAS_BIAS, GLU, BLOCK_Q, R)
+        _quads_epilogue(y, rows, row_mask, X, B, RES, Y, pid, N, K, eps, HAS_BIAS, GLU, BLOCK_Q, R, RMS_ROW,
+                        ADD_RESIDUAL)
     else:
         part = P + rows.to(tl.int64)
         tl.store(part + pid_k.to(tl.int64) * N, y, mask=row_mask)
         if last_to_arrive(Counters + pid, SPLIT_K):
             y = sum_partials_in_order(part, row_mask, N, SPLIT_K)
-            _quads_epilogue(y, rows, row_mask, B, Y, pid, N, HAS_BIAS, GLU, BLOCK_Q, R)
+            _quads_epilogue(y, rows, row_mask, X, B, RES, Y, pid, N, K, eps, HAS_BIAS, GLU, BLOCK_Q, R, RMS_ROW,
+                            ADD_RESIDUAL)
             rearm(Counters + pid)
 
 
@@ -1024,8 +1039,9 @@ def _quads_config_cached(N, K, rows, group_size, sms, glu, interp) -> tuple:
     return tuple(dict(BLOCK_Q=bq, BLOCK_W=bw, SPLIT_K=split, num_warps=2 if not interp else 4, PREFETCH=True).items())
 
 
-def _int4_quads_gemv(x2, words, scales, zeros, group_size, bias, y, config, glu):
-    """One row times row-interleaved int4 words [N / R, K / 8, R] (``_int4_quads_gemv_kernel``) into ``y``."""
+def _int4_quads_gemv(x2, words, scales, zeros, group_size, bias, y, config, glu, rms_eps=None, add=None):
+    """One row times row-interleaved int4 words [N / R, K / 8, R] (``_int4_quads_gemv_kernel``) into ``y``;
+    ``rms_eps`` / ``add`` as ``_wo_triton``'s."""
     N, K = int4_weight_shape(words)
     R = words.shape[2]
     if glu and (N // 2) % R:
@@ -1049,9 +1065,11 @@ def _int4_quads_gemv(x2, words, scales, zeros, group_size, bias, y, config, glu)
     dummy = scales
     _int4_quads_gemv_kernel[(tiles, split)](
         x2, words, scales, zeros if zeros is not None else dummy, bias if bias is not None else dummy, partials, y,
-        counters, N, K, k_per_split, words.stride(0), zeros.stride(0) if zeros is not None else 0, scales.stride(0),
-        ONE_BITS_VALUE, BLOCK_Q=bq, BLOCK_W=bw, R=R, GROUP=group_size, HAS_ZERO=zeros is not None,
+        counters, add if add is not None else dummy, N, K, k_per_split, words.stride(0),
+        zeros.stride(0) if zeros is not None else 0, scales.stride(0), ONE_BITS_VALUE, float(rms_eps or 0.0),
+        BLOCK_Q=bq, BLOCK_W=bw, R=R, GROUP=group_size, HAS_ZERO=zeros is not None,
         HAS_BIAS=bias is not None, SPLIT_K=split, PREFETCH=cfg.get("PREFETCH", True), GLU=glu,
+        RMS_ROW=next_power_of_2(K) if rms_eps is not None else 0, ADD_RESIDUAL=add is not None,
         num_warps=cfg.get("num_warps", 2), **pdl_launch_args())
     return y
 
@@ -1097,6 +1115,9 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
     if (quads and not qweight.is_contiguous()) or qweight.stride(-1) != 1:
         qweight = qweight.contiguous()
     n_out = N // 2 if glu else N
+    if (rms_eps is not None or add is not None) and (M != 1 or (bits == 4 and not quads)):
+        raise ValueError("the 1 / rms and residual epilogues are for one-row GEMVs (int8, or row-interleaved int4 "
+                         f"words); got {M} rows of {'row-interleaved ' if quads else ''}int{bits} weights")
     y = out if out is not None else torch.empty(M, n_out, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y.view(*x.shape[:-1], n_out)
@@ -1112,7 +1133,7 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
         _int4_dequant_linear(x2, qweight, scales, zeros, group_size, bias, y, glu)
         return y.view(*x.shape[:-1], n_out)
     if quads and M == 1 and not (config or {}).get("USE_DOT", False):
-        _int4_quads_gemv(x2, qweight, scales, zeros, group_size, bias, y, config, glu)
+        _int4_quads_gemv(x2, qweight, scales, zeros, group_size, bias, y, config, glu, rms_eps, add)
         return y.view(*x.shape[:-1], n_out)
     sms = _num_sms(x.device.index or 0) if x.is_cuda else 132
     cfg = dict(config) if config else wo_config(M, N, K, bits, group_size, sms, glu)
@@ -1141,8 +1162,8 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
                              f"{cfg['BLOCK_N']}")
         cfg["SPLIT_K"] = 1  # the epilogue needs the whole sum
     if rms_eps is not None or add is not None:
-        if bits != 8 or M != 1 or cfg["USE_DOT"]:
-            raise ValueError("the 1 / rms and residual epilogues are for the one-row int8 GEMV")
+        if cfg["USE_DOT"]:
+            raise ValueError("the 1 / rms and residual epilogues are for the one-row GEMV tiles (USE_DOT=False)")
         if x2.stride(1) != 1:
             x2 = x2.contiguous()
         cfg["SPLIT_K"] = 1  # both need the whole sum (a narrow weight loses some SMs, and keeps one launch)

@@ -105,6 +105,13 @@ class _WeightOnlyForward:
         (``kiln.ops.wo_gemm.wo_glu_linear``)."""
         return wo_glu_linear(x, self.weight_only(), self.bias)
 
+    def fused_forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, rms_eps: float | None = None,
+                      glu: bool = False) -> torch.Tensor:
+        """``[residual +] self(x / rms(x))`` (SiLU-and-mul'ed with ``glu``), for a linear whose RMSNorm gain was
+        folded into its weight (``fold_norm_gains_``): one decode row takes the 1 / rms and the residual add in
+        the GEMV's epilogue (``kiln.ops.wo_gemm.wo_fused_linear``)."""
+        return wo_fused_linear(x, self.weight_only(), self.bias, residual, rms_eps, glu)
+
     def norm_forward(self, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None):
         """``self(norm(x, residual))``, plus ``x + residual`` when one is given (``norm``: the RMSNorm module in
         front of this linear); one int8 decode row takes the norm inside the GEMV
@@ -152,13 +159,6 @@ class Int8WeightOnlyLinear(_WeightOnlyForward, _PerChannelLinear):
 
     def weight_only(self) -> WeightOnly:
         return WeightOnly(self.qweight, self.scale)
-
-    def fused_forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, rms_eps: float | None = None,
-                      glu: bool = False) -> torch.Tensor:
-        """``[residual +] self(x / rms(x))`` (SiLU-and-mul'ed with ``glu``), for a linear whose RMSNorm gain was
-        folded into its weight (``fold_norm_gains_``): one int8 decode row takes the 1 / rms and the residual add
-        in the GEMV's epilogue (``kiln.ops.wo_gemm.wo_fused_linear``)."""
-        return wo_fused_linear(x, self.weight_only(), self.bias, residual, rms_eps, glu)
 
 
 class Int4WeightOnlyLinear(_WeightOnlyForward, _WeightOnlyLinear):
@@ -275,9 +275,9 @@ def quantize_weight_only_(model: nn.Module, mode: str, group_size: int | None = 
 def fold_norm_gains_(norm_weight: torch.Tensor, linears: list[nn.Linear]) -> None:
     """Move an RMSNorm's gain g into the columns of the float linears it feeds (``W[:, k] *= g[k]``) and set it
     to 1, before they are quantized: ``W (g * n(x)) = (W diag(g)) n(x)``. Why: a norm of unit gain is just
-    ``x / rms(x)``, which the int8 decode GEMV applies to its output (``Int8WeightOnlyLinear.fused_forward``), so
-    the decode layer needs no norm kernel. The model's function is unchanged up to rounding; int8's per-channel
-    scales then cover the scaled rows."""
+    ``x / rms(x)``, which the decode GEMV applies to its output (``fused_forward`` of the weight-only linears), so
+    the decode layer needs no norm kernel. The model's function is unchanged up to rounding; the quantizer's
+    scales (per channel, or per group) then cover the scaled rows."""
     g = norm_weight.detach().float()
     for lin in linears:
         if lin.in_features != g.numel():

@@ -100,6 +100,8 @@ def main():
     ap.add_argument("--replays", type=int, default=200)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=128, help="the context is about this plus --tokens")
+    ap.add_argument("--quant", default="int8-wo", choices=["int8-wo", "int4-wo"],
+                    help="the engine's mode (the tile variants touch int8 linears only; unfold and env: work on both)")
     args = ap.parse_args()
     if len(set(args.variants)) != len(args.variants):
         raise ValueError(f"variants repeat: {args.variants}")
@@ -111,7 +113,7 @@ def main():
     table = []
     for model in args.models:
         d = Path(tempfile.mkdtemp())
-        entry = engine_entry("int8-wo", None)
+        entry = engine_entry(args.quant, None)
         (d / "config.json").write_text(json.dumps({**SHAPES[model], "kiln_engine": entry}))
         llm = LLM(str(d), dtype="bfloat16", device="cuda", load_format="dummy", max_num_seqs=1,
                   max_num_batched_tokens=4096, max_model_len=max(2048, args.prompt_len + args.tokens + 64),

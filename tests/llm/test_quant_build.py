@@ -34,6 +34,7 @@ MODES = {"float": (None, None, None), "int8-wo": ("int8-wo", None, None), "int4-
 PPL_LIMITS = {"int8-wo": 1.01, "int4-wo-g128": 1.05, "int4-wo-g64": 1.05, "int4-wo-g32": 1.05, "int8-wo-emb": 1.01,
               "int4-wo-g128-emb": 1.05, "w8a8": 1.03, "fp8": 1.02,
               "kv-int8": 1.01, "kv-fp8": 1.01}
+FOLDED = ["input_layernorm -> qkv_proj", "post_attention_layernorm -> gate_up_proj"]  # weight-only builds
 CALIB = CalibrationConfig(num_samples=4, seq_len=256)  # CI-sized: 1,024 tokens at offset 20,000 (disjoint)
 HELD_OUT_PLAYS = ("macbeth", "twelfth_night", "henry_v", "coriolanus")  # as scripts/train_default_model.py
 WINDOW, WINDOWS_PER_PLAY, OFFSET = 512, 2, 5000  # 8 windows of 512 tokens: 4,088 scored tokens
@@ -80,7 +81,8 @@ def perplexity(llm, windows):
 def test_quantized_engine_stores_packed_weights_and_loads_quantized_modules(engines):
     path, llm = engines["int4-wo-g64"]
     cfg = json.loads((path / "config.json").read_text())
-    assert cfg["kiln_engine"]["quant"] == {"mode": "int4-wo", "group_size": 64, "lm_head": True, "embedding": False}
+    assert cfg["kiln_engine"]["quant"] == {"mode": "int4-wo", "group_size": 64, "lm_head": True, "embedding": False,
+                                           "norm_gains_folded": FOLDED}
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
         qkv = f.get_tensor("model.layers.0.self_attn.qkv_proj.qweight")
         scales = f.get_tensor("model.layers.0.self_attn.qkv_proj.scales")
@@ -102,27 +104,27 @@ def test_quantized_engine_stores_packed_weights_and_loads_quantized_modules(engi
     assert not any(isinstance(m, nn.Linear) for m in model.model.layers.modules())
 
 
-def test_int8_engine_folds_the_norm_gains_and_decodes_without_norm_kernels(engines, monkeypatch):
-    """int8-wo builds move every decoder norm's gain into the linear after it (recorded in the engine config); the
-    runner sees the unit gains, and a batch-1 decode step runs each layer as ``_folded_int8_forward`` (1 / rms and
-    residual adds in the GEMVs' epilogues), with the tokens of the unfused layer. int4-wo keeps its norms."""
+@pytest.mark.parametrize("name", ["int8-wo", "int4-wo-g128"])
+def test_weight_only_engine_folds_the_norm_gains_and_decodes_without_norm_kernels(engines, monkeypatch, name):
+    """Weight-only builds move every decoder norm's gain into the linear after it (recorded in the engine config);
+    the runner sees the unit gains, and a batch-1 decode step runs each layer as ``_folded_forward`` (1 / rms and
+    residual adds in the GEMVs' epilogues), with the tokens of the unfused layer. Other modes keep their norms."""
     from kiln.llm.models.llama import LlamaDecoderLayer
 
-    path, llm = engines["int8-wo"]
+    path, llm = engines[name]
     quant = json.loads((path / "config.json").read_text())["kiln_engine"]["quant"]
-    assert quant["norm_gains_folded"] == ["input_layernorm -> qkv_proj", "post_attention_layernorm -> gate_up_proj"]
+    assert quant["norm_gains_folded"] == FOLDED
     layers = llm.engine.model.model.layers
     for layer in layers:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             assert norm.unit_gain and torch.equal(norm.weight, torch.ones_like(norm.weight))
     assert not llm.engine.model.model.norm.unit_gain  # the final norm keeps its gain (the head may be tied)
-    int4 = engines["int4-wo-g128"][1].engine.model.model.layers[0]
-    assert not int4.input_layernorm.unit_gain and "norm_gains_folded" not in json.loads(
-        (engines["int4-wo-g128"][0] / "config.json").read_text())["kiln_engine"]["quant"]
+    w8a8 = engines["w8a8"][1].engine.model.model.layers[0]
+    assert not w8a8.post_attention_layernorm.unit_gain and "norm_gains_folded" not in json.loads(
+        (engines["w8a8"][0] / "config.json").read_text())["kiln_engine"]["quant"]
     calls = []
-    folded = LlamaDecoderLayer._folded_int8_forward
-    monkeypatch.setattr(LlamaDecoderLayer, "_folded_int8_forward",
-                        lambda self, *a: calls.append(1) or folded(self, *a))
+    folded = LlamaDecoderLayer._folded_forward
+    monkeypatch.setattr(LlamaDecoderLayer, "_folded_forward", lambda self, *a: calls.append(1) or folded(self, *a))
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     got = llm.generate("ROMEO:", params)[0].outputs[0].token_ids
     assert len(calls) == 3 * len(layers)  # the three decode steps after the prefill
@@ -284,15 +286,18 @@ def test_engine_round_trip_keeps_the_quantized_head_and_embedding(checkpoints, t
     int8 embedding rows) and gives the same logits as the quantized model before it was written."""
     from kiln.llm.build import load_model
     from kiln.llm.layers.parallel import quantize_parallel_
+    from kiln.llm.quantize import fold_decoder_norm_gains_
     from kiln.quant.llm import quantize_int4_weight, quantize_int8_weight
 
     path, _ = checkpoints["llama"]  # tied embeddings
     engine = build_engine(path, tmp_path / "e", dtype="float32", quant="int4-wo", group_size=32,
                           quantize_embedding=True, show_progress=False)
     info = json.loads((engine / "config.json").read_text())["kiln_engine"]["quant"]
-    assert info == {"mode": "int4-wo", "group_size": 32, "lm_head": True, "embedding": "int8 per row"}
+    assert info == {"mode": "int4-wo", "group_size": 32, "lm_head": True, "embedding": "int8 per row",
+                    "norm_gains_folded": FOLDED}
     float_model = load_model(path, "cpu", torch.float32).model
     table = float_model.model.embed_tokens.weight.detach().clone()
+    assert fold_decoder_norm_gains_(float_model) == FOLDED
     quantize_parallel_(float_model, "int4-wo", 32, lm_head=True, embedding=True)
     built = float_model.engine_state_dict()
     llm = LLM(str(engine), dtype="float32", max_num_seqs=8, block_size=8, device="cpu")  # vs the CPU build
@@ -400,7 +405,7 @@ def test_kiln_build_cli_quant_flags(checkpoints, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["build", str(llama), "-o", str(out), "--quant", "int4-wo", "--group-size", "32"]) == 0
     assert json.loads((out / "config.json").read_text())["kiln_engine"]["quant"] == {
-        "mode": "int4-wo", "group_size": 32, "lm_head": True, "embedding": False}
+        "mode": "int4-wo", "group_size": 32, "lm_head": True, "embedding": False, "norm_gains_folded": FOLDED}
     for flags, head, emb in ((["--no-quantize-lm-head"], False, False), (["--quantize-embedding"], True, True)):
         d = tmp_path / "-".join(flags)
         assert main(["build", str(llama), "-o", str(d), "--quant", "int8-wo", *flags]) == 0

@@ -84,6 +84,44 @@ def test_quads_gemv_matches_reference(dtype, glu, split, NKG, zeros, bias):
 
 
 @requires_triton
+@pytest.mark.parametrize("split", [1, 3])
+def test_quads_gemv_epilogues_scale_by_one_over_rms_and_add_the_residual(monkeypatch, split):
+    """``wo_fused_linear`` on row-interleaved int4 words (gains folded into the weight): the 1 / rms scale (the row
+    read again by the program that finishes the sum: with split K, the last to arrive), the bias, the SiLU-and-mul
+    or the residual add, against the fp32 reference and the unfused ops; the norm kernel is never called."""
+    from kiln.ops import norm
+
+    monkeypatch.setenv("KILN_OPS", "triton")
+    N, K, G = (48, 192, 64) if not BIG else (6144, 4096, 128)
+    x, q, s, z, b = operands(N, K, G, torch.bfloat16, zeros=True, bias=True, seed=3)
+    x = x * 3
+    quads = wo_gemm.WeightOnly(wo_gemm.interleave_int4_rows(q, 4), s, z, G, 4)
+    plain = wo_gemm.WeightOnly(q, s, z, G, 4)
+    r = torch.randn(1, N, device=DEVICE, dtype=torch.bfloat16)
+    cfg = dict(BLOCK_Q=2, BLOCK_W=4, SPLIT_K=split, num_warps=4) if not BIG else dict(
+        wo_gemm.quads_config(N, K, 4, G), SPLIT_K=split)
+    real = wo_gemm._int4_quads_gemv
+    monkeypatch.setattr(wo_gemm, "_int4_quads_gemv", lambda *a, **k: real(*a[:7], cfg, *a[8:], **k))
+    unfused_norm = norm.rms_norm
+    xn = unfused_norm(x, torch.ones(K, device=DEVICE, dtype=torch.bfloat16), 1e-5)
+
+    def no_norm_kernel(*a, **k):
+        raise AssertionError("the fused path called the norm kernel")
+
+    for kwargs, unfused in ((dict(bias=b, rms_eps=1e-5), lambda: plain.linear(xn, b)),
+                            (dict(rms_eps=1e-5, glu=True), lambda: silu_and_mul_ref(plain.linear(xn))),
+                            (dict(bias=b, residual=r, rms_eps=1e-5), lambda: plain.linear(xn, b) + r)):
+        monkeypatch.setattr(norm, "rms_norm", no_norm_kernel)
+        got = wo_gemm.wo_fused_linear(x, quads, **kwargs)
+        monkeypatch.setattr(norm, "rms_norm", unfused_norm)
+        ref = wo_gemm.wo_fused_linear_ref(x, plain, **kwargs)
+        assert rel_err(got, ref) <= RTOL[torch.bfloat16], kwargs
+        assert rel_err(got, unfused()) <= 2 * RTOL[torch.bfloat16], kwargs
+    with pytest.raises(ValueError, match="one-row GEMVs"):  # the plain packing has no such epilogue
+        wo_gemm._wo_triton(x, q, s, z, G, None, 4, rms_eps=1e-5)
+
+
+@requires_triton
 @pytest.mark.parametrize("M, glu", [(3, False), (5, True), (17, False)] if not BIG else
                          [(4, False), (16, True), (64, False), (300, False)])
 def test_quads_joined_dot_matches_reference(M, glu):

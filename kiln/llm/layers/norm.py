@@ -15,7 +15,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
-        # the gain is exactly 1 (int8-wo engines fold it into the next linear): the decode layer may then skip the
+        # the gain is exactly 1 (weight-only engines fold it into the next linear): the decode layer may then skip the
         # norm kernel. Checked once by ``check_unit_gain`` (the engine's runner at start-up), not per step (a sync)
         self.unit_gain = False
 

@@ -51,7 +51,7 @@ class LlamaAttention(nn.Module):
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor, cos_sin: torch.Tensor,
                residual: torch.Tensor | None = None) -> torch.Tensor:
         """Everything after the qkv projection: q/k norm, rotary + KV store (one launch), attention, o_proj.
-        ``residual`` (one rank, an int8-wo o_proj): returns ``residual + o_proj(...)``, added in o_proj's epilogue."""
+        ``residual`` (one rank, a weight-only o_proj): returns ``residual + o_proj(...)``, added in its epilogue."""
         T = qkv.shape[0]
         q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size: self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
@@ -127,8 +127,8 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, positions, hidden, residual, cos_sin):
         # each RMSNorm is folded into the projection after it (one GEMV launch at decode; norm + cuBLAS otherwise)
         attn, mlp, ln1, ln2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
-        if residual is None and self._folded_int8_row(hidden):
-            return self._folded_int8_forward(positions, hidden, cos_sin), None
+        if residual is None and self._folded_row(hidden):
+            return self._folded_forward(positions, hidden, cos_sin), None
         if residual is None:
             residual = hidden
             qkv = _norm_proj(ln1, attn.qkv_proj, hidden, None)
@@ -141,15 +141,15 @@ class LlamaDecoderLayer(nn.Module):
         gate_up, residual = _norm_proj(ln2, mlp.gate_up_proj, hidden, residual)
         return mlp.down(gate_up), residual
 
-    def _folded_int8_row(self, hidden: torch.Tensor) -> bool:
-        """One decode row through int8-wo linears whose norms' gains were folded into them at build (unit gains,
-        checked at start-up), on one rank: the layer can run without norm kernels (``_folded_int8_forward``)."""
+    def _folded_row(self, hidden: torch.Tensor) -> bool:
+        """One decode row through weight-only linears whose norms' gains were folded into them at build (unit
+        gains, checked at start-up), on one rank: the layer can run without norm kernels (``_folded_forward``)."""
         attn, mlp = self.self_attn, self.mlp
         return (hidden.shape[0] == 1 and self.input_layernorm.unit_gain and self.post_attention_layernorm.unit_gain
                 and attn.tp.size == 1 and all(hasattr(m, "fused_forward") for m in (
                     attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)))
 
-    def _folded_int8_forward(self, positions, hidden, cos_sin) -> torch.Tensor:
+    def _folded_forward(self, positions, hidden, cos_sin) -> torch.Tensor:
         """The layer on the residual stream ``hidden`` (the previous layer's down_proj added its residual): each
         norm is the 1 / rms in the next GEMV's epilogue, and o_proj and down_proj add the residual in theirs
         (``kiln.ops.wo_gemm.wo_fused_linear``). Returns the new residual stream."""
@@ -193,7 +193,7 @@ class LlamaForCausalLM(CausalLM):
         residual = None
         for layer in self.model.layers:
             hidden, residual = layer(positions, hidden, residual, self.cos_sin_cache)
-        if residual is None:  # the layers' residual adds were in their GEMVs (``_folded_int8_forward``)
+        if residual is None:  # the layers' residual adds were in their GEMVs (``_folded_forward``)
             return self.model.norm(hidden)
         return self.model.norm(hidden, residual)[0]
 
