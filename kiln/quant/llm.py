@@ -271,6 +271,24 @@ def quantize_weight_only_(model: nn.Module, mode: str, group_size: int | None = 
     return model
 
 
+# The widest hidden size whose int4 decode layer runs without norm kernels (``takes_folded_decode_layer``). H200,
+# session 27 (scripts/gpu/int8_pipe_ab.py --quant int4-wo, greedy graph replay): the 1B (2048) went from 0.592 to
+# 0.551 ms, the 8B (4096) from 2.225 to 2.487 ms. Not yet explained: the tiles compile without spills and with no
+# more registers (sm_90), and the int8 8B gained (2.560 -> 2.477). The likeliest cause is session 22's: with no norm
+# kernel between them, an early-launched int4 GEMV takes SM slots from the split-K GEMV still running before it.
+MAX_INT4_FOLDED_HIDDEN = 2048
+
+
+def takes_folded_decode_layer(qkv: nn.Module, o_proj: nn.Module, gate_up: nn.Module, down: nn.Module) -> bool:
+    """True when a decode layer over these four linears runs as four GEMVs with the norms and residual adds in
+    their epilogues (``fused_forward``): all weight-only, and for int4 a hidden size of at most
+    ``MAX_INT4_FOLDED_HIDDEN``."""
+    mods = (qkv, o_proj, gate_up, down)
+    if not all(isinstance(m, WEIGHT_ONLY_MODULES) for m in mods):
+        return False
+    return not any(isinstance(m, Int4WeightOnlyLinear) for m in mods) or qkv.in_features <= MAX_INT4_FOLDED_HIDDEN
+
+
 @torch.no_grad()
 def fold_norm_gains_(norm_weight: torch.Tensor, linears: list[nn.Linear]) -> None:
     """Move an RMSNorm's gain g into the columns of the float linears it feeds (``W[:, k] *= g[k]``) and set it

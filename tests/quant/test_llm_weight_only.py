@@ -154,3 +154,20 @@ def test_fold_norm_gains_moves_the_gain_into_the_linears_columns():
         torch.testing.assert_close(lin(rms_norm_ref(x, gain, 1e-6)), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="in_features=12"):
         fold_norm_gains_(torch.rand(24), [nn.Linear(12, 4)])
+
+
+def test_folded_decode_layer_takes_weight_only_linears_and_int4_up_to_its_width():
+    """The norm-free decode layer: int8-wo linears at any width, int4-wo up to ``MAX_INT4_FOLDED_HIDDEN`` (where it
+    was measured to pay), never a float linear."""
+    from kiln.quant.llm import MAX_INT4_FOLDED_HIDDEN, takes_folded_decode_layer
+
+    def layer(cls, hidden, **kw):
+        return [cls(i, o, **kw) for i, o in ((hidden, 3 * hidden), (hidden, hidden), (hidden, 8 * hidden),
+                                             (4 * hidden, hidden))]
+
+    assert takes_folded_decode_layer(*layer(Int8WeightOnlyLinear, 2 * MAX_INT4_FOLDED_HIDDEN, device="meta"))
+    assert takes_folded_decode_layer(*layer(Int4WeightOnlyLinear, MAX_INT4_FOLDED_HIDDEN, device="meta"))
+    assert not takes_folded_decode_layer(*layer(Int4WeightOnlyLinear, 2 * MAX_INT4_FOLDED_HIDDEN, device="meta"))
+    mixed = layer(Int8WeightOnlyLinear, 256, device="meta")
+    mixed[1] = nn.Linear(256, 256, device="meta")
+    assert not takes_folded_decode_layer(*mixed)

@@ -143,11 +143,14 @@ class LlamaDecoderLayer(nn.Module):
 
     def _folded_row(self, hidden: torch.Tensor) -> bool:
         """One decode row through weight-only linears whose norms' gains were folded into them at build (unit
-        gains, checked at start-up), on one rank: the layer can run without norm kernels (``_folded_forward``)."""
+        gains, checked at start-up), on one rank, where that pays (``kiln.quant.llm.takes_folded_decode_layer``):
+        the layer can run without norm kernels (``_folded_forward``)."""
+        from kiln.quant.llm import takes_folded_decode_layer
+
         attn, mlp = self.self_attn, self.mlp
         return (hidden.shape[0] == 1 and self.input_layernorm.unit_gain and self.post_attention_layernorm.unit_gain
-                and attn.tp.size == 1 and all(hasattr(m, "fused_forward") for m in (
-                    attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)))
+                and attn.tp.size == 1
+                and takes_folded_decode_layer(attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
 
     def _folded_forward(self, positions, hidden, cos_sin) -> torch.Tensor:
         """The layer on the residual stream ``hidden`` (the previous layer's down_proj added its residual): each
