@@ -1105,8 +1105,9 @@ def _wo_triton(x, qweight, scales, zeros, group_size, bias, bits, out=None, conf
     (one launch). int4 weights may be row-interleaved words (``interleave_int4_rows``): one row then takes the
     quads GEMV, more rows the joined dot reading the same words. ``norm`` = (norm weight [K], eps, residual [1, K]
     or None, residual out [1, K] or None): the one-row int8 GEMV normalises its input itself (``NORM_K``).
-    ``rms_eps``: scale the output by 1 / rms(x) (``RMS_SCALE``); ``add`` [M, N]: return ``add + linear`` instead
-    (``ADD_RESIDUAL``); both for the one-row int8 GEMV, which then takes whole K sums."""
+    ``rms_eps``: scale the output by 1 / rms(x); ``add`` [M, N]: return ``add + linear`` instead; both for one
+    row: the int8 GEMV (``RMS_SCALE``, ``ADD_RESIDUAL``; it then takes whole K sums) or the int4 quads GEMV
+    (``RMS_ROW``, ``ADD_RESIDUAL``, in the program that finishes each sum)."""
     K = x.shape[-1]
     quads = qweight.shape[2] if qweight.dim() == 3 else 0
     N = int4_weight_shape(qweight)[0] if bits == 4 else qweight.shape[0]
