@@ -150,8 +150,8 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
                         sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, s_cs, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
                         bt_stride, block_size, so_t, so_h, HKV,
                         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
-                        SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, RED_G: tl.constexpr, UPCAST: tl.constexpr,
-                        PRECISION: tl.constexpr, PDL: tl.constexpr):
+                        SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, RED_G: tl.constexpr, FEW_S: tl.constexpr,
+                        FEW_G: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     seq = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -184,72 +184,87 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
     g = tl.arange(0, BLOCK_G)
     g_ok = g < GROUP
     head = kvh * GROUP + g
-    qp = Q + seq * sq_t + head[:, None] * sq_h + h[None, :]
-    q1 = tl.load(qp, mask=g_ok[:, None], other=0.0).to(tl.float32)
-    q2 = tl.load(qp + HALF, mask=g_ok[:, None], other=0.0).to(tl.float32)
-    r1, r2 = rotate_halves(q1, q2, cos[None, :], sin[None, :], dt)
-    kp = K + seq * sk_t + kvh * sk_h
-    kn1, kn2 = rotate_halves(tl.load(kp + h).to(tl.float32), tl.load(kp + HALF + h).to(tl.float32), cos, sin,
-                             dt)
-    vn = tl.load(V + seq * sv_t + kvh * sv_h + d)
+    if start < end:  # a split past the context's keys (short contexts leave most of them empty) only counts in
+        qp = Q + seq * sq_t + head[:, None] * sq_h + h[None, :]
+        q1 = tl.load(qp, mask=g_ok[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(qp + HALF, mask=g_ok[:, None], other=0.0).to(tl.float32)
+        r1, r2 = rotate_halves(q1, q2, cos[None, :], sin[None, :], dt)
+        kp = K + seq * sk_t + kvh * sk_h
+        kn1, kn2 = rotate_halves(tl.load(kp + h).to(tl.float32), tl.load(kp + HALF + h).to(tl.float32), cos, sin,
+                                 dt)
+        vn = tl.load(V + seq * sv_t + kvh * sv_h + d)
 
-    # the split whose range holds the new token stores it (slot -1: padding, not stored) and reads it from
-    # registers, never from the slot it is writing
-    own = (start <= new_at) & (new_at < end) & (slot >= 0)
-    safe = tl.maximum(slot, 0)
-    kc_new = KC + (safe // block_size) * skc_b + (safe % block_size) * skc_s + kvh * skc_h
-    tl.store(kc_new + h, kn1, mask=own)
-    tl.store(kc_new + HALF + h, kn2, mask=own)
-    tl.store(VC + (safe // block_size) * svc_b + (safe % block_size) * svc_s + kvh * svc_h + d, vn, mask=own)
-    if UPCAST:
-        r1 = r1.to(tl.float32)
-        r2 = r2.to(tl.float32)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, D], tl.float32)
-
-    if start < end:
+        # the split whose range holds the new token stores it (slot -1: padding, not stored) and reads it from
+        # registers, never from the slot it is writing
+        own = (start <= new_at) & (new_at < end) & (slot >= 0)
+        safe = tl.maximum(slot, 0)
+        kc_new = KC + (safe // block_size) * skc_b + (safe % block_size) * skc_s + kvh * skc_h
+        tl.store(kc_new + h, kn1, mask=own)
+        tl.store(kc_new + HALF + h, kn2, mask=own)
+        tl.store(VC + (safe // block_size) * svc_b + (safe % block_size) * svc_s + kvh * svc_h + d, vn, mask=own)
+        if UPCAST:
+            r1 = r1.to(tl.float32)
+            r2 = r2.to(tl.float32)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, D], tl.float32)
         m_i, l_i, acc = _attend_tile(m_i, l_i, acc, r1, r2, ka0, kz0, vv0, kn1, kn2, vn, n0, end, new_at,
                                      scale_log2e, UPCAST, PRECISION)
-    for s0 in range(start + BLOCK_N, end, BLOCK_N):
-        n = s0 + tl.arange(0, BLOCK_N)
-        ka, kz, vv = _cached_tile(BT, KC, VC, seq, bt_stride, block_size, kvh, skc_b, skc_s, skc_h, svc_b, svc_s,
-                                  svc_h, n, end, new_at, h, d, HALF)
-        m_i, l_i, acc = _attend_tile(m_i, l_i, acc, r1, r2, ka, kz, vv, kn1, kn2, vn, n, end, new_at, scale_log2e,
-                                     UPCAST, PRECISION)
+        for s0 in range(start + BLOCK_N, end, BLOCK_N):
+            n = s0 + tl.arange(0, BLOCK_N)
+            ka, kz, vv = _cached_tile(BT, KC, VC, seq, bt_stride, block_size, kvh, skc_b, skc_s, skc_h, svc_b,
+                                      svc_s, svc_h, n, end, new_at, h, d, HALF)
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, r1, r2, ka, kz, vv, kn1, kn2, vn, n, end, new_at,
+                                         scale_log2e, UPCAST, PRECISION)
+        if SPLITS == 1:
+            tl.store(O + seq * so_t + head[:, None] * so_h + d[None, :], (acc * (1.0 / l_i)[:, None]).to(dt),
+                     mask=g_ok[:, None])
+        else:
+            row = seq * HQ + head
+            tl.store(MID_O + (row[:, None] * SPLITS + split) * D + d[None, :], acc * (1.0 / l_i)[:, None],
+                     mask=g_ok[:, None])
+            tl.store(MID_LSE + row * SPLITS + split, m_i + tl.log2(l_i), mask=g_ok)
+    if SPLITS > 1:
+        if last_to_arrive(LOCKS + seq * HKV + kvh, SPLITS):
+            # the last split of this (sequence, KV head) merges the splits that hold keys (the first
+            # cdiv(L, chunk)), in the narrowest of two widths that covers them: all the group's heads at once
+            # where they fit in registers, so every load is issued at once (one L2 round trip)
+            live = (L + chunk - 1) // tl.maximum(chunk, 1)
+            if FEW_G > RED_G:  # (else one width does as well)
+                if live <= FEW_S:
+                    _merge_splits(MID_O, MID_LSE, O, seq, kvh, HQ, so_t, so_h, live, GROUP, SPLITS, FEW_S, FEW_G, D)
+                else:
+                    _merge_splits(MID_O, MID_LSE, O, seq, kvh, HQ, so_t, so_h, live, GROUP, SPLITS, BLOCK_S, RED_G,
+                                  D)
+            else:
+                _merge_splits(MID_O, MID_LSE, O, seq, kvh, HQ, so_t, so_h, live, GROUP, SPLITS, BLOCK_S, RED_G, D)
+            rearm(LOCKS + seq * HKV + kvh)
 
-    if SPLITS == 1:
-        tl.store(O + seq * so_t + head[:, None] * so_h + d[None, :], (acc * (1.0 / l_i)[:, None]).to(dt),
-                 mask=g_ok[:, None])
-    else:
-        has = l_i > 0
-        out = acc * (1.0 / tl.where(has, l_i, 1.0))[:, None]
-        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        row = seq * HQ + head
-        tl.store(MID_O + (row[:, None] * SPLITS + split) * D + d[None, :], out, mask=g_ok[:, None])
-        tl.store(MID_LSE + row * SPLITS + split, lse, mask=g_ok)
-        lock = LOCKS + seq * HKV + kvh
-        if last_to_arrive(lock, SPLITS):
-            # the last split of this (sequence, KV head) merges all of them, RED_G heads at a time: every load
-            # of a chunk is issued at once (one L2 round trip), not one head after another
-            s_idx = tl.arange(0, BLOCK_S)
-            s_ok = s_idx < SPLITS
-            rg = tl.arange(0, RED_G)
-            for g0 in range(0, GROUP, RED_G):
-                rg_ok = (g0 + rg) < GROUP
-                r = seq * HQ + kvh * GROUP + g0 + rg  # [RED_G]
-                m2 = rg_ok[:, None] & s_ok[None, :]
-                lse_s = tl.load(MID_LSE + r[:, None] * SPLITS + s_idx[None, :], mask=m2, other=float("-inf"),
-                                cache_modifier=".cg")
-                parts = tl.load(MID_O + ((r[:, None] * SPLITS + s_idx[None, :]) * D)[:, :, None]
-                                + d[None, None, :], mask=m2[:, :, None], other=0.0, cache_modifier=".cg")
-                mx = tl.max(lse_s, 1)
-                w = tl.where(m2 & (lse_s > float("-inf")), tl.exp2(lse_s - tl.where(rg_ok, mx, 0.0)[:, None]), 0.0)
-                w = w / tl.where(rg_ok, tl.sum(w, 1), 1.0)[:, None]
-                o = tl.sum(parts * w[:, :, None], 1)  # [RED_G, D]
-                tl.store(O + seq * so_t + (kvh * GROUP + g0 + rg)[:, None] * so_h + d[None, :], o.to(dt),
-                         mask=rg_ok[:, None])
-            rearm(lock)
+
+@triton.jit
+def _merge_splits(MID_O, MID_LSE, O, seq, kvh, HQ, so_t, so_h, live, GROUP: tl.constexpr, SPLITS: tl.constexpr,
+                  BLOCK_S: tl.constexpr, RED_G: tl.constexpr, D: tl.constexpr):
+    """O for the group's heads from the first ``live`` splits' partial outputs and log-sum-exps (``.cg`` loads:
+    the other programs wrote them), RED_G heads per pass over BLOCK_S >= live splits."""
+    dt = O.dtype.element_ty
+    d = tl.arange(0, D)
+    s_idx = tl.arange(0, BLOCK_S)
+    s_ok = s_idx < live
+    rg = tl.arange(0, RED_G)
+    for g0 in range(0, GROUP, RED_G):
+        rg_ok = (g0 + rg) < GROUP
+        r = seq * HQ + kvh * GROUP + g0 + rg  # [RED_G]
+        m2 = rg_ok[:, None] & s_ok[None, :]
+        lse_s = tl.load(MID_LSE + r[:, None] * SPLITS + s_idx[None, :], mask=m2, other=float("-inf"),
+                        cache_modifier=".cg")
+        parts = tl.load(MID_O + ((r[:, None] * SPLITS + s_idx[None, :]) * D)[:, :, None] + d[None, None, :],
+                        mask=m2[:, :, None], other=0.0, cache_modifier=".cg")
+        mx = tl.max(lse_s, 1)
+        w = tl.where(m2 & (lse_s > float("-inf")), tl.exp2(lse_s - tl.where(rg_ok, mx, 0.0)[:, None]), 0.0)
+        w = w / tl.where(rg_ok, tl.sum(w, 1), 1.0)[:, None]
+        o = tl.sum(parts * w[:, :, None], 1)  # [RED_G, D]
+        tl.store(O + seq * so_t + (kvh * GROUP + g0 + rg)[:, None] * so_h + d[None, :], o.to(dt),
+                 mask=rg_ok[:, None])
 
 
 def _decode_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, seqlens_k,
@@ -270,8 +285,12 @@ def _decode_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_
         mid_o = mid_lse = out
     cs = cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous()
     block_s = max(2, next_power_of_2(splits))
-    # heads merged per pass of the reduction: at most 8K fp32 partials in registers (64 per thread)
+    # heads merged per pass of the reduction: at most 8K fp32 partials in registers (64 per thread); where few
+    # splits hold keys (a short context), the merge takes them in a width of half the splits, more heads a pass
+    # (H200, session 28: the Llama-8B heads' 2 passes over 32 splits cost ~2.2 us of a 7.7 us call)
     red_g = max(1, min(next_power_of_2(group), 8192 // (block_s * d)))
+    few_s = max(2, block_s // 2)
+    few_g = max(1, min(next_power_of_2(group), 8192 // (few_s * d)))
     _decode_rope_kernel[(B, hkv, splits)](
         q, k, v, positions, cs, k_cache, v_cache, slot_mapping, seqlens_k, block_tables, mid_o, mid_lse, locks,
         out, scale * 1.4426950408889634, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
@@ -279,7 +298,7 @@ def _decode_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_
         k_cache.shape[1], out.stride(0), out.stride(1), hkv,
         GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), HALF=d // 2,
         BLOCK_N=64 if q.is_cuda and not interpreting() else 16, SPLITS=splits,
-        BLOCK_S=block_s, RED_G=red_g, UPCAST=_upcast(q), PRECISION=_precision(q), num_warps=4,
+        BLOCK_S=block_s, RED_G=red_g, FEW_S=few_s, FEW_G=few_g, UPCAST=_upcast(q), PRECISION=_precision(q), num_warps=4,
         num_stages=2, **pdl_launch_args())
     return out
 

@@ -570,7 +570,7 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, R, RO, NW, M, N, K, k_per_s
                     INT4_JOIN: tl.constexpr = False, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
                     GLU: tl.constexpr = False, QUADS: tl.constexpr = 0, STAGES: tl.constexpr = None,
                     NORM_K: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False, RMS_SCALE: tl.constexpr = False,
-                    ADD_RESIDUAL: tl.constexpr = False):
+                    ADD_RESIDUAL: tl.constexpr = False, TRIGGER_LATE: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -607,7 +607,8 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, R, RO, NW, M, N, K, k_per_s
                                            BLOCK_N)
     if PDL:  # the activations are the previous kernel's output
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if not TRIGGER_LATE:
+            tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH and INT4_WORDS:
         x_pf = _x_word_columns(x_rows, k_lo + 8 * offs_w, k_hi, m_mask, stride_xk)
     if NORM_K > 0:  # RMSNorm prologue (one row, int8): 1 / rms from the whole row; the first program stores x + r
@@ -712,6 +713,8 @@ def _wo_gemm_kernel(X, W, S, Z, B, Y, Out, Counters, R, RO, NW, M, N, K, k_per_s
                 accn += tl.sum(w_lo * xe.to(tl.float32) + w_hi * xo.to(tl.float32), axis=1) * s
             else:
                 acc4 += (w_lo * xe.to(tl.float32) + w_hi * xo.to(tl.float32)) * s[:, None]
+    if PDL and TRIGGER_LATE:
+        tl.extra.cuda.gdc_launch_dependents()
     if not USE_DOT:
         if BITS == 8:
             acc = tl.sum(acc1, axis=1)[None, :]
@@ -809,7 +812,8 @@ def _int4_quads_gemv_kernel(X, W, S, Z, B, P, Y, Counters, RES, N, K, k_per_spli
                             ONE_BITS, eps, BLOCK_Q: tl.constexpr, BLOCK_W: tl.constexpr, R: tl.constexpr,
                             GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                             SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr,
-                            RMS_ROW: tl.constexpr = 0, ADD_RESIDUAL: tl.constexpr = False):
+                            RMS_ROW: tl.constexpr = 0, ADD_RESIDUAL: tl.constexpr = False,
+                            TRIGGER_LATE: tl.constexpr = False):
     """The one-row int4 GEMV on row-interleaved words (``interleave_int4_rows``: W int32 [N / R, K / 8, R]).
 
     Program (p, s) takes BLOCK_Q quads of R rows (with ``GLU``, BLOCK_Q quads of gate rows and the BLOCK_Q up quads
@@ -846,7 +850,8 @@ def _int4_quads_gemv_kernel(X, W, S, Z, B, P, Y, Counters, RES, N, K, k_per_spli
                                           R, GROUP, HAS_ZERO)
     if PDL:  # the activations are the previous kernel's output
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if not TRIGGER_LATE:
+            tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH:
         x_nx = _quads_x(X, j, k_lo, k_hi)
     for k0 in range(k_lo, k_hi, STEP):
@@ -860,6 +865,8 @@ def _int4_quads_gemv_kernel(X, W, S, Z, B, P, Y, Counters, RES, N, K, k_per_spli
                                                R, GROUP, HAS_ZERO)
             xs = _quads_x(X, j, k0, k_hi)
         acc += _int4_word_gemv_tile(word, zero[:, None, :], xs, ONE_BITS) * scale[:, None, :]
+    if PDL and TRIGGER_LATE:
+        tl.extra.cuda.gdc_launch_dependents()
     y = tl.reshape(tl.sum(acc, axis=1), (QQ * R,))
     rows = tl.reshape(rows, (QQ * R,))
     row_mask = tl.reshape(q_mask[:, None] & (i < R)[None, :], (QQ * R,))
@@ -1019,11 +1026,14 @@ def quads_config(N: int, K: int, rows: int, group_size: int, sms: int = 132, glu
                  interp: bool | None = None) -> dict:
     """Tiles of the one-row GEMV on row-interleaved int4 words (``_int4_quads_gemv_kernel``): 64 rows (BLOCK_Q quads
     of ``rows``; with the SiLU-and-mul epilogue 32 gate and 32 up rows) x one group of at most 128 k per step with 2
-    warps (128 codes per thread), and K split for about six programs per SM (eight with the epilogue) down to two
+    warps (128 codes per thread), and K split for about six programs per SM down to two
     steps per split. H100, session 19 (``scripts/gpu/quads_sweep.py``: 8-32 quads, 2 or 4 warps, splits 1-16, on
     the ten Llama-1B/8B linears): within 4% of the fastest config on every linear. A split kernel holds ~160
     registers, six CTAs per SM: splits past that one wave got slower (8B down_proj 14.9 us at 12 splits, 20.0 at
-    16); the epilogue's kernel holds 128."""
+    16); the epilogue's kernel holds 128. The epilogue's kernel asks for about 16 programs per SM down to four
+    steps a split: in the engine (H200, session 28, ``scripts/gpu/int8_pipe_ab.py --quant int4-wo``, greedy graph
+    replay) the 8B gate_up at 4 splits took the step from 2.215 to 2.150 ms (2 splits before; 8 gave 2.194), and
+    the 1B's keeps its 4 (8 gave 0.569 against 0.546 ms)."""
     interp = interpreting() if interp is None else interp
     return dict(_quads_config_cached(N, K, rows, group_size, sms, glu, interp))
 
@@ -1035,7 +1045,7 @@ def _quads_config_cached(N, K, rows, group_size, sms, glu, interp) -> tuple:
     bq = max(1, (32 if glu else 64) // rows) if not interp else 2  # GLU: 32 gate and 32 up rows
     rows_per_program = bq * rows * (2 if glu else 1)
     split = 1 if interp else split_k_for(1, N, K, 1, rows_per_program, 8 * bw, sms,
-                                         programs_per_sm=8 if glu else 6, min_k_tiles=2)
+                                         programs_per_sm=16 if glu else 6, min_k_tiles=4 if glu else 2)
     return tuple(dict(BLOCK_Q=bq, BLOCK_W=bw, SPLIT_K=split, num_warps=2 if not interp else 4, PREFETCH=True).items())
 
 
@@ -1070,7 +1080,8 @@ def _int4_quads_gemv(x2, words, scales, zeros, group_size, bias, y, config, glu,
         BLOCK_Q=bq, BLOCK_W=bw, R=R, GROUP=group_size, HAS_ZERO=zeros is not None,
         HAS_BIAS=bias is not None, SPLIT_K=split, PREFETCH=cfg.get("PREFETCH", True), GLU=glu,
         RMS_ROW=next_power_of_2(K) if rms_eps is not None else 0, ADD_RESIDUAL=add is not None,
-        num_warps=cfg.get("num_warps", 2), **pdl_launch_args())
+        TRIGGER_LATE=cfg.get("TRIGGER_LATE", False), num_warps=cfg.get("num_warps", 2),
+        **pdl_launch_args(cfg.get("PDL")))
     return y
 
 

@@ -16,6 +16,13 @@ that reuses cached prefix blocks already decodes differently from the first one)
   normk:K              ``wo_gemm.MAX_WO_NORM_K``: the longest row the int8 GEMV folds the RMSNorm into
   unfold               the layers' norms taken as if their gains were not 1: the norm kernels (or the qkv
                        prologue) and separate residual adds, not the 1 / rms and residual epilogues
+  late:glu|all         PDL's trigger after the K loop (``TRIGGER_LATE``) in the one-row int8 GEMVs with the
+                       SiLU-and-mul epilogue (gate_up), or in all of them
+  q4late:glu|qkv|res|all  the same in the int4 quads GEMV (qkv: the 1 / rms epilogue alone; res: o_proj and
+                       down_proj, the residual epilogue)
+  q4nopdl:glu|qkv|res|all  those int4 quads GEMVs launched without PDL
+  q4split:S            the int4 quads GEMV with the SiLU-and-mul epilogue (gate_up) split S ways
+  int4fold:H           ``kiln.quant.llm.MAX_INT4_FOLDED_HIDDEN``: the widest int4 model that runs the norm-free layer
 
     python3 scripts/gpu/int8_pipe_ab.py --models llama-8b llama-1b --variants main down:16x512x6 narrow:8x512x4
 
@@ -57,8 +64,12 @@ def parse(spec: str) -> dict:
             out.setdefault("env", {})[name] = value
         elif key == "unfold":
             out["unfold"] = True
-        elif key == "normk":
-            out["normk"] = int(val)
+        elif key in ("normk", "int4fold", "q4split"):
+            out[key] = int(val)
+        elif key in ("late", "q4late", "q4nopdl"):
+            if val not in ("glu", "all") + (("qkv", "res") if key != "late" else ()):
+                raise ValueError(f"{key} does not take {val!r}")
+            out[key] = val
         elif key in ("wide", "narrow", "down"):
             out[key] = tuple(int(v) for v in val.split("x"))
         else:
@@ -76,7 +87,7 @@ def make_config(original, spec: dict):
         return dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split, num_warps=4, PREFETCH=False,
                     STAGES=st)
 
-    def config(M, N, K, bits, group_size, sms, interp, glu=False):
+    def tiles(M, N, K, bits, group_size, sms, interp, glu=False):
         cfg = original(M, N, K, bits, group_size, sms, interp, glu)
         if interp or M != 1 or bits != 8:
             return cfg
@@ -89,7 +100,59 @@ def make_config(original, spec: dict):
             return pipelined(N, K, sms, spec["down"], glu)
         return cfg
 
+    def config(M, N, K, bits, group_size, sms, interp, glu=False):
+        cfg = tiles(M, N, K, bits, group_size, sms, interp, glu)
+        if not interp and M == 1 and bits == 8 and (spec.get("late") == "all" or (glu and spec.get("late"))):
+            cfg = {**cfg, "TRIGGER_LATE": True}
+        return cfg
+
     return config
+
+
+def wrap_quads_gemv(original, spec: dict):
+    """``wo_gemm._int4_quads_gemv`` with the spec's int4 knobs applied to its config: ``q4split`` (gate_up's
+    split), ``q4late`` (PDL's trigger after the K loop), ``q4nopdl`` (launched without PDL). The linear is known by
+    its epilogue: qkv_proj takes the 1 / rms alone, gate_up the SiLU-and-mul, o_proj / down_proj the residual."""
+    from kiln.ops import wo_gemm
+
+    def role(glu, rms_eps, add):
+        return "glu" if glu else "qkv" if rms_eps is not None else "res" if add is not None else "plain"
+
+    def gemv(x2, words, scales, zeros, group_size, bias, y, config, glu, rms_eps=None, add=None):
+        if config is None:
+            N, K = wo_gemm.int4_weight_shape(words)
+            sms = wo_gemm._num_sms(x2.device.index or 0)
+            config = wo_gemm.quads_config(N, K, words.shape[2], group_size, sms, glu)
+            r = role(glu, rms_eps, add)
+            if glu and "q4split" in spec:
+                config["SPLIT_K"] = spec["q4split"]
+            if spec.get("q4late") in ("all", r):
+                config["TRIGGER_LATE"] = True
+            if spec.get("q4nopdl") in ("all", r):
+                config["PDL"] = False
+        return original(x2, words, scales, zeros, group_size, bias, y, config, glu, rms_eps, add)
+
+    return gemv
+
+
+def profile_replays(graph, replays: int = 5, top: int = 16) -> list[str]:
+    """The graph's kernels by GPU time per replay (torch profiler). Under PDL a kernel's time includes its wait
+    for the previous one, so the rows overlap and do not add up to the replay."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0)]
+    rows.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in rows) / replays
+    out = [f"    {len(rows)} kernel names, {sum(e.count for e in rows) / replays:.0f} launches, "
+           f"summed {total:.1f} us per replay"]
+    for e in rows[:top]:
+        out.append(f"    {e.self_device_time_total / replays:8.1f} us  x{e.count // replays:3d}  "
+                   f"{e.self_device_time_total / max(1, e.count):6.2f} us each  {e.key[:70]}")
+    return out
 
 
 def main():
@@ -102,14 +165,18 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128, help="the context is about this plus --tokens")
     ap.add_argument("--quant", default="int8-wo", choices=["int8-wo", "int4-wo"],
                     help="the engine's mode (the tile variants touch int8 linears only; unfold and env: work on both)")
+    ap.add_argument("--profile", action="store_true", help="also list each variant's kernels (last round)")
     args = ap.parse_args()
     if len(set(args.variants)) != len(args.variants):
         raise ValueError(f"variants repeat: {args.variants}")
     from kiln.llm import LLM, SamplingParams
     from kiln.llm.layers.norm import RMSNorm
     from kiln.ops import wo_gemm
+    from kiln.quant import llm as quant_llm
 
     original, normk = wo_gemm._wo_config, wo_gemm.MAX_WO_NORM_K
+    original_quads, int4_hidden = wo_gemm._int4_quads_gemv, quant_llm.MAX_INT4_FOLDED_HIDDEN
+    profiles: dict[tuple[str, str], list[str]] = {}
     table = []
     for model in args.models:
         d = Path(tempfile.mkdtemp())
@@ -131,6 +198,8 @@ def main():
                 wo_gemm._wo_config = make_config(original, spec)
                 wo_gemm._wo_config_cached.cache_clear()
                 wo_gemm.MAX_WO_NORM_K = spec.get("normk", normk)
+                wo_gemm._int4_quads_gemv = wrap_quads_gemv(original_quads, spec)
+                quant_llm.MAX_INT4_FOLDED_HIDDEN = spec.get("int4fold", int4_hidden)
                 saved = {k: os.environ.get(k) for k in spec.get("env", {})}
                 os.environ.update(spec.get("env", {}))
                 for m in eng.runner.model.modules():
@@ -146,7 +215,10 @@ def main():
                 llm.generate([{"prompt_token_ids": prompt}], [params])  # the new graphs run in the engine
                 logits.setdefault(v, first_token_logits(eng.runner))
                 times[v].append(back_to_back(eng.runner.greedy_graphs[1], args.replays))
+                if args.profile:
+                    profiles[(model, v)] = profile_replays(eng.runner.greedy_graphs[1])
         wo_gemm._wo_config, wo_gemm.MAX_WO_NORM_K = original, normk
+        wo_gemm._int4_quads_gemv, quant_llm.MAX_INT4_FOLDED_HIDDEN = original_quads, int4_hidden
         wo_gemm._wo_config_cached.cache_clear()
         base = statistics.median(times[args.variants[0]])
         for v in args.variants:
@@ -158,6 +230,9 @@ def main():
         llm.shutdown()
         del llm, eng
         torch.cuda.empty_cache()
+    for (model, v), lines in profiles.items():
+        print(f"\n{model} {v}: kernels of the greedy graph")
+        print("\n".join(lines))
     print("\n| model | variant | greedy graph replay (ms) | vs first |")
     print("|---|---|---|---|")
     for model, v, t, r, _ in table:

@@ -177,6 +177,27 @@ def test_fused_equals_the_unfused_kernels(dtype, splits):
 
 
 @requires_triton
+def test_merge_takes_only_the_splits_that_hold_keys_in_either_width():
+    """32 splits of Llama-8B-like heads (group 4, head dim 128): the last split merges only the splits that hold
+    keys, all four heads in one pass over 16 splits when at most 16 hold keys, else two heads a pass over 32. Both
+    widths, and the empty splits that only count in, give the unfused kernels' output (to one rounding)."""
+    from kiln.ops import attention, kv_cache
+
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    chunk = 64 if BIG else 16  # keys per split while a context fits 32 tiles
+    cached = [0, 3 * chunk, 20 * chunk + 5]  # 1, 4 and 21 splits hold keys
+    q, k, v, pos, cs, kc, vc, slots, lens, bt = make_decode(g, torch.bfloat16, 8, 2, 128, 16, cached)
+    kc2, vc2, q2, k2 = kc.clone(), vc.clone(), q.clone(), k.clone()
+    got = fused_decode._decode_attention_rope_triton(q, k, v, pos, cs, kc, vc, slots, lens, bt, 128 ** -0.5,
+                                                     split_counters(DEVICE, q.shape[0] * 2), num_splits=32)
+    kv_cache._rope_and_store_kv_triton(q2, k2, v, pos, cs, kc2, vc2, slots, True)
+    want = attention.paged_decode_triton(q2, kc2, vc2, lens, bt, 128 ** -0.5, num_splits=32)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    eps = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(got, want, rtol=eps, atol=eps * float(want.abs().max()))
+
+
+@requires_triton
 def test_outgrown_counters_fall_back_to_the_unfused_kernels(monkeypatch):
     """While a CUDA graph is captured the counter buffer cannot grow (split_counters gives None): the op then runs
     the three unfused kernels, which need no host sync, and gives the same answer."""

@@ -161,14 +161,16 @@ def test_interleaved_weights_reject_bad_input(call, match):
 
 def test_quads_config_splits_k_for_small_linears_only():
     """About six programs per SM: the 8B LM head (2004 tiles of 64 rows) runs whole sums; o_proj (64 tiles) and
-    down_proj split K; with the SiLU-and-mul epilogue a program takes 32 gate and 32 up rows, at about eight per SM
-    (the fastest splits of session 19's sweep on the H100)."""
+    down_proj split K (the fastest splits of session 19's sweep on the H100); with the SiLU-and-mul epilogue a
+    program takes 32 gate and 32 up rows, at about 16 per SM down to four K steps a split (session 28, in the H200
+    engine: the 8B gate_up at 4 splits, the 1B's at 4, not 8)."""
     cfg = wo_gemm.quads_config(128256, 4096, 4, 128, 132, interp=False)
     assert (cfg["BLOCK_Q"], cfg["BLOCK_W"], cfg["SPLIT_K"], cfg["num_warps"]) == (16, 16, 1, 2)
     assert wo_gemm.quads_config(4096, 4096, 4, 128, 132, interp=False)["SPLIT_K"] == 12
     assert wo_gemm.quads_config(4096, 14336, 4, 128, 132, interp=False)["SPLIT_K"] == 12
     glu = wo_gemm.quads_config(28672, 4096, 4, 128, 132, glu=True, interp=False)
-    assert (glu["BLOCK_Q"], glu["SPLIT_K"]) == (8, 2)
+    assert (glu["BLOCK_Q"], glu["SPLIT_K"]) == (8, 4)
+    assert wo_gemm.quads_config(16384, 2048, 4, 128, 132, glu=True, interp=False)["SPLIT_K"] == 4
     assert wo_gemm.quads_config(4096, 4096, 4, 32, 132, interp=False)["BLOCK_W"] == 4  # a step inside a group
 
 
