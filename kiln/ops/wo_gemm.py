@@ -958,6 +958,20 @@ INT8_GEMV_TILES = ((8, 1024, 2, 4), (4, 1024, 2, 6), (4, 2048, 2, 4))
 # slower in the engine, so it was left out: under PDL the register-prefetch kernel's first weight tile goes out
 # while gate_up finishes, where a pipelined kernel issues nothing before its gdc_wait.
 INT8_PIPELINED_TILE = (32, 256, 4, 6)  # for weights with at least 3 row tiles per SM (gate_up, LM head)
+# The pipelined tile for a weight much longer than wide (down_proj, K > 2 N) whose 16-row tiles alone give every SM
+# one: (BLOCK_N, BLOCK_K, warps, STAGES). Alone it streamed the 8B down_proj in 16.1 us against 16.8 (session 25),
+# yet made the engine's step 0.26 ms slower: launched early under PDL, its CTAs (48 KB of shared memory each) took
+# SMs that gate_up's last wave still needed. With gate_up's PDL trigger after its K loop (``TRIGGER_LATE``, set
+# where its down_proj takes this tile) the pair gained 14, 14 and 11 us per 8B step in three H200 calls (sessions
+# 26-28, scripts/gpu/int8_pipe_ab.py ``late:glu,down:16x512x6``); the 1B's 2048-row down_proj (128 tiles for 132
+# SMs) lost 10-13 us that way and keeps the register-prefetch tile.
+INT8_LONG_K_TILE = (16, 512, 4, 6)
+
+
+def _int8_long_k_pipelined(N: int, K: int, sms: int) -> bool:
+    """Whether a one-row int8 weight [N, K] takes ``INT8_LONG_K_TILE`` (see there)."""
+    bn, bk, _, stages = INT8_LONG_K_TILE
+    return K > 2 * N and cdiv(N, bn) >= sms and K >= bk * stages
 
 
 def _int8_gemv_tile(N: int, sms: int) -> tuple[int, int, int]:
@@ -995,10 +1009,15 @@ def _wo_config(M, N, K, bits, group_size, sms, interp, glu=False):
         # codes per thread) stream better: 1B LM head 69.9 against 76.1 us
         if bits == 8:
             pipelined = _int8_pipelined_tile(N, K, sms)
+            if pipelined is None and _int8_long_k_pipelined(N, K, sms):
+                pipelined = INT8_LONG_K_TILE
             if pipelined is not None:
                 bn, bk, warps, stages = pipelined
+                # a fused [gate | up] weight [2I, H] feeds a down_proj [H, I]: PDL's trigger waits for the K loop
+                # where that one is pipelined (INT8_LONG_K_TILE)
+                late = glu and _int8_long_k_pipelined(K, N // 2, sms)
                 return dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=1, num_warps=warps,
-                            PREFETCH=False, STAGES=stages)
+                            PREFETCH=False, STAGES=stages, **({"TRIGGER_LATE": True} if late else {}))
             bn, bk, warps = _int8_gemv_tile(N, sms)
             bk = min(bk, kp)
             split = split_k_for(M, N, K, 1, bn, bk, sms)

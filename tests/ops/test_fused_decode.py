@@ -179,8 +179,8 @@ def test_fused_equals_the_unfused_kernels(dtype, splits):
 @requires_triton
 def test_merge_takes_only_the_splits_that_hold_keys_in_either_width():
     """32 splits of Llama-8B-like heads (group 4, head dim 128): the last split merges only the splits that hold
-    keys, all four heads in one pass over 16 splits when at most 16 hold keys, else two heads a pass over 32. Both
-    widths, and the empty splits that only count in, give the unfused kernels' output (to one rounding)."""
+    keys, all four heads in one pass over 16 splits when at most 16 hold keys, else two heads a pass over 32; the
+    splits without keys exit at once. Both widths give the unfused kernels' output (to one rounding)."""
     from kiln.ops import attention, kv_cache
 
     g = torch.Generator(device=DEVICE).manual_seed(5)

@@ -402,15 +402,21 @@ def test_int8_gemv_epilogues_errors_and_fallbacks(monkeypatch):
 
 def test_int8_gemv_pipelines_wide_weights_only(monkeypatch):
     """Weights whose row tiles give every SM several CTAs (gate_up, LM head) take the pipelined tile, with no split
-    and no register prefetch; the narrow layers (qkv, o_proj, down_proj) keep the register-prefetch tiles: there a
-    pipeline's prologue is as long as the stream, and the 8B down_proj lost its early weight loads under PDL."""
+    and no register prefetch; so does a down_proj whose 16-row tiles give every SM one (the 8B's), and the gate_up
+    feeding it then triggers the dependent launch after its K loop. The other narrow layers (qkv, o_proj, the 1B's
+    down_proj) keep the register-prefetch tiles: there a pipeline's prologue is as long as the stream."""
     monkeypatch.setattr(wo_gemm, "interpreting", lambda: False)
     cfg = wo_gemm.wo_config
     for n, k in ((28672, 4096), (128256, 4096), (16384, 2048), (128256, 2048)):
         c = cfg(1, n, k, 8, 0, 132)
         assert (c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["STAGES"]) == wo_gemm.INT8_PIPELINED_TILE, (n, k)
-        assert c["SPLIT_K"] == 1 and c["PREFETCH"] is False
-    for n, k in ((6144, 4096), (4096, 4096), (4096, 14336), (3072, 2048), (2048, 2048), (2048, 8192)):
+        assert c["SPLIT_K"] == 1 and c["PREFETCH"] is False and "TRIGGER_LATE" not in c
+    down = cfg(1, 4096, 14336, 8, 0, 132)
+    assert (down["BLOCK_N"], down["BLOCK_K"], down["num_warps"], down["STAGES"]) == wo_gemm.INT8_LONG_K_TILE
+    assert down["SPLIT_K"] == 1 and "TRIGGER_LATE" not in down
+    assert cfg(1, 28672, 4096, 8, 0, 132, glu=True)["TRIGGER_LATE"] is True  # the 8B gate_up, before that down_proj
+    assert "TRIGGER_LATE" not in cfg(1, 16384, 2048, 8, 0, 132, glu=True)  # the 1B's: its down_proj is not pipelined
+    for n, k in ((6144, 4096), (4096, 4096), (3072, 2048), (2048, 2048), (2048, 8192)):
         assert "STAGES" not in cfg(1, n, k, 8, 0, 132), (n, k)
     assert "STAGES" not in cfg(1, 28672, 1024, 8, 0, 132)  # too short to fill the pipeline
     assert "STAGES" not in cfg(1, 28672, 4096, 4, 128, 132)  # int4 keeps its own GEMV
