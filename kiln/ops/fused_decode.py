@@ -245,12 +245,11 @@ def _attend_split(Q, K, V, POS, CS, KC, VC, SLOTS, BT, MID_O, MID_LSE, LOCKS, O,
         if last_to_arrive(LOCKS + seq * HKV + kvh, live):
             # the last of them merges them, in the narrower of two widths that covers them: all the group's heads
             # at once where they fit in registers, so every load is issued at once (one L2 round trip)
-            if FEW_G > RED_G:  # (else one width does as well)
-                if live <= FEW_S:
-                    _merge_splits(MID_O, MID_LSE, O, seq, kvh, HQ, so_t, so_h, live, GROUP, SPLITS, FEW_S, FEW_G, D)
-                else:
-                    _merge_splits(MID_O, MID_LSE, O, seq, kvh, HQ, so_t, so_h, live, GROUP, SPLITS, BLOCK_S, RED_G,
-                                  D)
+            # (all of them: a constant count, so the full-width loads need no mask)
+            if live == SPLITS:
+                _merge_splits(MID_O, MID_LSE, O, seq, kvh, HQ, so_t, so_h, SPLITS, GROUP, SPLITS, BLOCK_S, RED_G, D)
+            elif FEW_G > RED_G and live <= FEW_S:
+                _merge_splits(MID_O, MID_LSE, O, seq, kvh, HQ, so_t, so_h, live, GROUP, SPLITS, FEW_S, FEW_G, D)
             else:
                 _merge_splits(MID_O, MID_LSE, O, seq, kvh, HQ, so_t, so_h, live, GROUP, SPLITS, BLOCK_S, RED_G, D)
             rearm(LOCKS + seq * HKV + kvh)
