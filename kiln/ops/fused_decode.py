@@ -12,8 +12,8 @@ attention per step over 16 layers). Here one grid (sequence, KV head, split) doe
 - each split that holds keys writes its partial output and log-sum-exp, then bumps a per-(sequence, KV head)
   counter; the program that finishes last merges those splits and resets the counter to zero for the next launch
   (the "last block" pattern: no second kernel, no spinning). Splits past the context's keys (at short contexts,
-  most of the 32) exit at once, and the merge reads only the splits with keys: on the H200 (session 28) that took
-  the Llama-8B heads' call from 7.7 to 6.4 us at 128-1024 keys.
+  most of the 32) store nothing and do not count in, and the merge reads only the splits with keys, all the
+  group's heads in one pass where 16 splits cover them (see ``_decode_attention_rope_triton``).
 
 Splits, tiles and rounding are the unfused kernels' (cos/sin and each rotary product rounded to the dtype, the
 same key chunks per split, probabilities rounded to the dtype before the PV product, the same merge), so greedy
@@ -164,27 +164,10 @@ def _decode_rope_kernel(Q, K, V, POS, CS, KC, VC, SLOTS, LENS_K, BT, MID_O, MID_
     start = split * chunk
     end = tl.minimum(start + chunk, L)
 
-    if start < end:  # (a split past the context's keys, as short contexts leave most, has nothing to do)
-        _attend_split(Q, K, V, POS, CS, KC, VC, SLOTS, BT, MID_O, MID_LSE, LOCKS, O, scale_log2e, sq_t, sq_h, sk_t,
-                      sk_h, sv_t, sv_h, s_cs, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, bt_stride, block_size, so_t,
-                      so_h, HKV, HQ, seq, kvh, split, L, chunk, start, end, GROUP, BLOCK_G, HALF, BLOCK_N, SPLITS,
-                      BLOCK_S, RED_G, FEW_S, FEW_G, UPCAST, PRECISION, PDL)
-
-
-@triton.jit
-def _attend_split(Q, K, V, POS, CS, KC, VC, SLOTS, BT, MID_O, MID_LSE, LOCKS, O, scale_log2e, sq_t, sq_h, sk_t, sk_h,
-                  sv_t, sv_h, s_cs, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, bt_stride, block_size, so_t, so_h, HKV,
-                  HQ, seq, kvh, split, L, chunk, start, end, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
-                  HALF: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                  RED_G: tl.constexpr, FEW_S: tl.constexpr, FEW_G: tl.constexpr, UPCAST: tl.constexpr,
-                  PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """One split that holds keys ``[start, end)``: rotary, the new token's store, its keys' softmax-weighted sum;
-    then either the output (one split) or its partial and, in the last of the ``cdiv(L, chunk)`` splits with keys
-    to arrive, their merge."""
+    # rotary for the query group and the new key (every program; a few hundred bytes)
     dt = O.dtype.element_ty
     D: tl.constexpr = 2 * HALF
     new_at = L - 1
-    # rotary for the query group and the new key (every program; a few hundred bytes)
     pos = tl.load(POS + seq).to(tl.int64)
     h = tl.arange(0, HALF)
     cos = tl.load(CS + pos * s_cs + h).to(dt).to(tl.float32)
@@ -225,18 +208,21 @@ def _attend_split(Q, K, V, POS, CS, KC, VC, SLOTS, BT, MID_O, MID_LSE, LOCKS, O,
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
-    m_i, l_i, acc = _attend_tile(m_i, l_i, acc, r1, r2, ka0, kz0, vv0, kn1, kn2, vn, n0, end, new_at, scale_log2e,
-                                 UPCAST, PRECISION)
+
+    if start < end:
+        m_i, l_i, acc = _attend_tile(m_i, l_i, acc, r1, r2, ka0, kz0, vv0, kn1, kn2, vn, n0, end, new_at,
+                                     scale_log2e, UPCAST, PRECISION)
     for s0 in range(start + BLOCK_N, end, BLOCK_N):
         n = s0 + tl.arange(0, BLOCK_N)
         ka, kz, vv = _cached_tile(BT, KC, VC, seq, bt_stride, block_size, kvh, skc_b, skc_s, skc_h, svc_b, svc_s,
                                   svc_h, n, end, new_at, h, d, HALF)
         m_i, l_i, acc = _attend_tile(m_i, l_i, acc, r1, r2, ka, kz, vv, kn1, kn2, vn, n, end, new_at, scale_log2e,
                                      UPCAST, PRECISION)
+
     if SPLITS == 1:
         tl.store(O + seq * so_t + head[:, None] * so_h + d[None, :], (acc * (1.0 / l_i)[:, None]).to(dt),
                  mask=g_ok[:, None])
-    else:
+    elif start < end:  # a split past the context's keys (short contexts leave most of them empty) stops here
         row = seq * HQ + head
         tl.store(MID_O + (row[:, None] * SPLITS + split) * D + d[None, :], acc * (1.0 / l_i)[:, None],
                  mask=g_ok[:, None])
@@ -244,8 +230,8 @@ def _attend_split(Q, K, V, POS, CS, KC, VC, SLOTS, BT, MID_O, MID_LSE, LOCKS, O,
         live = tl.cdiv(L, chunk)  # the splits that hold keys: the first ones
         if last_to_arrive(LOCKS + seq * HKV + kvh, live):
             # the last of them merges them, in the narrower of two widths that covers them: all the group's heads
-            # at once where they fit in registers, so every load is issued at once (one L2 round trip)
-            # (all of them: a constant count, so the full-width loads need no mask)
+            # at once where they fit in registers, so every load is issued at once (one L2 round trip); all the
+            # splits take a constant count, so the full-width loads need no mask
             if live == SPLITS:
                 _merge_splits(MID_O, MID_LSE, O, seq, kvh, HQ, so_t, so_h, SPLITS, GROUP, SPLITS, BLOCK_S, RED_G, D)
             elif FEW_G > RED_G and live <= FEW_S:
