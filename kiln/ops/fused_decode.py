@@ -287,7 +287,8 @@ def _decode_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_
     block_s = max(2, next_power_of_2(splits))
     # heads merged per pass of the reduction: at most 8K fp32 partials in registers (64 per thread); where few
     # splits hold keys (a short context), the merge takes them in a width of half the splits, more heads a pass
-    # (H200, session 28: the Llama-8B heads' 2 passes over 32 splits cost ~2.2 us of a 7.7 us call)
+    # (H200, session 28, with the empty splits left out: the Llama-8B heads' call 7.9 -> 6.1-6.6 us at 128-1024
+    # keys, scripts/gpu/decode_attn_bench.py)
     red_g = max(1, min(next_power_of_2(group), 8192 // (block_s * d)))
     few_s = max(2, block_s // 2)
     few_g = max(1, min(next_power_of_2(group), 8192 // (few_s * d)))
@@ -298,8 +299,8 @@ def _decode_attention_rope_triton(q, k, v, positions, cos_sin_cache, k_cache, v_
         k_cache.shape[1], out.stride(0), out.stride(1), hkv,
         GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), HALF=d // 2,
         BLOCK_N=64 if q.is_cuda and not interpreting() else 16, SPLITS=splits,
-        BLOCK_S=block_s, RED_G=red_g, FEW_S=few_s, FEW_G=few_g, UPCAST=_upcast(q), PRECISION=_precision(q), num_warps=4,
-        num_stages=2, **pdl_launch_args())
+        BLOCK_S=block_s, RED_G=red_g, FEW_S=few_s, FEW_G=few_g, UPCAST=_upcast(q), PRECISION=_precision(q),
+        num_warps=4, num_stages=2, **pdl_launch_args())
     return out
 
 

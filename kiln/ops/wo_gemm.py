@@ -812,8 +812,7 @@ def _int4_quads_gemv_kernel(X, W, S, Z, B, P, Y, Counters, RES, N, K, k_per_spli
                             ONE_BITS, eps, BLOCK_Q: tl.constexpr, BLOCK_W: tl.constexpr, R: tl.constexpr,
                             GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                             SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr,
-                            RMS_ROW: tl.constexpr = 0, ADD_RESIDUAL: tl.constexpr = False,
-                            TRIGGER_LATE: tl.constexpr = False):
+                            RMS_ROW: tl.constexpr = 0, ADD_RESIDUAL: tl.constexpr = False):
     """The one-row int4 GEMV on row-interleaved words (``interleave_int4_rows``: W int32 [N / R, K / 8, R]).
 
     Program (p, s) takes BLOCK_Q quads of R rows (with ``GLU``, BLOCK_Q quads of gate rows and the BLOCK_Q up quads
@@ -850,8 +849,7 @@ def _int4_quads_gemv_kernel(X, W, S, Z, B, P, Y, Counters, RES, N, K, k_per_spli
                                           R, GROUP, HAS_ZERO)
     if PDL:  # the activations are the previous kernel's output
         tl.extra.cuda.gdc_wait()
-        if not TRIGGER_LATE:
-            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH:
         x_nx = _quads_x(X, j, k_lo, k_hi)
     for k0 in range(k_lo, k_hi, STEP):
@@ -865,8 +863,6 @@ def _int4_quads_gemv_kernel(X, W, S, Z, B, P, Y, Counters, RES, N, K, k_per_spli
                                                R, GROUP, HAS_ZERO)
             xs = _quads_x(X, j, k0, k_hi)
         acc += _int4_word_gemv_tile(word, zero[:, None, :], xs, ONE_BITS) * scale[:, None, :]
-    if PDL and TRIGGER_LATE:
-        tl.extra.cuda.gdc_launch_dependents()
     y = tl.reshape(tl.sum(acc, axis=1), (QQ * R,))
     rows = tl.reshape(rows, (QQ * R,))
     row_mask = tl.reshape(q_mask[:, None] & (i < R)[None, :], (QQ * R,))
@@ -1070,7 +1066,8 @@ def _quads_config_cached(N, K, rows, group_size, sms, glu, interp) -> tuple:
 
 def _int4_quads_gemv(x2, words, scales, zeros, group_size, bias, y, config, glu, rms_eps=None, add=None):
     """One row times row-interleaved int4 words [N / R, K / 8, R] (``_int4_quads_gemv_kernel``) into ``y``;
-    ``rms_eps`` / ``add`` as ``_wo_triton``'s."""
+    ``rms_eps`` / ``add`` as ``_wo_triton``'s. ``config`` may set ``PDL`` (default ``pdl_enabled()``): the A/B of
+    a launch without programmatic dependent launch (scripts/gpu/int8_pipe_ab.py ``q4nopdl``)."""
     N, K = int4_weight_shape(words)
     R = words.shape[2]
     if glu and (N // 2) % R:
@@ -1099,8 +1096,7 @@ def _int4_quads_gemv(x2, words, scales, zeros, group_size, bias, y, config, glu,
         BLOCK_Q=bq, BLOCK_W=bw, R=R, GROUP=group_size, HAS_ZERO=zeros is not None,
         HAS_BIAS=bias is not None, SPLIT_K=split, PREFETCH=cfg.get("PREFETCH", True), GLU=glu,
         RMS_ROW=next_power_of_2(K) if rms_eps is not None else 0, ADD_RESIDUAL=add is not None,
-        TRIGGER_LATE=cfg.get("TRIGGER_LATE", False), num_warps=cfg.get("num_warps", 2),
-        **pdl_launch_args(cfg.get("PDL")))
+        num_warps=cfg.get("num_warps", 2), **pdl_launch_args(cfg.get("PDL")))
     return y
 
 
