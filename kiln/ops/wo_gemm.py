@@ -247,22 +247,9 @@ class WeightOnly(NamedTuple):
 
 
 def wo_glu_linear(x: torch.Tensor, weight: WeightOnly, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``silu_and_mul(weight.linear(x, bias))`` for a fused [gate | up] weight [2I, K]: x [..., K] -> [..., I].
-
-    Decode-sized inputs (``gemv.decode_sized``: at most 16 rows on the Triton path, GEMVs enabled) take one launch:
-    each GEMV program computes I-aligned pairs of gate and up rows and applies the SiLU-and-mul in its epilogue, with
-    the unfused ops' rounding (gate and up rounded to x's dtype, silu rounded before the product). That saves the
-    separate activation kernel and its round trip per layer of a decode step. Other inputs run the two ops."""
-    from .gemv import decode_sized
-
-    weight.check(x, bias)
-    n = int4_weight_shape(weight.qweight)[0] if weight.bits == 4 else weight.qweight.shape[0]
-    if n % 2 or (weight.qweight.dim() == 3 and (n // 2) % weight.qweight.shape[2]):
-        raise ValueError(f"a [gate | up] weight needs an even number of rows (row-interleaved: gate rows a multiple "
-                         f"of the interleave), got {n} rows, weight shape {tuple(weight.qweight.shape)}")
-    if decode_sized(x):
-        return _wo_triton(x, *weight[:4], bias, weight.bits, glu=True)
-    return silu_and_mul(weight.linear(x, bias))
+    """``silu_and_mul(weight.linear(x, bias))`` for a fused [gate | up] weight [2I, K]: x [..., K] -> [..., I]; a
+    decode step's input takes one launch (``wo_fused_linear`` with ``glu``, which says how)."""
+    return wo_fused_linear(x, weight, bias, glu=True)
 
 
 # The longest row whose RMSNorm the one-row int8 GEMV folds in (``wo_rms_norm_linear``): each program reads the row
@@ -333,6 +320,11 @@ def wo_fused_linear(x: torch.Tensor, weight: WeightOnly, bias: torch.Tensor | No
     int4 weights take the same epilogues in the quads GEMV (row-interleaved words), which reads the row again for
     its squares after the K loop: a split-K program has seen only part of it.
 
+    With ``glu`` alone, decode-sized inputs (``gemv.decode_sized``: at most 16 rows on the Triton path, GEMVs
+    enabled) take one launch: each program computes I-aligned pairs of gate and up rows of a fused [gate | up]
+    weight [2I, K] and applies the SiLU-and-mul in its epilogue, with the unfused ops' rounding (gate and up rounded
+    to x's dtype, silu rounded before the product). That saves the activation kernel and its round trip per layer.
+
     Why: with the gain in the weight, ``W (x / rms(x)) = (W x) / rms(x)``, so one decode row (a decode_sized
     x of one row) takes the norm as one multiply in the GEMV's epilogue (``RMS_SCALE``; the sum of squares comes
     from the activation tiles the K loop loads anyway), and the previous linear adds the residual in its own
@@ -348,8 +340,9 @@ def wo_fused_linear(x: torch.Tensor, weight: WeightOnly, bias: torch.Tensor | No
     weight.check(x, bias)
     N = int4_weight_shape(weight.qweight)[0] if weight.bits == 4 else weight.qweight.shape[0]
     n_out = N // 2 if glu else N
-    if glu and N % 2:
-        raise ValueError(f"a [gate | up] weight needs an even number of rows, got {N}")
+    if glu and (N % 2 or (weight.qweight.dim() == 3 and (N // 2) % weight.qweight.shape[2])):
+        raise ValueError(f"a [gate | up] weight needs an even number of rows (row-interleaved: gate rows a multiple "
+                         f"of the interleave), got {N} rows, weight shape {tuple(weight.qweight.shape)}")
     if glu and residual is not None:
         raise ValueError("wo_fused_linear adds a residual to a plain linear's output, not to a SiLU-and-mul's")
     if rms_eps is not None and (not isinstance(rms_eps, (int, float)) or isinstance(rms_eps, bool) or rms_eps < 0):
@@ -362,9 +355,13 @@ def wo_fused_linear(x: torch.Tensor, weight: WeightOnly, bias: torch.Tensor | No
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
     gemv = weight.bits == 8 or weight.qweight.dim() == 3  # int8, or int4 as row-interleaved words (the quads GEMV)
-    if gemv and rows == 1 and K > 0 and decode_sized(x, *(() if residual is None else (residual,))):
-        add = None if residual is None else residual.reshape(1, n_out).contiguous()
-        return _wo_triton(x, *weight[:4], bias, weight.bits, glu=glu, rms_eps=rms_eps, add=add)
+    epilogue = rms_eps is not None or residual is not None
+    if K > 0 and (glu or epilogue) and decode_sized(x, *(() if residual is None else (residual,))):
+        if not epilogue:  # the SiLU-and-mul alone: up to decode_sized's rows
+            return _wo_triton(x, *weight[:4], bias, weight.bits, glu=True)
+        if gemv and rows == 1:
+            add = None if residual is None else residual.reshape(1, n_out).contiguous()
+            return _wo_triton(x, *weight[:4], bias, weight.bits, glu=glu, rms_eps=rms_eps, add=add)
     if rms_eps is not None:
         x = rms_norm(x, torch.ones(K, dtype=x.dtype, device=x.device), rms_eps)
     y = silu_and_mul(weight.linear(x, bias)) if glu else weight.linear(x, bias)
