@@ -33,7 +33,7 @@ from torch import nn
 from kiln.ops.gemm import FP8_DTYPE, FP8_MAX, fp8_gemm, fp8_linear, int8_gemm, w8a8_linear
 from kiln.ops.wo_gemm import (SUPPORTED_GROUP_SIZES, WeightOnly, deinterleave_int4_rows, dequantize_int4_weight,
                               dequantize_int8_weight, interleave_int4_rows, pack_int4, wo_fused_linear,
-                              wo_glu_linear, wo_rms_norm_linear)
+                              wo_rms_norm_linear)
 
 from .tensor_quant import quantize, quantize_asym, reduce_amax
 
@@ -101,9 +101,8 @@ class _WeightOnlyForward:
         return self.weight_only().linear(x, self.bias)
 
     def glu_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``silu_and_mul(self(x))``: at decode one launch, the activation in the GEMV's epilogue
-        (``kiln.ops.wo_gemm.wo_glu_linear``)."""
-        return wo_glu_linear(x, self.weight_only(), self.bias)
+        """``silu_and_mul(self(x))``: at decode one launch, the activation in the GEMV's epilogue."""
+        return self.fused_forward(x, glu=True)
 
     def fused_forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, rms_eps: float | None = None,
                       glu: bool = False) -> torch.Tensor:
@@ -273,9 +272,10 @@ def quantize_weight_only_(model: nn.Module, mode: str, group_size: int | None = 
 
 # The widest hidden size whose int4 decode layer runs without norm kernels (``takes_folded_decode_layer``). H200,
 # session 27 (scripts/gpu/int8_pipe_ab.py --quant int4-wo, greedy graph replay): the 1B (2048) went from 0.592 to
-# 0.551 ms, the 8B (4096) from 2.225 to 2.487 ms. Not yet explained: the tiles compile without spills and with no
-# more registers (sm_90), and the int8 8B gained (2.560 -> 2.477). The likeliest cause is session 22's: with no norm
-# kernel between them, an early-launched int4 GEMV takes SM slots from the split-K GEMV still running before it.
+# 0.551 ms, the 8B (4096) from 2.225 to 2.487 ms. Session 28 found the cause in programmatic dependent launch:
+# captured without PDL the 8B's norm-free layer wins (2.337 against 2.451 ms), with it the split-K int4 GEMVs chained
+# straight into each other lose (mostly gate_up launched early behind o_proj); launching gate_up without PDL came to
+# 2.191 ms, still behind the layer with norm kernels (2.153).
 MAX_INT4_FOLDED_HIDDEN = 2048
 
 
