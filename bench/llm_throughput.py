@@ -200,15 +200,17 @@ def time_generate(llm, prompts, outs, repeat: int, warmup: bool = True) -> dict:
             "weight_bytes": weight_bytes, "streamed_bytes": step_bytes, "preemptions": llm.engine.scheduler.num_preemptions}
 
 
-def engine_entry(mode: str, kv_cache_dtype: str | None, lm_head: bool = True, embedding: bool = False) -> dict | None:
+def engine_entry(mode: str, kv_cache_dtype: str | None, lm_head: bool = True, embedding: bool = True) -> dict | None:
     """The ``kiln_engine`` entry ``kiln build --quant mode`` writes, for a dummy-weight engine of that mode
-    (weight-only modes: the LM head quantized as the build's default; ``embedding``: ``--quantize-embedding``)."""
+    (weight-only modes: the LM head and the embedding quantized as the build's defaults, or not:
+    ``--no-quantize-lm-head`` / ``--no-quantize-embedding``; ``embedding=True`` lets the loader store it as a
+    build would)."""
     if mode == "bf16" and kv_cache_dtype is None:
         return None
     quant = None
     if mode in ("int8-wo", "int4-wo"):
         quant = {"mode": mode, "group_size": 128 if mode == "int4-wo" else None, "lm_head": lm_head,
-                 "embedding": "int8 per row" if embedding else False}
+                 "embedding": embedding}
     elif mode == "w8a8":
         from kiln.llm.quantize import RUNTIME_SMOOTH
 
@@ -227,7 +229,9 @@ def build_quant_engine(args, model: str, mode: str, device: str, max_num_seqs: i
     small = device == "cpu"
     kv = args.kv_cache_dtype if mode != "bf16" else None
     d = Path(tempfile.mkdtemp())
-    entry = engine_entry(mode, kv, lm_head=not args.no_quantize_lm_head, embedding=args.quantize_embedding)
+    tied_float_head = args.no_quantize_lm_head and SHAPES[model].get("tie_word_embeddings", False)
+    entry = engine_entry(mode, kv, lm_head=not args.no_quantize_lm_head,
+                         embedding=not (args.no_quantize_embedding or tied_float_head))
     (d / "config.json").write_text(json.dumps({**SHAPES[model], **({"kiln_engine": entry} if entry else {})}))
     label = mode + (f"+kv-{kv}" if kv else "")
     t0 = time.perf_counter()
@@ -431,8 +435,9 @@ def main() -> int:
                     help="with --quant: the quantized modes also use this KV-cache dtype")
     ap.add_argument("--no-quantize-lm-head", action="store_true",
                     help="with --quant: weight-only engines keep the LM head float (kiln build --no-quantize-lm-head)")
-    ap.add_argument("--quantize-embedding", action="store_true",
-                    help="with --quant: weight-only engines store the embedding int8 per row (as kiln build)")
+    ap.add_argument("--no-quantize-embedding", action="store_true",
+                    help="with --quant: weight-only engines keep the input embedding float (kiln build "
+                         "--no-quantize-embedding)")
     ap.add_argument("--interleave", action="store_true",
                     help="with --quant: time workloads (b) and (d) in alternating rounds over all modes' engines, "
                          "alive at once (--repeat rounds); the ratio is the median of the per-round ratios")

@@ -83,7 +83,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
         model = model_class(config)(config, tp)
     model = model.to(dtype=torch_dtype)
     prepare_engine_model_(model, build_info, device)  # W8A8 / FP8 linears, KV-cache scales (empty, on meta)
-    wo_extra = {"lm_head": bool(quant.get("lm_head")), "embedding": bool(quant.get("embedding"))} if quant else {}
+    wo_extra = {"lm_head": bool(quant.get("lm_head")), "embedding": quant.get("embedding") or False} if quant else {}
     if quant and load_format != "dummy":  # empty quantized linears (on meta), filled from the engine's file
         quantize_parallel_(model, quant["mode"], quant.get("group_size"), quantize_weights=False, **wo_extra)
     model = model.to_empty(device=device)
@@ -120,7 +120,7 @@ def build_engine(checkpoint: str | Path, output_dir: str | Path, dtype: str = "a
                  loras: list[tuple[str, float]] | None = None, show_progress: bool = True,
                  quant: str | None = None, group_size: int | None = None, kv_cache_dtype: str | None = None,
                  smoothquant_alpha: float = 0.5, calibration: CalibrationConfig | None = None,
-                 quantize_lm_head: bool | None = None, quantize_embedding: bool = False) -> Path:
+                 quantize_lm_head: bool | None = None, quantize_embedding: bool | None = None) -> Path:
     """Write an engine directory: config.json (model config + build options + kiln version), model.safetensors
     in the engine's fused layout, tokenizer files.
 
@@ -128,9 +128,9 @@ def build_engine(checkpoint: str | Path, output_dir: str | Path, dtype: str = "a
     with migration strength ``smoothquant_alpha``; "fp8") stores the decoder linears quantized (kiln.quant.llm);
     ``kv_cache_dtype`` ("int8" / "fp8") makes the engine's KV cache quantized with calibrated static scales.
     Calibration (w8a8, KV cache) reads ``calibration``'s text (default: held-out Shakespeare). Weight-only modes
-    quantize the LM head as well unless ``quantize_lm_head=False``; ``quantize_embedding`` stores the input
-    embedding as int8 rows (kiln.llm.quantize says why and what tied embeddings cost). Every option is validated
-    before anything is loaded or written (kiln.llm.quantize).
+    quantize the LM head and the input embedding as well unless ``quantize_lm_head=False`` /
+    ``quantize_embedding=False`` (kiln.llm.quantize says how each is stored, and what tied embeddings cost).
+    Every option is validated before anything is loaded or written (kiln.llm.quantize).
     """
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     hf_cfg, is_engine = read_config(checkpoint)

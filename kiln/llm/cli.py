@@ -118,8 +118,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=None,
                    help="int8-wo / int4-wo: quantize the LM head with the body's mode and group size (default on; "
                         "--no-quantize-lm-head keeps it in the float dtype)")
-    p.add_argument("--quantize-embedding", action="store_true",
-                   help="int8-wo / int4-wo: store the input embedding as int8 rows with a per-row scale")
+    p.add_argument("--quantize-embedding", action=argparse.BooleanOptionalAction, default=None,
+                   help="int8-wo / int4-wo: store the input embedding quantized (default on): tied to a quantized "
+                        "LM head it reads the head's table, otherwise int8 rows with a per-row scale; "
+                        "--no-quantize-embedding keeps it in the float dtype")
     p.add_argument("--kv-cache-dtype", default=None,
                    help="int8 | fp8: quantized KV cache with calibrated static per-head scales")
     p.add_argument("--smoothquant-alpha", type=float, default=0.5,

@@ -18,13 +18,12 @@ LM head and embedding (weight-only modes): the LM head is quantized with the bod
 (``lm_head=False`` / ``kiln build --no-quantize-lm-head`` keeps it float): on the Llama-3.1-8B shape a bf16 head is
 ~22% of the bytes an int4-wo decode step reads and on the 1B shape the tied table is a fifth of all weight bytes,
 and the held-out perplexity stays within the mode's bar with it quantized (tests/llm/test_quant_build.py).
-``embedding=True`` (``--quantize-embedding``, off by default) stores the input embedding as int8 rows with one
-fp32 scale per row: a lookup is a gather, exact to dequantize. Tied embeddings: int8 rows with a per-row scale
-are exactly an int8-wo head's per-output-channel weight, so for int8-wo + ``--quantize-embedding`` the table is
-quantized once, stored once (``lm_head.qweight`` / ``lm_head.scale``) and read by both. Otherwise a quantized head
-keeps its own quantized copy beside the embedding (bytes per table element: bf16 tied 2; int4 g128 head + bf16
-embedding 2 + 0.54; int4 head + int8 embedding 1 + 0.54; int8-wo shared 1); an int8 embedding needs a quantized
-head when they are tied (a float head keeps the float table in the engine anyway). w8a8 / fp8 keep both float.
+The input embedding is quantized by default too (``embedding=False`` / ``--no-quantize-embedding`` keeps it float):
+it is only gathered, so this costs no speed, and a bf16 table is 1 GB of the 8B, what kept its int4-wo engine
+above 30% of bf16. Untied, it becomes int8 rows with one fp32 scale per row (exact to dequantize). Tied to a
+quantized head, it reads the head's own tensors, int8 per row or int4 in groups, so the table is stored once
+(``lm_head.*``; bytes per table element: bf16 tied 2; int4 g128 shared 0.54; int8 shared 1). A tied float head
+keeps the float table for both (an explicit ``embedding=True`` is then refused). w8a8 / fp8 keep both float.
 """
 
 from __future__ import annotations
@@ -43,7 +42,6 @@ from .context import AttentionContext, set_context
 logger = logging.getLogger(__name__)
 
 RUNTIME_SMOOTH = ("*.o_proj", "*.down_proj")  # w8a8 layers with no norm in front: a run-time smoother
-EMBEDDING_INT8 = "int8 per row"  # the engine config's quant.embedding when the input embedding is quantized
 
 
 @dataclass
@@ -84,10 +82,11 @@ class QuantSpec:
 
 def check_build_quant(hf_cfg: dict, quant: str | None, group_size: int | None, kv_cache_dtype: str | None,
                       alpha: float = 0.5, calibration: CalibrationConfig | None = None,
-                      quantize_lm_head: bool | None = None, quantize_embedding: bool = False) -> QuantSpec:
+                      quantize_lm_head: bool | None = None, quantize_embedding: bool | None = None) -> QuantSpec:
     """Validate every quantization option before anything is loaded or written (ValueError naming the value).
 
-    ``quantize_lm_head``: None = on for the weight-only modes (off otherwise); ``quantize_embedding``: int8 rows."""
+    ``quantize_lm_head``: None = on for the weight-only modes (off otherwise); ``quantize_embedding``: None = on for
+    the weight-only modes, unless the embedding is tied to a float head."""
     from kiln.quant.llm import check_alpha, check_quant_args
 
     from .config import ModelConfig
@@ -121,13 +120,14 @@ def check_build_quant(hf_cfg: dict, quant: str | None, group_size: int | None, k
     if quantize_embedding and not weight_only:
         raise ValueError(f"quantize_embedding needs a weight-only mode (int8-wo / int4-wo), not quant={quant!r}")
     lm_head = weight_only if quantize_lm_head is None else quantize_lm_head
-    if quantize_embedding and not lm_head and ModelConfig.from_hf(hf_cfg).tie_word_embeddings:
+    tied_float_head = not lm_head and ModelConfig.from_hf(hf_cfg).tie_word_embeddings
+    if quantize_embedding and tied_float_head:
         raise ValueError("quantize_embedding with tied embeddings needs the LM head quantized too (a float head "
                          "keeps the float table in the engine anyway); drop --no-quantize-lm-head")
+    embedding = weight_only and not tied_float_head if quantize_embedding is None else quantize_embedding
     calibration = calibration or CalibrationConfig()
     calibration.validate()
-    return QuantSpec(quant, group_size, kv_cache_dtype, check_alpha(alpha), calibration, lm_head,
-                     bool(quantize_embedding))
+    return QuantSpec(quant, group_size, kv_cache_dtype, check_alpha(alpha), calibration, lm_head, embedding)
 
 
 # ------------------------------------------------------------------------------------------------ calibration
@@ -314,9 +314,8 @@ def quantize_for_build_(model: nn.Module, spec: QuantSpec, tokenizer_dir) -> dic
                        "embedding": False}
         if folded:
             quant_entry["norm_gains_folded"] = folded
-        if spec.embedding:  # tied to an int8-wo head: one int8 table, stored as lm_head.qweight / .scale
-            shared = getattr(model.input_embeddings(), "shared", False)
-            quant_entry["embedding"] = EMBEDDING_INT8 + (" (the lm_head table)" if shared else "")
+        if spec.embedding:  # how it is stored: own int8 rows, or the tied head's table
+            quant_entry["embedding"] = model.input_embeddings().format
     elif spec.mode == "w8a8":
         for i, layer in enumerate(model.model.layers):
             p = f"model.layers.{i}."

@@ -115,7 +115,7 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of ``pack_int4``: uint8 [N, K/2] -> uint8 codes [N, K]."""
     check_tensor("packed", packed, ndim=2, dtypes=(torch.uint8,))
-    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], 2 * packed.shape[1])
 
 
 def interleave_int4_rows(qweight: torch.Tensor, rows: int = 4) -> torch.Tensor:

@@ -70,17 +70,44 @@ def main():
     ap.add_argument("--lens", type=int, nargs="+", default=[64, 256, 1024, 4096])
     ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--label", default="")
+    ap.add_argument("--warps", type=int, nargs="+", default=None, metavar="N",
+                    help="also time the kernel launched with each of these warp counts (an A/B of num_warps; the "
+                         "outputs are checked against the shipped launch's)")
     args = ap.parse_args()
+    from kiln.ops import fused_decode
     from kiln.ops.fused_decode import decode_attention_rope
+
+    shipped = fused_decode._decode_rope_kernel
+
+    class Warps:
+        """``_decode_rope_kernel`` launched with another ``num_warps``."""
+
+        def __init__(self, warps: int):
+            self.warps = warps
+
+        def __getitem__(self, grid):
+            launch = shipped[grid]
+            return lambda *a, **k: launch(*a, **{**k, "num_warps": self.warps})
 
     print(f"== decode attention per call, us ({args.label or 'this tree'}; {torch.cuda.get_device_name()})")
     print(f"{'shape':10s} " + " ".join(f"{'L=' + str(L):>8s}" for L in args.lens))
     for name, (hq, hkv, d) in SHAPES.items():
-        row = []
-        for L in args.lens:
-            a = inputs(hq, hkv, d, L)
-            row.append(time_us(lambda: decode_attention_rope(*a), args.calls))
-        print(f"{name:10s} " + " ".join(f"{t:8.2f}" for t in row), flush=True)
+        for warps in [None] + (args.warps or []):
+            fused_decode._decode_rope_kernel = shipped if warps is None else Warps(warps)
+            row, worst = [], 0.0
+            for L in args.lens:
+                a = inputs(hq, hkv, d, L)
+                if warps is not None:  # same inputs (the call stores k, v into the cache: idempotent)
+                    fused_decode._decode_rope_kernel = shipped
+                    ref = decode_attention_rope(*a).float()
+                    fused_decode._decode_rope_kernel = Warps(warps)
+                    worst = max(worst, ((decode_attention_rope(*a).float() - ref).abs().max()
+                                        / ref.abs().max()).item())
+                row.append(time_us(lambda: decode_attention_rope(*a), args.calls))
+            label = name + ("" if warps is None else f" w{warps}")
+            check = "" if warps is None else f"   (max rel diff vs shipped {worst:.1e})"
+            print(f"{label:10s} " + " ".join(f"{t:8.2f}" for t in row) + check, flush=True)
+    fused_decode._decode_rope_kernel = shipped
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from torch import nn
 from kiln.cli import main
 from kiln.llm import LLM, SamplingParams
 from kiln.llm.build import build_engine
+from kiln.llm.layers.parallel import QuantizedVocabParallelEmbedding
 from kiln.models import default_model_path
 from kiln.llm.quantize import CalibrationConfig
 from kiln.quant import Fp8Linear, Int4WeightOnlyLinear, Int8WeightOnlyLinear, W8A8Linear
@@ -22,17 +23,17 @@ from kiln.quant.llm import WEIGHT_ONLY_MODULES
 from tests.conftest import HAVE_SHAKESPEARE, requires_shakespeare
 
 # name: (quant, group size, kv-cache dtype[, extra build_engine arguments]); weight-only modes quantize the LM
-# head by default (the bundled model ties it to the embedding)
+# head and the embedding by default (the bundled model ties them: the embedding reads the head's quantized table)
 MODES = {"float": (None, None, None), "int8-wo": ("int8-wo", None, None), "int4-wo-g128": ("int4-wo", 128, None),
          "int4-wo-g64": ("int4-wo", 64, None), "int4-wo-g32": ("int4-wo", 32, None),
-         "int8-wo-emb": ("int8-wo", None, None, {"quantize_embedding": True}),
-         "int4-wo-g128-emb": ("int4-wo", 128, None, {"quantize_embedding": True}),
+         "int8-wo-float-emb": ("int8-wo", None, None, {"quantize_embedding": False}),
+         "int4-wo-g128-float-emb": ("int4-wo", 128, None, {"quantize_embedding": False}),
          "int4-wo-g128-float-head": ("int4-wo", 128, None, {"quantize_lm_head": False}),
          "w8a8": ("w8a8", None, None), "fp8": ("fp8", None, None), "kv-int8": (None, None, "int8"),
          "kv-fp8": (None, None, "fp8")}
 # allowed held-out perplexity increase over the float engine (issue 8)
-PPL_LIMITS = {"int8-wo": 1.01, "int4-wo-g128": 1.05, "int4-wo-g64": 1.05, "int4-wo-g32": 1.05, "int8-wo-emb": 1.01,
-              "int4-wo-g128-emb": 1.05, "w8a8": 1.03, "fp8": 1.02,
+PPL_LIMITS = {"int8-wo": 1.01, "int4-wo-g128": 1.05, "int4-wo-g64": 1.05, "int4-wo-g32": 1.05,
+              "int8-wo-float-emb": 1.01, "int4-wo-g128-float-emb": 1.05, "w8a8": 1.03, "fp8": 1.02,
               "kv-int8": 1.01, "kv-fp8": 1.01}
 FOLDED = ["input_layernorm -> qkv_proj", "post_attention_layernorm -> gate_up_proj"]  # weight-only builds
 CALIB = CalibrationConfig(num_samples=4, seq_len=256)  # CI-sized: 1,024 tokens at offset 20,000 (disjoint)
@@ -81,15 +82,16 @@ def perplexity(llm, windows):
 def test_quantized_engine_stores_packed_weights_and_loads_quantized_modules(engines):
     path, llm = engines["int4-wo-g64"]
     cfg = json.loads((path / "config.json").read_text())
-    assert cfg["kiln_engine"]["quant"] == {"mode": "int4-wo", "group_size": 64, "lm_head": True, "embedding": False,
+    assert cfg["kiln_engine"]["quant"] == {"mode": "int4-wo", "group_size": 64, "lm_head": True,
+                                           "embedding": "int4 groups (the lm_head table)",
                                            "norm_gains_folded": FOLDED}
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
         qkv = f.get_tensor("model.layers.0.self_attn.qkv_proj.qweight")
         scales = f.get_tensor("model.layers.0.self_attn.qkv_proj.scales")
         assert "model.layers.0.self_attn.qkv_proj.weight" not in f.keys()
-        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
-        # the tied table's quantized copy for the head (int4, vocab rows)
+        # the tied table once, int4 as the head's weight (vocab rows); the embedding reads it
         assert f.get_tensor("lm_head.qweight").shape == (4096, 384 // 2) and "lm_head.weight" not in f.keys()
+        assert not any(k.startswith("model.embed_tokens.") for k in f.keys())
     assert qkv.dtype == torch.uint8 and qkv.shape == (384 + 2 * 64 * 2, 384 // 2)  # two codes per byte
     assert scales.shape == (qkv.shape[0], 384 // 64)
     model = llm.engine.model
@@ -97,7 +99,9 @@ def test_quantized_engine_stores_packed_weights_and_loads_quantized_modules(engi
     for mod in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
         assert isinstance(mod, Int4WeightOnlyLinear) and mod.group_size == 64
     assert isinstance(model.lm_head, Int4WeightOnlyLinear) and model.lm_head.group_size == 64
-    assert isinstance(model.model.embed_tokens, nn.Embedding)  # float, not tied to the head any more
+    embed = model.model.embed_tokens
+    assert isinstance(embed, QuantizedVocabParallelEmbedding) and embed.table().qweight is model.lm_head.qweight
+    assert isinstance(engines["int4-wo-g128-float-emb"][1].engine.model.model.embed_tokens, nn.Embedding)
     old = engines["int4-wo-g128-float-head"][1].engine.model
     assert isinstance(old.lm_head, nn.Linear) and old.lm_head.weight is old.model.embed_tokens.weight
     assert isinstance(engines["int8-wo"][1].engine.model.model.layers[3].mlp.down_proj, Int8WeightOnlyLinear)
@@ -140,13 +144,13 @@ def test_weight_only_engine_folds_the_norm_gains_and_decodes_without_norm_kernel
 
 def test_engine_sizes_shrink(engines):
     size = {k: (p / "model.safetensors").stat().st_size for k, (p, _) in engines.items()}
-    # the tied 4096 x 384 bf16 table is 3.1 MB of 15.7 MB; a quantized head adds its own quantized copy unless the
-    # embedding is int8 too, and an int8-wo head and int8 embedding share one table
-    assert size["int8-wo"] < 0.75 * size["float"] and size["int8-wo-emb"] < 0.55 * size["float"]
-    assert size["int4-wo-g128-emb"] < size["int4-wo-g128-float-head"] < size["int4-wo-g128"]
-    assert size["int4-wo-g128"] - size["int4-wo-g128-float-head"] == pytest.approx(4096 * 384 * (0.5 + 5 / 128),
-                                                                                     abs=4096)
-    assert size["int4-wo-g128-emb"] < 0.40 * size["float"]
+    # the tied 4096 x 384 bf16 table is 3.1 MB of 15.7 MB; a quantized head the embedding reads stores it once,
+    # quantized, while a float embedding keeps the float table beside the head's quantized copy
+    assert size["int8-wo-float-emb"] < 0.75 * size["float"] and size["int8-wo"] < 0.55 * size["float"]
+    assert size["int4-wo-g128"] < size["int4-wo-g128-float-head"] < size["int4-wo-g128-float-emb"]
+    assert size["int4-wo-g128-float-emb"] - size["int4-wo-g128-float-head"] == pytest.approx(
+        4096 * 384 * (0.5 + 5 / 128), abs=4096)
+    assert size["int4-wo-g128"] < 0.30 * size["float"]
     assert size["int4-wo-g128"] < size["int4-wo-g64"] < size["int4-wo-g32"] < size["int8-wo"]
     assert size["w8a8"] < 0.65 * size["float"] and size["fp8"] < 0.65 * size["float"]
     assert abs(size["kv-int8"] - size["float"]) < 4096  # only the per-head scales are added
@@ -237,13 +241,13 @@ def test_held_out_perplexity_of_every_mode_within_its_limit(engines, held_out_wi
 
 
 @pytest.mark.parametrize("family, mode, gs, emb", [("qwen2", "int8-wo", None, False), ("qwen2", "int4-wo", 32, True),
-                                                   ("llama", "int4-wo", 32, False), ("llama", "int8-wo", None, True)])
+                                                   ("llama", "int4-wo", 32, False), ("llama", "int8-wo", None, True),
+                                                   ("llama", "int4-wo", 32, True)])
 def test_quantized_engine_matches_float_model_with_dequantized_weights(checkpoints, tmp_path, family, mode, gs, emb):
-    """The whole model through the quantized linears, LM head and (``emb``) int8 embedding equals the float model
-    carrying the dequantized weights (qwen2 has a qkv bias: the bias buffers load too; llama ties its embeddings:
-    the quantized head is its own tensor, or with int8-wo and an int8 embedding one table serves both)."""
-    from kiln.llm.layers.parallel import Int8VocabParallelEmbedding
-
+    """The whole model through the quantized linears, LM head and (``emb``) quantized embedding equals the float
+    model carrying the dequantized weights (qwen2 has a qkv bias: the bias buffers load too, and its untied
+    embedding gets int8 rows of its own; llama ties its embeddings: the quantized head's table, int8 or int4, is
+    stored once and the embedding reads it, or with a float embedding the float table stays beside the head)."""
     path, _ = checkpoints[family]
     engine = build_engine(path, tmp_path / "e", dtype="float32", quant=mode, group_size=gs, show_progress=False,
                           quantize_embedding=emb)
@@ -263,38 +267,38 @@ def test_quantized_engine_matches_float_model_with_dequantized_weights(checkpoin
             if name.endswith("norm.weight"):
                 f_model.get_parameter(name).copy_(p)
         embed = q_model.model.embed_tokens
-        assert isinstance(embed, Int8VocabParallelEmbedding) == emb
+        assert isinstance(embed, QuantizedVocabParallelEmbedding) == emb
         if emb:
             f_model.model.embed_tokens.weight.copy_(embed.dequantized_weight())
     assert n == 2 * 4 + 1  # qkv, o, gate_up, down in each of 2 layers, and the LM head
     assert isinstance(q_model.lm_head, Int8WeightOnlyLinear if mode == "int8-wo" else Int4WeightOnlyLinear)
-    shared = emb and family == "llama" and mode == "int8-wo"  # tied table, int8 both ways: stored once
+    shared = emb and family == "llama"  # tied table: stored once, as the head's
     with safe_open(str(engine / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
     assert "lm_head.qweight" in keys and "lm_head.weight" not in keys
     assert ("model.embed_tokens.qweight" in keys) == (emb and not shared)
     assert ("model.embed_tokens.weight" in keys) == (not emb)
     if shared:
-        assert embed.shared and embed.table()[0] is q_model.lm_head.qweight
+        assert embed.shared and embed.table().qweight is q_model.lm_head.qweight
     prompts = [[5, 17, 42, 99, 3, 250, 7], [11, 12, 13]]
     for got, ref in zip(q_llm.prompt_logits(prompts), f_llm.prompt_logits(prompts)):
         assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-4
 
 
 def test_engine_round_trip_keeps_the_quantized_head_and_embedding(checkpoints, tmp_path):
-    """build -> load: the loaded engine holds exactly the tensors the build quantized (head from the tied table,
-    int8 embedding rows) and gives the same logits as the quantized model before it was written."""
+    """build -> load: the loaded engine holds exactly the tensors the build quantized (the head from the tied table,
+    which the embedding reads) and gives the same logits as the quantized model before it was written."""
     from kiln.llm.build import load_model
     from kiln.llm.layers.parallel import quantize_parallel_
     from kiln.llm.quantize import fold_decoder_norm_gains_
-    from kiln.quant.llm import quantize_int4_weight, quantize_int8_weight
+    from kiln.quant.llm import quantize_int4_weight
 
     path, _ = checkpoints["llama"]  # tied embeddings
     engine = build_engine(path, tmp_path / "e", dtype="float32", quant="int4-wo", group_size=32,
-                          quantize_embedding=True, show_progress=False)
+                          show_progress=False)
     info = json.loads((engine / "config.json").read_text())["kiln_engine"]["quant"]
-    assert info == {"mode": "int4-wo", "group_size": 32, "lm_head": True, "embedding": "int8 per row",
-                    "norm_gains_folded": FOLDED}
+    assert info == {"mode": "int4-wo", "group_size": 32, "lm_head": True,
+                    "embedding": "int4 groups (the lm_head table)", "norm_gains_folded": FOLDED}
     float_model = load_model(path, "cpu", torch.float32).model
     table = float_model.model.embed_tokens.weight.detach().clone()
     assert fold_decoder_norm_gains_(float_model) == FOLDED
@@ -307,7 +311,10 @@ def test_engine_round_trip_keeps_the_quantized_head_and_embedding(checkpoints, t
         assert torch.equal(loaded[k], built[k]), k
     q, s, z = quantize_int4_weight(table, 32)
     assert torch.equal(loaded["lm_head.qweight"], q) and torch.equal(loaded["lm_head.scales"], s)
-    assert torch.equal(loaded["model.embed_tokens.qweight"], quantize_int8_weight(table)[0])
+    assert not any(k.startswith("model.embed_tokens.") for k in loaded)
+    embed = llm.engine.model.model.embed_tokens
+    assert embed.table().qweight is llm.engine.model.lm_head.qweight
+    assert torch.equal(embed(torch.tensor([3, 9])), llm.engine.model.lm_head.dequantized_weight()[[3, 9]])
     # the in-memory quantized model (no runner: a plain packed prefill through a scratch cache) == the engine
     from kiln.llm.quantize import _forward_windows
     prompt = [5, 17, 42, 99, 3, 250, 7]
@@ -326,9 +333,39 @@ def test_engine_round_trip_keeps_the_quantized_head_and_embedding(checkpoints, t
     assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-5
 
 
-def test_int4_engine_of_the_8b_shape_is_within_30_percent_of_bf16():
+def test_engine_with_its_own_int8_embedding_beside_a_tied_int4_head_still_loads(checkpoints, tmp_path):
+    """Engines built before the tied int4 head's table served the embedding stored the embedding as its own int8
+    rows ("int8 per row" in the config): they load as recorded, reading those rows, not the head's."""
+    from safetensors.torch import load_file, save_file
+
+    from kiln.quant.llm import quantize_int8_weight
+
+    path, _ = checkpoints["llama"]
+    engine = build_engine(path, tmp_path / "e", dtype="float32", quant="int4-wo", group_size=32, show_progress=False)
+    cfg = json.loads((engine / "config.json").read_text())
+    cfg["kiln_engine"]["quant"]["embedding"] = "int8 per row"
+    (engine / "config.json").write_text(json.dumps(cfg))
+    from kiln.llm.build import load_model
+
+    table = load_model(path, "cpu", torch.float32).model.model.embed_tokens.weight
+    q, scale = quantize_int8_weight(table)
+    tensors = load_file(str(engine / "model.safetensors"))
+    save_file({**tensors, "model.embed_tokens.qweight": q, "model.embed_tokens.scale": scale},
+              str(engine / "model.safetensors"))
+    llm = LLM(str(engine), dtype="float32", max_num_seqs=8, block_size=8, device="cpu")
+    embed = llm.engine.model.model.embed_tokens
+    assert not embed.shared and torch.equal(embed.qweight, q)
+    assert torch.equal(embed(torch.tensor([4])), (q[4].float() * scale[4])[None])
+    cfg["kiln_engine"]["quant"]["embedding"] = "int5 rows"
+    (engine / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unknown quantized embedding format 'int5 rows'"):
+        LLM(str(engine), dtype="float32", device="cpu")
+
+
+def test_int4_engines_of_the_8b_and_1b_shapes_are_within_30_percent_of_bf16():
     """Engine bytes (``engine_state_dict()``, what bench/llm_throughput.py reports) of the Llama-3.1-8B and
-    Llama-3.2-1B shapes on the meta device (exact shapes, no memory), against the formula per tensor."""
+    Llama-3.2-1B shapes on the meta device (exact shapes, no memory), against the formula per tensor; with the
+    build's defaults (head and embedding quantized) both are at most 30% of bf16."""
     from bench.llm_throughput import SHAPES
     from kiln.llm.config import ModelConfig
     from kiln.llm.layers.parallel import quantize_parallel_
@@ -353,12 +390,15 @@ def test_int4_engine_of_the_8b_shape_is_within_30_percent_of_bf16():
     assert head - both == V * (2 * H - H - 4)  # bf16 row -> int8 row + fp32 scale
     assert old / bf16 > 0.36 and head / bf16 > 0.30
     assert both / bf16 <= 0.30, both / bf16
-    # 1B shape (tied): a quantized head is a second copy of the table unless the embedding is int8 too; int8-wo
-    # with an int8 embedding stores the one table both use
+    # 1B shape (tied): a quantized head is a second copy of the table unless the embedding is quantized too; then
+    # the one quantized table (int8 or int4, the head's) serves both
     b1 = nbytes("llama-1b")
     V1, H1 = 128256, 2048
     assert nbytes("llama-1b", "int8-wo", None, True, True) == nbytes("llama-1b", "int8-wo") - V1 * (2 * H1 - H1 - 4)
-    assert nbytes("llama-1b", "int4-wo", 128, True, True) / b1 < nbytes("llama-1b", "int4-wo", 128) / b1 < 0.43
+    int4_row1 = H1 // 2 + (H1 // 128) * 5
+    shared = nbytes("llama-1b", "int4-wo", 128, True, True)
+    assert shared == nbytes("llama-1b", "int4-wo", 128) - V1 * (2 * H1 - int4_row1)
+    assert nbytes("llama-1b", "int4-wo", 128, True) / b1 > 0.43 and shared / b1 <= 0.30, shared / b1
 
 
 def test_dummy_load_of_a_quantized_engine_quantizes_random_weights(engines):
@@ -405,15 +445,17 @@ def test_kiln_build_cli_quant_flags(checkpoints, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["build", str(llama), "-o", str(out), "--quant", "int4-wo", "--group-size", "32"]) == 0
     assert json.loads((out / "config.json").read_text())["kiln_engine"]["quant"] == {
-        "mode": "int4-wo", "group_size": 32, "lm_head": True, "embedding": False, "norm_gains_folded": FOLDED}
-    for flags, head, emb in ((["--no-quantize-lm-head"], False, False), (["--quantize-embedding"], True, True)):
-        d = tmp_path / "-".join(flags)
+        "mode": "int4-wo", "group_size": 32, "lm_head": True, "embedding": "int4 groups (the lm_head table)",
+        "norm_gains_folded": FOLDED}
+    for flags, head, emb in ((["--no-quantize-lm-head"], False, False), (["--no-quantize-embedding"], True, False),
+                             (["--quantize-embedding"], True, True), ([], True, True)):
+        d = tmp_path / ("-".join(flags) or "default")
         assert main(["build", str(llama), "-o", str(d), "--quant", "int8-wo", *flags]) == 0
         q = json.loads((d / "config.json").read_text())["kiln_engine"]["quant"]
-        assert q["lm_head"] is head and bool(q["embedding"]) is emb
+        assert q["lm_head"] is head and q["embedding"] == ("int8 per row (the lm_head table)" if emb else False)
         with safe_open(str(d / "model.safetensors"), framework="pt") as f:
-            # tied table: float for a float head; int8-wo + int8 embedding store it once, as the head
-            assert ("model.embed_tokens.weight" in f.keys()) is (not head)
+            # tied table: float for a float head or embedding; quantized both ways, stored once, as the head
+            assert ("model.embed_tokens.weight" in f.keys()) is (not emb)
             assert ("lm_head.qweight" in f.keys()) is head and "model.embed_tokens.qweight" not in f.keys()
     assert main(["build", str(llama), "-o", str(tmp_path / "x"), "--quant", "int4-wo", "--group-size", "100"]) == 2
     assert "unsupported group size 100" in capsys.readouterr().err

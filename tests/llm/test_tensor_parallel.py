@@ -71,15 +71,26 @@ def test_tp2_logits_and_greedy_generation_equal_tp1(checkpoints, family):
 
 @pytest.mark.parametrize("mode, family, group_size, emb", [("int8-wo", "qwen2", None, False),
                                                             ("int4-wo", "mistral", 32, True),
-                                                            ("int8-wo", "llama", None, True)])
+                                                            ("int8-wo", "llama", None, True),
+                                                            ("int4-wo", "mistral-tied", 32, True)])
 def test_tp2_weight_only_quantized_engine_equals_tp1(checkpoints, tmp_path, mode, family, group_size, emb):
     """Quantized body, quantized vocab-parallel LM head (each rank its vocabulary rows, logits gathered) and with
-    ``emb`` the int8 vocab-parallel embedding (llama: tied, one int8 table shared by head and embedding)."""
+    ``emb`` the quantized vocab-parallel embedding (tied: the head's int8 or int4 table read by the embedding;
+    mistral: its own int8 rows); without it the embedding stays float. ``mistral-tied`` is the mistral checkpoint
+    with tied embeddings (llama's MLP, 48 inputs per rank, takes no int4 group size)."""
+    import shutil
+
     from kiln.llm.build import build_engine
-    from kiln.llm.layers.parallel import Int8VocabParallelEmbedding
+    from kiln.llm.layers.parallel import QuantizedVocabParallelEmbedding
     from kiln.quant.llm import WEIGHT_ONLY_MODULES
 
-    engine = build_engine(checkpoints[family][0], tmp_path / "engine", dtype="float32", quant=mode,
+    tied = family in ("llama", "mistral-tied")
+    source = checkpoints[family.removesuffix("-tied")][0]
+    if family.endswith("-tied"):
+        source = Path(shutil.copytree(source, tmp_path / family))
+        cfg = json.loads((source / "config.json").read_text())
+        (source / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    engine = build_engine(source, tmp_path / "engine", dtype="float32", quant=mode,
                           group_size=group_size, show_progress=False, quantize_embedding=emb)
     one = LLM(str(engine), **ENGINE)
     ref = one.prompt_logits(PROMPTS)
@@ -92,10 +103,12 @@ def test_tp2_weight_only_quantized_engine_equals_tp1(checkpoints, tmp_path, mode
         assert layer.self_attn.o_proj.in_features == two.engine.model_config.num_heads * 16 // 2
         vocab = two.engine.model_config.vocab_size
         assert isinstance(model.lm_head, WEIGHT_ONLY_MODULES) and model.lm_head.out_features == -(-vocab // 2)
-        assert isinstance(model.model.embed_tokens, Int8VocabParallelEmbedding) == emb
+        assert isinstance(model.model.embed_tokens, QuantizedVocabParallelEmbedding) == emb
         if emb:
-            assert model.model.embed_tokens.table()[0].shape[0] == -(-vocab // 2)
-            assert model.model.embed_tokens.shared == (family == "llama")
+            assert model.model.embed_tokens.num_embeddings == -(-vocab // 2)
+            assert model.model.embed_tokens.shared == tied
+            if tied:
+                assert model.model.embed_tokens.table().qweight is model.lm_head.qweight
         assert max_rel(two.prompt_logits(PROMPTS), ref) <= 1e-5
     finally:
         two.shutdown()

@@ -132,14 +132,17 @@ def lm_head_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return gather_logits(head, head(hidden))
 
 
-class Int8VocabParallelEmbedding(nn.Module):
-    """``VocabParallelEmbedding`` with int8 rows and one fp32 scale per row (``row ~ qweight[v] * scale[v]``,
-    symmetric, ``scale = amax / 127``): a lookup gathers int8 rows and their scales, so dequantizing is exact and
-    costs nothing beyond the gather. Same vocabulary split, masking and all-reduce as the float table.
+class QuantizedVocabParallelEmbedding(nn.Module):
+    """``VocabParallelEmbedding`` with a weight-only quantized table: a lookup gathers the rows and dequantizes them
+    (``kiln.ops.wo_embedding``, one launch), exact to the stored codes. Same vocabulary split, masking and
+    all-reduce as the float table.
 
-    That table is exactly the int8-wo weight (per output channel) of a tied LM head: ``shared_with=head`` (an
-    ``Int8WeightOnlyLinear`` quantized from the same tied table) makes the embedding read the head's ``qweight`` /
-    ``scale`` and hold no tensor of its own, so the engine stores the table once (as ``lm_head.*``)."""
+    - Own table (untied, or tied to a float head is refused at build): int8 rows with one fp32 scale per row
+      (``row ~ qweight[v] * scale[v]``, symmetric, ``scale = amax / 127``), buffers ``qweight`` / ``scale``.
+    - ``shared_with=head`` (tied embeddings, the head weight-only quantized from the same table): the embedding
+      reads the head's own tensors, int8 per row (an int8-wo head's per-channel weight) or int4 in groups (an
+      int4-wo head's, packed or row-interleaved), and holds none, so the engine stores the table once, as
+      ``lm_head.*``."""
 
     tp_dim = 0
 
@@ -153,9 +156,12 @@ class Int8VocabParallelEmbedding(nn.Module):
                                                         device=device))
             self.register_buffer("scale", torch.empty(num_embeddings, dtype=torch.float32, device=device))
         else:  # not a submodule (the head is saved and loaded once, as itself)
-            if tuple(shared_with.qweight.shape) != (num_embeddings, embedding_dim):
-                raise ValueError(f"a shared int8 table must be [{num_embeddings}, {embedding_dim}], the head's is "
-                                 f"{tuple(shared_with.qweight.shape)}")
+            from kiln.ops.wo_embedding import wo_table_shape
+
+            shape = tuple(wo_table_shape(shared_with.weight_only()))
+            if shape != (num_embeddings, embedding_dim):
+                raise ValueError(f"a shared table must be [{num_embeddings}, {embedding_dim}], the head's is "
+                                 f"{list(shape)}")
             self.__dict__["_shared_with"] = shared_with
         self.tp, self.full_vocab = tp, full_vocab or num_embeddings
         self.tp_slices = {None: ShardSlice(self.full_vocab, 0, num_embeddings)}
@@ -166,7 +172,7 @@ class Int8VocabParallelEmbedding(nn.Module):
 
     @classmethod
     def from_float(cls, emb: nn.Embedding, quantize_weights: bool = True,
-                   shared_with: nn.Module | None = None) -> "Int8VocabParallelEmbedding":
+                   shared_with: nn.Module | None = None) -> "QuantizedVocabParallelEmbedding":
         from kiln.quant.llm import quantize_int8_weight
 
         w = emb.weight
@@ -182,18 +188,31 @@ class Int8VocabParallelEmbedding(nn.Module):
                 mod.scale.copy_(s)
         return mod
 
-    def table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int8 rows [V_local, H], fp32 scale [V_local]): this module's buffers or the tied head's."""
-        owner = self.__dict__.get("_shared_with", self)
-        return owner.qweight, owner.scale
+    def table(self):
+        """The ``WeightOnly`` table the lookups read: this module's int8 buffers, or the tied head's tensors."""
+        from kiln.ops.wo_gemm import WeightOnly
+
+        if self.shared:
+            return self.__dict__["_shared_with"].weight_only()
+        return WeightOnly(self.qweight, self.scale)
+
+    @property
+    def format(self) -> str:
+        """What the engine config records (``quant.embedding``), which is also what a loader rebuilds."""
+        if not self.shared:
+            return EMBEDDING_INT8
+        return (EMBEDDING_INT8 if self.table().bits == 8 else EMBEDDING_INT4_GROUPS) + EMBEDDING_SHARED
 
     def dequantized_weight(self) -> torch.Tensor:
-        q, s = self.table()
-        return (q.float() * s[:, None]).to(self.dtype)
+        from kiln.ops.wo_embedding import wo_embedding_ref
+
+        return wo_embedding_ref(torch.arange(self.num_embeddings, device=self.table().qweight.device), self.table(),
+                                self.dtype)
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        q, s = self.table()
-        return (F.embedding(ids, q).float() * s[ids].unsqueeze(-1)).to(self.dtype)
+        from kiln.ops.wo_embedding import wo_embedding
+
+        return wo_embedding(ids, self.table(), self.dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -205,7 +224,13 @@ class Int8VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row{', shared with lm_head' * self.shared}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.format}"
+
+
+# The engine config's quant.embedding for a quantized input embedding (False when it is float).
+EMBEDDING_INT8 = "int8 per row"
+EMBEDDING_INT4_GROUPS = "int4 groups"
+EMBEDDING_SHARED = " (the lm_head table)"
 
 
 def kv_replicas(num_kv_heads: int, tp: TensorParallel) -> int:
@@ -214,18 +239,22 @@ def kv_replicas(num_kv_heads: int, tp: TensorParallel) -> int:
 
 
 def quantize_parallel_(model: nn.Module, mode: str, group_size: int | None, quantize_weights: bool = True,
-                       lm_head: bool = False, embedding: bool = False) -> None:
+                       lm_head: bool = False, embedding: bool | str = False) -> None:
     """``kiln.quant.llm.quantize_weight_only_`` for a (possibly) tensor-parallel model: the quantized twins keep
     their layer's shard description, so they load (and all-reduce) like the float layers they replace.
 
     ``lm_head``: the LM head too (same mode and group size; each rank quantizes / loads its vocabulary rows, and
-    its logits are gathered as before). With tied embeddings the head is quantized from the shared table and the
-    embedding keeps that table (float, or int8 per row with ``embedding``): the engine stores both.
-    ``embedding``: the input embedding becomes ``Int8VocabParallelEmbedding`` (int8 rows, fp32 scale per row);
-    tied to an int8-wo head, it reads the head's tensors (one table in the engine)."""
-    from kiln.quant.llm import check_weight_only_args, quantize_weight_only_
+    its logits are gathered as before). With tied embeddings the head is quantized from the shared table.
+    ``embedding``: the input embedding becomes a ``QuantizedVocabParallelEmbedding``. ``True`` (a build) makes it
+    read a tied quantized head's table (one table in the engine, int8 or int4 as the head) and otherwise gives it
+    int8 rows of its own; a string is what an engine's config recorded (``QuantizedVocabParallelEmbedding.format``),
+    so an engine loads as it was built."""
+    from kiln.quant.llm import WEIGHT_ONLY_MODULES, check_weight_only_args, quantize_weight_only_
 
     group_size = check_weight_only_args(mode, group_size)
+    if embedding not in (True, False, EMBEDDING_INT8, EMBEDDING_INT8 + EMBEDDING_SHARED,
+                         EMBEDDING_INT4_GROUPS + EMBEDDING_SHARED):
+        raise ValueError(f"unknown quantized embedding format {embedding!r}")
     keep = {name: {a: getattr(m, a) for a in TP_ATTRS if hasattr(m, a)}
             for name, m in model.named_modules() if hasattr(m, "tp_slices") and isinstance(m, nn.Linear)}
     if group_size is not None:
@@ -242,11 +271,12 @@ def quantize_parallel_(model: nn.Module, mode: str, group_size: int | None, quan
         name = next(n for n, m in model.named_modules() if m is emb)
         parent, _, child = name.rpartition(".")
         head = model.get_submodule("lm_head")
-        from kiln.quant.llm import Int8WeightOnlyLinear
-
-        shared = head if model.config.tie_word_embeddings and isinstance(head, Int8WeightOnlyLinear) else None
+        tied_head = model.config.tie_word_embeddings and isinstance(head, WEIGHT_ONLY_MODULES)
+        share = tied_head if embedding is True else embedding.endswith(EMBEDDING_SHARED)
+        if share and not tied_head:
+            raise ValueError(f"the engine's embedding is {embedding!r}, but its LM head is not a tied quantized one")
         setattr(model.get_submodule(parent), child,
-                Int8VocabParallelEmbedding.from_float(emb, quantize_weights, shared_with=shared))
+                QuantizedVocabParallelEmbedding.from_float(emb, quantize_weights, shared_with=head if share else None))
     for name, attrs in keep.items():
         module = model.get_submodule(name)
         for attr, value in attrs.items():
