@@ -23,7 +23,9 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 timeout -s KILL "${LIMIT:-420}" python3 -m pytest -q -n "${WORKERS:-12}" -rfEs --durations=10 ${PYTEST_ARGS:-} ${TESTS:-tests} \
   > "$OUT/pytest.log" 2>&1
 echo "pass 1 (parallel) rc=$?: $(tail -n 1 "$OUT/pytest.log")"
-timeout -s KILL "${LIMIT2:-150}" python3 -m pytest -q --lf -rfEs ${TESTS:-tests} > "$OUT/pytest_serial.log" 2>&1
+# (--lfnf none: when pass 1 failed nothing, pass 2 runs nothing, not the whole selection again)
+timeout -s KILL "${LIMIT2:-150}" python3 -m pytest -q --lf --lfnf none -rfEs ${PYTEST_ARGS:-} ${TESTS:-tests} \
+  > "$OUT/pytest_serial.log" 2>&1
 echo "pass 2 (its failures, serially) rc=$?"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest_serial.log" | cut -c1-200 | head -40
 tail -n 3 "$OUT/pytest_serial.log"
