@@ -315,7 +315,7 @@ def quantize_for_build_(model: nn.Module, spec: QuantSpec, tokenizer_dir) -> dic
         if folded:
             quant_entry["norm_gains_folded"] = folded
         if spec.embedding:  # how it is stored: own int8 rows, or the tied head's table
-            quant_entry["embedding"] = model.input_embeddings().format
+            quant_entry["embedding"] = model.input_embeddings().stored_as
     elif spec.mode == "w8a8":
         for i, layer in enumerate(model.model.layers):
             p = f"model.layers.{i}."

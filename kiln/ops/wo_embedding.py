@@ -20,7 +20,7 @@ import torch
 
 from ._dispatch import FLOAT_DTYPES, backend_for, check_tensor
 from ._triton import cdiv, next_power_of_2, tl, triton
-from .wo_gemm import WeightOnly, dequantize_int4_weight, int4_weight_shape
+from .wo_gemm import SUPPORTED_GROUP_SIZES, WeightOnly, dequantize_int4_weight, int4_weight_shape
 
 BLOCK_H = 1024  # table columns per program: one token's row of a Llama-3.1-8B table is 4 programs
 
@@ -43,9 +43,21 @@ def _check(ids: torch.Tensor, table: WeightOnly, dtype: torch.dtype) -> None:
             raise ValueError(f"an int8 table needs one scale per row ({table.qweight.shape[0]}), "
                              f"got {table.scales.shape[0]}")
     elif table.bits == 4:
-        # the int4 linear's own checks, on a stand-in activation row of the table's width
-        V, H = int4_weight_shape(table.qweight)
-        table.check(torch.empty(H, device=ids.device, dtype=dtype), None)
+        q = check_tensor("qweight", table.qweight, ndim=(2, 3), dtypes=(torch.uint8, torch.int32), device=ids.device)
+        if (q.dim() == 3) != (q.dtype == torch.int32):
+            raise ValueError(f"an int4 table is packed uint8 [V, H/2] or int32 words [V/R, H/8, R], got "
+                             f"{q.dtype} of shape {tuple(q.shape)}")
+        if table.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {table.group_size!r}")
+        V, H = int4_weight_shape(q)
+        groups = [V, H // table.group_size]
+        check_tensor("scales", table.scales, ndim=2, dtypes=FLOAT_DTYPES, device=ids.device)
+        if H % table.group_size or list(table.scales.shape) != groups:
+            raise ValueError(f"scales must have shape [V, H / group_size] = {groups}, got {list(table.scales.shape)}")
+        if table.zeros is not None:
+            check_tensor("zeros", table.zeros, ndim=2, dtypes=(torch.uint8,), device=ids.device)
+            if list(table.zeros.shape) != groups:
+                raise ValueError(f"zeros must have the shape of scales {groups}, got {list(table.zeros.shape)}")
     else:
         raise ValueError(f"a weight-only table has 8 or 4 bits, got {table.bits!r}")
 

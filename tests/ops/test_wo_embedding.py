@@ -81,6 +81,15 @@ def test_bad_tables_and_ids_are_named():
     with pytest.raises(ValueError, match="scales must have shape"):
         wo_embedding(torch.tensor([1], device=DEVICE), wo_gemm.WeightOnly(t4.qweight, t4.scales[:, :-1], None, 32, 4),
                      torch.float32)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        wo_embedding(torch.tensor([1], device=DEVICE), wo_gemm.WeightOnly(t4.qweight, t4.scales, None, 48, 4),
+                     torch.float32)
+    with pytest.raises(ValueError, match="zeros must have the shape of scales"):
+        wo_embedding(torch.tensor([1], device=DEVICE), wo_gemm.WeightOnly(t4.qweight, t4.scales, t4.zeros[1:], 32, 4),
+                     torch.float32)
+    with pytest.raises(ValueError, match="packed uint8"):
+        wo_embedding(torch.tensor([1], device=DEVICE), wo_gemm.WeightOnly(t4.qweight.view(torch.int32), t4.scales,
+                                                                          None, 32, 4), torch.float32)
     with pytest.raises(ValueError, match="8 or 4 bits"):
         wo_embedding(torch.tensor([1], device=DEVICE), wo_gemm.WeightOnly(t4.qweight, t4.scales, None, 32, 2),
                      torch.float32)

@@ -197,7 +197,7 @@ class QuantizedVocabParallelEmbedding(nn.Module):
         return WeightOnly(self.qweight, self.scale)
 
     @property
-    def format(self) -> str:
+    def stored_as(self) -> str:
         """What the engine config records (``quant.embedding``), which is also what a loader rebuilds."""
         if not self.shared:
             return EMBEDDING_INT8
@@ -224,7 +224,7 @@ class QuantizedVocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, {self.format}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.stored_as}"
 
 
 # The engine config's quant.embedding for a quantized input embedding (False when it is float).
@@ -247,7 +247,7 @@ def quantize_parallel_(model: nn.Module, mode: str, group_size: int | None, quan
     its logits are gathered as before). With tied embeddings the head is quantized from the shared table.
     ``embedding``: the input embedding becomes a ``QuantizedVocabParallelEmbedding``. ``True`` (a build) makes it
     read a tied quantized head's table (one table in the engine, int8 or int4 as the head) and otherwise gives it
-    int8 rows of its own; a string is what an engine's config recorded (``QuantizedVocabParallelEmbedding.format``),
+    int8 rows of its own; a string is what an engine's config recorded (``QuantizedVocabParallelEmbedding.stored_as``),
     so an engine loads as it was built."""
     from kiln.quant.llm import WEIGHT_ONLY_MODULES, check_weight_only_args, quantize_weight_only_
 
