@@ -63,7 +63,6 @@ def main():
                time_us(lambda: wo_embedding(ids, int4, torch.bfloat16), args.calls),
                time_us(lambda: wo_embedding_ref(ids, int4, torch.bfloat16), args.calls)]
         print(f"{name:10s} " + " ".join(f"{t:8.2f}" for t in row[:3]) + f" {row[3]:11.2f}", flush=True)
-        del table, q8, s8, q4, s4, z4, int8, int4
 
 
 if __name__ == "__main__":
