@@ -497,15 +497,17 @@ def test_activation_quantized_and_kv_engines_store_and_load_their_formats(engine
     assert engines["float"][1].engine.runner.kv_pool.dtype == torch.float32
 
 
-@pytest.mark.parametrize("mode, kv", [  # calibrated modes read the Shakespeare corpus; weight-only ones need nothing
-    pytest.param("w8a8", "int8", marks=requires_shakespeare), pytest.param("fp8", "fp8", marks=requires_shakespeare),
-    ("int8-wo", None), ("int4-wo", None)])
-def test_quantized_engine_triton_kernels_match_reference_path(checkpoints, tmp_path, monkeypatch, mode, kv):
+@pytest.mark.parametrize("mode, kv, family", [  # calibrated modes read the Shakespeare corpus
+    pytest.param("w8a8", "int8", "qwen2", marks=requires_shakespeare),
+    pytest.param("fp8", "fp8", "qwen2", marks=requires_shakespeare),
+    ("int8-wo", None, "qwen2"), ("int4-wo", None, "qwen2"), ("int4-wo", None, "llama")])
+def test_quantized_engine_triton_kernels_match_reference_path(checkpoints, tmp_path, monkeypatch, mode, kv, family):
     """A tiny engine end to end with every kernel in Triton (the interpreter on a CPU): activation quantization,
     INT8 / FP8 GEMMs, the quantized KV writes and both attention kernels, against the reference ops; for the
     weight-only modes the decode step's gate/up GEMV with the SiLU-and-mul epilogue (``wo_glu_linear``), for int4 on
-    row-interleaved words."""
-    path, _ = checkpoints["qwen2"]  # qkv bias: the bias epilogue runs too
+    row-interleaved words, and the quantized embedding's lookup: qwen2's own int8 rows, llama's tied int4 head table
+    (read row-interleaved, as the head is)."""
+    path, _ = checkpoints[family]  # qwen2: qkv bias, the bias epilogue runs too; llama: tied embeddings
     engine = build_engine(path, tmp_path / "e", dtype="float32", quant=mode, kv_cache_dtype=kv,
                           group_size=32 if mode == "int4-wo" else None,
                           calibration=CalibrationConfig(num_samples=2, seq_len=64), show_progress=False)
@@ -517,6 +519,9 @@ def test_quantized_engine_triton_kernels_match_reference_path(checkpoints, tmp_p
         if mode == "int4-wo":  # Triton ops run the int4 weights row-interleaved (the quads GEMV, the joined dot)
             layouts = {m.row_interleave for m in llm.engine.runner.model.modules() if hasattr(m, "row_interleave")}
             assert layouts == ({4} if ops == "triton" else {0}), layouts
+        embed = llm.engine.runner.model.model.embed_tokens
+        if mode in ("int8-wo", "int4-wo"):
+            assert embed.stored_as == ("int4 groups (the lm_head table)" if family == "llama" else "int8 per row")
         logits = llm.prompt_logits(prompts)
         # one prefill and one decode step reading the quantized cache
         toks = llm.generate({"prompt_token_ids": prompts[1]}, SamplingParams(max_tokens=2, temperature=0.0,
