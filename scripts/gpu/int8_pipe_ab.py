@@ -11,6 +11,8 @@ that reuses cached prefix blocks already decodes differently from the first one)
   narrow:BNxBKxST      the other one-row int8 linears (qkv, o_proj, down_proj) pipelined too, K split until the
                        grid has about two CTAs per SM (at least ST K tiles per split)
   down:BNxBKxST        only down_proj (K > 2 N) pipelined that way
+  qkv:BNxBKxW          the register-prefetch tile (BLOCK_N, BLOCK_K, warps) of the unpipelined one-row int8 linears
+                       wider than long (qkv_proj); ``o:BNxBKxW`` the same for square ones (o_proj)
   env:NAME=VALUE       an environment variable set while the variant's graphs are captured (e.g.
                        KILN_WO_NORM_FOLD=0: the RMSNorm kernel in front of the int8 GEMVs)
   normk:K              ``wo_gemm.MAX_WO_NORM_K``: the longest row the int8 GEMV folds the RMSNorm into
@@ -70,7 +72,7 @@ def parse(spec: str) -> dict:
             if val not in ("glu", "all") + (("qkv", "res") if key != "late" else ()):
                 raise ValueError(f"{key} does not take {val!r}")
             out[key] = val
-        elif key in ("wide", "narrow", "down"):
+        elif key in ("wide", "narrow", "down", "qkv", "o"):
             out[key] = tuple(int(v) for v in val.split("x"))
         else:
             raise ValueError(f"unknown variant part {part!r}")
@@ -98,6 +100,10 @@ def make_config(original, spec: dict):
             return pipelined(N, K, sms, spec["narrow"], glu)
         if "down" in spec and long_k:
             return pipelined(N, K, sms, spec["down"], glu)
+        role = "qkv" if N > K and not glu else "o" if N == K and not glu else None
+        if role in spec and "STAGES" not in cfg:
+            bn, bk, warps = spec[role]
+            return {**cfg, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps}
         return cfg
 
     def config(M, N, K, bits, group_size, sms, interp, glu=False):
