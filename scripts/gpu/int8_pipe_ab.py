@@ -11,6 +11,8 @@ that reuses cached prefix blocks already decodes differently from the first one)
   narrow:BNxBKxST      the other one-row int8 linears (qkv, o_proj, down_proj) pipelined too, K split until the
                        grid has about two CTAs per SM (at least ST K tiles per split)
   down:BNxBKxST        only down_proj (K > 2 N) pipelined that way
+  glu:BNxBKxSTxW       the pipelined tile of the gate_up GEMVs (SiLU-and-mul epilogue) alone, with its warps
+                       (``wide:`` also moves the LM head, at 4 warps)
   qkv:BNxBKxW          the register-prefetch tile (BLOCK_N, BLOCK_K, warps) of the unpipelined one-row int8 linears
                        wider than long (qkv_proj); ``o:BNxBKxW`` the same for square ones (o_proj)
   env:NAME=VALUE       an environment variable set while the variant's graphs are captured (e.g.
@@ -72,7 +74,7 @@ def parse(spec: str) -> dict:
             if val not in ("glu", "all") + (("qkv", "res") if key != "late" else ()):
                 raise ValueError(f"{key} does not take {val!r}")
             out[key] = val
-        elif key in ("wide", "narrow", "down", "qkv", "o"):
+        elif key in ("wide", "narrow", "down", "qkv", "o", "glu"):
             out[key] = tuple(int(v) for v in val.split("x"))
         else:
             raise ValueError(f"unknown variant part {part!r}")
@@ -83,11 +85,11 @@ def make_config(original, spec: dict):
     from kiln.ops.split_k import cdiv
 
     def pipelined(N, K, sms, tile, glu):
-        bn, bk, st = tile
+        bn, bk, st, warps = (*tile, 4) if len(tile) == 3 else tile
         tiles = cdiv(N, bn)  # (with glu: N / 2 outputs, bn / 2 per program)
         split = 1 if glu else max(1, min(2 * sms // max(1, tiles), K // (st * bk), 16))
-        return dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split, num_warps=4, PREFETCH=False,
-                    STAGES=st)
+        return dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split, num_warps=warps,
+                    PREFETCH=False, STAGES=st)
 
     def tiles(M, N, K, bits, group_size, sms, interp, glu=False):
         cfg = original(M, N, K, bits, group_size, sms, interp, glu)
@@ -95,6 +97,9 @@ def make_config(original, spec: dict):
             return cfg
         long_k = K > 2 * N  # a down_proj (the 8B's is pipelined as shipped: INT8_LONG_K_TILE)
         if "STAGES" in cfg and not long_k:  # a wide weight
+            if glu and "glu" in spec:
+                return {**pipelined(N, K, sms, spec["glu"], glu),
+                        **({"TRIGGER_LATE": True} if cfg.get("TRIGGER_LATE") else {})}
             return pipelined(N, K, sms, spec["wide"], glu) if "wide" in spec else cfg
         if "narrow" in spec:
             return pipelined(N, K, sms, spec["narrow"], glu)
