@@ -117,23 +117,30 @@ class ModelRunner:
             self.capture_decode_graphs()
 
     def warm_up_token_counts(self) -> list[int]:
-        """Row counts that reach every prefill-sized tile of the quantized GEMMs: their tiles change with M at
-        powers of two (kiln.ops.gemm ``fixed_config`` / TMA tiles, ``wo_config``) and Triton compiles M divisible by
-        16 and M not divisible by 16 apart, so 2^k and 2^k + 1 from 64 to the step's token budget (decode sizes
-        compile while the decode graphs are captured)."""
+        """Row counts that reach every prefill-sized tile of the quantized GEMMs. Their tiles change with M at
+        powers of two (kiln.ops.gemm ``fixed_config`` / TMA tiles, ``wo_config``: up to 64 rows, one tile 16, 32
+        or 64 rows high), and Triton compiles M = 1, M divisible by 16 and other M apart. So 1, 2, 16, 17, 32 and
+        33, then 2^k and 2^k + 1 from 64 up to the step's token budget.
+
+        The small counts are not left to the decode graphs' capture: a prefill of a few rows runs the plain
+        linears, not the decode epilogues, and a prefix-cache hit recomputes its last block (up to a block of rows)
+        whatever batch sizes the graphs hold. Left out, the first such request compiled three GEMMs on the
+        request path (a Llama-3.2-1B int4-wo engine with max_num_seqs=8 on an H200, session 30)."""
         budget = self.ecfg.max_num_batched_tokens
-        counts, m = [], 64
+        counts, m = [1, 2, 16, 17, 32, 33], 64
         while m <= budget:
-            counts += [m] + ([m + 1] if m + 1 <= budget else [])
+            counts += [m, m + 1]
             m *= 2
-        return counts[1:]  # 64 itself is a decode size
+        return [c for c in counts if c <= budget]
 
     def warm_up_quantized_linears(self, token_counts: Iterable[int] | None = None) -> int:
         """Call one quantized linear of each kind (module class and weight shapes; the LM head aside, which a step
         only runs on its sampled rows) on zeros of each of ``token_counts`` rows (default
         ``warm_up_token_counts()``), so the Triton GEMMs compile at start-up and not inside the first mixed batch
         that reaches a new tile: a W8A8 engine's first 157-token step took 0.64 s for its compile on an H200
-        (bench/RESULTS.md, session 24). Returns the number of calls."""
+        (bench/RESULTS.md, session 24). The calls run as a prefill step runs them, under ``gemv.cublas_only()``:
+        outside it a call of up to 16 rows takes the decode kernels (the SiLU-and-mul epilogue, the GEMV), which
+        the decode graphs compile, and the prefill's variant stayed uncompiled. Returns the number of calls."""
         from kiln.quant.llm import QUANTIZED_MODULES
 
         head = getattr(self.model, "lm_head", None)
@@ -147,7 +154,7 @@ class ModelRunner:
         if not kinds:
             return 0
         counts = list(token_counts) if token_counts is not None else self.warm_up_token_counts()
-        with torch.inference_mode():
+        with torch.inference_mode(), gemv.cublas_only():
             for k, call in kinds.values():
                 for m in counts:
                     call(torch.zeros(m, k, dtype=self.dtype, device=self.device))

@@ -17,6 +17,7 @@ from kiln.llm import LLM, SamplingParams
 from kiln.llm.build import build_engine
 from kiln.llm.layers.parallel import QuantizedVocabParallelEmbedding
 from kiln.models import default_model_path
+from kiln.ops import gemv
 from kiln.llm.quantize import CalibrationConfig
 from kiln.quant import Fp8Linear, Int4WeightOnlyLinear, Int8WeightOnlyLinear, W8A8Linear
 from kiln.quant.llm import WEIGHT_ONLY_MODULES
@@ -201,18 +202,22 @@ def test_activation_quantized_engine_quantizes_in_the_norm_kernel_with_the_same_
 def test_runner_warms_up_one_quantized_linear_of_each_kind_at_prefill_row_counts(engines, name, monkeypatch):
     """On a GPU the runner calls one quantized linear per kind (class and weight shapes) at each prefill row count
     whose tiles or Triton specialization differ, so their GEMMs compile at start-up, not in the first mixed batch
-    that needs them; the LM head (sampled rows only) is left out. Here it is called directly on the CPU engine."""
+    or prefix-cache hit that needs them; the LM head (sampled rows only) is left out. Here it is called directly on
+    the CPU engine."""
     runner = engines[name][1].engine.runner
     model = runner.model
     monkeypatch.setattr(runner.ecfg, "max_num_batched_tokens", 300)
-    assert runner.warm_up_token_counts() == [65, 128, 129, 256, 257]
+    assert runner.warm_up_token_counts() == [1, 2, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257]
+    monkeypatch.setattr(runner.ecfg, "max_num_batched_tokens", 20)
+    assert runner.warm_up_token_counts() == [1, 2, 16, 17]
+    monkeypatch.setattr(runner.ecfg, "max_num_batched_tokens", 300)
     seen = []
     for mod in model.modules():
         if isinstance(mod, (W8A8Linear, Fp8Linear) + WEIGHT_ONLY_MODULES):
             for method in ("forward", "glu_forward"):
                 if hasattr(mod, method):
                     monkeypatch.setattr(mod, method, lambda x, mod=mod, method=method, f=getattr(mod, method):
-                                        seen.append((mod, method, x.shape[0])) or f(x))
+                                        seen.append((mod, method, x.shape[0], gemv.gemv_enabled())) or f(x))
     calls = runner.warm_up_quantized_linears([3, 5])
     layer = model.model.layers[0]
     # qkv, o, gate_up and down of one layer (the others share their shapes), never the LM head; the weight-only
@@ -221,8 +226,10 @@ def test_runner_warms_up_one_quantized_linear_of_each_kind_at_prefill_row_counts
     expected = {(layer.self_attn.qkv_proj, "forward"), (layer.self_attn.o_proj, "forward"),
                 (layer.mlp.gate_up_proj, glu), (layer.mlp.down_proj, "forward")}
     assert calls == 8 == len(seen)
-    assert {(id(m), f) for m, f, _ in seen} == {(id(m), f) for m, f in expected}
-    assert sorted({rows for _, _, rows in seen}) == [3, 5]
+    assert {(id(m), f) for m, f, _, _ in seen} == {(id(m), f) for m, f in expected}
+    assert sorted({rows for _, _, rows, _ in seen}) == [3, 5]
+    # as a prefill step runs them: small row counts would otherwise take the decode kernels, not the prefill's
+    assert not any(decode_kernels for *_, decode_kernels in seen)
 
 
 def test_held_out_perplexity_of_every_mode_within_its_limit(engines, held_out_windows):
@@ -647,3 +654,28 @@ def test_bench_interleave_runs_every_mode_in_alternating_rounds(tmp_path, capsys
     assert "tiny (c) int8-wo out tok/s" in rows
     assert sum(name.startswith("tiny engine size") for name in rows) == 2
     assert "median ratio to bf16" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int4-wo", "int8-wo"])
+def test_prefix_cache_hit_compiles_no_kernel_on_the_request_path(tmp_path, mode):
+    """A prompt whose blocks are all cached recomputes its last block: a prefill of a block's rows through the
+    quantized GEMMs, which the decode graphs (here batch sizes 1-8) do not run. After the start-up warm-up and one
+    request, that request compiles no Triton kernel at all. (Session 30 found a Llama-3.2-1B int4-wo engine
+    compiling three GEMMs there, ~0.2 s each. The bundled model's linears share their kernel variants, so this
+    test passed on the H200 before that fix too; the fix's own guard is the warm-up test above.)"""
+    import triton
+
+    engine = build_engine(default_model_path(), tmp_path / mode, quant=mode, show_progress=False)
+    llm = LLM(str(engine), device="cuda", max_num_seqs=8)
+    prompt = [{"prompt_token_ids": list(range(1, 65))}]  # four whole blocks of 16
+    params = [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)]
+    llm.generate(prompt, params)
+    compiled: list[str] = []
+    hook = triton.knobs.runtime.jit_cache_hook  # called for each kernel variant this process has not loaded yet
+    triton.knobs.runtime.jit_cache_hook = lambda **kw: compiled.append(kw["repr"][:80])
+    try:
+        llm.generate(prompt, params)
+    finally:
+        triton.knobs.runtime.jit_cache_hook = hook
+    assert compiled == []
