@@ -139,6 +139,19 @@ def softmax_pv_step(m_i, l_i, acc, s, v, PRECISION: tl.constexpr):
     return m_new, l_i, acc
 
 
+@triton.jit
+def split_merge_weights(lse, ok, AXIS: tl.constexpr):
+    """The weights that merge split-K partial outputs, from the splits' base-2 log-sum-exps ``lse`` along ``AXIS``:
+    exp2(lse - max), normalised. ``ok`` masks the splits that count; a split without keys has lse = -inf and weight
+    0. Shared by the reduction kernel here and the fused decode kernel's merge, so both round alike. (A row with no
+    split at all, a padded head, gets zeros, not NaN.)"""
+    m = tl.max(lse, AXIS)
+    w = tl.where(ok & (lse > float("-inf")), tl.exp2(lse - tl.expand_dims(tl.where(m > float("-inf"), m, 0.0), AXIS)),
+                 0.0)
+    total = tl.sum(w, AXIS)
+    return w / tl.expand_dims(tl.where(total > 0, total, 1.0), AXIS)
+
+
 # Both kernels are GQA-aware: one program serves all query heads of one KV head, so each K/V tile is loaded once
 # for its whole query group. Rows of the prefill tile are (token, head-in-group) pairs.
 
@@ -292,9 +305,7 @@ def _decode_reduce_kernel(MID_O, MID_LSE, O, smo_b, smo_h, smo_s, sml_b, sml_h, 
     s = tl.arange(0, BLOCK_S)
     s_ok = s < SPLITS
     lse = tl.load(MID_LSE + seq * sml_b + head * sml_h + s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.where(s_ok & (lse > float("-inf")), tl.exp2(lse - m), 0.0)
-    w = w / tl.sum(w, 0)
+    w = split_merge_weights(lse, s_ok, 0)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     parts = tl.load(MID_O + seq * smo_b + head * smo_h + s[:, None] * smo_s + d[None, :],

@@ -32,7 +32,7 @@ from ._counters import last_to_arrive, rearm, split_counters
 from ._dispatch import FLOAT_DTYPES, backend_for, check_same, check_tensor, interpreting, pdl_launch_args
 from ._triton import next_power_of_2, tl, triton
 from .attention import (_precision, _upcast, decode_num_splits, paged_attention, paged_attention_ref,
-                        softmax_pv_step)
+                        softmax_pv_step, split_merge_weights)
 from .kv_cache import rope_and_store_kv, rope_and_store_kv_ref
 from .rotary import rotate_halves
 
@@ -259,9 +259,7 @@ def _merge_splits(MID_O, MID_LSE, O, seq, kvh, HQ, so_t, so_h, live, GROUP: tl.c
                         cache_modifier=".cg")
         parts = tl.load(MID_O + ((r[:, None] * SPLITS + s_idx[None, :]) * D)[:, :, None] + d[None, None, :],
                         mask=m2[:, :, None], other=0.0, cache_modifier=".cg")
-        mx = tl.max(lse_s, 1)
-        w = tl.where(m2 & (lse_s > float("-inf")), tl.exp2(lse_s - tl.where(rg_ok, mx, 0.0)[:, None]), 0.0)
-        w = w / tl.where(rg_ok, tl.sum(w, 1), 1.0)[:, None]
+        w = split_merge_weights(lse_s, m2, 1)
         o = tl.sum(parts * w[:, :, None], 1)  # [RED_G, D]
         tl.store(O + seq * so_t + (kvh * GROUP + g0 + rg)[:, None] * so_h + d[None, :], o.to(dt),
                  mask=rg_ok[:, None])

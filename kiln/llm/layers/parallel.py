@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.llm.distributed import SINGLE, TensorParallel, divide
+from kiln.ops.wo_embedding import wo_embedding, wo_embedding_ref, wo_table_shape
+from kiln.ops.wo_gemm import WeightOnly
 
 from .linear import FusedLinear
 
@@ -156,8 +158,6 @@ class QuantizedVocabParallelEmbedding(nn.Module):
                                                         device=device))
             self.register_buffer("scale", torch.empty(num_embeddings, dtype=torch.float32, device=device))
         else:  # not a submodule (the head is saved and loaded once, as itself)
-            from kiln.ops.wo_embedding import wo_table_shape
-
             shape = tuple(wo_table_shape(shared_with.weight_only()))
             if shape != (num_embeddings, embedding_dim):
                 raise ValueError(f"a shared table must be [{num_embeddings}, {embedding_dim}], the head's is "
@@ -188,10 +188,8 @@ class QuantizedVocabParallelEmbedding(nn.Module):
                 mod.scale.copy_(s)
         return mod
 
-    def table(self):
+    def table(self) -> WeightOnly:
         """The ``WeightOnly`` table the lookups read: this module's int8 buffers, or the tied head's tensors."""
-        from kiln.ops.wo_gemm import WeightOnly
-
         if self.shared:
             return self.__dict__["_shared_with"].weight_only()
         return WeightOnly(self.qweight, self.scale)
@@ -204,14 +202,10 @@ class QuantizedVocabParallelEmbedding(nn.Module):
         return (EMBEDDING_INT8 if self.table().bits == 8 else EMBEDDING_INT4_GROUPS) + EMBEDDING_SHARED
 
     def dequantized_weight(self) -> torch.Tensor:
-        from kiln.ops.wo_embedding import wo_embedding_ref
-
-        return wo_embedding_ref(torch.arange(self.num_embeddings, device=self.table().qweight.device), self.table(),
-                                self.dtype)
+        table = self.table()
+        return wo_embedding_ref(torch.arange(self.num_embeddings, device=table.qweight.device), table, self.dtype)
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        from kiln.ops.wo_embedding import wo_embedding
-
         return wo_embedding(ids, self.table(), self.dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
